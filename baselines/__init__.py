@@ -1,0 +1,1 @@
+"""Baseline PTQ methods, one file each, registered in ``bench.registry.METHODS``."""

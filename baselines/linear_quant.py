@@ -1,0 +1,25 @@
+"""Naive linear PTQ: the "traditional PTQ" row of Q-Diffusion's tables.
+
+Min-max ranges (per output channel for weights, per tensor for activations), calibrated only on
+the last denoising steps, no split of skip concatenations, no reconstruction. Everything else
+(grids, layers covered, calibration size) matches Q-Diffusion, so the comparison isolates the
+method's choices.
+"""
+
+from __future__ import annotations
+
+import qdiff
+from bench.methods import Bits, RecipeMethod
+
+
+def recipe(bits: Bits) -> qdiff.QConfig:
+    return qdiff.QConfig(
+        weight=None if bits.w is None else qdiff.QuantSpec(bits.w, True, "channel", "minmax"),
+        act=None if bits.a is None else qdiff.QuantSpec(bits.a, False, "tensor", "minmax"),
+        split_shortcut=False,
+        calib=qdiff.CalibConfig(strategy="final"),
+        recon=qdiff.ReconConfig(method="none"),
+    )
+
+
+METHOD = RecipeMethod("linear", "naive linear PTQ: min-max, final-step calibration", recipe)

@@ -1,0 +1,45 @@
+"""On-disk cache of expensive, deterministic artefacts (FP samples, calibration data), by content hash."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+CACHE_ENV = "QDIFF_BENCH_CACHE"
+
+
+def cache_dir() -> Path:
+    """``$QDIFF_BENCH_CACHE``, else ``~/.cache/qdiff-bench``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "qdiff-bench")
+
+
+def cached_tensors(
+    kind: str, key: str, build: Callable[[], dict[str, torch.Tensor]]
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """Load ``kind/key.safetensors`` or build, store atomically, and return it.
+
+    Returns:
+        The tensors and whether they came from the cache. An unreadable cache file is rebuilt.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = cache_dir() / kind / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            return load_file(str(path)), True
+        except Exception:  # a damaged entry is only a cache miss
+            path.unlink(missing_ok=True)
+    tensors = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return tensors, False

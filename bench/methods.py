@@ -1,0 +1,94 @@
+"""PTQ methods as the harness sees them, and Q-Diffusion itself.
+
+A method is a recipe: a function from bit widths to a :class:`qdiff.QConfig`. Methods that
+differ from Q-Diffusion by one choice (calibration strategy, split, reconstruction) are that
+choice in the recipe, run by the same ``qdiff.quantize``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+import qdiff
+
+FP_BITS = 32  # "A32" / "W32": leave that tensor kind in floating point
+_BITS_RE = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
+
+
+class BitsError(ValueError):
+    """A bit-width label that cannot be parsed or is out of range."""
+
+
+@dataclass(frozen=True)
+class Bits:
+    """Weight and activation bit widths; ``None`` means full precision."""
+
+    w: int | None
+    a: int | None
+
+    @classmethod
+    def parse(cls, label: str) -> Bits:
+        m = _BITS_RE.match(label.strip())
+        if not m:
+            raise BitsError(f"bit width {label!r} is not of the form W<bits>A<bits>, e.g. W4A8 or W4A32")
+        w, a = (int(g) for g in m.groups())
+        for kind, value in (("weight", w), ("activation", a)):
+            if value != FP_BITS and not qdiff.config.MIN_BITS <= value <= qdiff.config.MAX_BITS:
+                raise BitsError(
+                    f"bit width {label!r}: {kind} bits {value} are out of range; use "
+                    f"{qdiff.config.MIN_BITS}–{qdiff.config.MAX_BITS}, or {FP_BITS} for full precision"
+                )
+        if w == FP_BITS and a == FP_BITS:
+            raise BitsError(f"bit width {label!r} quantizes nothing; the FP reference is always run")
+        return cls(None if w == FP_BITS else w, None if a == FP_BITS else a)
+
+    @property
+    def label(self) -> str:
+        return f"W{self.w or FP_BITS}A{self.a or FP_BITS}"
+
+
+@dataclass(frozen=True)
+class RecipeMethod:
+    """A PTQ method defined by its recipe; ``quantize`` runs qdiff's prepare/calibrate/reconstruct."""
+
+    name: str
+    description: str
+    recipe: Callable[[Bits], qdiff.QConfig]
+
+    def qconfig(self, bits: Bits) -> qdiff.QConfig:
+        return self.recipe(bits)
+
+    def quantize(
+        self,
+        denoiser: nn.Module,
+        qconfig: qdiff.QConfig,
+        calib: qdiff.CalibData,
+        progress: Callable[[str], None] | None = None,
+    ) -> nn.Module:
+        qmodel, _ = qdiff.quantize(denoiser, qconfig, calib, progress=progress)
+        return qmodel
+
+
+def qdiffusion_recipe(bits: Bits) -> qdiff.QConfig:
+    """Q-Diffusion (Li et al., ICCV 2023): timestep-aware (uniform) calibration, split shortcut
+    quantization, BRECQ with AdaRound weights and LSQ activation steps, MSE range search.
+
+    Weight grids are per output channel and symmetric; activation grids per tensor and
+    asymmetric, as in the official code.
+    """
+    return qdiff.QConfig(
+        weight=None if bits.w is None else qdiff.QuantSpec(bits.w, True, "channel", "mse"),
+        act=None if bits.a is None else qdiff.QuantSpec(bits.a, False, "tensor", "mse"),
+        split_shortcut=True,
+        calib=qdiff.CalibConfig(strategy="uniform"),
+        recon=qdiff.ReconConfig(method="brecq"),
+    )
+
+
+QDIFFUSION = RecipeMethod(
+    "qdiff", "Q-Diffusion: timestep-aware calibration + split shortcut + BRECQ", qdiffusion_recipe
+)

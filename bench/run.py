@@ -1,0 +1,271 @@
+"""Run PTQ methods × bit widths on the embedded model against its FP reference, paired by seed.
+
+Every quantized model samples from exactly the same initial noise (same seed, same DDIM
+sampler) as the FP model, so differences in the metric come from quantization alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+import qdiff
+from bench.cache import cached_tensors
+from bench.images import save_grid
+from bench.methods import Bits
+from bench.models.embedded import EmbeddedDigits, SamplerConfig
+from bench.provenance import config_hash, environment, model_hash
+from bench.registry import METHODS
+
+Log = Callable[[str], None]
+GRID_SAMPLES = 64  # first images of each run saved as a PNG grid (same seeds across runs)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One matrix on the embedded model.
+
+    Args:
+        name: results subfolder and ``matrix`` column.
+        methods: registered method names (see ``qdiff-bench ls``).
+        bits: labels ``W<w>A<a>``; 32 means full precision for that kind.
+        n_samples: images per model for the metric (also the real-floor sample count).
+        seed: seed of the evaluation noise, shared by FP and every quantized model.
+        sampler: DDIM steps and batch size.
+    """
+
+    name: str = "embedded-default"
+    methods: tuple[str, ...] = ("linear", "qdiff")
+    bits: tuple[str, ...] = ("W8A8", "W4A8", "W4A32")
+    n_samples: int = 500
+    seed: int = 0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    def validate(self) -> tuple[list, list[Bits]]:
+        """Resolve names now, so a typo fails before minutes of work."""
+        methods = [METHODS.get(m) for m in self.methods]
+        bits = [Bits.parse(b) for b in self.bits]
+        if not 2 <= self.n_samples <= 899:
+            raise ValueError(
+                f"n_samples={self.n_samples} must be in 2–899 (the real-data floor uses "
+                "the 899 held-apart digits)"
+            )
+        return methods, bits
+
+
+def _row(base: dict, metric: str, value: float | None, unit: str, higher: bool, **extra) -> dict:
+    return {**base, "metric": metric, "value": value, "unit": unit, "higher_is_better": higher, **extra}
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append JSON lines in one write, flushed to disk (a killed run leaves whole lines only)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_experiment(config: ExperimentConfig, results_dir: Path, log: Log = print) -> list[dict]:
+    """Run FP and every method × bit width; append rows to ``results_dir/<name>/rows.jsonl``.
+
+    A failing run becomes an ``error`` row with its message, and the others go on.
+    """
+    methods, bit_list = config.validate()
+    device = torch.device("cpu")
+    adapter = EmbeddedDigits(config.sampler)
+    fp = adapter.denoiser().to(device)
+    fp_hash = model_hash(fp)
+    env = environment(device)
+    run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    common = {
+        "run_id": run_id,
+        "matrix": config.name,
+        "model": adapter.name,
+        "seed": config.seed,
+        "n_samples": config.n_samples,
+        "sampler": f"ddim-{config.sampler.steps}",
+        **env,
+    }
+    out = results_dir / config.name / "rows.jsonl"
+    rows: list[dict] = []
+
+    def finish(new: list[dict]) -> None:
+        append_rows(out, new)
+        rows.extend(new)
+
+    floor, floor_sd = adapter.real_floor(config.n_samples)
+    finish(
+        [
+            _row(
+                {
+                    **common,
+                    "method": "real-data",
+                    "w_bits": None,
+                    "a_bits": None,
+                    "status": "ok",
+                    "error": None,
+                    "config_hash": config_hash("floor", config.n_samples),
+                    "started_at": datetime.now(UTC).isoformat(),
+                    "duration_s": 0.0,
+                },
+                adapter.metric,
+                floor,
+                adapter.metric_unit,
+                False,
+                sd=floor_sd,
+            )
+        ]
+    )
+    log(f"real-vs-real floor at n={config.n_samples}: {floor:.2f} ± {floor_sd:.2f}")
+
+    start = time.time()
+    key = config_hash("fp-samples", fp_hash, config.sampler, config.n_samples, config.seed)
+    fp_images, hit = cached_tensors(
+        "samples", key, lambda: {"images": adapter.sample(fp, config.n_samples, config.seed)}
+    )
+    fp_fd = adapter.frechet(fp_images["images"])
+    grids = results_dir / config.name / "samples"
+    save_grid(fp_images["images"][:GRID_SAMPLES], grids / "fp.png")
+    finish(
+        [
+            _row(
+                {
+                    **common,
+                    "method": "fp",
+                    "w_bits": None,
+                    "a_bits": None,
+                    "status": "ok",
+                    "error": None,
+                    "config_hash": key,
+                    "started_at": datetime.now(UTC).isoformat(),
+                    "duration_s": round(time.time() - start, 2),
+                },
+                adapter.metric,
+                fp_fd,
+                adapter.metric_unit,
+                False,
+                cached=hit,
+            )
+        ]
+    )
+    log(f"fp: {adapter.metric}={fp_fd:.2f} ({'cached' if hit else f'{time.time() - start:.0f}s'})")
+
+    calib_cache: dict[str, qdiff.CalibData] = {}
+    for method in methods:
+        for bits in bit_list:
+            started, t0 = datetime.now(UTC).isoformat(), time.time()
+            base = {
+                **common,
+                "method": method.name,
+                "w_bits": bits.w,
+                "a_bits": bits.a,
+                "started_at": started,
+            }
+            try:
+                qconfig = method.qconfig(bits)
+                base["config_hash"] = config_hash(
+                    fp_hash, qconfig, config.sampler, config.n_samples, config.seed
+                )
+                calib = _calibration(adapter, fp, fp_hash, qconfig.calib, calib_cache)
+                t_quant = time.time()
+                qmodel = qdiff.convert(method.quantize(fp, qconfig, calib), backend="fake")
+                quant_s = time.time() - t_quant
+                images = adapter.sample(qmodel, config.n_samples, config.seed)
+                save_grid(images[:GRID_SAMPLES], grids / f"{method.name}-{bits.label}.png")
+                fd = adapter.frechet(images)
+                duration = round(time.time() - t0, 2)
+                finish(
+                    [
+                        _row(
+                            {**base, "status": "ok", "error": None, "duration_s": duration},
+                            adapter.metric,
+                            fd,
+                            adapter.metric_unit,
+                            False,
+                            delta_vs_fp=fd - fp_fd,
+                        ),
+                        _row(
+                            {**base, "status": "ok", "error": None, "duration_s": duration},
+                            "quantize_time",
+                            round(quant_s, 2),
+                            "s",
+                            False,
+                        ),
+                    ]
+                )
+                log(
+                    f"{method.name} {bits.label}: {adapter.metric}={fd:.2f} (Δ {fd - fp_fd:+.2f}; "
+                    f"quantize {quant_s:.0f}s, total {duration:.0f}s)"
+                )
+            except Exception as exc:  # one failed cell must not stop the matrix
+                message = f"{type(exc).__name__}: {exc}"
+                finish(
+                    [
+                        _row(
+                            {
+                                **base,
+                                "config_hash": base.get("config_hash"),
+                                "status": "error",
+                                "error": message,
+                                "duration_s": round(time.time() - t0, 2),
+                            },
+                            adapter.metric,
+                            None,
+                            adapter.metric_unit,
+                            False,
+                        )
+                    ]
+                )
+                log(f"{method.name} {bits.label}: ERROR {message}")
+                log(traceback.format_exc(limit=3))
+    return rows
+
+
+def _calibration(adapter, fp, fp_hash: str, calib: qdiff.CalibConfig, memo: dict) -> qdiff.CalibData:
+    key = config_hash("calib", fp_hash, adapter.sampler, calib)
+    if key not in memo:
+        tensors, _ = cached_tensors("calibration", key, lambda: adapter.calibration_data(fp, calib).to_dict())
+        memo[key] = qdiff.CalibData.from_dict(tensors)
+    return memo[key]
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table: one line per method, one column per bit width, value (Δ vs FP)."""
+    metric_rows = [r for r in rows if r["metric"] == "digits_fd"]
+    floor = next(r for r in metric_rows if r["method"] == "real-data")
+    fp = next(r for r in metric_rows if r["method"] == "fp")
+    quant = [r for r in metric_rows if r["method"] not in ("real-data", "fp")]
+    labels = list(dict.fromkeys(Bits(r["w_bits"], r["a_bits"]).label for r in quant))
+    methods = list(dict.fromkeys(r["method"] for r in quant))
+    header = (
+        f"Digits Fréchet distance (lower is better) — {fp['n_samples']} samples, seed {fp['seed']}, "
+        f"{fp['sampler']}, {fp['device']}\n\n"
+    )
+    lines = ["| method | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    lines.append(f"| real data (floor) | {floor['value']:.2f} ± {floor['sd']:.2f}" + " |" * len(labels))
+    lines.append(f"| fp | {fp['value']:.2f}" + " |" * len(labels))
+    for m in methods:
+        cells = []
+        for label in labels:
+            r = next(
+                (r for r in quant if r["method"] == m and Bits(r["w_bits"], r["a_bits"]).label == label), None
+            )
+            if r is None:
+                cells.append("—")
+            elif r["status"] != "ok":
+                cells.append(f"error: {r['error'][:60]}")
+            else:
+                cells.append(f"{r['value']:.2f} ({r['value'] - fp['value']:+.2f})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return header + "\n".join(lines)

@@ -1,0 +1,39 @@
+"""qdiff: post-training quantization of diffusion models (Q-Diffusion, Li et al., ICCV 2023).
+
+Explicit steps: :func:`prepare` → :func:`calibrate` → :func:`reconstruct` → :func:`convert`,
+or :func:`quantize` for the first three in one call.
+"""
+
+from qdiff.api import convert, quantize
+from qdiff.calibration import CalibData, TrajectoryRecorder, calibrate, select_steps
+from qdiff.config import CalibConfig, ConfigError, QConfig, QuantSpec, ReconConfig
+from qdiff.modules import QuantAttnProcessor, QuantConv2d, QuantLinear, QuantMatMul
+from qdiff.prepare import find_skip_concats, prepare, set_quant_state
+from qdiff.quantizer import AdaRoundQuantizer, UniformAffineQuantizer
+from qdiff.reconstruct import UnitReport, find_units, reconstruct
+
+__all__ = [
+    "AdaRoundQuantizer",
+    "CalibConfig",
+    "CalibData",
+    "ConfigError",
+    "QConfig",
+    "QuantAttnProcessor",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantMatMul",
+    "QuantSpec",
+    "ReconConfig",
+    "TrajectoryRecorder",
+    "UniformAffineQuantizer",
+    "UnitReport",
+    "calibrate",
+    "convert",
+    "find_skip_concats",
+    "find_units",
+    "prepare",
+    "quantize",
+    "reconstruct",
+    "select_steps",
+    "set_quant_state",
+]

@@ -1,0 +1,243 @@
+"""Typed, frozen, validated configuration of a quantization recipe.
+
+Every field is checked on construction so a bad recipe fails before any work starts, with a
+message that names the field, the bad value and the valid choices. ``QConfig.to_yaml`` /
+``QConfig.from_yaml`` round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+GRANULARITIES = ("tensor", "channel")
+SCALE_SEARCHES = ("minmax", "mse")
+CALIB_STRATEGIES = ("uniform", "normal", "final")
+RECON_METHODS = ("none", "brecq")
+RECON_GRANULARITIES = ("block", "layer")
+MIN_BITS, MAX_BITS = 2, 16
+
+
+class ConfigError(ValueError):
+    """A quantization config field has an invalid value."""
+
+
+def _choice(owner: str, name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{owner}.{name}={value!r} is not valid; choose one of {', '.join(valid)}")
+
+
+def _positive(owner: str, name: str, value: float, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{owner}.{name} must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{owner}.{name}={value!r} must be {bound}")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor kind (weights or activations) is quantized.
+
+    Args:
+        bits: integer bit width, 2–16.
+        symmetric: signed grid with zero point 0; otherwise an unsigned grid with a zero point.
+        granularity: ``tensor`` (one scale) or ``channel`` (one scale per output channel;
+            weights only).
+        scale_search: ``minmax`` uses the observed range; ``mse`` grid-searches clipping ratios
+            that minimise the Lp error (Q-Diffusion/BRECQ code: 80 candidates, p = 2.4).
+        p: exponent of the Lp error in the ``mse`` search.
+    """
+
+    bits: int
+    symmetric: bool = False
+    granularity: str = "tensor"
+    scale_search: str = "minmax"
+    p: float = 2.4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise ConfigError(f"QuantSpec.bits must be an integer, got {self.bits!r}")
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ConfigError(
+                f"QuantSpec.bits={self.bits} is out of range; use {MIN_BITS}–{MAX_BITS} bits "
+                "(leave the spec out, i.e. None, for full precision)"
+            )
+        _choice("QuantSpec", "granularity", self.granularity, GRANULARITIES)
+        _choice("QuantSpec", "scale_search", self.scale_search, SCALE_SEARCHES)
+        _positive("QuantSpec", "p", self.p)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Which denoiser inputs (x_t, t, cond) from the FP sampler's trajectory calibrate the model.
+
+    Args:
+        strategy: ``uniform`` — Q-Diffusion's timestep-aware calibration, ``num_timesteps``
+            steps spread evenly over the whole trajectory (paper Sec. 4.1); ``normal`` — PTQ4DM,
+            steps placed at the quantiles of a normal distribution over denoising progress
+            (0 = pure noise, 1 = final image) with ``normal_mean``/``normal_std``; ``final`` —
+            the last ``num_timesteps`` steps only (the naive choice).
+        num_timesteps: K, sampler steps recorded.
+        samples_per_timestep: N, trajectories run (each contributes one input per step).
+        seed: seed of the calibration trajectories (kept apart from evaluation seeds).
+    """
+
+    strategy: str = "uniform"
+    num_timesteps: int = 10
+    samples_per_timestep: int = 64
+    normal_mean: float = 0.75
+    normal_std: float = 0.15
+    seed: int = 1000
+
+    def __post_init__(self) -> None:
+        _choice("CalibConfig", "strategy", self.strategy, CALIB_STRATEGIES)
+        for name in ("num_timesteps", "samples_per_timestep"):
+            _positive("CalibConfig", name, getattr(self, name))
+        if not 0.0 <= self.normal_mean <= 1.0:
+            raise ConfigError(f"CalibConfig.normal_mean={self.normal_mean} must be in [0, 1]")
+        _positive("CalibConfig", "normal_std", self.normal_std)
+
+    @property
+    def size(self) -> int:
+        return self.num_timesteps * self.samples_per_timestep
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    """BRECQ-style reconstruction (Li et al., ICLR 2021) as used by Q-Diffusion.
+
+    Weights are learned first with AdaRound (Nagel et al., ICML 2020) with activations in full
+    precision, then activation step sizes with LSQ (Esser et al., ICLR 2020), each unit
+    minimising the MSE between its output and the FP unit's output on calibration inputs.
+
+    Args:
+        method: ``none`` or ``brecq``.
+        granularity: ``block`` (ResNet block, attention/transformer block, up/down sampler;
+            leftover layers one by one) or ``layer`` (every layer on its own).
+        weight_iters / act_iters: optimisation steps per unit for each phase.
+        weight_lr / act_lr: Adam learning rates of the AdaRound logits and the step sizes.
+        batch_size: calibration inputs per optimisation step.
+        round_weight: λ of the AdaRound rounding regulariser.
+        beta_start / beta_end: annealing range of the regulariser's exponent.
+        warmup: fraction of ``weight_iters`` without the regulariser.
+        seed: seed of minibatch sampling.
+    """
+
+    method: str = "brecq"
+    granularity: str = "block"
+    weight_iters: int = 300
+    act_iters: int = 100
+    weight_lr: float = 1e-3
+    act_lr: float = 4e-4
+    batch_size: int = 32
+    round_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("ReconConfig", "method", self.method, RECON_METHODS)
+        _choice("ReconConfig", "granularity", self.granularity, RECON_GRANULARITIES)
+        for name in ("weight_iters", "act_iters"):
+            _positive("ReconConfig", name, getattr(self, name), allow_zero=True)
+        for name in ("weight_lr", "act_lr", "batch_size", "beta_start", "beta_end"):
+            _positive("ReconConfig", name, getattr(self, name))
+        _positive("ReconConfig", "round_weight", self.round_weight, allow_zero=True)
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"ReconConfig.warmup={self.warmup} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class QConfig:
+    """A complete PTQ recipe.
+
+    Args:
+        weight: weight quantization, or None to keep FP weights.
+        act: activation quantization (inputs of every quantized layer and of the attention
+            matmuls), or None to keep FP activations.
+        attn_probs: quantization of the softmax output before ``probs @ V``; None uses ``act``
+            (Q-Diffusion keeps these at 16 bits for Stable Diffusion).
+        split_shortcut: separate quantizers for the decoder and skip halves of a UNet skip
+            concatenation (Q-Diffusion Sec. 4.2).
+        quantize_attention: quantize the Q·Kᵀ and softmax·V matmul inputs.
+        calib: calibration data recipe.
+        recon: reconstruction recipe.
+    """
+
+    weight: QuantSpec | None = field(
+        default_factory=lambda: QuantSpec(8, symmetric=True, granularity="channel")
+    )
+    act: QuantSpec | None = field(default_factory=lambda: QuantSpec(8))
+    attn_probs: QuantSpec | None = None
+    split_shortcut: bool = True
+    quantize_attention: bool = True
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    recon: ReconConfig = field(default_factory=ReconConfig)
+
+    def __post_init__(self) -> None:
+        for name, kind in (
+            ("weight", QuantSpec),
+            ("act", QuantSpec),
+            ("attn_probs", QuantSpec),
+            ("calib", CalibConfig),
+            ("recon", ReconConfig),
+        ):
+            value = getattr(self, name)
+            if not (value is None and kind is QuantSpec) and not isinstance(value, kind):
+                raise ConfigError(f"QConfig.{name} must be a {kind.__name__}, got {value!r}")
+        if self.act is not None and self.act.granularity != "tensor":
+            raise ConfigError(
+                "QConfig.act.granularity must be 'tensor': a per-channel activation scale cannot "
+                "be folded into an integer matmul"
+            )
+        if self.weight is None and self.act is None:
+            raise ConfigError("QConfig quantizes nothing: set weight and/or act")
+
+    @property
+    def probs_spec(self) -> QuantSpec | None:
+        return self.attn_probs if self.attn_probs is not None else self.act
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a QConfig must be a mapping, got {type(data).__name__}")
+        kinds = {
+            "weight": QuantSpec,
+            "act": QuantSpec,
+            "attn_probs": QuantSpec,
+            "calib": CalibConfig,
+            "recon": ReconConfig,
+        }
+        kwargs = {}
+        for key, value in data.items():
+            if key in kinds and isinstance(value, dict):
+                value = _build(kinds[key], value, prefix=f"QConfig.{key}")
+            kwargs[key] = value
+        return _build(cls, kwargs, prefix="QConfig")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> QConfig:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"QConfig YAML does not parse: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def _build(kind: type, data: dict[str, Any], prefix: str) -> Any:
+    valid = [f.name for f in dataclasses.fields(kind)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ConfigError(f"{prefix}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return kind(**data)

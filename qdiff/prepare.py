@@ -1,0 +1,98 @@
+"""Swap a model's layers for quantized ones, and switch quantization on and off."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from torch import nn
+
+from qdiff.config import QConfig
+from qdiff.modules import QuantAttnProcessor, QuantConv2d, QuantLayer, QuantLinear, QuantModule
+
+FilterFn = Callable[[str, nn.Module], bool]
+
+
+def find_skip_concats(model: nn.Module) -> dict[str, int]:
+    """Layers that consume a UNet skip concatenation directly, with the decoder-half width.
+
+    In diffusers UNets (``UNet2DModel``, ``UNet2DConditionModel``) every ResNet of an up block
+    receives ``cat([decoder, skip], dim=1)``; its 1×1 ``conv_shortcut`` is the layer that sees the
+    raw, bimodal concatenation (``conv1`` sees it only after GroupNorm and SiLU). The decoder
+    half of the j-th ResNet is the previous ResNet's output, or for j = 0 whatever entered the
+    up block: the mid block's output, then each up block's output in turn.
+
+    Returns:
+        ``{qualified conv_shortcut name: number of decoder channels}``; empty for models without
+        diffusers-style ``up_blocks``.
+    """
+    up_blocks = getattr(model, "up_blocks", None)
+    mid = getattr(model, "mid_block", None)
+    if up_blocks is None or mid is None or not hasattr(mid, "resnets"):
+        return {}
+    splits: dict[str, int] = {}
+    decoder_channels = mid.resnets[-1].out_channels
+    for i, block in enumerate(up_blocks):
+        for j, resnet in enumerate(getattr(block, "resnets", [])):
+            shortcut = getattr(resnet, "conv_shortcut", None)
+            if shortcut is not None and decoder_channels < resnet.in_channels:
+                splits[f"up_blocks.{i}.resnets.{j}.conv_shortcut"] = decoder_channels
+            decoder_channels = resnet.out_channels
+    return splits
+
+
+def _is_diffusers_attention(module: nn.Module) -> bool:
+    return hasattr(module, "set_processor") and hasattr(module, "to_q")
+
+
+def prepare(model: nn.Module, qconfig: QConfig, filter_fn: FilterFn | None = None) -> nn.Module:
+    """Replace every Conv2d/Linear (and diffusers attention matmuls) with quantized modules.
+
+    Weight grids are initialised here from the weights; activation grids are not, until
+    :func:`qdiff.calibrate` runs. The model is modified in place and returned with
+    quantization switched off (it behaves exactly as the FP model until ``set_quant_state``).
+
+    Args:
+        model: the denoiser (e.g. a diffusers ``UNet2DModel`` or ``UNet2DConditionModel``).
+        qconfig: the recipe.
+        filter_fn: ``(qualified_name, module) -> bool``; layers for which it is False stay FP.
+
+    Returns:
+        The same model object, prepared.
+    """
+    if any(isinstance(m, QuantModule) for m in model.modules()):
+        raise ValueError("model is already prepared; call prepare on an FP model")
+    splits = find_skip_concats(model) if qconfig.split_shortcut else {}
+    replacements = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear) and (filter_fn is None or filter_fn(name, module)):
+            replacements.append((name, module))
+    for name, module in replacements:
+        kind = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+        quant = kind(module, qconfig.weight, qconfig.act, split=splits.get(name))
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, quant)
+    if qconfig.quantize_attention and qconfig.act is not None:
+        for name, module in list(model.named_modules()):
+            if _is_diffusers_attention(module) and (filter_fn is None or filter_fn(name, module)):
+                module.set_processor(QuantAttnProcessor(qconfig.act, qconfig.probs_spec))
+    set_quant_state(model, weight=False, act=False)
+    return model
+
+
+def quant_modules(model: nn.Module) -> Iterator[tuple[str, QuantModule]]:
+    for name, module in model.named_modules():
+        if isinstance(module, QuantModule):
+            yield name, module
+
+
+def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLayer):
+            yield name, module
+
+
+def set_quant_state(model: nn.Module, weight: bool, act: bool) -> None:
+    """Switch weight and activation fake quantization of every quantized module."""
+    for _, module in quant_modules(model):
+        module.set_quant_state(weight, act)
