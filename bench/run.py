@@ -6,13 +6,14 @@ sampler) as the FP model, so differences in the metric come from quantization al
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,6 +32,36 @@ GRID_SAMPLES = 64  # first images of each run saved as a PNG grid (same seeds ac
 
 
 @dataclass(frozen=True)
+class Budget:
+    """Calibration size and reconstruction schedule, applied to every method's recipe so that
+    methods are compared at equal cost (the paper's 20 × 256 inputs and 20k iterations per
+    unit do not fit a CPU minute budget).
+
+    Args:
+        calib_timesteps / calib_samples: K timesteps × N trajectories of calibration inputs.
+        weight_iters / act_iters: optimisation steps per unit, for methods that reconstruct.
+        weight_lr: AdaRound learning rate; 10× the paper's to make up for ~30× fewer steps.
+    """
+
+    calib_timesteps: int = 10
+    calib_samples: int = 64
+    weight_iters: int = 600
+    act_iters: int = 100
+    weight_lr: float = 1e-2
+
+    def apply(self, qconfig: qdiff.QConfig) -> qdiff.QConfig:
+        calib = replace(
+            qconfig.calib, num_timesteps=self.calib_timesteps, samples_per_timestep=self.calib_samples
+        )
+        recon = qconfig.recon
+        if recon.method != "none":
+            recon = replace(
+                recon, weight_iters=self.weight_iters, act_iters=self.act_iters, weight_lr=self.weight_lr
+            )
+        return replace(qconfig, calib=calib, recon=recon)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One matrix on the embedded model.
 
@@ -41,6 +72,7 @@ class ExperimentConfig:
         n_samples: images per model for the metric (also the real-floor sample count).
         seed: seed of the evaluation noise, shared by FP and every quantized model.
         sampler: DDIM steps and batch size.
+        budget: calibration size and reconstruction schedule for every method.
     """
 
     name: str = "embedded-default"
@@ -49,6 +81,7 @@ class ExperimentConfig:
     n_samples: int = 500
     seed: int = 0
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    budget: Budget = field(default_factory=Budget)
 
     def validate(self) -> tuple[list, list[Bits]]:
         """Resolve names now, so a typo fails before minutes of work."""
@@ -162,6 +195,7 @@ def run_experiment(config: ExperimentConfig, results_dir: Path, log: Log = print
     log(f"fp: {adapter.metric}={fp_fd:.2f} ({'cached' if hit else f'{time.time() - start:.0f}s'})")
 
     calib_cache: dict[str, qdiff.CalibData] = {}
+    weight_phase: dict[str, tuple[str, torch.nn.Module]] = {}
     for method in methods:
         for bits in bit_list:
             started, t0 = datetime.now(UTC).isoformat(), time.time()
@@ -173,14 +207,26 @@ def run_experiment(config: ExperimentConfig, results_dir: Path, log: Log = print
                 "started_at": started,
             }
             try:
-                qconfig = method.qconfig(bits)
+                qconfig = config.budget.apply(method.qconfig(bits))
                 base["config_hash"] = config_hash(
                     fp_hash, qconfig, config.sampler, config.n_samples, config.seed
                 )
                 calib = _calibration(adapter, fp, fp_hash, qconfig.calib, calib_cache)
                 t_quant = time.time()
-                qmodel = qdiff.convert(method.quantize(fp, qconfig, calib), backend="fake")
+                weights_key = _weight_phase_key(fp_hash, qconfig)
+                if qconfig.act is None and weights_key in weight_phase:
+                    # Q-Diffusion reconstructs weights with activations in FP, so a WxA32 model
+                    # is the WxAy model with activation quantization off: same AdaRound result.
+                    source, qmodel = weight_phase[weights_key]
+                    qmodel = copy.deepcopy(qmodel)
+                    qdiff.set_quant_state(qmodel, weight=True, act=False)
+                    base["weights_from"] = source
+                else:
+                    qmodel = method.quantize(fp, qconfig, calib)
+                    if weights_key is not None:
+                        weight_phase[weights_key] = (bits.label, qmodel)
                 quant_s = time.time() - t_quant
+                qmodel = qdiff.convert(qmodel, backend="fake")
                 images = adapter.sample(qmodel, config.n_samples, config.seed)
                 save_grid(images[:GRID_SAMPLES], grids / f"{method.name}-{bits.label}.png")
                 fd = adapter.frechet(images)
@@ -230,6 +276,13 @@ def run_experiment(config: ExperimentConfig, results_dir: Path, log: Log = print
                 log(f"{method.name} {bits.label}: ERROR {message}")
                 log(traceback.format_exc(limit=3))
     return rows
+
+
+def _weight_phase_key(fp_hash: str, qconfig: qdiff.QConfig) -> str | None:
+    """Identifies models whose weight quantization is identical whatever their activations."""
+    if qconfig.weight is None:
+        return None
+    return config_hash("weights", fp_hash, replace(qconfig, act=None, attn_probs=None))
 
 
 def _calibration(adapter, fp, fp_hash: str, calib: qdiff.CalibConfig, memo: dict) -> qdiff.CalibData:

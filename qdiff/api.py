@@ -48,7 +48,7 @@ class FrozenFakeQuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layer.use_act_quant:
             x = self.layer.quantize_input(x)
-        return self.layer._op(x, self.weight_q)
+        return self.layer.op(x, self.weight_q)
 
 
 def _convert_fake(qmodel: nn.Module) -> nn.Module:

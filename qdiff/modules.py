@@ -124,9 +124,9 @@ class QuantLayer(QuantModule):
         if self.use_act_quant:
             x = self.quantize_input(x)
         w = self.quantized_weight() if self.use_weight_quant else self.weight
-        return self._op(x, w)
+        return self.op(x, w)
 
-    def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -139,7 +139,7 @@ class QuantConv2d(QuantLayer):
         self.kernel_size, self.stride, self.padding = fp.kernel_size, fp.stride, fp.padding
         self.dilation, self.groups = fp.dilation, fp.groups
 
-    def _op(self, x, w):
+    def op(self, x, w):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
@@ -151,7 +151,7 @@ class QuantLinear(QuantLayer):
         super().__init__(fp, weight, act, split)
         self.in_features, self.out_features = fp.in_features, fp.out_features
 
-    def _op(self, x, w):
+    def op(self, x, w):
         return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
@@ -163,8 +163,8 @@ class QuantMatMul(QuantModule):
 
     def __init__(self, a: QuantSpec, b: QuantSpec) -> None:
         super().__init__()
-        self.quant_a = UniformAffineQuantizer(a, ndim=3)
-        self.quant_b = UniformAffineQuantizer(b, ndim=3)
+        self.quant_a = UniformAffineQuantizer(a)
+        self.quant_b = UniformAffineQuantizer(b)
 
     @property
     def has_act_quant(self) -> bool:

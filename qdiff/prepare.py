@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 from torch import nn
 
-from qdiff.config import QConfig
+from qdiff.config import QConfig, QuantSpec
 from qdiff.modules import QuantAttnProcessor, QuantConv2d, QuantLayer, QuantLinear, QuantModule
 
 FilterFn = Callable[[str, nn.Module], bool]
@@ -47,9 +48,11 @@ def _is_diffusers_attention(module: nn.Module) -> bool:
 def prepare(model: nn.Module, qconfig: QConfig, filter_fn: FilterFn | None = None) -> nn.Module:
     """Replace every Conv2d/Linear (and diffusers attention matmuls) with quantized modules.
 
-    Weight grids are initialised here from the weights; activation grids are not, until
-    :func:`qdiff.calibrate` runs. The model is modified in place and returned with
-    quantization switched off (it behaves exactly as the FP model until ``set_quant_state``).
+    The first and last of those layers in module order (a UNet's ``conv_in`` and ``conv_out``)
+    get at least ``qconfig.first_last_bits``. Weight grids are initialised here from the
+    weights; activation grids are not, until :func:`qdiff.calibrate` runs. The model is
+    modified in place and returned with quantization switched off (it behaves exactly as the
+    FP model until ``set_quant_state``).
 
     Args:
         model: the denoiser (e.g. a diffusers ``UNet2DModel`` or ``UNet2DConditionModel``).
@@ -66,9 +69,13 @@ def prepare(model: nn.Module, qconfig: QConfig, filter_fn: FilterFn | None = Non
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d | nn.Linear) and (filter_fn is None or filter_fn(name, module)):
             replacements.append((name, module))
+    edges = {replacements[0][0], replacements[-1][0]} if replacements else set()
     for name, module in replacements:
         kind = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-        quant = kind(module, qconfig.weight, qconfig.act, split=splits.get(name))
+        weight, act = qconfig.weight, qconfig.act
+        if name in edges and qconfig.first_last_bits is not None:
+            weight, act = _at_least(weight, qconfig.first_last_bits), _at_least(act, qconfig.first_last_bits)
+        quant = kind(module, weight, act, split=splits.get(name))
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, quant)
@@ -78,6 +85,10 @@ def prepare(model: nn.Module, qconfig: QConfig, filter_fn: FilterFn | None = Non
                 module.set_processor(QuantAttnProcessor(qconfig.act, qconfig.probs_spec))
     set_quant_state(model, weight=False, act=False)
     return model
+
+
+def _at_least(spec: QuantSpec | None, bits: int) -> QuantSpec | None:
+    return spec if spec is None or spec.bits >= bits else replace(spec, bits=bits)
 
 
 def quant_modules(model: nn.Module) -> Iterator[tuple[str, QuantModule]]:

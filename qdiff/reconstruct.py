@@ -8,8 +8,9 @@ squared error summed over channels (BRECQ's ``lp_loss(p=2)``).
 
 Phase 1, weights: AdaRound logits of every weight in the unit, activations in FP, with the
 annealed rounding regulariser (BRECQ Eq. 9 / AdaRound Eq. 25); the rounding is then hardened.
-Phase 2, activations: LSQ step sizes of every activation quantizer in the unit, with weights at
-their hardened rounding and all quantizers on.
+Phase 2, activations: activation grids are re-calibrated on the reconstructed weights, then the
+LSQ step sizes of every activation quantizer in the unit are learned, with weights at their
+hardened rounding and all quantizers on.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qdiff.calibration import CalibData, run_model
+from qdiff.calibration import CalibData, calibrate, run_model
 from qdiff.config import ReconConfig
 from qdiff.modules import QuantLayer, QuantModule
 from qdiff.prepare import set_quant_state
@@ -229,6 +230,10 @@ def reconstruct(
         for phase, enabled in phases:
             if not enabled:
                 continue
+            if phase == "act" and has_weight and config.weight_iters > 0:
+                # The official code sets activation ranges only after weight reconstruction, on
+                # the inputs the reconstructed weights produce; redo ours the same way.
+                calibrate(model, data, batch_size=batch_size, seed=config.seed)
             for name, unit in units:
                 report = _reconstruct_unit(model, name, unit, data, config, phase, batch_size, generator)
                 if report is not None:

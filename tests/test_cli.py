@@ -94,3 +94,29 @@ def test_small_run_writes_paired_rows_and_a_table(capsys, tmp_path):
     lines = (tmp_path / "smoke" / "rows.jsonl").read_text().splitlines()
     assert len(lines) == 2 * len(rows)
     assert json.loads(lines[len(rows) + 1])["cached"] is True
+
+
+def test_missing_checkpoint_is_one_clear_line(capsys, tmp_path, monkeypatch):
+    import bench.embedded.model
+
+    monkeypatch.setattr(bench.embedded.model, "ASSETS", tmp_path / "assets")
+    assert main(["run", "--results", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qdiff-bench: error: missing") and "python -m bench.embedded.train" in err
+    assert "\n" not in err
+
+
+def test_qdiff_runs_share_the_weight_phase_between_w4a8_and_w4a32(tmp_path):
+    from bench.models.embedded import SamplerConfig
+    from bench.run import Budget, ExperimentConfig, run_experiment
+
+    config = ExperimentConfig(
+        name="share", methods=("qdiff",), bits=("W4A8", "W4A32"), n_samples=20,
+        sampler=SamplerConfig(steps=4),
+        budget=Budget(calib_timesteps=2, calib_samples=4, weight_iters=3, act_iters=2),
+    )  # fmt: skip
+    rows = run_experiment(config, tmp_path, log=lambda _: None)
+    fd = {r["a_bits"]: r for r in rows if r["metric"] == "digits_fd" and r["method"] == "qdiff"}
+    assert fd[8]["status"] == fd[None]["status"] == "ok"
+    assert fd[None]["weights_from"] == "W4A8" and "weights_from" not in fd[8]
+    assert (tmp_path / "share" / "samples" / "qdiff-W4A32.png").is_file()

@@ -63,3 +63,14 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
         load_unet(tmp_path)
     with pytest.raises(AssetError, match="missing"):
         load_unet(tmp_path / "nowhere")
+
+
+def test_training_script_writes_loadable_checkpoints(tmp_path):
+    from bench.embedded.train import train_classifier, train_unet
+
+    log = train_unet(tmp_path, steps=2, batch=4, save_every=2)
+    assert log["steps"] == 2 and (tmp_path / "unet_train.json").is_file()
+    unet = load_unet(tmp_path / "unet")
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in load_unet().parameters())
+    assert 0.0 <= train_classifier(tmp_path, epochs=1)["test_accuracy"] <= 1.0
+    load_classifier(tmp_path / "classifier.safetensors")

@@ -85,3 +85,14 @@ def test_layer_granularity_runs(tiny_unet, granularity):
         tiny_unet, data, ReconConfig(granularity=granularity, weight_iters=5, batch_size=8)
     )
     assert any(r.unit.endswith("conv1") for r in reports)
+
+
+def test_weight_phase_does_not_depend_on_activation_quantization(tiny_unet):
+    """The harness reuses a WxAy model with activations off as the WxA32 model; this is why."""
+    data = calib_for(tiny_unet, 16)
+    recon = ReconConfig(weight_iters=10, act_iters=5, batch_size=8)
+    w4 = QuantSpec(4, True, "channel", "mse")
+    with_act, _ = qdiff.quantize(tiny_unet, QConfig(weight=w4, act=QuantSpec(8), recon=recon), data)
+    weight_only, _ = qdiff.quantize(tiny_unet, QConfig(weight=w4, act=None, recon=recon), data)
+    qdiff.set_quant_state(with_act, weight=True, act=False)
+    torch.testing.assert_close(with_act(data.x, data.t).sample, weight_only(data.x, data.t).sample)

@@ -73,25 +73,31 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise AssetError(
-            f"corrupt checkpoint {path} ({exc}); restore it with `git checkout -- {path.name}` "
+            f"corrupt checkpoint {path} ({exc}); restore it with `git checkout -- {path}` "
             "or retrain with `python -m bench.embedded.train`"
         ) from exc
 
 
-def load_unet(directory: Path | str = ASSETS / "unet"):
+def load_unet(directory: Path | str | None = None):
     """The trained embedded UNet2DModel (EMA weights) from a diffusers-style directory."""
     from diffusers import UNet2DModel
 
-    directory = Path(directory)
+    directory = Path(directory) if directory is not None else ASSETS / "unet"
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise AssetError(f"missing {config_path}; retrain with `python -m bench.embedded.train`")
     unet = UNet2DModel.from_config(json.loads(config_path.read_text()))
-    unet.load_state_dict(_load_state(directory / "diffusion_pytorch_model.safetensors"))
+    weights = directory / "diffusion_pytorch_model.safetensors"
+    try:
+        unet.load_state_dict(_load_state(weights))
+    except RuntimeError as exc:  # shapes or names disagree with config.json
+        if isinstance(exc, AssetError):
+            raise
+        raise AssetError(f"checkpoint {weights} does not match {config_path}: {exc}") from exc
     return unet.eval().requires_grad_(False)
 
 
-def load_classifier(path: Path | str = ASSETS / "classifier.safetensors") -> DigitClassifier:
+def load_classifier(path: Path | str | None = None) -> DigitClassifier:
     model = DigitClassifier()
-    model.load_state_dict(_load_state(Path(path)))
+    model.load_state_dict(_load_state(Path(path) if path is not None else ASSETS / "classifier.safetensors"))
     return model.eval().requires_grad_(False)

@@ -1,0 +1,37 @@
+"""Method recipes: Q-Diffusion and the linear baseline differ exactly in the paper's choices."""
+
+import pytest
+
+from bench.methods import Bits
+from bench.registry import METHODS, Registry, UnknownNameError
+from bench.run import Budget
+
+
+def test_qdiffusion_and_linear_recipes():
+    q = METHODS.get("qdiff").qconfig(Bits(4, 8))
+    lin = METHODS.get("linear").qconfig(Bits(4, 8))
+    assert (q.calib.strategy, q.split_shortcut, q.recon.method) == ("uniform", True, "brecq")
+    assert (lin.calib.strategy, lin.split_shortcut, lin.recon.method) == ("final", False, "none")
+    assert q.weight.bits == lin.weight.bits == 4 and q.act.bits == lin.act.bits == 8
+    assert q.weight.granularity == lin.weight.granularity == "channel"
+    assert METHODS.get("qdiff").qconfig(Bits(4, None)).act is None
+
+
+def test_budget_sets_calibration_for_all_and_schedule_only_where_reconstructing():
+    budget = Budget(calib_timesteps=5, calib_samples=8, weight_iters=7, act_iters=3, weight_lr=0.5)
+    q = budget.apply(METHODS.get("qdiff").qconfig(Bits(8, 8)))
+    lin = budget.apply(METHODS.get("linear").qconfig(Bits(8, 8)))
+    assert q.calib.size == lin.calib.size == 40
+    assert (q.recon.weight_iters, q.recon.act_iters, q.recon.weight_lr) == (7, 3, 0.5)
+    assert lin.recon.method == "none"
+
+
+def test_registry_is_lazy_and_helpful():
+    reg = Registry("widget", {"good": "bench.methods:Bits", "broken": "no.such.module:thing"})
+    assert reg.get("good") is Bits  # only this entry's module is imported
+    with pytest.raises(
+        UnknownNameError, match=r"unknown widget 'god' \(did you mean 'good'\?\); valid: broken, good"
+    ):
+        reg.get("god")
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("good", "x:y")
