@@ -211,6 +211,7 @@ def run_experiment(config: ExperimentConfig, results_dir: Path, log: Log = print
                 base["config_hash"] = config_hash(
                     fp_hash, qconfig, config.sampler, config.n_samples, config.seed
                 )
+                base["qconfig"] = qconfig.to_dict()  # the full recipe, so the row can be rerun
                 calib = _calibration(adapter, fp, fp_hash, qconfig.calib, calib_cache)
                 t_quant = time.time()
                 weights_key = _weight_phase_key(fp_hash, qconfig)

@@ -119,4 +119,5 @@ def test_qdiff_runs_share_the_weight_phase_between_w4a8_and_w4a32(tmp_path):
     fd = {r["a_bits"]: r for r in rows if r["metric"] == "digits_fd" and r["method"] == "qdiff"}
     assert fd[8]["status"] == fd[None]["status"] == "ok"
     assert fd[None]["weights_from"] == "W4A8" and "weights_from" not in fd[8]
+    assert fd[8]["qconfig"]["calib"]["strategy"] == "uniform" and fd[None]["qconfig"]["act"] is None
     assert (tmp_path / "share" / "samples" / "qdiff-W4A32.png").is_file()
