@@ -9,13 +9,12 @@ method's choices.
 from __future__ import annotations
 
 import qdiff
-from bench.methods import Bits, RecipeMethod
+from bench.methods import Bits, RecipeMethod, grids
 
 
 def recipe(bits: Bits) -> qdiff.QConfig:
     return qdiff.QConfig(
-        weight=None if bits.w is None else qdiff.QuantSpec(bits.w, True, "channel", "minmax"),
-        act=None if bits.a is None else qdiff.QuantSpec(bits.a, False, "tensor", "minmax"),
+        **grids(bits, "minmax"),
         split_shortcut=False,
         calib=qdiff.CalibConfig(strategy="final"),
         recon=qdiff.ReconConfig(method="none"),

@@ -73,16 +73,20 @@ class RecipeMethod:
         return qmodel
 
 
+def grids(bits: Bits, scale_search: str) -> dict[str, qdiff.QuantSpec | None]:
+    """``weight``/``act`` specs shared by the methods, as in the official code: symmetric
+    per-output-channel weight grids, asymmetric per-tensor activation grids."""
+    return {
+        "weight": None if bits.w is None else qdiff.QuantSpec(bits.w, True, "channel", scale_search),
+        "act": None if bits.a is None else qdiff.QuantSpec(bits.a, False, "tensor", scale_search),
+    }
+
+
 def qdiffusion_recipe(bits: Bits) -> qdiff.QConfig:
     """Q-Diffusion (Li et al., ICCV 2023): timestep-aware (uniform) calibration, split shortcut
-    quantization, BRECQ with AdaRound weights and LSQ activation steps, MSE range search.
-
-    Weight grids are per output channel and symmetric; activation grids per tensor and
-    asymmetric, as in the official code.
-    """
+    quantization, BRECQ with AdaRound weights and LSQ activation steps, MSE range search."""
     return qdiff.QConfig(
-        weight=None if bits.w is None else qdiff.QuantSpec(bits.w, True, "channel", "mse"),
-        act=None if bits.a is None else qdiff.QuantSpec(bits.a, False, "tensor", "mse"),
+        **grids(bits, "mse"),
         split_shortcut=True,
         calib=qdiff.CalibConfig(strategy="uniform"),
         recon=qdiff.ReconConfig(method="brecq"),
