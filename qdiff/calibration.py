@@ -133,9 +133,8 @@ class _RangeObserver:
         if q.spec.scale_search == "minmax":
             q.set_range(torch.tensor([self.lo]), torch.tensor([self.hi]))
             return
-        sample = torch.cat(self.samples)
-        # Anchor the search at the exact range; the sample only scores the candidates.
-        sample[0], sample[1] = self.lo, self.hi
+        # The exact extremes anchor the search's range; the sample scores the candidates.
+        sample = torch.cat([torch.tensor([self.lo, self.hi]), *self.samples])
         q.init_from(sample.to(q.scale.device))
 
 
