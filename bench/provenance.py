@@ -25,8 +25,9 @@ def git_sha() -> str:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
+        # results/ is what runs write, not code: appending rows must not mark the code dirty.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
