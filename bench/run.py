@@ -137,32 +137,27 @@ def run_experiment(config: ExperimentConfig, results_dir: Path, log: Log = print
         append_rows(out, new)
         rows.extend(new)
 
+    def reference_row(method: str, key: str, started: str, t0: float, value: float, **extra) -> dict:
+        """A row for the real-data floor or the FP model (no bit widths, nothing quantized)."""
+        fields = {
+            "method": method,
+            "w_bits": None,
+            "a_bits": None,
+            "status": "ok",
+            "error": None,
+            "config_hash": key,
+            "started_at": started,
+            "duration_s": round(time.time() - t0, 2),
+        }
+        return _row({**common, **fields}, adapter.metric, value, adapter.metric_unit, False, **extra)
+
+    started, start = datetime.now(UTC).isoformat(), time.time()
     floor, floor_sd = adapter.real_floor(config.n_samples)
-    finish(
-        [
-            _row(
-                {
-                    **common,
-                    "method": "real-data",
-                    "w_bits": None,
-                    "a_bits": None,
-                    "status": "ok",
-                    "error": None,
-                    "config_hash": config_hash("floor", config.n_samples),
-                    "started_at": datetime.now(UTC).isoformat(),
-                    "duration_s": 0.0,
-                },
-                adapter.metric,
-                floor,
-                adapter.metric_unit,
-                False,
-                sd=floor_sd,
-            )
-        ]
-    )
+    key = config_hash("floor", config.n_samples)
+    finish([reference_row("real-data", key, started, start, floor, sd=floor_sd)])
     log(f"real-vs-real floor at n={config.n_samples}: {floor:.2f} ± {floor_sd:.2f}")
 
-    start = time.time()
+    started, start = datetime.now(UTC).isoformat(), time.time()
     key = config_hash("fp-samples", fp_hash, config.sampler, config.n_samples, config.seed)
     fp_images, hit = cached_tensors(
         "samples", key, lambda: {"images": adapter.sample(fp, config.n_samples, config.seed)}
@@ -170,28 +165,7 @@ def run_experiment(config: ExperimentConfig, results_dir: Path, log: Log = print
     fp_fd = adapter.frechet(fp_images["images"])
     grids = results_dir / config.name / "samples"
     save_grid(fp_images["images"][:GRID_SAMPLES], grids / "fp.png")
-    finish(
-        [
-            _row(
-                {
-                    **common,
-                    "method": "fp",
-                    "w_bits": None,
-                    "a_bits": None,
-                    "status": "ok",
-                    "error": None,
-                    "config_hash": key,
-                    "started_at": datetime.now(UTC).isoformat(),
-                    "duration_s": round(time.time() - start, 2),
-                },
-                adapter.metric,
-                fp_fd,
-                adapter.metric_unit,
-                False,
-                cached=hit,
-            )
-        ]
-    )
+    finish([reference_row("fp", key, started, start, fp_fd, cached=hit)])
     log(f"fp: {adapter.metric}={fp_fd:.2f} ({'cached' if hit else f'{time.time() - start:.0f}s'})")
 
     calib_cache: dict[str, qdiff.CalibData] = {}

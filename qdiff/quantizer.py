@@ -72,11 +72,6 @@ def fake_quant(
     return (q - zero_point) * scale
 
 
-def lp_error(x: torch.Tensor, xq: torch.Tensor, p: float, dim: int | None) -> torch.Tensor:
-    err = (x - xq).abs().pow(p)
-    return err.mean() if dim is None else err.mean(dim=dim)
-
-
 def search_range(
     x: torch.Tensor, spec: QuantSpec, channel_dim: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +93,7 @@ def search_range(
         cand_lo, cand_hi = lo * ratio, hi * ratio
         scale, zp = scale_zero_point(cand_lo, cand_hi, spec.bits, spec.symmetric)
         xq = fake_quant(flat, scale[:, None], zp[:, None], qmin, qmax)
-        err = lp_error(flat, xq, spec.p, dim=1)
+        err = (flat - xq).abs().pow(spec.p).mean(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, cand_lo, best_lo)

@@ -88,11 +88,10 @@ def load_unet(directory: Path | str | None = None):
         raise AssetError(f"missing {config_path}; retrain with `python -m bench.embedded.train`")
     unet = UNet2DModel.from_config(json.loads(config_path.read_text()))
     weights = directory / "diffusion_pytorch_model.safetensors"
+    state = _load_state(weights)
     try:
-        unet.load_state_dict(_load_state(weights))
+        unet.load_state_dict(state)
     except RuntimeError as exc:  # shapes or names disagree with config.json
-        if isinstance(exc, AssetError):
-            raise
         raise AssetError(f"checkpoint {weights} does not match {config_path}: {exc}") from exc
     return unet.eval().requires_grad_(False)
 

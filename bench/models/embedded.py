@@ -19,8 +19,6 @@ from bench.embedded.data import reference_split
 from bench.embedded.model import SCHEDULER_CONFIG, load_classifier, load_unet
 from bench.metrics.frechet import feature_stats, frechet_distance
 
-Recorder = qdiff.TrajectoryRecorder
-
 
 @dataclass(frozen=True)
 class SamplerConfig:
@@ -50,7 +48,9 @@ class EmbeddedDigits:
         return torch.randn((n, 1, 16, 16), generator=generator)
 
     @torch.no_grad()
-    def sample(self, unet: nn.Module, n: int, seed: int, recorder: Recorder | None = None) -> torch.Tensor:
+    def sample(
+        self, unet: nn.Module, n: int, seed: int, recorder: qdiff.TrajectoryRecorder | None = None
+    ) -> torch.Tensor:
         """``n`` images in [-1, 1] from the noise of ``seed``, DDIM with ``sampler.steps`` steps."""
         from diffusers import DDIMScheduler
 
@@ -69,7 +69,7 @@ class EmbeddedDigits:
 
     def calibration_data(self, unet: nn.Module, config: qdiff.CalibConfig) -> qdiff.CalibData:
         """Denoiser inputs recorded from the FP trajectory of ``config.samples_per_timestep`` samples."""
-        recorder = Recorder(qdiff.select_steps(config, self.sampler.steps))
+        recorder = qdiff.TrajectoryRecorder(qdiff.select_steps(config, self.sampler.steps))
         self.sample(unet, config.samples_per_timestep, config.seed, recorder)
         return recorder.data()
 
