@@ -1,1 +1,7 @@
-"""Baseline PTQ methods, one file each, registered in ``bench.registry.METHODS``."""
+"""Baseline PTQ methods, one file each. Each registers here by name with a lazy
+``"module:attr"`` entry, which ``bench.registry.METHODS`` includes; nothing is imported until
+a method is used."""
+
+BASELINES: dict[str, str] = {
+    "linear": "baselines.linear_quant:METHOD",
+}

@@ -43,3 +43,43 @@ def cached_tensors(
     finally:
         Path(tmp).unlink(missing_ok=True)
     return tensors, False
+
+
+def cached_module(kind: str, key: str, build: Callable[[], dict]) -> tuple[dict, bool]:
+    """Like :func:`cached_tensors` for a dict holding whole modules (quantized checkpoints).
+
+    Stored with ``torch.save``; callers put a hash of the code that builds the modules into
+    ``key`` (:func:`bench.provenance.code_hash`), so a cached pickle is only ever loaded by the
+    code that wrote it.
+    """
+    value = load_module(kind, key)
+    if value is not None:
+        return value, True
+    value = build()
+    store_module(kind, key, value)
+    return value, False
+
+
+def load_module(kind: str, key: str) -> dict | None:
+    """A checkpoint stored by :func:`store_module`, or ``None``."""
+    path = cache_dir() / kind / f"{key}.pt"
+    if not path.is_file():
+        return None
+    try:
+        # Our own cache file, written by the same code version: full unpickling is safe.
+        return torch.load(path, weights_only=False, map_location="cpu")
+    except Exception:  # a damaged entry is only a cache miss
+        path.unlink(missing_ok=True)
+        return None
+
+
+def store_module(kind: str, key: str, value: dict) -> None:
+    path = cache_dir() / kind / f"{key}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(value, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

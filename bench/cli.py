@@ -1,4 +1,11 @@
-"""``qdiff-bench``: the command line of the suite."""
+"""``qdiff-bench``: run benchmark matrices, and report and compare their results.
+
+    qdiff-bench ls                        registered models, methods, metrics; shipped matrices
+    qdiff-bench validate configs/x.yaml   expand a matrix and report problems; runs nothing
+    qdiff-bench run [configs/x.yaml]      run it (default: configs/default.yaml), resumable
+    qdiff-bench report results/<name>     Markdown + self-contained HTML leaderboard
+    qdiff-bench compare A B               per-cell deltas; exit 1 past --threshold
+"""
 
 from __future__ import annotations
 
@@ -8,84 +15,187 @@ import sys
 import time
 from pathlib import Path
 
+from bench.compare import ThresholdError
 from bench.embedded.model import AssetError
+from bench.matrix import MatrixError
 from bench.methods import BitsError
-from bench.registry import METHODS, UnknownNameError
+from bench.provenance import REPO_ROOT
+from bench.registry import METHODS, METRICS, MODELS, UnknownNameError
+from bench.store import StoreError
 from qdiff.config import ConfigError
 
-USER_ERRORS = (UnknownNameError, BitsError, ConfigError, AssetError, ValueError, FileNotFoundError)
-
-
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in text.split(",") if s.strip())
+CONFIGS = REPO_ROOT / "configs"
+DEFAULT_MATRIX = CONFIGS / "default.yaml"
+USER_ERRORS = (
+    UnknownNameError,
+    BitsError,
+    ConfigError,
+    AssetError,
+    MatrixError,
+    StoreError,
+    ThresholdError,
+    FileNotFoundError,
+)
 
 
 def _threads(value: str) -> int:
-    n = int(value)
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError("--threads must be >= 1")
+        raise argparse.ArgumentTypeError(f"--threads must be an integer >= 1, got {value!r}")
     return n
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qdiff-bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="qdiff-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("ls", help="list registered methods")
-    run = sub.add_parser("run", help="run methods × bit widths on the embedded model (CPU, offline)")
-    run.add_argument("--methods", type=_csv, default=("linear", "qdiff"), help="comma-separated")
-    run.add_argument("--bits", type=_csv, default=("W8A8", "W4A8", "W4A32"), help="e.g. W8A8,W4A32")
-    run.add_argument("--samples", type=int, default=500, help="images per model (2–899)")
-    run.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    run.add_argument("--seed", type=int, default=0, help="evaluation seed, shared by FP and quantized")
-    run.add_argument("--name", default="embedded-default", help="results subfolder")
-    run.add_argument("--results", type=Path, default=Path("results"), help="results root")
+    sub.add_parser("ls", help="list registered models, methods, metrics and shipped matrices")
+
+    validate = sub.add_parser("validate", help="expand a matrix file and report problems; runs nothing")
+    validate.add_argument("matrix", type=Path)
+    validate.add_argument("--results", type=Path, default=Path("results"), help="results root (for run states)")
+
+    run = sub.add_parser("run", help="run a matrix (default: the embedded CPU matrix), resuming by default")
+    run.add_argument("matrix", type=Path, nargs="?", default=DEFAULT_MATRIX)
+    run.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results)")
+    run.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="KEY=PATTERN",
+        help="run only matching cells; keys model, method, bits, seed; shell patterns; repeatable",
+    )
+    run.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip runs whose rows are already in the store (default); --no-resume is --force",
+    )
+    run.add_argument("--force", action="store_true", help="rerun selected runs even if they are done")
+    run.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--no-report", action="store_true", help="do not write report.md/html afterwards")
     run.add_argument(
         "--threads",
         type=_threads,
         default=min(4, os.cpu_count() or 1),
         help="torch CPU threads (set explicitly: oversubscription is very slow)",
     )
+
+    report = sub.add_parser("report", help="write report.md and report.html for a results folder")
+    report.add_argument("results", type=Path, help="results/<matrix name>")
+    report.add_argument("--out", type=Path, help="output folder (default: the results folder)")
+
+    compare = sub.add_parser("compare", help="per-cell deltas between two results folders")
+    compare.add_argument("a", type=Path, help="baseline results folder")
+    compare.add_argument("b", type=Path, help="candidate results folder")
+    compare.add_argument(
+        "--threshold", default="0", help="allowed worsening per cell: absolute (0.5) or relative (5%%)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        if args.command == "ls":
-            print("methods: " + ", ".join(METHODS.names()))
-            return 0
-        return _run(args)
+        return COMMANDS[args.command](args)
     except USER_ERRORS as exc:
         print(f"qdiff-bench: error: {exc}", file=sys.stderr)
         return 2
 
 
+def _ls(args: argparse.Namespace) -> int:
+    print("models:")
+    for name in MODELS.names():
+        cls = MODELS.get(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:<16} {doc} [metrics: {', '.join(cls.DEFAULT_METRICS)}]")
+    print("methods:")
+    for name in METHODS.names():
+        print(f"  {name:<16} {METHODS.get(name).description}")
+    print("metrics:")
+    for name in METRICS.names():
+        m = METRICS.get(name)
+        arrow = "higher is better" if m.higher_is_better else "lower is better"
+        print(f"  {name:<16} {m.kind}, {m.unit}, {arrow}")
+    print("matrices:")
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        print(f"  {path.relative_to(REPO_ROOT)}")
+    return 0
+
+
+def _plan_table(planned) -> str:
+    lines = [f"{'state':<8} {'hash':<16} run"]
+    lines += [f"{p.state:<8} {p.spec.hash:<16} {p.spec.label} [{', '.join(p.spec.metrics)}]" for p in planned]
+    return "\n".join(lines)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from bench.matrix import load_matrix
+    from bench.runner import plan
+    from bench.store import ResultStore
+
+    matrix = load_matrix(args.matrix)
+    planned = plan(matrix, ResultStore(args.results / matrix.name))
+    print(_plan_table(planned))
+    todo = sum(p.state != "done" for p in planned)
+    print(f"\n{args.matrix}: valid; {len(planned)} runs ({todo} to run) -> {args.results / matrix.name}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from bench.models.embedded import SamplerConfig
-    from bench.run import ExperimentConfig, format_table, run_experiment
+    from bench import report
+    from bench.matrix import load_matrix, parse_rules
+    from bench.runner import plan, run_matrix
+    from bench.store import ResultStore
 
+    matrix = load_matrix(args.matrix)
+    only = parse_rules(args.only)
+    force = args.force or not args.resume
+    store = ResultStore(args.results / matrix.name)
+    if args.dry_run:
+        print(_plan_table(plan(matrix, store, only, force)))
+        return 0
+    store.check_writable()
+    store.rows()  # a corrupt store fails now, before any work
     torch.set_num_threads(args.threads)
-    config = ExperimentConfig(
-        name=args.name,
-        methods=args.methods,
-        bits=args.bits,
-        n_samples=args.samples,
-        seed=args.seed,
-        sampler=SamplerConfig(steps=args.steps),
-    )
-    config.validate()
     start = time.time()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    rows = run_experiment(config, args.results, log=log)
-    print(format_table(rows))
-    print(
-        f"\n{len(rows)} rows appended to {args.results / args.name / 'rows.jsonl'}; "
-        f"wall time {time.time() - start:.0f}s"
-    )
+    rows = run_matrix(matrix, args.results, only=only, force=force, progress=not args.no_progress, log=log)
+    if not args.no_report:
+        md, page, built = report.write(store.root)
+        print(built.markdown)
+        print(f"report: {md} and {page}")
+    runs = len({r["config_hash"] for r in rows})
+    print(f"{runs} runs, {len(rows)} rows appended to {store.runs}; wall time {time.time() - start:.0f}s")
     return 1 if any(r["status"] == "error" for r in rows) else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from bench import report
+
+    md, page, built = report.write(args.results, args.out)
+    print(built.markdown)
+    print(f"report: {md} and {page}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from bench.compare import Threshold, compare, to_markdown
+
+    threshold = Threshold.parse(args.threshold)
+    table = compare(args.a, args.b, threshold)
+    print(to_markdown(table, threshold))
+    return 1 if table["regressed"].any() else 0
+
+
+COMMANDS = {"ls": _ls, "validate": _validate, "run": _run, "report": _report, "compare": _compare}
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import ClassVar, Protocol
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -51,6 +52,29 @@ class Bits:
         return f"W{self.w or FP_BITS}A{self.a or FP_BITS}"
 
 
+class Method(Protocol):
+    """What the runner needs from a PTQ method (registered in ``bench.registry.METHODS``).
+
+    ``weight_only`` methods reject bit widths that quantize activations; ``qconfig`` gives the
+    recipe for a bit width (before the matrix's budget is applied); ``quantize`` returns the
+    quantized denoiser, leaving ``denoiser`` untouched.
+    """
+
+    name: str
+    description: str
+    weight_only: bool
+
+    def qconfig(self, bits: Bits) -> qdiff.QConfig: ...
+
+    def quantize(
+        self,
+        denoiser: nn.Module,
+        qconfig: qdiff.QConfig,
+        calib: qdiff.CalibData,
+        progress: Callable[[str], None] | None = None,
+    ) -> nn.Module: ...
+
+
 @dataclass(frozen=True)
 class RecipeMethod:
     """A PTQ method defined by its recipe; ``quantize`` runs qdiff's prepare/calibrate/reconstruct."""
@@ -58,9 +82,14 @@ class RecipeMethod:
     name: str
     description: str
     recipe: Callable[[Bits], qdiff.QConfig]
+    weight_only: bool = False
 
     def qconfig(self, bits: Bits) -> qdiff.QConfig:
         return self.recipe(bits)
+
+    # qdiff reconstructs weights with activations in FP, so a recipe's WxA32 model is its WxAy
+    # model with activation quantization off: the runner reuses that weight phase.
+    shares_weight_phase: ClassVar[bool] = True
 
     def quantize(
         self,
@@ -96,3 +125,39 @@ def qdiffusion_recipe(bits: Bits) -> qdiff.QConfig:
 QDIFFUSION = RecipeMethod(
     "qdiff", "Q-Diffusion: timestep-aware calibration + split shortcut + BRECQ", qdiffusion_recipe
 )
+
+
+def _ablation(name: str, what: str, **change) -> RecipeMethod:
+    """Q-Diffusion with one of its choices undone (the paper's ablations, Sec. 5.3)."""
+
+    def recipe(bits: Bits) -> qdiff.QConfig:
+        return replace(qdiffusion_recipe(bits), **change)
+
+    return RecipeMethod(name, f"Q-Diffusion without {what}", recipe)
+
+
+# Without timestep-aware calibration: inputs from the final denoising steps only, as naive PTQ.
+QDIFF_NO_CALIB = _ablation(
+    "qdiff-no-calib", "timestep-aware calibration (final steps only)", calib=qdiff.CalibConfig(strategy="final")
+)
+QDIFF_NO_SPLIT = _ablation("qdiff-no-split", "split shortcut quantization", split_shortcut=False)
+QDIFF_NO_RECON = _ablation(
+    "qdiff-no-recon", "BRECQ reconstruction (range search only)", recon=qdiff.ReconConfig(method="none")
+)
+
+
+class FullPrecision:
+    """The FP reference: the denoiser as it is. Every quantized run is paired with it."""
+
+    name = "fp"
+    description = "full-precision reference (paired with every quantized run)"
+    weight_only = False
+
+    def qconfig(self, bits: Bits) -> None:
+        return None
+
+    def quantize(self, denoiser: nn.Module, qconfig, calib, progress=None) -> nn.Module:
+        return denoiser
+
+
+FP = FullPrecision()

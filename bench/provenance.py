@@ -62,6 +62,18 @@ def environment(device: torch.device) -> dict[str, str]:
     }
 
 
+@cache
+def code_hash(*paths: str) -> str:
+    """Hash of the Python sources under ``paths`` (folders or files, relative to the repository)."""
+    h = hashlib.sha256()
+    for name in paths:
+        root = REPO_ROOT / name
+        for path in [root] if root.is_file() else sorted(root.rglob("*.py")):
+            h.update(str(path.relative_to(REPO_ROOT)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def config_hash(*parts: Any) -> str:
     """Stable short hash of JSON-able parts (dataclasses are expanded)."""
 

@@ -6,6 +6,8 @@ import difflib
 import importlib
 from typing import Any
 
+from baselines import BASELINES
+
 
 class UnknownNameError(KeyError):
     """A registry lookup with a name that is not registered."""
@@ -46,10 +48,34 @@ class Registry:
         return self._loaded[name]
 
 
+MODELS = Registry(
+    "model",
+    {
+        "embedded-digits": "bench.models.embedded:EmbeddedDigits",
+        "ddim-cifar10": "bench.models.pipelines:DDIMCifar10",
+        "ldm-celebahq": "bench.models.pipelines:LDMCelebAHQ",
+        "sd-1.5": "bench.models.pipelines:StableDiffusion15",
+    },
+)
+
+# Baselines register in baselines/__init__.py; Q-Diffusion and its ablations live in bench.methods.
 METHODS = Registry(
     "method",
     {
-        "linear": "baselines.linear_quant:METHOD",
+        "fp": "bench.methods:FP",
         "qdiff": "bench.methods:QDIFFUSION",
+        "qdiff-no-calib": "bench.methods:QDIFF_NO_CALIB",
+        "qdiff-no-split": "bench.methods:QDIFF_NO_SPLIT",
+        "qdiff-no-recon": "bench.methods:QDIFF_NO_RECON",
+        **BASELINES,
+    },
+)
+
+METRICS = Registry(
+    "metric",
+    {
+        "digits_fd": "bench.metrics.quality:DIGITS_FD",
+        "psnr_vs_fp": "bench.metrics.quality:PSNR_VS_FP",
+        "quantize_time": "bench.metrics.quality:QUANTIZE_TIME",
     },
 )

@@ -60,3 +60,16 @@ def tiny_cond_unet():
         attention_head_dim=4,
         norm_num_groups=4,
     ).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory):
+    """Tiny random DDPM, LDM and Stable Diffusion pipelines saved as local directories."""
+    from tiny_pipelines import save_ddpm, save_ldm, save_sd
+
+    root = tmp_path_factory.mktemp("pipelines")
+    return {
+        "ddim-cifar10": save_ddpm(root / "ddpm"),
+        "ldm-celebahq": save_ldm(root / "ldm"),
+        "sd-1.5": save_sd(root / "sd"),
+    }

@@ -4,7 +4,7 @@ import pytest
 
 from bench.methods import Bits
 from bench.registry import METHODS, Registry, UnknownNameError
-from bench.run import Budget
+from bench.matrix import Budget
 
 
 def test_qdiffusion_and_linear_recipes():
@@ -24,6 +24,21 @@ def test_budget_sets_calibration_for_all_and_schedule_only_where_reconstructing(
     assert q.calib.size == lin.calib.size == 40
     assert (q.recon.weight_iters, q.recon.act_iters, q.recon.weight_lr) == (7, 3, 0.5)
     assert lin.recon.method == "none"
+
+
+def test_ablations_undo_exactly_one_choice():
+    full = METHODS.get("qdiff").qconfig(Bits(4, 8))
+    changed = {
+        "qdiff-no-calib": ("calib", "strategy", "final"),
+        "qdiff-no-split": (None, "split_shortcut", False),
+        "qdiff-no-recon": ("recon", "method", "none"),
+    }
+    for name, (group, field, value) in changed.items():
+        cfg = METHODS.get(name).qconfig(Bits(4, 8))
+        assert getattr(getattr(cfg, group) if group else cfg, field) == value
+        differing = [f for f in ("weight", "act", "calib", "recon", "split_shortcut")
+                     if getattr(cfg, f) != getattr(full, f)]  # fmt: skip
+        assert differing == [group or field], name
 
 
 def test_registry_is_lazy_and_helpful():

@@ -7,71 +7,36 @@ is not FID: no Inception network is involved, and its values are not comparable 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import torch
 from torch import nn
 
-import qdiff
 from bench.embedded.data import reference_split
-from bench.embedded.model import SCHEDULER_CONFIG, load_classifier, load_unet
+from bench.embedded.model import SCHEDULER_CONFIG, UNET_CONFIG, load_classifier, load_unet
 from bench.metrics.frechet import feature_stats, frechet_distance
+from bench.models.base import DiffusionAdapter
 
 
-@dataclass(frozen=True)
-class SamplerConfig:
-    """DDIM sampling (eta = 0, deterministic given the initial noise)."""
-
-    steps: int = 25
-    batch_size: int = 250
-
-
-class EmbeddedDigits:
-    """Adapter for the embedded model: denoiser, sampler, calibration inputs and metric."""
+class EmbeddedDigits(DiffusionAdapter):
+    """The embedded 16×16 digits UNet (trained in-repo), DDIM; CPU-sized, offline."""
 
     name = "embedded-digits"
-    metric = "digits_fd"
-    metric_unit = "fd"
-
-    def __init__(self, sampler: SamplerConfig = SamplerConfig()) -> None:
-        self.sampler = sampler
+    DEFAULT_METRICS = ("digits_fd", "psnr_vs_fp", "quantize_time")
 
     def denoiser(self) -> nn.Module:
         """A fresh copy of the trained FP UNet (EMA weights)."""
-        return load_unet()
+        return load_unet().to(self.device)
 
-    def noise(self, n: int, seed: int) -> torch.Tensor:
-        """The initial noise of ``n`` samples: one generator per seed, so it is batch-independent."""
-        generator = torch.Generator().manual_seed(seed)
-        return torch.randn((n, 1, 16, 16), generator=generator)
-
-    @torch.no_grad()
-    def sample(
-        self, unet: nn.Module, n: int, seed: int, recorder: qdiff.TrajectoryRecorder | None = None
-    ) -> torch.Tensor:
-        """``n`` images in [-1, 1] from the noise of ``seed``, DDIM with ``sampler.steps`` steps."""
+    def scheduler(self):
         from diffusers import DDIMScheduler
 
-        scheduler = DDIMScheduler(**SCHEDULER_CONFIG, timestep_spacing="trailing")
-        scheduler.set_timesteps(self.sampler.steps)
-        out = []
-        for x in self.noise(n, seed).split(self.sampler.batch_size):
-            for i, t in enumerate(scheduler.timesteps):
-                tt = t.expand(len(x))
-                if recorder is not None:
-                    recorder(i, x, tt, {})
-                eps = unet(x, tt).sample
-                x = scheduler.step(eps, t, x, eta=0.0).prev_sample
-            out.append(x.clamp(-1, 1))
-        return torch.cat(out)
+        return DDIMScheduler(**SCHEDULER_CONFIG, timestep_spacing="trailing")
 
-    def calibration_data(self, unet: nn.Module, config: qdiff.CalibConfig) -> qdiff.CalibData:
-        """Denoiser inputs recorded from the FP trajectory of ``config.samples_per_timestep`` samples."""
-        recorder = qdiff.TrajectoryRecorder(qdiff.select_steps(config, self.sampler.steps))
-        self.sample(unet, config.samples_per_timestep, config.seed, recorder)
-        return recorder.data()
+    def latent_shape(self) -> tuple[int, ...]:
+        size = UNET_CONFIG["sample_size"]
+        return (UNET_CONFIG["in_channels"], size, size)
 
     # --- metric -----------------------------------------------------------------------------
 
@@ -81,6 +46,9 @@ class EmbeddedDigits:
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> np.ndarray:
+        """Classifier features of images, uint8 [0, 255] or float [-1, 1]."""
+        if images.dtype == torch.uint8:
+            images = images.float() / 127.5 - 1
         return torch.cat([self._classifier.features(b) for b in images.split(500)]).double().numpy()
 
     @cached_property
@@ -99,7 +67,7 @@ class EmbeddedDigits:
         """
         _, held = reference_split()
         if n > len(held):
-            raise ValueError(f"the real-vs-real floor needs n <= {len(held)}, got {n}")
+            raise ValueError(f"the real-vs-real floor needs samples <= {len(held)}, got {n}")
         generator = torch.Generator().manual_seed(seed)
         values = [
             self.frechet(held[torch.randperm(len(held), generator=generator)[:n]]) for _ in range(draws)

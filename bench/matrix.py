@@ -1,0 +1,475 @@
+"""Matrix files: models × methods × bit widths × seeds, expanded into hashed :class:`RunSpec` s.
+
+A matrix file is YAML::
+
+    name: default                      # results/<name>/ and the ``matrix`` column
+    extends: base.yaml                 # optional; this file's keys win, ``settings`` merge
+    models: [embedded-digits]          # or {name: sd-1.5, source: /local/dir, samples: 100}
+    methods: [linear, qdiff]           # or {name: qdiff, weight_iters: 2000}
+    bits: [W8A8, W4A8, W4A32]          # W<weight bits>A<activation bits>; 32 = full precision
+    seeds: [0]
+    metrics: [digits_fd]               # optional; default: each model's own metrics
+    settings: {samples: 500, steps: 25}
+    exclude: [{method: linear, bits: W4A32}]
+    include: [{method: qdiff, bits: W2A8}]
+
+A model or method entry may be a mapping whose extra keys override ``settings`` for that entry
+(and, for a model, set its arguments such as ``source``). Every quantized run gets an FP run of
+the same model, seed and sampling settings, which is its paired reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.methods import Bits, BitsError
+from bench.provenance import config_hash
+from bench.registry import METHODS, METRICS, MODELS, UnknownNameError
+
+FP_METHOD = "fp"
+MATRIX_KEYS = (
+    "name",
+    "description",
+    "extends",
+    "models",
+    "methods",
+    "bits",
+    "seeds",
+    "metrics",
+    "settings",
+    "exclude",
+    "include",
+)
+RULE_KEYS = ("model", "method", "bits", "seed")
+
+
+class MatrixError(ValueError):
+    """A matrix file that cannot be expanded; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How images are generated and evaluated; shared by a quantized run and its FP reference.
+
+    Args:
+        samples: images per run (the metrics' sample count).
+        steps: sampler steps.
+        batch_size: images per sampler batch.
+        eta: DDIM eta (0 = deterministic given the initial noise).
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+    """
+
+    samples: int = 500
+    steps: int = 25
+    batch_size: int = 250
+    eta: float = 0.0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Calibration size, reconstruction schedule and backend, applied to every method's recipe
+    so that methods are compared at equal cost.
+
+    Args:
+        calib_timesteps / calib_samples: K timesteps × N trajectories of calibration inputs
+            (the paper: 20 × 256).
+        weight_iters / act_iters: reconstruction steps per unit, for methods that reconstruct
+            (the paper: 20,000 / 5,000).
+        weight_lr: AdaRound learning rate (the paper: 1e-3 at 20k steps; raise it for short
+            schedules).
+        backend: what :func:`qdiff.convert` builds for evaluation (``fake`` for quality).
+    """
+
+    calib_timesteps: int = 20
+    calib_samples: int = 256
+    weight_iters: int = 20000
+    act_iters: int = 5000
+    weight_lr: float = 1e-3
+    backend: str = "fake"
+
+    def apply(self, qconfig):
+        """``qconfig`` with this budget's calibration size and (if it reconstructs) schedule."""
+        calib = dataclasses.replace(
+            qconfig.calib, num_timesteps=self.calib_timesteps, samples_per_timestep=self.calib_samples
+        )
+        recon = qconfig.recon
+        if recon.method != "none":
+            recon = dataclasses.replace(
+                recon, weight_iters=self.weight_iters, act_iters=self.act_iters, weight_lr=self.weight_lr
+            )
+        return dataclasses.replace(qconfig, calib=calib, recon=recon)
+
+
+SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(Sampling))
+BUDGET_KEYS = tuple(f.name for f in dataclasses.fields(Budget))
+SETTING_KEYS = SAMPLING_KEYS + BUDGET_KEYS
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of a matrix: everything that determines its results, and nothing else.
+
+    ``hash`` is stable across processes and machines: it is the identity used for resuming,
+    caching and pairing rows. The matrix name is not part of it (the same run in two matrices
+    is the same run).
+    """
+
+    model: str
+    method: str
+    w_bits: int | None
+    a_bits: int | None
+    seed: int
+    sampling: Sampling
+    budget: Budget | None  # None for the FP reference
+    metrics: tuple[str, ...]
+    model_args: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def is_fp(self) -> bool:
+        return self.method == FP_METHOD
+
+    @property
+    def bits_label(self) -> str:
+        return "FP" if self.is_fp else Bits(self.w_bits, self.a_bits).label
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.method} {self.bits_label} seed={self.seed}"
+
+    @property
+    def hash(self) -> str:
+        return config_hash(
+            "run",
+            self.model,
+            dict(self.model_args),
+            self.method,
+            self.w_bits,
+            self.a_bits,
+            self.seed,
+            self.sampling,
+            self.budget,
+        )
+
+    def fp_reference(self) -> RunSpec:
+        """The FP run this run is paired with: same model, arguments, seed and sampling, and
+        the metrics that apply to an unquantized model."""
+        metrics = tuple(m for m in self.metrics if not METRICS.get(m).quantized_only)
+        return dataclasses.replace(self, method=FP_METHOD, w_bits=None, a_bits=None, budget=None, metrics=metrics)
+
+    def fields(self) -> dict[str, Any]:
+        """The row columns that identify this run."""
+        return {
+            "model": self.model,
+            "method": self.method,
+            "w_bits": self.w_bits,
+            "a_bits": self.a_bits,
+            "bits": self.bits_label,
+            "seed": self.seed,
+            "config_hash": self.hash,
+            "n_samples": self.sampling.samples,
+            "sampling": dataclasses.asdict(self.sampling),
+            "budget": None if self.budget is None else dataclasses.asdict(self.budget),
+            "model_args": dict(self.model_args),
+        }
+
+    def matches(self, rules: dict[str, tuple[str, ...]]) -> bool:
+        """Whether every ``key: patterns`` rule matches (shell-style patterns, e.g. ``W4*``)."""
+        values = {"model": self.model, "method": self.method, "bits": self.bits_label, "seed": str(self.seed)}
+        return all(
+            any(fnmatch.fnmatch(values[k].lower(), p.lower()) for p in pats) for k, pats in rules.items()
+        )
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    """A parsed, validated matrix; :meth:`expand` gives its runs."""
+
+    name: str
+    path: str
+    runs: tuple[RunSpec, ...] = field(repr=False)
+    description: str = ""
+
+    def expand(self) -> list[RunSpec]:
+        return list(self.runs)
+
+
+def parse_rules(items: list[str] | tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """``["method=qdiff*", "bits=W4A8,W4A32"]`` → ``{"method": ("qdiff*",), ...}`` (for ``--only``)."""
+    rules: dict[str, tuple[str, ...]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in RULE_KEYS or not value.strip():
+            raise MatrixError(
+                f"--only {item!r} is not KEY=PATTERN[,PATTERN]; keys: {', '.join(RULE_KEYS)} "
+                "(e.g. --only method=qdiff --only bits=W4*)"
+            )
+        rules[key] = rules.get(key, ()) + tuple(v.strip() for v in value.split(",") if v.strip())
+    return rules
+
+
+def load_matrix(path: str | Path) -> MatrixSpec:
+    """Read, merge (``extends``), validate and expand a matrix file.
+
+    Raises:
+        MatrixError: with the file, the key and the fix for any problem.
+    """
+    path = Path(path)
+    data = _read_merged(path, ())
+    return _build(data, path)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise MatrixError(f"matrix file {path} does not exist; see configs/ for examples")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise MatrixError(f"{path}:{where}: malformed YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise MatrixError(f"{path}: a matrix file is a mapping with keys {', '.join(MATRIX_KEYS)}")
+    unknown = sorted(set(data) - set(MATRIX_KEYS))
+    if unknown:
+        raise MatrixError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(MATRIX_KEYS)}")
+    return data
+
+
+def _read_merged(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise MatrixError(f"{path}: 'extends' forms a cycle: {chain}")
+    data = _read_yaml(path)
+    parent_name = data.pop("extends", None)
+    if parent_name is None:
+        return data
+    if not isinstance(parent_name, str):
+        raise MatrixError(f"{path}: 'extends' must be a file path relative to {path.parent}")
+    parent = _read_merged(path.parent / parent_name, (*seen, resolved))
+    merged = {**parent, **data}
+    merged["settings"] = {**(parent.get("settings") or {}), **(data.get("settings") or {})}
+    return merged
+
+
+def _as_list(path: Path, key: str, value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        return list(value)
+    if isinstance(value, str | int | dict):
+        return [value]
+    raise MatrixError(f"{path}: '{key}' must be a list, got {type(value).__name__}")
+
+
+def _settings(path: Path, where: str, values: dict[str, Any], base: tuple[Sampling, Budget]):
+    """Apply setting overrides; each value is type-checked against the field's default."""
+    sampling, budget = base
+    for key, value in values.items():
+        if key not in SETTING_KEYS:
+            raise MatrixError(f"{path}: {where}: unknown setting {key!r}; valid: {', '.join(SETTING_KEYS)}")
+        target = sampling if key in SAMPLING_KEYS else budget
+        default = getattr(target, key)
+        ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
+        if not ok or isinstance(value, bool):
+            raise MatrixError(
+                f"{path}: {where}: setting {key}={value!r} must be a {type(default).__name__} "
+                f"(default {default!r})"
+            )
+        if key == "device" and value not in ("auto", "cpu", "cuda"):
+            raise MatrixError(f"{path}: {where}: device={value!r}; choose auto, cpu or cuda")
+        if key == "backend":
+            import qdiff.api
+
+            if value not in qdiff.api.BACKENDS:
+                raise MatrixError(
+                    f"{path}: {where}: backend={value!r}; choose one of {', '.join(sorted(qdiff.api.BACKENDS))}"
+                )
+        elif key not in ("device", "eta") and value <= 0:
+            raise MatrixError(f"{path}: {where}: setting {key}={value!r} must be > 0")
+        if isinstance(default, float):
+            value = float(value)
+        if key in SAMPLING_KEYS:
+            sampling = dataclasses.replace(sampling, **{key: value})
+        else:
+            budget = dataclasses.replace(budget, **{key: value})
+    return sampling, budget
+
+
+def _entry(path: Path, axis: str, i: int, item: Any, registry) -> tuple[str, dict[str, Any]]:
+    """An axis entry: ``name`` or ``{name: ..., **overrides}``; the name must be registered."""
+    where = f"{axis}[{i}]"
+    if isinstance(item, dict):
+        extra = dict(item)
+        name = extra.pop("name", None)
+    else:
+        name, extra = item, {}
+    if not isinstance(name, str):
+        raise MatrixError(f"{path}: {where}: expected a name or a mapping with 'name', got {item!r}")
+    try:
+        registry.get(name)
+    except UnknownNameError as exc:
+        raise MatrixError(f"{path}: {where}: {exc}") from None
+    return name, extra
+
+
+def _bits(path: Path, items: list) -> list[Bits]:
+    out = []
+    for i, label in enumerate(items):
+        try:
+            out.append(Bits.parse(str(label)))
+        except BitsError as exc:
+            raise MatrixError(f"{path}: bits[{i}]: {exc}") from None
+    return out
+
+
+def _rules(path: Path, key: str, items: list) -> list[dict[str, tuple[str, ...]]]:
+    rules = []
+    for i, rule in enumerate(items):
+        if not isinstance(rule, dict) or not rule or set(rule) - set(RULE_KEYS):
+            raise MatrixError(
+                f"{path}: {key}[{i}]: a rule is a mapping with keys from {', '.join(RULE_KEYS)}, "
+                f"e.g. {{method: linear, bits: W4A32}}; got {rule!r}"
+            )
+        rules.append({k: tuple(str(v) for v in _as_list(path, k, val)) for k, val in rule.items()})
+    return rules
+
+
+def _seeds(path: Path, items: list) -> list[int]:
+    if not items or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in items):
+        raise MatrixError(f"{path}: 'seeds' must be a list of integers >= 0, e.g. [0, 1]; got {items!r}")
+    return items
+
+
+def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
+    name = data.get("name") or path.stem
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        raise MatrixError(f"{path}: name={name!r} must be letters, digits, '-' or '_' (it names a folder)")
+    settings = data.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise MatrixError(f"{path}: 'settings' must be a mapping of {', '.join(SETTING_KEYS)}")
+    base = _settings(path, "settings", settings, (Sampling(), Budget()))
+
+    models = [_entry(path, "models", i, m, MODELS) for i, m in enumerate(_as_list(path, "models", data.get("models")))]
+    methods = [
+        _entry(path, "methods", i, m, METHODS) for i, m in enumerate(_as_list(path, "methods", data.get("methods")))
+    ]
+    if not models or not methods:
+        raise MatrixError(f"{path}: 'models' and 'methods' need at least one entry each (see `qdiff-bench ls`)")
+    bits = _bits(path, _as_list(path, "bits", data.get("bits")))
+    seeds = _seeds(path, _as_list(path, "seeds", data.get("seeds", [0])))
+    metrics = tuple(str(m) for m in _as_list(path, "metrics", data.get("metrics")))
+    for i, metric in enumerate(metrics):
+        try:
+            METRICS.get(metric)
+        except UnknownNameError as exc:
+            raise MatrixError(f"{path}: metrics[{i}]: {exc}") from None
+    excludes = _rules(path, "exclude", _as_list(path, "exclude", data.get("exclude")))
+    includes = _rules(path, "include", _as_list(path, "include", data.get("include")))
+
+    model_entries = {}
+    for i, (model, extra) in enumerate(models):
+        overrides = {k: v for k, v in extra.items() if k in SETTING_KEYS}
+        args = {k: v for k, v in extra.items() if k not in SETTING_KEYS}
+        adapter_cls = MODELS.get(model)
+        bad = sorted(set(args) - set(adapter_cls.ARGS))
+        if bad:
+            valid = ", ".join([*adapter_cls.ARGS, *SETTING_KEYS])
+            raise MatrixError(f"{path}: models[{i}]: unknown key(s) {', '.join(bad)} for {model}; valid: {valid}")
+        model_entries[model] = (tuple(sorted(args.items())), _settings(path, f"models[{i}]", overrides, base))
+    method_overrides = {m: extra for m, extra in methods}
+
+    def make(model: str, method: str, b: Bits | None, seed: int) -> RunSpec:
+        args, (sampling, budget) = model_entries[model]
+        sampling, budget = _settings(path, f"methods ({method})", method_overrides.get(method, {}), (sampling, budget))
+        model_metrics = metrics or MODELS.get(model).DEFAULT_METRICS
+        spec = RunSpec(model, method, None, None, seed, sampling, budget, model_metrics, args)
+        if method == FP_METHOD:
+            return spec.fp_reference()
+        return dataclasses.replace(spec, w_bits=b.w, a_bits=b.a)
+
+    quant_bits = bits or []
+    runs: list[RunSpec] = []
+    for model, method, seed in itertools.product(model_entries, method_overrides, seeds):
+        for b in [None] if method == FP_METHOD else quant_bits:
+            runs.append(make(model, method, b, seed))
+    runs = [r for r in runs if not any(r.matches(rule) for rule in excludes)]
+    for i, rule in enumerate(includes):
+        runs.extend(_included(path, i, rule, model_entries, method_overrides, seeds, make))
+    runs = _with_fp_references(runs)
+    for run in runs:
+        _check_combination(path, run)
+    if not runs:
+        raise MatrixError(f"{path}: the matrix expands to no runs (check 'bits' and 'exclude')")
+    return MatrixSpec(name, str(path), tuple(runs), str(data.get("description") or ""))
+
+
+def _included(path, i, rule, model_entries, method_overrides, seeds, make) -> list[RunSpec]:
+    models = rule.get("model", tuple(model_entries))
+    methods = rule.get("method", tuple(method_overrides))
+    if "bits" not in rule and methods != (FP_METHOD,):
+        raise MatrixError(f"{path}: include[{i}]: name the bit widths to add, e.g. bits: W2A8")
+    for model in models:
+        if model not in model_entries:
+            raise MatrixError(f"{path}: include[{i}]: model {model!r} is not in 'models'")
+    for method in methods:
+        try:
+            METHODS.get(method)
+        except UnknownNameError as exc:
+            raise MatrixError(f"{path}: include[{i}]: {exc}") from None
+    bits = _bits(path, list(rule.get("bits", ())))
+    seeds_ = [int(s) for s in rule.get("seed", seeds)]
+    out = []
+    for model, method, seed in itertools.product(models, methods, seeds_):
+        for b in [None] if method == FP_METHOD else bits:
+            out.append(make(model, method, b, seed))
+    return out
+
+
+def _with_fp_references(runs: list[RunSpec]) -> list[RunSpec]:
+    """Unique runs, each quantized run preceded (once) by its FP reference; within a method,
+    runs that quantize activations come before WxA32 so these can reuse their weight phase.
+
+    An FP reference with no applicable metric is left out: the quantized runs still compute
+    (and cache) its samples for their paired metrics.
+    """
+    ordered: dict[str, RunSpec] = {}
+    for run in runs:
+        if not run.is_fp:
+            fp = run.fp_reference()
+            if fp.metrics:
+                ordered.setdefault(fp.hash, fp)
+        if run.metrics:
+            ordered.setdefault(run.hash, run)
+    fps = [r for r in ordered.values() if r.is_fp]
+    quant = [r for r in ordered.values() if not r.is_fp]
+    methods = list(dict.fromkeys(r.method for r in quant))
+    quant.sort(key=lambda r: (methods.index(r.method), r.a_bits is None))
+    return fps + quant
+
+
+def _check_combination(path: Path, run: RunSpec) -> None:
+    method = METHODS.get(run.method)
+    if run.a_bits is not None and getattr(method, "weight_only", False):
+        raise MatrixError(
+            f"{path}: {run.label}: {run.method} quantizes weights only; use W{run.w_bits}A32 or exclude "
+            f"{{method: {run.method}, bits: {run.bits_label}}}"
+        )
+    adapter_cls = MODELS.get(run.model)
+    for metric_name in run.metrics:
+        metric = METRICS.get(metric_name)
+        if metric.models is not None and run.model not in metric.models:
+            raise MatrixError(
+                f"{path}: metric {metric_name} needs model {' or '.join(metric.models)}, not {run.model}; "
+                f"{run.model}'s metrics: {', '.join(adapter_cls.DEFAULT_METRICS)}"
+            )

@@ -1,0 +1,150 @@
+"""Model adapters: what the runner needs from a diffusion model, and the shared DDIM loop.
+
+An adapter builds the pipeline, hands out the denoiser to quantize, samples images from a seed
+with any denoiser swapped in (so FP and quantized models see identical noise, prompts and
+sampler), records calibration inputs ``(x_t, t, cond)`` from the FP trajectory, and declares its
+metrics. Images come back as uint8 NCHW tensors on the CPU: what a PNG or an FID tool sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import qdiff
+from bench.matrix import Sampling
+
+
+class AvailabilityError(RuntimeError):
+    """The run cannot happen on this machine (weights absent offline, no CUDA): a skipped row."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AvailabilityError("device 'cuda' was requested but no CUDA device is available here")
+    return torch.device(name)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats → [0, 255] uint8, rounded as an image file would store them."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+class DiffusionAdapter:
+    """Base class: a denoiser sampled by DDIM, with optional text guidance and latent decoding.
+
+    Subclasses set the class attributes and implement :meth:`denoiser`, :meth:`scheduler`,
+    :meth:`latent_shape`, and (if needed) :meth:`conditions` and :meth:`decode`.
+
+    Args:
+        sampling: steps, batch size, eta, device and sample count of the run.
+        **args: model arguments from the matrix file (``ARGS`` lists the accepted ones).
+    """
+
+    name: ClassVar[str]
+    ARGS: ClassVar[tuple[str, ...]] = ()
+    DEFAULT_METRICS: ClassVar[tuple[str, ...]] = ("psnr_vs_fp", "quantize_time")
+
+    def __init__(self, sampling: Sampling, **args: Any) -> None:
+        bad = sorted(set(args) - set(self.ARGS))
+        if bad:
+            raise ValueError(f"{self.name} does not take {', '.join(bad)}; valid: {', '.join(self.ARGS) or 'none'}")
+        self.sampling = sampling
+        self.args = args
+        self.device = resolve_device(sampling.device)
+
+    # --- to implement ---------------------------------------------------------------------
+
+    def denoiser(self) -> nn.Module:
+        """The FP denoiser on ``self.device`` (the runner copies it before quantizing)."""
+        raise NotImplementedError
+
+    def scheduler(self):
+        """A fresh diffusers ``DDIMScheduler`` for the sampling loop."""
+        raise NotImplementedError
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one sample of the initial noise (C, H, W)."""
+        raise NotImplementedError
+
+    def conditions(self, start: int, n: int) -> dict[str, torch.Tensor] | None:
+        """Extra denoiser inputs for samples ``start..start+n`` (e.g. text embeddings)."""
+        return None
+
+    def guide(self, eps: torch.Tensor) -> torch.Tensor:
+        """Combine a doubled (unconditional, conditional) batch's noise predictions."""
+        return eps
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Final sampler state → images in [-1, 1]."""
+        return x
+
+    def prompts(self, n: int) -> list[str] | None:
+        """The prompt of each of ``n`` samples, for text-to-image models."""
+        return None
+
+    def identity(self) -> dict[str, Any]:
+        """What, besides the denoiser's weights, determines the samples (hashed into caches)."""
+        s = self.sampling
+        return {"name": self.name, "args": self.args, "steps": s.steps, "eta": s.eta, "batch_size": s.batch_size}
+
+    # --- shared ---------------------------------------------------------------------------
+
+    def noise(self, n: int, seed: int) -> torch.Tensor:
+        """Initial noise of ``n`` samples from one CPU generator per seed: the same on every
+        device and for every batch size."""
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn((n, *self.latent_shape()), generator=generator)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        denoiser: nn.Module,
+        n: int,
+        seed: int,
+        recorder: Callable | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """``n`` uint8 images from the noise of ``seed``, DDIM with ``sampling.steps`` steps.
+
+        ``recorder(step, x, t, cond)`` sees the denoiser's exact inputs at every step.
+        """
+        noise = self.noise(n, seed)
+        batch_size = self.sampling.batch_size
+        steps = self.sampling.steps
+        out = []
+        bar = tqdm(total=-(-n // batch_size) * steps, desc="sampling", leave=False, disable=not progress)
+        for start in range(0, n, batch_size):
+            scheduler = self.scheduler()
+            scheduler.set_timesteps(steps, device=self.device)
+            x = noise[start : start + batch_size].to(self.device) * scheduler.init_noise_sigma
+            cond = self.conditions(start, len(x))
+            # eta > 0 draws fresh noise each step: seed it per batch for reproducibility.
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
+            for i, t in enumerate(scheduler.timesteps):
+                x_in = x if cond is None else torch.cat([x, x])
+                x_in = scheduler.scale_model_input(x_in, t)
+                t_in = t.expand(len(x_in))
+                kwargs = cond or {}
+                if recorder is not None:
+                    recorder(i, x_in, t_in, kwargs)
+                eps = denoiser(x_in, t_in, **kwargs).sample
+                eps = self.guide(eps) if cond is not None else eps
+                x = scheduler.step(eps, t, x, eta=self.sampling.eta, generator=generator).prev_sample
+                bar.update()
+            out.append(to_uint8(self.decode(x)))
+        bar.close()
+        return torch.cat(out)
+
+    def calibration_data(self, denoiser: nn.Module, config: qdiff.CalibConfig) -> qdiff.CalibData:
+        """Denoiser inputs from the FP trajectories of ``config.samples_per_timestep`` samples,
+        at the steps the calibration strategy selects (on the CPU, for caching)."""
+        recorder = qdiff.TrajectoryRecorder(qdiff.select_steps(config, self.sampling.steps))
+        self.sample(denoiser, config.samples_per_timestep, config.seed, recorder)
+        return recorder.data().to("cpu")

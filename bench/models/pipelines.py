@@ -1,0 +1,164 @@
+"""diffusers pipelines as benchmark models: pixel-space DDPM, latent diffusion, Stable Diffusion.
+
+Every adapter loads with ``DiffusionPipeline.from_pretrained(source)``, where ``source`` is a hub
+id (resolved through the normal Hugging Face cache) or a local directory written by
+``save_pretrained``. Only the pipeline's components are used; sampling is the shared DDIM loop
+of :class:`~bench.models.base.DiffusionAdapter`, so FP and quantized denoisers run identical
+schedules. Missing weights on an offline machine make the run ``skipped``, not an error.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from bench.models.base import AvailabilityError, DiffusionAdapter
+
+BUILTIN_PROMPTS = "bench.prompts", "smoke.txt"
+
+
+class PipelineAdapter(DiffusionAdapter):
+    """An unconditional diffusers pipeline with a UNet and a scheduler (DDPM/DDIM CIFAR-10 style).
+
+    Model args: ``source`` (hub id or local directory; default ``DEFAULT_SOURCE``).
+    """
+
+    ARGS: ClassVar[tuple[str, ...]] = ("source",)
+    DEFAULT_SOURCE: ClassVar[str]
+    LOAD_KWARGS: ClassVar[dict[str, Any]] = {}
+
+    @property
+    def source(self) -> str:
+        return str(self.args.get("source", self.DEFAULT_SOURCE))
+
+    @cached_property
+    def pipeline(self):
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(self.source, **self.LOAD_KWARGS)
+        except (OSError, ValueError) as exc:
+            if Path(self.source).exists():
+                raise  # a local directory that does not load is an error, not an absence
+            raise AvailabilityError(
+                f"{self.name}: weights {self.source!r} are not available offline ({type(exc).__name__}); "
+                f"download them (huggingface-cli download {self.source}) or set source: /local/dir"
+            ) from None
+        for module in pipe.components.values():
+            if isinstance(module, nn.Module):
+                module.to(self.device).eval().requires_grad_(False)
+        return pipe
+
+    def denoiser(self) -> nn.Module:
+        return copy.deepcopy(self.pipeline.unet)
+
+    def scheduler(self):
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(self.pipeline.scheduler.config)
+
+    def latent_shape(self) -> tuple[int, ...]:
+        config = self.pipeline.unet.config
+        size = config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (config.in_channels, *size)
+
+
+class LatentPipelineAdapter(PipelineAdapter):
+    """Unconditional latent diffusion (``LDMPipeline``: UNet in a VQ-VAE's latent space)."""
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pipeline.vqvae.decode(x).sample
+
+
+class TextToImageAdapter(PipelineAdapter):
+    """Stable Diffusion text-to-image with classifier-free guidance.
+
+    Model args: ``source``; ``prompts`` (a UTF-8 text file, one prompt per line; default: a
+    small built-in set for smoke runs); ``guidance_scale`` (default 7.5). Sample ``i`` uses
+    prompt ``i mod len(prompts)``.
+    """
+
+    ARGS = ("source", "prompts", "guidance_scale")
+    LOAD_KWARGS = {"safety_checker": None, "requires_safety_checker": False}
+    DEFAULT_METRICS = ("psnr_vs_fp", "quantize_time")
+
+    @cached_property
+    def prompt_list(self) -> list[str]:
+        path = self.args.get("prompts")
+        if path is None:
+            text = resources.files(BUILTIN_PROMPTS[0]).joinpath(BUILTIN_PROMPTS[1]).read_text("utf-8")
+        else:
+            try:
+                text = Path(path).read_text("utf-8")
+            except OSError as exc:
+                raise ValueError(f"{self.name}: cannot read prompts file {path}: {exc.strerror}") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"{self.name}: prompts file {path} has no prompts (one per line)")
+        return prompts
+
+    def prompts(self, n: int) -> list[str]:
+        return [self.prompt_list[i % len(self.prompt_list)] for i in range(n)]
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "prompts": self.prompt_list}
+
+    @property
+    def guidance_scale(self) -> float:
+        return float(self.args.get("guidance_scale", 7.5))
+
+    @torch.no_grad()
+    def _embed(self, prompts: list[str]) -> torch.Tensor:
+        tokenizer, encoder = self.pipeline.tokenizer, self.pipeline.text_encoder
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return encoder(ids.to(self.device))[0]
+
+    def conditions(self, start: int, n: int) -> dict[str, torch.Tensor]:
+        text = self._embed(self.prompts(start + n)[start:])
+        empty = self._embed([""]).expand_as(text)
+        return {"encoder_hidden_states": torch.cat([empty, text])}
+
+    def guide(self, eps: torch.Tensor) -> torch.Tensor:
+        uncond, cond = eps.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        return vae.decode(x / vae.config.scaling_factor).sample
+
+
+class DDIMCifar10(PipelineAdapter):
+    """DDPM CIFAR-10 32×32 (Ho et al.) sampled with DDIM, Q-Diffusion's CIFAR-10 setting."""
+
+    name = "ddim-cifar10"
+    DEFAULT_SOURCE = "google/ddpm-cifar10-32"
+
+
+class LDMCelebAHQ(LatentPipelineAdapter):
+    """LDM CelebA-HQ 256×256 (latent diffusion, VQ-VAE), DDIM.
+
+    The latent-diffusion model published in diffusers format; the paper's LSUN LDMs load the
+    same way from a converted local directory via ``source``.
+    """
+
+    name = "ldm-celebahq"
+    DEFAULT_SOURCE = "CompVis/ldm-celebahq-256"
+
+
+class StableDiffusion15(TextToImageAdapter):
+    """Stable Diffusion v1.5 text-to-image, DDIM with classifier-free guidance.
+
+    The paper used v1.4 with PLMS; both v1 checkpoints share the architecture.
+    """
+
+    name = "sd-1.5"
+    DEFAULT_SOURCE = "stable-diffusion-v1-5/stable-diffusion-v1-5"

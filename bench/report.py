@@ -1,0 +1,316 @@
+"""Leaderboards from a results store: a pandas pivot, Markdown, and one self-contained HTML file.
+
+Rows are model × method, columns bit width × metric. Each quantized cell shows its value and
+its delta to the FP run it is paired with (same seeds, prompts and sampler); with several
+seeds, the mean ± sd over seeds and the mean paired delta. The best method per column is
+highlighted. A failed or skipped cell shows its status, with the message as a footnote (and on
+hover in HTML) — never a blank.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+import pandas as pd
+
+from bench.store import load
+
+FP = "fp"
+
+
+@dataclass(frozen=True)
+class Report:
+    markdown: str
+    html: str
+    cells: pd.DataFrame  # one row per (model, method, bits, metric)
+
+
+def cell_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Aggregate the latest rows over seeds: one row per (model, method, bits, metric).
+
+    Columns: value (mean), sd, seeds, delta (mean paired delta to FP), status (``ok`` only if
+    every seed is), error, unit, higher_is_better, kind, extras of the FP row (e.g. ``floor``).
+    """
+    df = df.copy()
+    ok = df[df["status"] == "ok"]
+    fp_value = {(r.config_hash, r.metric): r.value for r in ok.itertuples() if r.method == FP}
+    df["delta"] = [
+        r.value - fp_value[(r.reference_hash, r.metric)]
+        if r.status == "ok" and (r.reference_hash, r.metric) in fp_value
+        else math.nan
+        for r in df.itertuples()
+    ]
+    bits_order = list(dict.fromkeys(df["bits"]))
+    records = []
+    for (model, method, bits, metric), g in df.groupby(["model", "method", "bits", "metric"], sort=False):
+        good = g[g["status"] == "ok"]
+        bad = g[g["status"] != "ok"]
+        first = g.iloc[0]
+        records.append(
+            {
+                "model": model,
+                "method": method,
+                "bits": bits,
+                "metric": metric,
+                "value": good["value"].astype(float).mean() if len(good) else math.nan,
+                "sd": good["value"].astype(float).std() if len(good) > 1 else math.nan,
+                "seeds": len(good),
+                "delta": good["delta"].mean() if len(good) else math.nan,
+                "status": bad.iloc[-1]["status"] if len(bad) else "ok",
+                "error": bad.iloc[-1]["error"] if len(bad) else None,
+                "unit": first["unit"],
+                "higher_is_better": bool(first["higher_is_better"]),
+                "kind": first.get("kind", "quality") if isinstance(first.get("kind"), str) else "quality",
+                "floor": good["floor"].mean() if "floor" in good and good["floor"].notna().any() else math.nan,
+                "floor_sd": good["floor_sd"].mean() if "floor_sd" in good and good["floor_sd"].notna().any() else math.nan,
+                "bits_rank": bits_order.index(bits),
+            }
+        )
+    return pd.DataFrame.from_records(records)
+
+
+def leaderboard(cells: pd.DataFrame) -> pd.DataFrame:
+    """The pivot: index (model, method), columns (bits, metric), values = cell text."""
+    quant = cells[cells["method"] != FP]
+    bits_labels = list(quant.sort_values("bits_rank")["bits"].drop_duplicates()) or ["FP"]
+    metrics = list(dict.fromkeys(cells["metric"]))
+    best = _best(quant)
+    table: dict[tuple[str, str], dict[tuple[str, str], str]] = {}
+    for c in cells.itertuples():
+        row = table.setdefault((c.model, c.method), {})
+        targets = bits_labels if c.method == FP else [c.bits]  # FP is every column's reference
+        for bits in targets:
+            row[(bits, c.metric)] = _cell_text(c, is_best=(c.model, bits, c.metric, c.method) in best)
+    columns = pd.MultiIndex.from_tuples([(b, m) for b in bits_labels for m in metrics], names=["bits", "metric"])
+    index = pd.MultiIndex.from_tuples(sorted(table, key=lambda k: (k[0], k[1] != FP, k[1])), names=["model", "method"])
+    return pd.DataFrame([[table[i].get(col, "—") for col in columns] for i in index], index=index, columns=columns)
+
+
+def _best(quant: pd.DataFrame) -> set[tuple[str, str, str, str]]:
+    best = set()
+    for (model, bits, metric), g in quant[quant["status"] == "ok"].groupby(["model", "bits", "metric"]):
+        g = g.dropna(subset=["value"])
+        if len(g) < 2:
+            continue
+        pick = g["value"].idxmax() if g["higher_is_better"].iloc[0] else g["value"].idxmin()
+        best.add((model, bits, metric, g.loc[pick, "method"]))
+    return best
+
+
+def _fmt(v: float) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    a = abs(v)
+    return f"{v:.1f}" if a >= 100 else f"{v:.2f}" if a >= 1 else f"{v:.3g}"
+
+
+def _cell_text(c, is_best: bool) -> str:
+    if c.status != "ok":
+        return f"{c.status}: {c.error}"
+    text = _fmt(c.value)
+    if c.seeds > 1:
+        text += f" ± {_fmt(c.sd)}"
+    if c.method != FP and not math.isnan(c.delta):
+        text += f" ({'+' if c.delta >= 0 else '−'}{_fmt(abs(c.delta))})"
+    return f"**{text}**" if is_best else text
+
+
+def _provenance(df: pd.DataFrame) -> list[tuple[str, str]]:
+    def values(col: str) -> str:
+        return ", ".join(sorted({str(v) for v in df[col].dropna()})) if col in df else "—"
+
+    started = df["started_at"].dropna().sort_values()
+    sampling = df["sampling"].dropna().map(lambda s: ", ".join(f"{k}={v}" for k, v in s.items()))
+    budget = df["budget"].dropna().map(lambda s: ", ".join(f"{k}={v}" for k, v in s.items()))
+    return [
+        ("matrix", values("matrix")),
+        ("runs", f"{df['config_hash'].nunique()} ({len(df)} rows)"),
+        ("git commit", values("git_sha")),
+        ("device", values("device")),
+        ("torch / CUDA", f"{values('torch')} / {values('cuda')}"),
+        ("diffusers", values("diffusers")),
+        ("python", values("python")),
+        ("samples per run", values("n_samples")),
+        ("seeds", values("seed")),
+        ("sampling", "; ".join(sorted(set(sampling))) or "—"),
+        ("quantization budget", "; ".join(sorted(set(budget))) or "—"),
+        ("run dates (UTC)", f"{started.iloc[0][:19]} – {started.iloc[-1][:19]}" if len(started) else "—"),
+    ]
+
+
+def _metric_legend(cells: pd.DataFrame) -> list[str]:
+    out = []
+    for metric, g in cells.groupby("metric", sort=False):
+        arrow = "higher is better" if g["higher_is_better"].iloc[0] else "lower is better"
+        out.append(f"`{metric}` ({g['unit'].iloc[0]}, {arrow})")
+    return out
+
+
+def _floors(cells: pd.DataFrame) -> list[str]:
+    fp = cells[(cells["method"] == FP) & cells["floor"].notna()]
+    return [
+        f"{r.model} `{r.metric}`: real-vs-real floor {_fmt(r.floor)} ± {_fmt(r.floor_sd)} at the same sample count"
+        for r in fp.itertuples()
+    ]
+
+
+def to_markdown(board: pd.DataFrame, cells: pd.DataFrame, df: pd.DataFrame, title: str) -> str:
+    notes: list[str] = []
+    lines = [f"# {title}", "", "Cells: value (Δ vs the paired FP run); best per column in bold.", ""]
+    lines.append("Metrics: " + "; ".join(_metric_legend(cells)) + ".")
+    lines.extend(["", *[f"- {f}" for f in _floors(cells)], ""])
+    header = ["model", "method", *[f"{b} {m}" for b, m in board.columns]]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for (model, method), values in board.iterrows():
+        shown = []
+        for text in values:
+            if text.startswith(("error:", "skipped:")):
+                notes.append(f"{model} {method}: {text}")
+                text = f"{text.split(':')[0]} [{len(notes)}]"
+            shown.append(text.replace("|", "\\|"))
+        lines.append(f"| {model} | {method} | " + " | ".join(shown) + " |")
+    if notes:
+        lines.extend(["", *[f"[{i}] {n}" for i, n in enumerate(notes, 1)]])
+    lines.extend(["", "## Provenance", "", "| | |", "|---|---|"])
+    lines.extend(f"| {k} | {v} |" for k, v in _provenance(df))
+    return "\n".join(lines) + "\n"
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plots(cells: pd.DataFrame) -> list[tuple[str, str]]:
+    """(caption, base64 PNG): quality vs bits per method, and quality vs cost Pareto fronts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    ok = cells[cells["status"] == "ok"]
+    for model, mcells in ok.groupby("model", sort=False):
+        quant = mcells[mcells["method"] != FP].sort_values("bits_rank")
+        labels = list(dict.fromkeys(quant["bits"]))
+        for metric, g in quant[quant["kind"] == "quality"].groupby("metric", sort=False):
+            fig, ax = plt.subplots(figsize=(6, 3.6))
+            for method, mg in g.groupby("method", sort=False):
+                xs = [labels.index(b) for b in mg["bits"]]
+                ax.plot(xs, mg["value"], marker="o", label=method)
+            fp = mcells[(mcells["method"] == FP) & (mcells["metric"] == metric)]
+            if len(fp):
+                ax.axhline(fp["value"].iloc[0], color="black", ls="--", lw=1, label="fp")
+                if fp["floor"].notna().any():
+                    ax.axhline(fp["floor"].iloc[0], color="grey", ls=":", lw=1, label="real-data floor")
+            ax.set_xticks(range(len(labels)), labels)
+            ax.set_ylabel(f"{metric} ({g['unit'].iloc[0]})")
+            ax.set_title(f"{model}: {metric} vs bit width")
+            ax.legend(fontsize=7)
+            out.append((f"{model}: {metric} by bit width and method", _png(fig)))
+            plt.close(fig)
+        costs = quant[quant["kind"] == "cost"]["metric"].unique()
+        qualities = quant[quant["kind"] == "quality"]["metric"].unique()
+        for cost in costs:
+            for quality in qualities[:1]:
+                pts = quant.pivot_table(index=["method", "bits"], columns="metric", values="value")
+                if cost not in pts or quality not in pts:
+                    continue
+                pts = pts[[cost, quality]].dropna()
+                hib = bool(quant[quant["metric"] == quality]["higher_is_better"].iloc[0])
+                fig, ax = plt.subplots(figsize=(6, 3.6))
+                ax.scatter(pts[cost], pts[quality], color="tab:blue")
+                for (method, bits), r in pts.iterrows():
+                    ax.annotate(f"{method} {bits}", (r[cost], r[quality]), fontsize=6)
+                front = _pareto(pts[cost].tolist(), pts[quality].tolist(), hib)
+                ax.plot([pts[cost].iloc[i] for i in front], [pts[quality].iloc[i] for i in front], "r-", lw=1)
+                ax.set_xlabel(cost)
+                ax.set_ylabel(quality)
+                ax.set_title(f"{model}: {quality} vs {cost} (red: Pareto front)")
+                out.append((f"{model}: {quality} vs {cost}", _png(fig)))
+                plt.close(fig)
+    return out
+
+
+def _pareto(cost: list[float], quality: list[float], higher_is_better: bool) -> list[int]:
+    """Indices of non-dominated points (lower cost, better quality), sorted by cost."""
+    sign = 1 if higher_is_better else -1
+    order = sorted(range(len(cost)), key=lambda i: (cost[i], -sign * quality[i]))
+    front, best = [], -math.inf
+    for i in order:
+        if sign * quality[i] > best:
+            front.append(i)
+            best = sign * quality[i]
+    return front
+
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:80em}
+table{border-collapse:collapse;margin:1em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
+th{background:#f3f3f3} td.name{text-align:left}
+td.best{background:#e3f6e3;font-weight:bold} td.error{background:#fde8e8;color:#a00}
+td.skipped{background:#f3f3f3;color:#777} td.ref{color:#555}
+img{max-width:100%;display:block;margin:.5em 0 1.5em}
+"""
+
+
+def to_html(board: pd.DataFrame, cells: pd.DataFrame, df: pd.DataFrame, title: str) -> str:
+    esc = html.escape
+    notes: list[str] = []
+    head = "".join(f"<th>{esc(b)}<br>{esc(m)}</th>" for b, m in board.columns)
+    body = []
+    for (model, method), values in board.iterrows():
+        tds = [f'<td class="name">{esc(model)}</td><td class="name">{esc(method)}</td>']
+        for text in values:
+            cls = "ref" if method == FP else ""
+            if text.startswith(("error:", "skipped:")):
+                notes.append(f"{model} {method}: {text}")
+                status = text.split(":")[0]
+                tds.append(f'<td class="{status}" title="{esc(text)}">{status} [{len(notes)}]</td>')
+                continue
+            if text.startswith("**"):
+                cls, text = "best", text.strip("*")
+            tds.append(f'<td class="{cls}">{esc(text)}</td>')
+        body.append("<tr>" + "".join(tds) + "</tr>")
+    legend = "; ".join(_metric_legend(cells)).replace("`", "")
+    floors = "".join(f"<li>{esc(f.replace('`', ''))}</li>" for f in _floors(cells))
+    note_list = "".join(f"<li>{esc(n)}</li>" for n in notes)
+    figures = "".join(
+        f'<h3>{esc(cap)}</h3><img alt="{esc(cap)}" src="data:image/png;base64,{b64}">' for cap, b64 in plots(cells)
+    )
+    prov = "".join(f"<tr><th>{esc(k)}</th><td class='name'>{esc(v)}</td></tr>" for k, v in _provenance(df))
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style>"
+        f"</head><body><h1>{esc(title)}</h1><p>Cells: value (Δ vs the paired FP run); best per column "
+        f"highlighted. Metrics: {esc(legend)}.</p><ul>{floors}</ul>"
+        f"<table><tr><th>model</th><th>method</th>{head}</tr>{''.join(body)}</table>"
+        f"<ol>{note_list}</ol><h2>Plots</h2>{figures or '<p>No ok quality cells to plot.</p>'}"
+        f"<h2>Provenance</h2><table>{prov}</table></body></html>\n"
+    )
+
+
+def build(results: str | Path) -> Report:
+    """The leaderboard of one matrix's results folder."""
+    df = load(results)
+    cells = cell_table(df)
+    board = leaderboard(cells)
+    title = f"Leaderboard: {', '.join(sorted(df['matrix'].dropna().unique()))}"
+    return Report(to_markdown(board, cells, df, title), to_html(board, cells, df, title), cells)
+
+
+def write(results: str | Path, out: str | Path | None = None) -> tuple[Path, Path, Report]:
+    """Write ``report.md`` and ``report.html`` into ``out`` (default: the results folder)."""
+    report = build(results)
+    out = Path(out or results)
+    out.mkdir(parents=True, exist_ok=True)
+    md, page = out / "report.md", out / "report.html"
+    md.write_text(report.markdown, encoding="utf-8")
+    page.write_text(report.html, encoding="utf-8")
+    return md, page, report

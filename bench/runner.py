@@ -1,0 +1,248 @@
+"""The runner: executes a matrix's runs, each isolated, and appends their rows to the store.
+
+:func:`execute` is the whole of one run and a pure function of its :class:`RunSpec`: everything
+runs share (FP samples, calibration data, quantized checkpoints) goes through the on-disk cache
+by content hash, so any executor — in-process now, one Ray task per run later — gives the same
+rows. An in-process memo only saves reloading the model between consecutive runs.
+
+Every quantized run samples from exactly the same initial noise, prompts and DDIM schedule as
+its FP reference, so differences in the metrics come from quantization alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+import qdiff
+from bench.cache import cached_module, cached_tensors, load_module, store_module
+from bench.images import save_grid
+from bench.matrix import MatrixSpec, RunSpec
+from bench.methods import Bits
+from bench.metrics.quality import EvalContext
+from bench.models.base import AvailabilityError, resolve_device
+from bench.provenance import code_hash, config_hash, environment, model_hash
+from bench.registry import METHODS, METRICS, MODELS
+from bench.store import ResultStore
+
+Log = Callable[[str], None]
+RunFn = Callable[[RunSpec], list[dict[str, Any]]]
+# Cache keys include the code that produces the cached artefacts, so a code change never
+# reuses a stale checkpoint or sample set.
+CODE_PATHS = ("qdiff", "baselines", "bench/models", "bench/embedded", "bench/methods.py")
+
+
+class Executor(Protocol):
+    """Runs ``fn`` on each spec and yields ``(spec, rows)`` as runs finish, in any order."""
+
+    def map(self, fn: RunFn, specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, list[dict[str, Any]]]]: ...
+
+
+class LocalExecutor:
+    """Runs one spec after another in this process."""
+
+    def map(self, fn: RunFn, specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, list[dict[str, Any]]]]:
+        for spec in specs:
+            yield spec, fn(spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    spec: RunSpec
+    state: str  # "todo", "partial" (some metrics missing), "done", or "forced"
+
+
+def plan(
+    matrix: MatrixSpec, store: ResultStore, only: dict[str, tuple[str, ...]] | None = None, force: bool = False
+) -> list[PlannedRun]:
+    """The matrix's runs (filtered by ``only``) and whether each still has work to do."""
+    done = store.completed()
+    out = []
+    for spec in matrix.expand():
+        if only and not spec.matches(only):
+            continue
+        have = done.get(spec.hash, set())
+        if force:
+            state = "forced"
+        elif set(spec.metrics) <= have and have:
+            state = "done"
+        else:
+            state = "partial" if have else "todo"
+        out.append(PlannedRun(spec, state))
+    return out
+
+
+def run_matrix(
+    matrix: MatrixSpec,
+    results_root: Path,
+    executor: Executor | None = None,
+    only: dict[str, tuple[str, ...]] | None = None,
+    force: bool = False,
+    progress: bool = True,
+    log: Log = print,
+) -> list[dict[str, Any]]:
+    """Run what is left of ``matrix`` (or all of it with ``force``); return the new rows.
+
+    Rows are appended run by run, so an interrupted matrix keeps every finished run and a
+    rerun resumes with the first unfinished one.
+    """
+    store = ResultStore(results_root / matrix.name)
+    store.check_writable()
+    todo = [p.spec for p in plan(matrix, store, only, force) if p.state != "done"]
+    fn = partial(execute, matrix=matrix.name, grids=store.root / "samples", progress=progress)
+    new: list[dict[str, Any]] = []
+    bar = tqdm(total=len(todo), desc=f"matrix {matrix.name}", unit="run", disable=not progress)
+    for spec, rows in (executor or LocalExecutor()).map(fn, todo):
+        store.append(rows)
+        new.extend(rows)
+        bar.update()
+        log(_summary(spec, rows))
+    bar.close()
+    return new
+
+
+def _summary(spec: RunSpec, rows: list[dict[str, Any]]) -> str:
+    parts = []
+    for r in rows:
+        if r["status"] != "ok":
+            return f"{spec.label}: {r['status'].upper()} {r['error']}"
+        parts.append(f"{r['metric']}={r['value']:.4g}")
+    return f"{spec.label}: {', '.join(parts)} ({rows[0]['duration_s']:.0f}s)"
+
+
+def execute(
+    spec: RunSpec, matrix: str, grids: Path | None = None, progress: bool = False
+) -> list[dict[str, Any]]:
+    """One run: its rows, one per metric. Failures become ``error`` rows (``skipped`` when the
+    run cannot happen on this machine) with the message; this function does not raise for them.
+    """
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    run_id = f"{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    base = {"run_id": run_id, "matrix": matrix, **spec.fields(), "started_at": started.isoformat()}
+    base["reference_hash"] = None if spec.is_fp else spec.fp_reference().hash
+    device = torch.device("cpu")
+    try:
+        device = resolve_device(spec.sampling.device)
+        rows = _evaluate(spec, base, grids, progress)
+        duration = round(time.perf_counter() - t0, 3)
+        return [{**environment(device), **row, "duration_s": duration} for row in rows]
+    except Exception as exc:  # one failed run must not stop the matrix (CUDA OOM included)
+        status = "skipped" if isinstance(exc, AvailabilityError) else "error"
+        message = str(exc) if status == "skipped" else f"{type(exc).__name__}: {exc}"
+        if status == "error":
+            traceback.print_exc(limit=4)
+        base.update(environment(device), status=status, error=message)
+        duration = round(time.perf_counter() - t0, 3)
+        return [_metric_row(base, METRICS.get(m), None, duration_s=duration) for m in spec.metrics]
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _metric_row(base: dict[str, Any], metric, value: float | None, **extra: Any) -> dict[str, Any]:
+    row = {
+        "status": "ok",
+        "error": None,
+        **base,
+        "metric": metric.name,
+        "value": value,
+        "unit": metric.unit,
+        "higher_is_better": metric.higher_is_better,
+        "kind": metric.kind,
+    }
+    return {**row, **extra}
+
+
+@lru_cache(maxsize=2)
+def _load(model: str, model_args: tuple, sampling) -> tuple[Any, torch.nn.Module, str]:
+    """Adapter, FP denoiser and the denoiser's content hash (memoised per process)."""
+    adapter = MODELS.get(model)(sampling, **dict(model_args))
+    fp = adapter.denoiser().eval().requires_grad_(False)
+    return adapter, fp, model_hash(fp)
+
+
+def _evaluate(spec: RunSpec, base: dict[str, Any], grids: Path | None, progress: bool) -> list[dict[str, Any]]:
+    adapter, fp, fp_id = _load(spec.model, spec.model_args, spec.sampling)
+    code = code_hash(*CODE_PATHS)
+    n, seed = spec.sampling.samples, spec.seed
+    fp_key = config_hash("fp-samples", code, fp_id, adapter.identity(), n, seed)
+    fp_images = cached_tensors("samples", fp_key, lambda: {"images": adapter.sample(fp, n, seed, progress=progress)})[0]
+    fp_images = fp_images["images"]
+    if spec.is_fp:
+        ctx = EvalContext(spec, adapter, fp_images, None)
+        extra = {}
+    else:
+        ckpt, cached = _quantized(adapter, fp, fp_id, spec, code, progress)
+        deployable = qdiff.convert(ckpt["model"].to(adapter.device), spec.budget.backend)
+        key = config_hash("samples", code, fp_id, ckpt["key"], spec.budget.backend, adapter.identity(), n, seed)
+        images = cached_tensors("samples", key, lambda: {"images": adapter.sample(deployable, n, seed, progress=progress)})
+        ctx = EvalContext(spec, adapter, images[0]["images"], fp_images, ckpt["quantize_s"], cached)
+        extra = {"qconfig": ckpt["qconfig"], "weights_from": ckpt.get("weights_from")}
+    if grids is not None:
+        count = 64 if ctx.images.shape[-1] < 64 else 8
+        save_grid(ctx.images[:count], grids / f"{spec.model}-{spec.method}-{spec.bits_label}-s{seed}.png")
+    rows = []
+    for name in spec.metrics:
+        metric = METRICS.get(name)
+        measured = metric(ctx)
+        if measured is not None:
+            rows.append(_metric_row(base, metric, measured.value, **extra, **measured.extra))
+    if not rows:
+        raise ValueError(f"none of the metrics {', '.join(spec.metrics)} applies to {spec.label}")
+    return rows
+
+
+def _quantized(adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: bool) -> tuple[dict, bool]:
+    """The run's quantized checkpoint, from the cache or built (calibrate + quantize).
+
+    A recipe method's WxA32 model reuses the weight phase of a WxAy model of the same recipe
+    when one is cached (see :attr:`bench.methods.RecipeMethod.shares_weight_phase`).
+    """
+    method = METHODS.get(spec.method)
+    qconfig = spec.budget.apply(method.qconfig(Bits(spec.w_bits, spec.a_bits)))
+    key = config_hash("checkpoint", code, fp_id, spec.method, qconfig)
+    weights_key = None
+    if getattr(method, "shares_weight_phase", False) and qconfig.weight is not None:
+        weights_key = config_hash(
+            "weights", code, fp_id, spec.method, dataclasses.replace(qconfig, act=None, attn_probs=None)
+        )
+
+    def build() -> dict:
+        if qconfig.act is None and weights_key is not None:
+            shared = load_module("weight-phase", weights_key)
+            source = shared and load_module("checkpoints", shared["checkpoint"])
+            if source is not None:
+                t = time.perf_counter()
+                model = source["model"]
+                qdiff.set_quant_state(model, weight=True, act=False)
+                return {**source, "model": model, "key": key, "qconfig": qconfig.to_dict(),
+                        "quantize_s": time.perf_counter() - t, "weights_from": shared["source"]}  # fmt: skip
+        calib = _calibration(adapter, fp, fp_id, qconfig.calib, code)
+        bar = tqdm(desc=f"quantize {spec.method} {spec.bits_label}", unit="unit", leave=False, disable=not progress)
+        t = time.perf_counter()
+        model = method.quantize(fp, qconfig, calib.to(adapter.device), progress=lambda _: bar.update())
+        seconds = time.perf_counter() - t
+        bar.close()
+        return {"model": model, "key": key, "qconfig": qconfig.to_dict(), "quantize_s": seconds}
+
+    ckpt, cached = cached_module("checkpoints", key, build)
+    if weights_key is not None and qconfig.act is not None:
+        store_module("weight-phase", weights_key, {"checkpoint": key, "source": spec.bits_label})
+    return ckpt, cached
+
+
+def _calibration(adapter, fp, fp_id: str, calib: qdiff.CalibConfig, code: str) -> qdiff.CalibData:
+    key = config_hash("calib", code, fp_id, adapter.identity(), calib)
+    tensors, _ = cached_tensors("calibration", key, lambda: adapter.calibration_data(fp, calib).to_dict())
+    return qdiff.CalibData.from_dict(tensors)

@@ -1,0 +1,142 @@
+"""The results store: append-only, atomic, one tidy row per run × metric.
+
+A matrix's results live in ``<results>/<matrix>/runs/``, one JSON-lines file per executed run,
+written to a temporary name and renamed into place: a killed run leaves no partial row, and any
+number of processes (or Ray workers) can write to one store without locks. Files are never
+modified; re-running a cell adds a new file, and readers take each (run, metric)'s latest row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+# The schema every row has (DESIGN.md), in report order; runs add descriptive extras after it.
+COLUMNS = (
+    "run_id",
+    "matrix",
+    "model",
+    "method",
+    "w_bits",
+    "a_bits",
+    "bits",
+    "seed",
+    "metric",
+    "value",
+    "unit",
+    "higher_is_better",
+    "n_samples",
+    "status",
+    "error",
+    "device",
+    "torch",
+    "cuda",
+    "diffusers",
+    "python",
+    "git_sha",
+    "config_hash",
+    "reference_hash",
+    "started_at",
+    "duration_s",
+)
+STATUSES = ("ok", "error", "skipped")
+
+
+class StoreError(ValueError):
+    """The results path cannot be written, or a results file is not valid."""
+
+
+class ResultStore:
+    """Rows of one matrix under ``root`` (``<results>/<matrix>``)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.runs = self.root / "runs"
+
+    def check_writable(self) -> None:
+        """Fail now, before any work, if rows could not be written later."""
+        try:
+            self.runs.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.runs, prefix=".probe-"):
+                pass
+        except OSError as exc:
+            raise StoreError(
+                f"results path {self.root} is not writable ({exc.strerror or exc}); pass another with --results"
+            ) from None
+
+    def append(self, rows: list[dict[str, Any]]) -> Path:
+        """Write one run's rows as a new file, atomically (temp file, fsync, rename)."""
+        if not rows:
+            raise ValueError("append() needs at least one row")
+        missing = [c for c in COLUMNS if c not in rows[0]]
+        if missing:
+            raise ValueError(f"rows lack schema columns: {', '.join(missing)}")
+        self.runs.mkdir(parents=True, exist_ok=True)
+        path = self.runs / f"{rows[0]['config_hash']}-{rows[0]['run_id']}.jsonl"
+        blob = "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows)
+        fd, tmp = tempfile.mkstemp(dir=self.runs, prefix=".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return path
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every row ever written, oldest run first."""
+        if not self.runs.is_dir():
+            return []
+        rows = []
+        for path in sorted(self.runs.glob("*.jsonl")):
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                try:
+                    row = json.loads(line)
+                    if not isinstance(row, dict) or row.get("status") not in STATUSES:
+                        raise ValueError("not a results row")
+                except ValueError as exc:
+                    raise StoreError(
+                        f"{path}:{i}: corrupt results row ({exc}); move that file out of {self.runs} "
+                        "and rerun the matrix (only that run is redone)"
+                    ) from None
+                rows.append(row)
+        rows.sort(key=lambda r: r["started_at"])
+        return rows
+
+    def latest(self) -> list[dict[str, Any]]:
+        """The newest row of each (run, metric)."""
+        newest: dict[tuple[str, str], dict[str, Any]] = {}
+        for row in self.rows():
+            newest[(row["config_hash"], row["metric"])] = row
+        return list(newest.values())
+
+    def completed(self) -> dict[str, set[str]]:
+        """``config_hash → metrics`` whose latest row is ``ok``: what resuming skips."""
+        done: dict[str, set[str]] = {}
+        for row in self.latest():
+            if row["status"] == "ok":
+                done.setdefault(row["config_hash"], set()).add(row["metric"])
+        return done
+
+
+def load(path: str | Path, latest: bool = True) -> pd.DataFrame:
+    """One matrix's results as a DataFrame (schema columns first).
+
+    Args:
+        path: ``<results>/<matrix>`` (the folder holding ``runs/``).
+        latest: keep only the newest row of each (run, metric); ``False`` gives the full history.
+    """
+    store = ResultStore(path)
+    if not store.runs.is_dir():
+        raise StoreError(f"no results at {path} (expected {store.runs}); run a matrix first: qdiff-bench run")
+    rows = store.latest() if latest else store.rows()
+    df = pd.DataFrame(rows)
+    extras = [c for c in df.columns if c not in COLUMNS]
+    return df.reindex(columns=[*COLUMNS, *extras])

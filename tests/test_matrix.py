@@ -1,0 +1,146 @@
+"""Matrix files: expansion, rules, extends, stable hashes, and one clear error per bad input."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bench.matrix import MatrixError, load_matrix, parse_rules
+from bench.provenance import REPO_ROOT
+
+
+def write(tmp_path: Path, text: str, name: str = "m.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def cells(matrix):
+    return [(r.model, r.method, r.bits_label, r.seed) for r in matrix.expand()]
+
+
+def test_cartesian_expansion_with_paired_fp_first_and_a32_after_act(tmp_path):
+    m = load_matrix(write(tmp_path, """
+        models: [embedded-digits]
+        methods: [qdiff, linear]
+        bits: [W4A32, W8A8, W4A8]
+        seeds: [0, 1]
+    """))  # fmt: skip
+    got = cells(m)
+    assert got[:2] == [("embedded-digits", "fp", "FP", 0), ("embedded-digits", "fp", "FP", 1)]
+    quant = got[2:]
+    assert len(quant) == 2 * 3 * 2 and len(set(quant)) == len(quant)
+    # within a method, runs that quantize activations come first (W4A32 reuses W4A8's weights)
+    qdiff = [c[2] for c in quant if c[1] == "qdiff"]
+    assert qdiff.index("W4A32") > qdiff.index("W4A8")
+    fp = m.expand()[0]
+    assert fp.metrics == ("digits_fd",) and fp.budget is None  # FP: no quantized-only metrics
+    assert all(r.fp_reference().hash in {fp.hash, m.expand()[1].hash} for r in m.expand()[2:])
+
+
+def test_exclude_include_and_shell_patterns(tmp_path):
+    m = load_matrix(write(tmp_path, """
+        models: [embedded-digits]
+        methods: [linear, qdiff, qdiff-no-split]
+        bits: [W8A8, W4A8]
+        exclude:
+          - {method: "qdiff-*", bits: W8A8}
+          - {method: linear, bits: [W4A8]}
+        include:
+          - {method: qdiff, bits: [W3A8, W8A8]}
+    """))  # fmt: skip
+    quant = {(c[1], c[2]) for c in cells(m) if c[1] != "fp"}
+    assert quant == {
+        ("linear", "W8A8"), ("qdiff", "W8A8"), ("qdiff", "W4A8"), ("qdiff-no-split", "W4A8"), ("qdiff", "W3A8")
+    }  # fmt: skip
+
+
+def test_extends_merges_settings_and_axis_overrides(tmp_path):
+    write(tmp_path, """
+        methods: [linear]
+        bits: [W8A8]
+        settings: {samples: 100, steps: 10, weight_iters: 50}
+    """, "base.yaml")  # fmt: skip
+    m = load_matrix(write(tmp_path, """
+        name: child
+        extends: base.yaml
+        models: [{name: embedded-digits, samples: 40}]
+        methods: [linear, {name: qdiff, weight_iters: 7}]
+        settings: {steps: 5}
+    """))  # fmt: skip
+    runs = {r.method: r for r in m.expand()}
+    assert m.name == "child"
+    assert runs["qdiff"].sampling.samples == 40 and runs["qdiff"].sampling.steps == 5  # model, child
+    assert runs["linear"].budget.weight_iters == 50 and runs["qdiff"].budget.weight_iters == 7
+    assert runs["fp"].sampling == runs["linear"].sampling
+
+
+def test_run_hash_is_stable_across_processes_and_ignores_matrix_name(tmp_path):
+    a = load_matrix(write(tmp_path, "name: a\nmodels: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n"))
+    b = load_matrix(write(tmp_path, "name: b\nmodels: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n", "b.yaml"))
+    assert [r.hash for r in a.expand()] == [r.hash for r in b.expand()]
+    code = (
+        "from bench.matrix import load_matrix; import sys; "
+        "print(' '.join(r.hash for r in load_matrix(sys.argv[1]).expand()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.yaml")], capture_output=True, text=True)
+    assert out.stdout.split() == [r.hash for r in a.expand()]
+    c = load_matrix(write(tmp_path, "models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\nseeds: [1]\n", "c.yaml"))
+    assert c.expand()[-1].hash != a.expand()[-1].hash
+
+
+def test_shipped_matrices_are_valid():
+    for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
+        assert load_matrix(path).expand(), path
+    default = load_matrix(REPO_ROOT / "configs" / "default.yaml")
+    methods = {r.method for r in default.expand()}
+    assert methods == {"fp", "linear", "qdiff", "qdiff-no-calib", "qdiff-no-split", "qdiff-no-recon"}
+    assert {r.bits_label for r in default.expand()} == {"FP", "W8A8", "W4A8", "W4A32"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("models: [embedded-digits\nmethods: [qdiff]\n", "m.yaml: line 2, column 8: malformed YAML: expected"),
+        ("models: [embedded-digits]\nmethod: [qdiff]\n", "unknown key(s) method; valid keys: name, description"),
+        ("models: [embedded-digits]\nmethods: [qdif]\nbits: [W4A8]\n", "methods[0]: unknown method 'qdif' (did you mean 'qdiff'?)"),
+        ("models: [embeded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n", "did you mean 'embedded-digits'?"),
+        ("models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4]\n", "bits[0]: bit width 'W4' is not of the form"),
+        ("models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\nsettings: {sample: 3}\n", "unknown setting 'sample'; valid: samples"),
+        ("models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\nsettings: {samples: many}\n", "samples='many' must be a int"),
+        ("models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\nexclude: [{methods: x}]\n", "exclude[0]: a rule is a mapping with keys from model, method, bits, seed"),
+        ("models: [{name: embedded-digits, source: x}]\nmethods: [qdiff]\nbits: [W4A8]\n", "unknown key(s) source for embedded-digits"),
+        ("models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\nmetrics: [fid]\n", "metrics[0]: unknown metric 'fid'"),
+        ("models: [{name: sd-1.5}]\nmethods: [qdiff]\nbits: [W4A8]\nmetrics: [digits_fd]\n", "metric digits_fd needs model embedded-digits, not sd-1.5"),
+        ("models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\nextends: me.yaml\n", "does not exist"),
+        ("models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\nextends: m.yaml\n", "'extends' forms a cycle"),
+        ("models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\nexclude: [{method: qdiff}]\n", "expands to no runs"),
+        ("models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\nsettings: {backend: int3}\n", "backend='int3'; choose one of fake"),
+    ],
+)  # fmt: skip
+def test_bad_matrix_is_one_clear_error(tmp_path, text, message):
+    with pytest.raises(MatrixError) as info:
+        load_matrix(write(tmp_path, text))
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert str(tmp_path / "m.yaml") in str(info.value) or "does not exist" in message
+
+
+def test_weight_only_method_rejects_activation_bits(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from bench.registry import METHODS
+
+    monkeypatch.setitem(METHODS._loaded, "linear", replace(METHODS.get("linear"), weight_only=True))
+    path = write(tmp_path, "models: [embedded-digits]\nmethods: [linear]\nbits: [W4A8]\n")
+    with pytest.raises(MatrixError, match=r"linear quantizes weights only; use W4A32 or exclude"):
+        load_matrix(path)
+
+
+def test_only_rules():
+    assert parse_rules(["method=qdiff*", "bits=W4A8,W4A32", "method=fp"]) == {
+        "method": ("qdiff*", "fp"), "bits": ("W4A8", "W4A32")
+    }  # fmt: skip
+    with pytest.raises(MatrixError, match="keys: model, method, bits, seed"):
+        parse_rules(["methods=qdiff"])

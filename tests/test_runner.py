@@ -1,0 +1,122 @@
+"""The runner: paired rows with provenance, isolation of failures, resume without loss or
+duplicates, shared FP/calibration work, and weight-phase reuse."""
+
+import pytest
+from helpers import tiny_matrix
+
+from bench.matrix import load_matrix
+from bench.registry import METHODS
+from bench.runner import LocalExecutor, execute, plan, run_matrix
+from bench.store import COLUMNS, ResultStore, load
+
+
+def quiet(_msg):
+    pass
+
+
+def run(matrix, root, **kw):
+    return run_matrix(matrix, root, progress=False, log=quiet, **kw)
+
+
+def test_rows_are_complete_paired_and_reproducible(tmp_path):
+    matrix = load_matrix(tiny_matrix(tmp_path, methods="[linear, qdiff]", bits="[W8A8, W4A8, W4A32]"))
+    rows = run(matrix, tmp_path / "results")
+    assert all(set(COLUMNS) <= set(r) for r in rows)
+    assert all(r["status"] == "ok" and r["git_sha"] and r["torch"] and r["device"] for r in rows)
+    fp = [r for r in rows if r["method"] == "fp"]
+    assert [r["metric"] for r in fp] == ["digits_fd"] and fp[0]["floor"] > 0
+    quant = [r for r in rows if r["method"] != "fp"]
+    assert {r["reference_hash"] for r in quant} == {fp[0]["config_hash"]}
+    assert {r["metric"] for r in quant} == {"digits_fd", "psnr_vs_fp", "quantize_time"}
+    q = {(r["method"], r["bits"]): r for r in quant if r["metric"] == "digits_fd"}
+    assert q[("qdiff", "W4A8")]["qconfig"]["split_shortcut"] is True
+    assert q[("qdiff", "W4A32")]["weights_from"] == "W4A8" and q[("qdiff", "W4A8")]["weights_from"] is None
+    # 8-bit linear quantization stays closer to FP images than 4-bit weights (paired PSNR).
+    psnr = {(r["method"], r["bits"]): r["value"] for r in quant if r["metric"] == "psnr_vs_fp"}
+    assert psnr[("linear", "W8A8")] > psnr[("linear", "W4A8")]
+    assert (tmp_path / "results" / "tiny" / "samples" / "embedded-digits-qdiff-W4A8-s0.png").is_file()
+
+    # A rerun adds nothing; --force recomputes from the caches and reproduces every value.
+    assert run(matrix, tmp_path / "results") == []
+    again = run(matrix, tmp_path / "results", force=True)
+    values = lambda rs: {(r["config_hash"], r["metric"]): r["value"] for r in rs if r["metric"] != "quantize_time"}  # noqa: E731
+    assert values(again) == values(rows)
+
+
+def test_failures_become_rows_and_the_matrix_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS._entries, "boom", "helpers:BOOM")
+    matrix = load_matrix(tiny_matrix(tmp_path, methods="[boom, linear]", bits="[W8A8]"))
+    rows = run(matrix, tmp_path)
+    errors = [r for r in rows if r["status"] == "error"]
+    assert {r["metric"] for r in errors} == {"digits_fd", "psnr_vs_fp", "quantize_time"}
+    assert all(r["value"] is None and "OutOfMemoryError: CUDA out of memory" in r["error"] for r in errors)
+    assert any(r["method"] == "linear" and r["status"] == "ok" for r in rows)
+    # Errors are not "done": the next run retries them (and only them).
+    todo = [p.spec.method for p in plan(matrix, ResultStore(tmp_path / "tiny")) if p.state != "done"]
+    assert todo == ["boom"]
+
+
+def test_missing_model_weights_are_a_skipped_row(tmp_path):
+    path = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]")
+    text = open(path).read().replace("models: [embedded-digits]", "models: [{name: ddim-cifar10, source: no-org/absent}]")
+    open(path, "w").write(text)
+    rows = run(load_matrix(path), tmp_path)
+    assert rows and all(r["status"] == "skipped" for r in rows)
+    assert "not available offline" in rows[0]["error"] and "source: /local/dir" in rows[0]["error"]
+
+
+def test_interrupted_matrix_resumes_without_lost_or_duplicated_rows(tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS._entries, "interrupt", "helpers:INTERRUPT")
+    path = tiny_matrix(tmp_path, methods="[linear, interrupt, qdiff-no-recon]", bits="[W8A8]")
+    with pytest.raises(KeyboardInterrupt):
+        run(load_matrix(path), tmp_path)
+    store = ResultStore(tmp_path / "tiny")
+    first = store.rows()
+    assert {r["method"] for r in first} == {"fp", "linear"}  # finished runs kept, nothing partial
+    # The user fixes the method (here: drops it) and resumes: only the rest runs.
+    monkeypatch.setitem(METHODS._entries, "interrupt", "bench.methods:QDIFF_NO_SPLIT")
+    METHODS._loaded.pop("interrupt", None)
+    new = run(load_matrix(path), tmp_path)
+    assert {r["method"] for r in new} == {"interrupt", "qdiff-no-recon"}
+    rows = store.rows()
+    keys = [(r["config_hash"], r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys)) == len(first) + len(new)
+
+
+def test_only_filters_and_fp_samples_are_shared_through_the_cache(tmp_path, monkeypatch):
+    matrix = load_matrix(tiny_matrix(tmp_path, methods="[linear, qdiff-no-recon]", bits="[W8A8, W4A8]"))
+    sampled = []
+    from bench.models.embedded import EmbeddedDigits
+
+    original = EmbeddedDigits.sample
+
+    def counting(self, denoiser, n, seed, recorder=None, progress=False):
+        quantized = any("Quant" in type(m).__name__ for m in denoiser.modules())
+        sampled.append("calibration" if recorder else "quantized" if quantized else "fp")
+        return original(self, denoiser, n, seed, recorder, progress)
+
+    monkeypatch.setattr(EmbeddedDigits, "sample", counting)
+    rows = run(matrix, tmp_path, only={"method": ("qdiff*",), "bits": ("W4*",)})
+    assert {(r["method"], r["bits"]) for r in rows} == {("qdiff-no-recon", "W4A8")}
+    run(matrix, tmp_path)
+    # FP sampled once for all runs; calibration once per strategy (final for linear, uniform).
+    assert sampled.count("fp") == 1 and sampled.count("calibration") == 2 and sampled.count("quantized") == 4
+
+
+def test_executor_is_an_interface(tmp_path):
+    class Reversed(LocalExecutor):
+        def map(self, fn, specs):
+            yield from super().map(fn, list(reversed(specs)))
+
+    matrix = load_matrix(tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8, W4A32]"))
+    rows = run(matrix, tmp_path, executor=Reversed())
+    assert {r["status"] for r in rows} == {"ok"}
+    df = load(tmp_path / "tiny")
+    assert set(df["bits"]) == {"FP", "W8A8", "W4A32"}
+
+
+def test_execute_is_self_contained(tmp_path):
+    spec = load_matrix(tiny_matrix(tmp_path, methods="[linear]", bits="[W4A8]")).expand()[-1]
+    rows = execute(spec, matrix="m")
+    assert {r["metric"] for r in rows} == {"digits_fd", "psnr_vs_fp", "quantize_time"}
+    assert all(r["matrix"] == "m" and r["config_hash"] == spec.hash for r in rows)

@@ -1,0 +1,59 @@
+"""The results store: atomic per-run files, pandas in one call, corrupt files named."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from bench.store import COLUMNS, ResultStore, StoreError, load
+
+
+def row(config_hash="h1", metric="m", value=1.0, status="ok", started="2026-01-01T00:00:00", run_id="r1"):
+    return {**dict.fromkeys(COLUMNS), "config_hash": config_hash, "metric": metric, "value": value,
+            "status": status, "started_at": started, "run_id": run_id}  # fmt: skip
+
+
+def test_append_is_one_new_file_per_run_and_loads_as_dataframe(tmp_path):
+    store = ResultStore(tmp_path / "x")
+    store.append([row(metric="a"), row(metric="b", value=2.0)])
+    store.append([row(metric="a", value=3.0, started="2026-01-02T00:00:00", run_id="r2")])
+    assert len(list(store.runs.glob("*.jsonl"))) == 2
+    df = load(tmp_path / "x")
+    assert isinstance(df, pd.DataFrame) and list(df.columns[: len(COLUMNS)]) == list(COLUMNS)
+    assert dict(zip(df["metric"], df["value"], strict=True)) == {"a": 3.0, "b": 2.0}  # latest per metric
+    assert len(load(tmp_path / "x", latest=False)) == 3
+    assert store.completed() == {"h1": {"a", "b"}}
+
+
+def test_errors_are_not_completed_and_a_leftover_temp_file_is_ignored(tmp_path):
+    store = ResultStore(tmp_path)
+    store.append([row(status="error")])
+    (store.runs / ".abc.tmp").write_text('{"half a row')  # what a kill mid-write leaves
+    assert store.completed() == {} and len(store.rows()) == 1
+
+
+def test_rows_must_have_the_schema_and_nan_is_refused(tmp_path):
+    store = ResultStore(tmp_path)
+    with pytest.raises(ValueError, match="lack schema columns"):
+        store.append([{"config_hash": "h"}])
+    with pytest.raises(ValueError):
+        store.append([row(value=float("nan"))])
+    assert not list(store.runs.glob("*.jsonl"))
+
+
+def test_corrupt_file_is_one_clear_error(tmp_path):
+    store = ResultStore(tmp_path)
+    store.append([row()])
+    bad = store.runs / "h2-r9.jsonl"
+    bad.write_text(json.dumps(row()) + "\n{not json\n")
+    with pytest.raises(StoreError, match=r"h2-r9.jsonl:2: corrupt results row .* move that file out"):
+        store.rows()
+
+
+def test_unwritable_path_and_missing_results_are_clear(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StoreError, match="is not writable .* pass another with --results"):
+        ResultStore(blocker / "m").check_writable()
+    with pytest.raises(StoreError, match="no results at"):
+        load(tmp_path / "nothing")

@@ -1,0 +1,124 @@
+"""Tiny random diffusers pipelines saved with ``save_pretrained``: the real loading code runs on
+them offline. Seeded; each builds in well under a second."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _unet2d(in_channels: int, sample_size: int):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+    )
+
+
+def save_ddpm(path: Path) -> Path:
+    """Pixel-space unconditional pipeline (``google/ddpm-cifar10-32`` layout), 3×8×8."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    torch.manual_seed(0)
+    DDPMPipeline(unet=_unet2d(3, 8), scheduler=DDPMScheduler(num_train_timesteps=100, clip_sample=False)).save_pretrained(path)
+    return path
+
+
+def save_ldm(path: Path) -> Path:
+    """Latent unconditional pipeline (``CompVis/ldm-celebahq-256`` layout): VQ-VAE + UNet."""
+    from diffusers import DDIMScheduler, LDMPipeline, VQModel
+
+    torch.manual_seed(0)
+    vqvae = VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=3,
+        num_vq_embeddings=16,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    LDMPipeline(vqvae=vqvae, unet=_unet2d(3, 8), scheduler=DDIMScheduler(num_train_timesteps=100, clip_sample=False, steps_offset=1)).save_pretrained(
+        path
+    )
+    return path
+
+
+def _tokenizer():
+    """A byte-level CLIP tokenizer with no merges: every character is a token."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16), len(vocab)
+
+
+def save_sd(path: Path) -> Path:
+    """Stable Diffusion layout: CLIP text encoder + tokenizer, KL VAE, conditional UNet."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer, vocab_size = _tokenizer()
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        )
+    )
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(num_train_timesteps=100, clip_sample=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
