@@ -1,10 +1,10 @@
 """``qdiff-bench``: run benchmark matrices, and report and compare their results.
 
-    qdiff-bench ls                        registered models, methods, metrics; shipped matrices
-    qdiff-bench validate configs/x.yaml   expand a matrix and report problems; runs nothing
-    qdiff-bench run [configs/x.yaml]      run it (default: configs/default.yaml), resumable
-    qdiff-bench report results/<name>     Markdown + self-contained HTML leaderboard
-    qdiff-bench compare A B               per-cell deltas; exit 1 past --threshold
+qdiff-bench ls                        registered models, methods, metrics; shipped matrices
+qdiff-bench validate configs/x.yaml   expand a matrix and report problems; runs nothing
+qdiff-bench run [configs/x.yaml]      run it (default: configs/default.yaml), resumable
+qdiff-bench report results/<name>     Markdown + self-contained HTML leaderboard
+qdiff-bench compare A B               per-cell deltas; exit 1 past --threshold
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="expand a matrix file and report problems; runs nothing")
     validate.add_argument("matrix", type=Path)
-    validate.add_argument("--results", type=Path, default=Path("results"), help="results root (for run states)")
+    validate.add_argument(
+        "--results", type=Path, default=Path("results"), help="results root (for run states)"
+    )
 
     run = sub.add_parser("run", help="run a matrix (default: the embedded CPU matrix), resuming by default")
     run.add_argument("matrix", type=Path, nargs="?", default=DEFAULT_MATRIX)

@@ -36,7 +36,9 @@ class Threshold:
         try:
             amount = float(raw.rstrip("%"))
         except ValueError:
-            raise ThresholdError(f"threshold {text!r} is not a number or a percentage, e.g. 0.5 or 5%") from None
+            raise ThresholdError(
+                f"threshold {text!r} is not a number or a percentage, e.g. 0.5 or 5%"
+            ) from None
         if amount < 0 or math.isnan(amount):
             raise ThresholdError(f"threshold {text!r} must be >= 0")
         return cls(amount, relative)
@@ -52,10 +54,15 @@ def compare(a: str | Path, b: str | Path, threshold: Threshold) -> pd.DataFrame:
     merged = left.merge(right, on=KEY, how="outer", suffixes=("_a", "_b"), indicator=True)
     records = []
     for r in merged.to_dict("records"):
-        higher = r["higher_is_better_a"] if isinstance(r["higher_is_better_a"], bool) else r["higher_is_better_b"]
+        higher = (
+            r["higher_is_better_a"] if isinstance(r["higher_is_better_a"], bool) else r["higher_is_better_b"]
+        )
         delta = r["value_b"] - r["value_a"] if r["status_a"] == r["status_b"] == "ok" else math.nan
         if r["_merge"] != "both":
-            note, regressed = ("only in A" if r["_merge"] == "left_only" else "only in B"), r["_merge"] == "left_only"
+            note, regressed = (
+                ("only in A" if r["_merge"] == "left_only" else "only in B"),
+                r["_merge"] == "left_only",
+            )
         elif r["status_a"] == "ok" and r["status_b"] != "ok":
             note, regressed = f"{r['status_b']} in B: {r['error_b']}", True
         elif r["status_a"] != "ok":

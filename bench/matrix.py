@@ -162,7 +162,9 @@ class RunSpec:
         """The FP run this run is paired with: same model, arguments, seed and sampling, and
         the metrics that apply to an unquantized model."""
         metrics = tuple(m for m in self.metrics if not METRICS.get(m).quantized_only)
-        return dataclasses.replace(self, method=FP_METHOD, w_bits=None, a_bits=None, budget=None, metrics=metrics)
+        return dataclasses.replace(
+            self, method=FP_METHOD, w_bits=None, a_bits=None, budget=None, metrics=metrics
+        )
 
     def fields(self) -> dict[str, Any]:
         """The row columns that identify this run."""
@@ -241,7 +243,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise MatrixError(f"{path}: a matrix file is a mapping with keys {', '.join(MATRIX_KEYS)}")
     unknown = sorted(set(data) - set(MATRIX_KEYS))
     if unknown:
-        raise MatrixError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(MATRIX_KEYS)}")
+        raise MatrixError(
+            f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(MATRIX_KEYS)}"
+        )
     return data
 
 
@@ -292,9 +296,8 @@ def _settings(path: Path, where: str, values: dict[str, Any], base: tuple[Sampli
             import qdiff.api
 
             if value not in qdiff.api.BACKENDS:
-                raise MatrixError(
-                    f"{path}: {where}: backend={value!r}; choose one of {', '.join(sorted(qdiff.api.BACKENDS))}"
-                )
+                valid = ", ".join(sorted(qdiff.api.BACKENDS))
+                raise MatrixError(f"{path}: {where}: backend={value!r}; choose one of {valid}")
         elif key not in ("device", "eta") and value <= 0:
             raise MatrixError(f"{path}: {where}: setting {key}={value!r} must be > 0")
         if isinstance(default, float):
@@ -360,12 +363,18 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
         raise MatrixError(f"{path}: 'settings' must be a mapping of {', '.join(SETTING_KEYS)}")
     base = _settings(path, "settings", settings, (Sampling(), Budget()))
 
-    models = [_entry(path, "models", i, m, MODELS) for i, m in enumerate(_as_list(path, "models", data.get("models")))]
+    models = [
+        _entry(path, "models", i, m, MODELS)
+        for i, m in enumerate(_as_list(path, "models", data.get("models")))
+    ]
     methods = [
-        _entry(path, "methods", i, m, METHODS) for i, m in enumerate(_as_list(path, "methods", data.get("methods")))
+        _entry(path, "methods", i, m, METHODS)
+        for i, m in enumerate(_as_list(path, "methods", data.get("methods")))
     ]
     if not models or not methods:
-        raise MatrixError(f"{path}: 'models' and 'methods' need at least one entry each (see `qdiff-bench ls`)")
+        raise MatrixError(
+            f"{path}: 'models' and 'methods' need at least one entry each (see `qdiff-bench ls`)"
+        )
     bits = _bits(path, _as_list(path, "bits", data.get("bits")))
     seeds = _seeds(path, _as_list(path, "seeds", data.get("seeds", [0])))
     metrics = tuple(str(m) for m in _as_list(path, "metrics", data.get("metrics")))
@@ -385,13 +394,17 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
         bad = sorted(set(args) - set(adapter_cls.ARGS))
         if bad:
             valid = ", ".join([*adapter_cls.ARGS, *SETTING_KEYS])
-            raise MatrixError(f"{path}: models[{i}]: unknown key(s) {', '.join(bad)} for {model}; valid: {valid}")
+            raise MatrixError(
+                f"{path}: models[{i}]: unknown key(s) {', '.join(bad)} for {model}; valid: {valid}"
+            )
         model_entries[model] = (tuple(sorted(args.items())), _settings(path, f"models[{i}]", overrides, base))
     method_overrides = {m: extra for m, extra in methods}
 
     def make(model: str, method: str, b: Bits | None, seed: int) -> RunSpec:
         args, (sampling, budget) = model_entries[model]
-        sampling, budget = _settings(path, f"methods ({method})", method_overrides.get(method, {}), (sampling, budget))
+        sampling, budget = _settings(
+            path, f"methods ({method})", method_overrides.get(method, {}), (sampling, budget)
+        )
         model_metrics = metrics or MODELS.get(model).DEFAULT_METRICS
         spec = RunSpec(model, method, None, None, seed, sampling, budget, model_metrics, args)
         if method == FP_METHOD:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import ClassVar, Protocol
 from dataclasses import dataclass, replace
+from typing import ClassVar, Protocol
 
 from torch import nn
 
@@ -138,7 +138,9 @@ def _ablation(name: str, what: str, **change) -> RecipeMethod:
 
 # Without timestep-aware calibration: inputs from the final denoising steps only, as naive PTQ.
 QDIFF_NO_CALIB = _ablation(
-    "qdiff-no-calib", "timestep-aware calibration (final steps only)", calib=qdiff.CalibConfig(strategy="final")
+    "qdiff-no-calib",
+    "timestep-aware calibration (final steps only)",
+    calib=qdiff.CalibConfig(strategy="final"),
 )
 QDIFF_NO_SPLIT = _ablation("qdiff-no-split", "split shortcut quantization", split_shortcut=False)
 QDIFF_NO_RECON = _ablation(

@@ -15,6 +15,7 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
 import pandas as pd
 
 from bench.store import load
@@ -44,7 +45,9 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
         else math.nan
         for r in df.itertuples()
     ]
-    bits_order = list(dict.fromkeys(df["bits"]))
+    # Columns from least to most aggressive: W8A8, W4A32, W4A8, ...
+    precision = {r.bits: (-(r.w_bits or 32), -(r.a_bits or 32)) for r in df.itertuples() if r.bits != "FP"}
+    bits_order = ["FP", *sorted(precision, key=precision.get)]
     records = []
     for (model, method, bits, metric), g in df.groupby(["model", "method", "bits", "metric"], sort=False):
         good = g[g["status"] == "ok"]
@@ -65,8 +68,12 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
                 "unit": first["unit"],
                 "higher_is_better": bool(first["higher_is_better"]),
                 "kind": first.get("kind", "quality") if isinstance(first.get("kind"), str) else "quality",
-                "floor": good["floor"].mean() if "floor" in good and good["floor"].notna().any() else math.nan,
-                "floor_sd": good["floor_sd"].mean() if "floor_sd" in good and good["floor_sd"].notna().any() else math.nan,
+                "floor": good["floor"].mean()
+                if "floor" in good and good["floor"].notna().any()
+                else math.nan,
+                "floor_sd": good["floor_sd"].mean()
+                if "floor_sd" in good and good["floor_sd"].notna().any()
+                else math.nan,
                 "bits_rank": bits_order.index(bits),
             }
         )
@@ -85,9 +92,15 @@ def leaderboard(cells: pd.DataFrame) -> pd.DataFrame:
         targets = bits_labels if c.method == FP else [c.bits]  # FP is every column's reference
         for bits in targets:
             row[(bits, c.metric)] = _cell_text(c, is_best=(c.model, bits, c.metric, c.method) in best)
-    columns = pd.MultiIndex.from_tuples([(b, m) for b in bits_labels for m in metrics], names=["bits", "metric"])
-    index = pd.MultiIndex.from_tuples(sorted(table, key=lambda k: (k[0], k[1] != FP, k[1])), names=["model", "method"])
-    return pd.DataFrame([[table[i].get(col, "—") for col in columns] for i in index], index=index, columns=columns)
+    columns = pd.MultiIndex.from_tuples(
+        [(b, m) for b in bits_labels for m in metrics], names=["bits", "metric"]
+    )
+    index = pd.MultiIndex.from_tuples(
+        sorted(table, key=lambda k: (k[0], k[1] != FP, k[1])), names=["model", "method"]
+    )
+    return pd.DataFrame(
+        [[table[i].get(col, "—") for col in columns] for i in index], index=index, columns=columns
+    )
 
 
 def _best(quant: pd.DataFrame) -> set[tuple[str, str, str, str]]:
@@ -101,11 +114,13 @@ def _best(quant: pd.DataFrame) -> set[tuple[str, str, str, str]]:
     return best
 
 
-def _fmt(v: float) -> str:
+def _fmt(v: float, like: float | None = None) -> str:
+    """``v`` with the decimals that suit the magnitude of ``like`` (default: ``v`` itself), so a
+    cell's sd and delta read at the precision of its value."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
-    a = abs(v)
-    return f"{v:.1f}" if a >= 100 else f"{v:.2f}" if a >= 1 else f"{v:.3g}"
+    a = abs(v if like is None else like)
+    return f"{v:.1f}" if a >= 100 else f"{v:.2f}" if a >= 1 else f"{v:.3g}" if like is None else f"{v:.3f}"
 
 
 def _cell_text(c, is_best: bool) -> str:
@@ -113,9 +128,9 @@ def _cell_text(c, is_best: bool) -> str:
         return f"{c.status}: {c.error}"
     text = _fmt(c.value)
     if c.seeds > 1:
-        text += f" ± {_fmt(c.sd)}"
+        text += f" ± {_fmt(c.sd, c.value)}"
     if c.method != FP and not math.isnan(c.delta):
-        text += f" ({'+' if c.delta >= 0 else '−'}{_fmt(abs(c.delta))})"
+        text += f" ({'+' if c.delta >= 0 else '−'}{_fmt(abs(c.delta), c.value)})"
     return f"**{text}**" if is_best else text
 
 
@@ -153,7 +168,8 @@ def _metric_legend(cells: pd.DataFrame) -> list[str]:
 def _floors(cells: pd.DataFrame) -> list[str]:
     fp = cells[(cells["method"] == FP) & cells["floor"].notna()]
     return [
-        f"{r.model} `{r.metric}`: real-vs-real floor {_fmt(r.floor)} ± {_fmt(r.floor_sd)} at the same sample count"
+        f"{r.model} `{r.metric}`: real-vs-real floor {_fmt(r.floor)} ± {_fmt(r.floor_sd, r.floor)} "
+        "at the same sample count"
         for r in fp.itertuples()
     ]
 
@@ -283,7 +299,8 @@ def to_html(board: pd.DataFrame, cells: pd.DataFrame, df: pd.DataFrame, title: s
     floors = "".join(f"<li>{esc(f.replace('`', ''))}</li>" for f in _floors(cells))
     note_list = "".join(f"<li>{esc(n)}</li>" for n in notes)
     figures = "".join(
-        f'<h3>{esc(cap)}</h3><img alt="{esc(cap)}" src="data:image/png;base64,{b64}">' for cap, b64 in plots(cells)
+        f'<h3>{esc(cap)}</h3><img alt="{esc(cap)}" src="data:image/png;base64,{b64}">'
+        for cap, b64 in plots(cells)
     )
     prov = "".join(f"<tr><th>{esc(k)}</th><td class='name'>{esc(v)}</td></tr>" for k, v in _provenance(df))
     return (

@@ -63,7 +63,10 @@ class PlannedRun:
 
 
 def plan(
-    matrix: MatrixSpec, store: ResultStore, only: dict[str, tuple[str, ...]] | None = None, force: bool = False
+    matrix: MatrixSpec,
+    store: ResultStore,
+    only: dict[str, tuple[str, ...]] | None = None,
+    force: bool = False,
 ) -> list[PlannedRun]:
     """The matrix's runs (filtered by ``only``) and whether each still has work to do."""
     done = store.completed()
@@ -172,12 +175,16 @@ def _load(model: str, model_args: tuple, sampling) -> tuple[Any, torch.nn.Module
     return adapter, fp, model_hash(fp)
 
 
-def _evaluate(spec: RunSpec, base: dict[str, Any], grids: Path | None, progress: bool) -> list[dict[str, Any]]:
+def _evaluate(
+    spec: RunSpec, base: dict[str, Any], grids: Path | None, progress: bool
+) -> list[dict[str, Any]]:
     adapter, fp, fp_id = _load(spec.model, spec.model_args, spec.sampling)
     code = code_hash(*CODE_PATHS)
     n, seed = spec.sampling.samples, spec.seed
     fp_key = config_hash("fp-samples", code, fp_id, adapter.identity(), n, seed)
-    fp_images = cached_tensors("samples", fp_key, lambda: {"images": adapter.sample(fp, n, seed, progress=progress)})[0]
+    fp_images = cached_tensors(
+        "samples", fp_key, lambda: {"images": adapter.sample(fp, n, seed, progress=progress)}
+    )[0]
     fp_images = fp_images["images"]
     if spec.is_fp:
         ctx = EvalContext(spec, adapter, fp_images, None)
@@ -185,8 +192,12 @@ def _evaluate(spec: RunSpec, base: dict[str, Any], grids: Path | None, progress:
     else:
         ckpt, cached = _quantized(adapter, fp, fp_id, spec, code, progress)
         deployable = qdiff.convert(ckpt["model"].to(adapter.device), spec.budget.backend)
-        key = config_hash("samples", code, fp_id, ckpt["key"], spec.budget.backend, adapter.identity(), n, seed)
-        images = cached_tensors("samples", key, lambda: {"images": adapter.sample(deployable, n, seed, progress=progress)})
+        key = config_hash(
+            "samples", code, fp_id, ckpt["key"], spec.budget.backend, adapter.identity(), n, seed
+        )
+        images = cached_tensors(
+            "samples", key, lambda: {"images": adapter.sample(deployable, n, seed, progress=progress)}
+        )
         ctx = EvalContext(spec, adapter, images[0]["images"], fp_images, ckpt["quantize_s"], cached)
         extra = {"qconfig": ckpt["qconfig"], "weights_from": ckpt.get("weights_from")}
     if grids is not None:
@@ -229,7 +240,9 @@ def _quantized(adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: bool
                 return {**source, "model": model, "key": key, "qconfig": qconfig.to_dict(),
                         "quantize_s": time.perf_counter() - t, "weights_from": shared["source"]}  # fmt: skip
         calib = _calibration(adapter, fp, fp_id, qconfig.calib, code)
-        bar = tqdm(desc=f"quantize {spec.method} {spec.bits_label}", unit="unit", leave=False, disable=not progress)
+        bar = tqdm(
+            desc=f"quantize {spec.method} {spec.bits_label}", unit="unit", leave=False, disable=not progress
+        )
         t = time.perf_counter()
         model = method.quantize(fp, qconfig, calib.to(adapter.device), progress=lambda _: bar.update())
         seconds = time.perf_counter() - t

@@ -65,8 +65,9 @@ class ResultStore:
             with tempfile.NamedTemporaryFile(dir=self.runs, prefix=".probe-"):
                 pass
         except OSError as exc:
+            reason = exc.strerror or exc
             raise StoreError(
-                f"results path {self.root} is not writable ({exc.strerror or exc}); pass another with --results"
+                f"results path {self.root} is not writable ({reason}); pass another with --results"
             ) from None
 
     def append(self, rows: list[dict[str, Any]]) -> Path:

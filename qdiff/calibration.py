@@ -46,7 +46,9 @@ class CalibData:
             yield self.select(torch.arange(start, min(start + batch_size, len(self))))
 
     def to(self, device: torch.device | str) -> CalibData:
-        return CalibData(self.x.to(device), self.t.to(device), {k: v.to(device) for k, v in self.cond.items()})
+        return CalibData(
+            self.x.to(device), self.t.to(device), {k: v.to(device) for k, v in self.cond.items()}
+        )
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         return {"x": self.x, "t": self.t, **{f"cond.{k}": v for k, v in self.cond.items()}}

@@ -30,7 +30,9 @@ TINY_SETTINGS = (
 )
 
 
-def tiny_matrix(tmp_path, methods: str = "[linear, qdiff]", bits: str = "[W8A8, W4A8, W4A32]", **extra) -> str:
+def tiny_matrix(
+    tmp_path, methods: str = "[linear, qdiff]", bits: str = "[W8A8, W4A8, W4A32]", **extra
+) -> str:
     """A matrix file on the embedded model that runs in seconds."""
     from pathlib import Path
 
@@ -74,3 +76,49 @@ class InterruptingMethod(FailingMethod):
 
 BOOM = FailingMethod()
 INTERRUPT = InterruptingMethod()
+
+
+def row(method, bits, metric, value, seed=0, status="ok", error=None, **extra):
+    """A complete results row for a hand-made store (embedded-digits, matrix ``fixture``)."""
+    from bench.store import COLUMNS
+
+    w, a = {"FP": (None, None), "W8A8": (8, 8), "W4A8": (4, 8)}[bits]
+    higher = metric == "psnr_vs_fp"
+    return {
+        **dict.fromkeys(COLUMNS),
+        "run_id": f"{method}-{bits}-{seed}", "matrix": "fixture", "model": "embedded-digits",
+        "method": method, "w_bits": w, "a_bits": a, "bits": bits, "seed": seed, "metric": metric,
+        "value": value, "unit": "dB" if higher else "fd", "higher_is_better": higher,
+        "kind": "cost" if metric == "quantize_time" else "quality", "n_samples": 100,
+        "status": status, "error": error, "device": "cpu (test)", "torch": "2.x", "cuda": "none",
+        "git_sha": "abc123", "config_hash": f"{method}-{bits}-{seed}",
+        "reference_hash": None if method == "fp" else f"fp-FP-{seed}",
+        "started_at": f"2026-01-01T00:00:0{seed}", "duration_s": 1.0,
+        "sampling": {"steps": 5}, "budget": None if method == "fp" else {"weight_iters": 3}, **extra,
+    }  # fmt: skip
+
+
+def fixture_store(root, qdiff_w4=20.0):
+    """FP, linear and qdiff at W8A8/W4A8 over two seeds, with one failed cell (linear W4A8)."""
+    from bench.store import ResultStore
+
+    store = ResultStore(root)
+    for seed, fp_fd in ((0, 14.0), (1, 16.0)):
+        store.append([row("fp", "FP", "digits_fd", fp_fd, seed, floor=10.0, floor_sd=1.0)])
+        cells = {"linear": (40.0, 20.0, 0.5), "qdiff": (15.0, 30.0, 90.0)}
+        for method, (fd, psnr, seconds) in cells.items():
+            store.append([
+                row(method, "W8A8", "digits_fd", fd + seed, seed),
+                row(method, "W8A8", "psnr_vs_fp", psnr, seed),
+                row(method, "W8A8", "quantize_time", seconds, seed),
+            ])  # fmt: skip
+        store.append([
+            row("qdiff", "W4A8", "digits_fd", qdiff_w4 + seed, seed),
+            row("qdiff", "W4A8", "psnr_vs_fp", 25.0, seed),
+            row("qdiff", "W4A8", "quantize_time", 100.0, seed),
+        ])  # fmt: skip
+        failed = ("digits_fd", "psnr_vs_fp", "quantize_time")
+        store.append(
+            [row("linear", "W4A8", m, None, seed, status="error", error="RuntimeError: boom") for m in failed]
+        )
+    return root

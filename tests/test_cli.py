@@ -1,123 +1,143 @@
-"""The command line: user errors are one clear line; a small real run writes complete rows."""
+"""The command line: every command end to end, and one clear line (exit 2) per bad input."""
 
-import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from helpers import fixture_store, tiny_matrix
 
 from bench.cli import main
 from bench.methods import Bits, BitsError
 
-SCHEMA = {
-    "run_id",
-    "matrix",
-    "model",
-    "method",
-    "w_bits",
-    "a_bits",
-    "seed",
-    "metric",
-    "value",
-    "unit",
-    "higher_is_better",
-    "n_samples",
-    "status",
-    "error",
-    "device",
-    "torch",
-    "cuda",
-    "git_sha",
-    "config_hash",
-    "started_at",
-    "duration_s",
-}
+
+def cli(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "bench.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env
+    )
+
+
+def test_validate_run_resume_report_and_compare_via_subprocess(tmp_path):
+    matrix = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8, W4A32]")
+    results = tmp_path / "results"
+    out = cli("validate", matrix, "--results", results)
+    assert out.returncode == 0, out.stderr
+    assert "3 runs (3 to run)" in out.stdout and "embedded-digits linear W4A32 seed=0" in out.stdout
+
+    out = cli("run", matrix, "--results", results, "--threads", "2", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert "| embedded-digits | linear |" in out.stdout and "3 runs, 7 rows appended" in out.stdout
+    assert (results / "tiny" / "report.html").is_file() and (results / "tiny" / "report.md").is_file()
+    files = sorted((results / "tiny" / "runs").iterdir())
+
+    again = cli("run", matrix, "--results", results, "--no-progress", "--no-report")
+    assert again.returncode == 0 and "0 runs, 0 rows appended" in again.stdout
+    assert sorted((results / "tiny" / "runs").iterdir()) == files
+    dry = cli("run", matrix, "--results", results, "--dry-run", "--force", "--only", "bits=W8*")
+    assert dry.returncode == 0 and dry.stdout.count("forced") == 1 and "W8A8" in dry.stdout
+
+    out = cli("report", results / "tiny", "--out", tmp_path / "report")
+    assert out.returncode == 0 and (tmp_path / "report" / "report.html").is_file()
+    out = cli("compare", results / "tiny", results / "tiny")
+    assert out.returncode == 0 and "0 regression(s)" in out.stdout
+
+
+def test_compare_exits_non_zero_past_the_threshold(tmp_path, capsys):
+    a = fixture_store(tmp_path / "a")
+    b = fixture_store(tmp_path / "b", qdiff_w4=23.0)
+    assert main(["compare", str(a), str(b), "--threshold", "5%"]) == 1
+    assert "qdiff | W4A8 | 0 | digits_fd | 20 | 23 | 3 | worse **REGRESSION**" in capsys.readouterr().out
+    assert main(["compare", str(a), str(b), "--threshold", "20%"]) == 0
+
+
+def test_ls_lists_everything_registered(capsys):
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    for name in (
+        "embedded-digits",
+        "sd-1.5",
+        "qdiff-no-split",
+        "linear",
+        "digits_fd",
+        "configs/default.yaml",
+    ):
+        assert name in out
+
+
+def one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qdiff-bench: error: ") and "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
 
 
 @pytest.mark.parametrize(
-    ("argv", "message"),
+    ("argv", "needles"),
     [
-        (["run", "--methods", "qdif"], "unknown method 'qdif' (did you mean 'qdiff'?); valid: linear, qdiff"),
-        (["run", "--bits", "W1A8"], "weight bits 1 are out of range; use 2–16, or 32 for full precision"),
-        (["run", "--bits", "4bit"], "not of the form W<bits>A<bits>"),
-        (["run", "--samples", "5000"], "n_samples=5000 must be in 2–899"),
+        (["validate", "{dir}/nope.yaml"], ["does not exist"]),
+        (["run", "{matrix}", "--only", "meth=qdiff"], ["keys: model, method, bits, seed"]),
+        (["compare", "{dir}", "{dir}", "--threshold", "x"], ["not a number or a percentage"]),
+        (["report", "{dir}/empty"], ["no results at", "run a matrix first"]),
     ],
 )
-def test_bad_input_is_one_clear_line(argv, message, capsys, tmp_path):
-    assert main([*argv, "--results", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and message in err and "Traceback" not in err
-    assert not any(tmp_path.iterdir())  # nothing was written
+def test_bad_arguments_are_one_clear_line(argv, needles, tmp_path, capsys):
+    matrix = tiny_matrix(tmp_path)
+    argv = [a.format(dir=tmp_path, matrix=matrix) for a in argv]
+    assert main(argv) == 2
+    one_line_error(capsys, *needles)
+
+
+def test_bad_matrix_fails_before_writing_anything(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("models: [embedded-digits]\nmethods: [qdif]\nbits: [W4A8]\n")
+    assert main(["run", str(path), "--results", str(tmp_path / "results")]) == 2
+    one_line_error(capsys, "unknown method 'qdif' (did you mean 'qdiff'?); valid: fp, linear, qdiff")
+    assert not (tmp_path / "results").exists()
+
+
+def test_unwritable_results_and_corrupt_store_keep_existing_results(tmp_path, capsys):
+    matrix = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]")
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    assert main(["run", matrix, "--results", str(blocker)]) == 2
+    one_line_error(capsys, "is not writable", "--results")
+    assert blocker.read_text() == "keep me"
+
+    runs = tmp_path / "results" / "tiny" / "runs"
+    runs.mkdir(parents=True)
+    (runs / "x-1.jsonl").write_text('{"status": "ok"}\nnot json\n')
+    before = {p: p.read_bytes() for p in runs.iterdir()}
+    assert main(["run", matrix, "--results", str(tmp_path / "results"), "--no-progress"]) == 2
+    one_line_error(capsys, "x-1.jsonl:2: corrupt results row", "move that file out")
+    assert {p: p.read_bytes() for p in runs.iterdir()} == before
+
+
+def test_missing_embedded_checkpoint_is_an_error_row_that_says_how_to_fix(tmp_path, capsys, monkeypatch):
+    import bench.embedded.model
+    import bench.runner
+
+    monkeypatch.setattr(bench.embedded.model, "ASSETS", tmp_path / "assets")
+    bench.runner._load.cache_clear()
+    matrix = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]")
+    assert main(["run", matrix, "--results", str(tmp_path / "r"), "--no-progress"]) == 1
+    bench.runner._load.cache_clear()
+    out = capsys.readouterr().out
+    assert "error [1]" in out and "python -m bench.embedded.train" in out
 
 
 def test_bits_labels():
     assert Bits.parse("w4a32") == Bits(4, None) and Bits(4, None).label == "W4A32"
     with pytest.raises(BitsError, match="quantizes nothing"):
         Bits.parse("W32A32")
+    with pytest.raises(BitsError, match="weight bits 1 are out of range; use 2–16, or 32"):
+        Bits.parse("W1A8")
 
 
-def test_ls_lists_methods(capsys):
-    assert main(["ls"]) == 0
-    assert "linear" in capsys.readouterr().out
+def test_default_matrix_is_the_readme_main_command():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "pip install -e . && qdiff-bench run\n" in readme
+    from bench.cli import DEFAULT_MATRIX
 
-
-def test_small_run_writes_paired_rows_and_a_table(capsys, tmp_path):
-    argv = [
-        "run",
-        "--methods",
-        "linear",
-        "--bits",
-        "W8A8,W4A32",
-        "--samples",
-        "40",
-        "--steps",
-        "10",
-        "--threads",
-        "2",
-        "--results",
-        str(tmp_path),
-        "--name",
-        "smoke",
-    ]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "| linear |" in out and "W4A32" in out and "real data (floor)" in out
-    rows = [json.loads(line) for line in (tmp_path / "smoke" / "rows.jsonl").read_text().splitlines()]
-    assert all(set(r) >= SCHEMA for r in rows)
-    fd = {(r["method"], r["w_bits"], r["a_bits"]): r["value"] for r in rows if r["metric"] == "digits_fd"}
-    assert set(fd) == {("real-data", None, None), ("fp", None, None), ("linear", 8, 8), ("linear", 4, None)}
-    assert all(r["status"] == "ok" and r["seed"] == 0 and r["n_samples"] == 40 for r in rows)
-    # Paired with FP on the same noise: 8 bits stays closer to FP than 4-bit weights.
-    assert abs(fd[("linear", 8, 8)] - fd[("fp", None, None)]) < abs(
-        fd[("linear", 4, None)] - fd[("fp", None, None)]
-    )
-    # A second run appends (never rewrites) and reuses the cached FP samples.
-    assert main(argv) == 0
-    lines = (tmp_path / "smoke" / "rows.jsonl").read_text().splitlines()
-    assert len(lines) == 2 * len(rows)
-    assert json.loads(lines[len(rows) + 1])["cached"] is True
-
-
-def test_missing_checkpoint_is_one_clear_line(capsys, tmp_path, monkeypatch):
-    import bench.embedded.model
-
-    monkeypatch.setattr(bench.embedded.model, "ASSETS", tmp_path / "assets")
-    assert main(["run", "--results", str(tmp_path / "results")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("qdiff-bench: error: missing") and "python -m bench.embedded.train" in err
-    assert "\n" not in err
-
-
-def test_qdiff_runs_share_the_weight_phase_between_w4a8_and_w4a32(tmp_path):
-    from bench.models.embedded import SamplerConfig
-    from bench.run import Budget, ExperimentConfig, run_experiment
-
-    config = ExperimentConfig(
-        name="share", methods=("qdiff",), bits=("W4A8", "W4A32"), n_samples=20,
-        sampler=SamplerConfig(steps=4),
-        budget=Budget(calib_timesteps=2, calib_samples=4, weight_iters=3, act_iters=2),
-    )  # fmt: skip
-    rows = run_experiment(config, tmp_path, log=lambda _: None)
-    fd = {r["a_bits"]: r for r in rows if r["metric"] == "digits_fd" and r["method"] == "qdiff"}
-    assert fd[8]["status"] == fd[None]["status"] == "ok"
-    assert fd[None]["weights_from"] == "W4A8" and "weights_from" not in fd[8]
-    assert fd[8]["qconfig"]["calib"]["strategy"] == "uniform" and fd[None]["qconfig"]["act"] is None
-    assert (tmp_path / "share" / "samples" / "qdiff-W4A32.png").is_file()
+    assert DEFAULT_MATRIX.is_file()

@@ -2,9 +2,9 @@
 
 import pytest
 
+from bench.matrix import Budget
 from bench.methods import Bits
 from bench.registry import METHODS, Registry, UnknownNameError
-from bench.matrix import Budget
 
 
 def test_qdiffusion_and_linear_recipes():

@@ -1,6 +1,8 @@
 """The runner: paired rows with provenance, isolation of failures, resume without loss or
 duplicates, shared FP/calibration work, and weight-phase reuse."""
 
+from pathlib import Path
+
 import pytest
 from helpers import tiny_matrix
 
@@ -39,8 +41,11 @@ def test_rows_are_complete_paired_and_reproducible(tmp_path):
     # A rerun adds nothing; --force recomputes from the caches and reproduces every value.
     assert run(matrix, tmp_path / "results") == []
     again = run(matrix, tmp_path / "results", force=True)
-    values = lambda rs: {(r["config_hash"], r["metric"]): r["value"] for r in rs if r["metric"] != "quantize_time"}  # noqa: E731
     assert values(again) == values(rows)
+
+
+def values(rows):
+    return {(r["config_hash"], r["metric"]): r["value"] for r in rows if r["metric"] != "quantize_time"}
 
 
 def test_failures_become_rows_and_the_matrix_goes_on(tmp_path, monkeypatch):
@@ -58,8 +63,8 @@ def test_failures_become_rows_and_the_matrix_goes_on(tmp_path, monkeypatch):
 
 def test_missing_model_weights_are_a_skipped_row(tmp_path):
     path = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]")
-    text = open(path).read().replace("models: [embedded-digits]", "models: [{name: ddim-cifar10, source: no-org/absent}]")
-    open(path, "w").write(text)
+    text = Path(path).read_text()
+    Path(path).write_text(text.replace("[embedded-digits]", "[{name: ddim-cifar10, source: no-org/absent}]"))
     rows = run(load_matrix(path), tmp_path)
     assert rows and all(r["status"] == "skipped" for r in rows)
     assert "not available offline" in rows[0]["error"] and "source: /local/dir" in rows[0]["error"]

@@ -53,7 +53,7 @@ def test_corrupt_file_is_one_clear_error(tmp_path):
 def test_unwritable_path_and_missing_results_are_clear(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(StoreError, match="is not writable .* pass another with --results"):
+    with pytest.raises(StoreError, match=r"is not writable .* pass another with --results"):
         ResultStore(blocker / "m").check_writable()
     with pytest.raises(StoreError, match="no results at"):
         load(tmp_path / "nothing")

@@ -29,7 +29,9 @@ def save_ddpm(path: Path) -> Path:
     from diffusers import DDPMPipeline, DDPMScheduler
 
     torch.manual_seed(0)
-    DDPMPipeline(unet=_unet2d(3, 8), scheduler=DDPMScheduler(num_train_timesteps=100, clip_sample=False)).save_pretrained(path)
+    DDPMPipeline(
+        unet=_unet2d(3, 8), scheduler=DDPMScheduler(num_train_timesteps=100, clip_sample=False)
+    ).save_pretrained(path)
     return path
 
 
@@ -50,9 +52,11 @@ def save_ldm(path: Path) -> Path:
         norm_num_groups=4,
         sample_size=16,
     )
-    LDMPipeline(vqvae=vqvae, unet=_unet2d(3, 8), scheduler=DDIMScheduler(num_train_timesteps=100, clip_sample=False, steps_offset=1)).save_pretrained(
-        path
-    )
+    LDMPipeline(
+        vqvae=vqvae,
+        unet=_unet2d(3, 8),
+        scheduler=DDIMScheduler(num_train_timesteps=100, clip_sample=False, steps_offset=1),
+    ).save_pretrained(path)
     return path
 
 

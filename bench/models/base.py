@@ -54,7 +54,9 @@ class DiffusionAdapter:
     def __init__(self, sampling: Sampling, **args: Any) -> None:
         bad = sorted(set(args) - set(self.ARGS))
         if bad:
-            raise ValueError(f"{self.name} does not take {', '.join(bad)}; valid: {', '.join(self.ARGS) or 'none'}")
+            raise ValueError(
+                f"{self.name} does not take {', '.join(bad)}; valid: {', '.join(self.ARGS) or 'none'}"
+            )
         self.sampling = sampling
         self.args = args
         self.device = resolve_device(sampling.device)
@@ -92,7 +94,13 @@ class DiffusionAdapter:
     def identity(self) -> dict[str, Any]:
         """What, besides the denoiser's weights, determines the samples (hashed into caches)."""
         s = self.sampling
-        return {"name": self.name, "args": self.args, "steps": s.steps, "eta": s.eta, "batch_size": s.batch_size}
+        return {
+            "name": self.name,
+            "args": self.args,
+            "steps": s.steps,
+            "eta": s.eta,
+            "batch_size": s.batch_size,
+        }
 
     # --- shared ---------------------------------------------------------------------------
 

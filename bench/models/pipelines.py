@@ -86,7 +86,7 @@ class TextToImageAdapter(PipelineAdapter):
     """
 
     ARGS = ("source", "prompts", "guidance_scale")
-    LOAD_KWARGS = {"safety_checker": None, "requires_safety_checker": False}
+    LOAD_KWARGS: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
     DEFAULT_METRICS = ("psnr_vs_fp", "quantize_time")
 
     @cached_property
@@ -118,7 +118,11 @@ class TextToImageAdapter(PipelineAdapter):
     def _embed(self, prompts: list[str]) -> torch.Tensor:
         tokenizer, encoder = self.pipeline.tokenizer, self.pipeline.text_encoder
         ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
         return encoder(ids.to(self.device))[0]
 

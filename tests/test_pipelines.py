@@ -1,0 +1,79 @@
+"""diffusers adapters on tiny random pipelines loaded from local directories (no downloads)."""
+
+import pytest
+import torch
+from helpers import TINY_SETTINGS
+
+import qdiff
+from bench.matrix import Sampling, load_matrix
+from bench.models.base import AvailabilityError
+from bench.registry import MODELS
+from bench.runner import run_matrix
+
+SAMPLING = Sampling(samples=4, steps=3, batch_size=4, device="cpu")
+SHAPES = {"ddim-cifar10": (3, 8, 8), "ldm-celebahq": (3, 16, 16), "sd-1.5": (3, 16, 16)}
+
+
+@pytest.mark.parametrize("name", ["ddim-cifar10", "ldm-celebahq", "sd-1.5"])
+def test_adapter_samples_paired_images_and_records_calibration_inputs(name, tiny_pipelines):
+    adapter = MODELS.get(name)(SAMPLING, source=str(tiny_pipelines[name]))
+    fp = adapter.denoiser()
+    images = adapter.sample(fp, 4, seed=1)
+    assert images.shape == (4, *SHAPES[name]) and images.dtype == torch.uint8
+    assert torch.equal(images, adapter.sample(fp, 4, seed=1))  # a seed fixes the samples
+    assert not torch.equal(images, adapter.sample(fp, 4, seed=2))
+    # Same seed, other batch size: the same images (up to one grey level of round-off).
+    halves = MODELS.get(name)(
+        Sampling(samples=4, steps=3, batch_size=2, device="cpu"), source=str(tiny_pipelines[name])
+    )
+    assert (halves.sample(fp, 4, seed=1).int() - images.int()).abs().max() <= 1
+
+    data = adapter.calibration_data(fp, qdiff.CalibConfig("uniform", num_timesteps=2, samples_per_timestep=2))
+    doubled = 2 if name == "sd-1.5" else 1  # classifier-free guidance runs both halves
+    assert len(data) == 2 * 2 * doubled and data.t.unique().numel() == 2
+    if name == "sd-1.5":
+        assert set(data.cond) == {"encoder_hidden_states"}
+        assert adapter.prompts(17)[16] == adapter.prompts(1)[0]  # prompts cycle
+    # the recorded inputs are exactly what the denoiser takes
+    out = fp(data.x[:2], data.t[:2], **{k: v[:2] for k, v in data.cond.items()}).sample
+    assert out.shape == data.x[:2].shape
+
+
+def test_prompts_file_and_guidance(tiny_pipelines, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\n")
+    adapter = MODELS.get("sd-1.5")(SAMPLING, source=str(tiny_pipelines["sd-1.5"]), prompts=str(prompts))
+    assert adapter.prompts(3) == ["a cat", "a dog", "a cat"]
+    fp = adapter.denoiser()
+    weak = MODELS.get("sd-1.5")(
+        SAMPLING, source=str(tiny_pipelines["sd-1.5"]), prompts=str(prompts), guidance_scale=1.0
+    )
+    assert not torch.equal(adapter.sample(fp, 2, 0), weak.sample(fp, 2, 0))
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="has no prompts"):
+        MODELS.get("sd-1.5")(
+            SAMPLING, source=str(tiny_pipelines["sd-1.5"]), prompts=str(tmp_path / "empty.txt")
+        ).prompts(1)
+
+
+def test_absent_weights_are_unavailable_not_an_error(tmp_path):
+    adapter = MODELS.get("sd-1.5")(SAMPLING, source="no-org/not-cached")
+    with pytest.raises(AvailabilityError, match=r"not available offline .* set source: /local/dir"):
+        adapter.denoiser()
+    if not torch.cuda.is_available():
+        with pytest.raises(AvailabilityError, match="no CUDA device"):
+            MODELS.get("sd-1.5")(Sampling(device="cuda"))
+
+
+def test_quantized_stable_diffusion_end_to_end(tiny_pipelines, tmp_path):
+    path = tmp_path / "sd.yaml"
+    path.write_text(
+        f"name: sd\nmodels: [{{name: sd-1.5, source: {tiny_pipelines['sd-1.5']}}}]\n"
+        f"methods: [linear, qdiff]\nbits: [W8A8]\nsettings: {TINY_SETTINGS}\n"
+    )
+    rows = run_matrix(load_matrix(path), tmp_path / "results", progress=False, log=lambda _: None)
+    assert {(r["method"], r["metric"], r["status"]) for r in rows} == {
+        (m, metric, "ok") for m in ("linear", "qdiff") for metric in ("psnr_vs_fp", "quantize_time")
+    }
+    psnr = [r["value"] for r in rows if r["metric"] == "psnr_vs_fp"]
+    assert all(10 < v < 100 for v in psnr)  # close to, but not identical with, the FP images

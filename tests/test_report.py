@@ -1,0 +1,59 @@
+"""Leaderboards and comparisons from a hand-made fixture store (every number known)."""
+
+import re
+
+import pytest
+from helpers import fixture_store
+
+from bench import report
+from bench.compare import Threshold, ThresholdError, compare
+
+
+def test_leaderboard_cells_deltas_best_and_errors(tmp_path):
+    built = report.build(fixture_store(tmp_path / "r"))
+    board = report.leaderboard(built.cells)
+    assert list(board.columns.get_level_values(0).unique()) == ["W8A8", "W4A8"]
+    # mean ± sd over two seeds, and the mean paired delta to FP of the same seed
+    assert board.loc[("embedded-digits", "qdiff"), ("W8A8", "digits_fd")] == "**15.50 ± 0.71 (+0.50)**"
+    assert board.loc[("embedded-digits", "linear"), ("W8A8", "digits_fd")] == "40.50 ± 0.71 (+25.50)"
+    assert board.loc[("embedded-digits", "qdiff"), ("W8A8", "psnr_vs_fp")].startswith(
+        "**30.00"
+    )  # higher wins
+    assert board.loc[("embedded-digits", "fp"), ("W4A8", "digits_fd")] == "15.00 ± 1.41"  # FP in every column
+    assert board.loc[("embedded-digits", "linear"), ("W4A8", "digits_fd")] == "error: RuntimeError: boom"
+    md = built.markdown
+    assert (
+        "| embedded-digits | linear |" in md
+        and "error [1]" in md
+        and "[1] embedded-digits linear: error: RuntimeError: boom" in md
+    )
+    assert "real-vs-real floor 10.00 ± 1.00" in md and "| git commit | abc123 |" in md
+
+
+def test_html_is_self_contained_with_plots_and_hover_errors(tmp_path):
+    md, page, _ = report.write(fixture_store(tmp_path / "r"), tmp_path / "out")
+    text = page.read_text()
+    assert md.is_file() and text.startswith("<!doctype html>")
+    assert not re.search(r"""(src|href)=["'](?!data:)""", text)  # nothing loaded from outside
+    assert text.count("data:image/png;base64,") == 3  # digits_fd and psnr by bits, one Pareto plot
+    assert 'class="error" title="error: RuntimeError: boom"' in text and 'class="best"' in text
+
+
+def test_pareto_front():
+    # lower cost and better (lower) quality dominate
+    assert report._pareto([1, 2, 3, 4], [5.0, 3.0, 4.0, 1.0], higher_is_better=False) == [0, 1, 3]
+    assert report._pareto([1, 2, 3], [1.0, 0.5, 2.0], higher_is_better=True) == [0, 2]
+
+
+def test_compare_flags_regressions_beyond_threshold(tmp_path):
+    a = fixture_store(tmp_path / "a")
+    b = fixture_store(tmp_path / "b", qdiff_w4=21.0)  # qdiff W4A8 one FD worse
+    table = compare(a, b, Threshold.parse("0.5"))
+    flagged = table[table["regressed"]]
+    assert set(zip(flagged["method"], flagged["bits"], flagged["metric"], strict=True)) == {
+        ("qdiff", "W4A8", "digits_fd")
+    }
+    assert not compare(a, b, Threshold.parse("10%"))["regressed"].any()  # 1/20 = 5% allowed
+    assert compare(a, a, Threshold.parse("0"))["regressed"].sum() == 0
+    with pytest.raises(ThresholdError, match="not a number or a percentage"):
+        Threshold.parse("five")
