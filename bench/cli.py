@@ -38,14 +38,31 @@ USER_ERRORS = (
 )
 
 
-def _threads(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--threads must be an integer >= 1, got {value!r}")
-    return n
+def _positive(flag: str):
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer >= 1, got {value!r}")
+        return n
+
+    return parse
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _execution(matrix, workers: int | None, threads: int | None) -> tuple[int, int]:
+    """Worker processes and torch threads per worker for this machine and matrix."""
+    import torch
+
+    cuda = torch.cuda.is_available() and any(r.sampling.device != "cpu" for r in matrix.expand())
+    if workers is None:
+        workers = 1 if cuda else max(1, min(4, _cores(), len(matrix.expand())))
+    return workers, threads or max(1, _cores() // workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,10 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--no-report", action="store_true", help="do not write report.md/html afterwards")
     run.add_argument(
+        "--workers",
+        type=_positive("--workers"),
+        help="runs side by side in worker processes (default: one per CPU core, up to 4, for CPU "
+        "matrices; 1 with CUDA)",
+    )
+    run.add_argument(
         "--threads",
-        type=_threads,
-        default=min(4, os.cpu_count() or 1),
-        help="torch CPU threads (set explicitly: oversubscription is very slow)",
+        type=_positive("--threads"),
+        help="torch CPU threads per worker (default: cores / workers; set explicitly, since "
+        "oversubscription is very slow)",
     )
 
     report = sub.add_parser("report", help="write report.md and report.html for a results folder")
@@ -154,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from bench import report
     from bench.matrix import load_matrix, parse_rules
-    from bench.runner import plan, run_matrix
+    from bench.runner import LocalExecutor, ProcessExecutor, plan, run_matrix
     from bench.store import ResultStore
 
     matrix = load_matrix(args.matrix)
@@ -166,10 +189,15 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     store.check_writable()
     store.rows()  # a corrupt store fails now, before any work
-    torch.set_num_threads(args.threads)
+    workers, threads = _execution(matrix, args.workers, args.threads)
+    torch.set_num_threads(threads)
+    executor = LocalExecutor() if workers == 1 else ProcessExecutor(workers, threads)
     start = time.time()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    rows = run_matrix(matrix, args.results, only=only, force=force, progress=not args.no_progress, log=log)
+    log(f"{matrix.name}: {workers} worker(s) x {threads} torch thread(s)")
+    rows = run_matrix(
+        matrix, args.results, executor, only=only, force=force, progress=not args.no_progress, log=log
+    )
     if not args.no_report:
         md, page, built = report.write(store.root)
         print(built.markdown)

@@ -68,6 +68,7 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
                 "unit": first["unit"],
                 "higher_is_better": bool(first["higher_is_better"]),
                 "kind": first.get("kind", "quality") if isinstance(first.get("kind"), str) else "quality",
+                "weights_from": _first(good, "weights_from"),
                 "floor": good["floor"].mean()
                 if "floor" in good and good["floor"].notna().any()
                 else math.nan,
@@ -78,6 +79,11 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame.from_records(records)
+
+
+def _first(rows: pd.DataFrame, column: str):
+    values = rows[column].dropna() if column in rows else []
+    return values.iloc[0] if len(values) else None
 
 
 def leaderboard(cells: pd.DataFrame) -> pd.DataFrame:
@@ -131,6 +137,8 @@ def _cell_text(c, is_best: bool) -> str:
         text += f" ± {_fmt(c.sd, c.value)}"
     if c.method != FP and not math.isnan(c.delta):
         text += f" ({'+' if c.delta >= 0 else '−'}{_fmt(abs(c.delta), c.value)})"
+    if c.kind == "cost" and isinstance(c.weights_from, str):
+        text += f" (shared with {c.weights_from})"
     return f"**{text}**" if is_best else text
 
 

@@ -26,40 +26,19 @@ def _isolated_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def tiny_unet():
     """A small random UNet2DModel with skip concatenations and attention at the lowest level."""
-    from diffusers import UNet2DModel
+    from tiny_pipelines import unet2d
 
     torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=8,
-    ).eval()
+    return unet2d(in_channels=1, sample_size=8).eval()
 
 
 @pytest.fixture
 def tiny_cond_unet():
     """A small random UNet2DConditionModel with cross-attention (Stable Diffusion's layout)."""
-    from diffusers import UNet2DConditionModel
+    from tiny_pipelines import cond_unet
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    ).eval()
+    return cond_unet().eval()
 
 
 @pytest.fixture(scope="session")

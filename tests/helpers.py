@@ -74,6 +74,13 @@ class InterruptingMethod(FailingMethod):
         raise KeyboardInterrupt
 
 
+def die(spec, matrix):
+    """A run function whose worker process dies (as if killed by the OOM killer)."""
+    import os
+
+    os._exit(3)
+
+
 BOOM = FailingMethod()
 INTERRUPT = InterruptingMethod()
 

@@ -26,7 +26,7 @@ def test_validate_run_resume_report_and_compare_via_subprocess(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "3 runs (3 to run)" in out.stdout and "embedded-digits linear W4A32 seed=0" in out.stdout
 
-    out = cli("run", matrix, "--results", results, "--threads", "2", "--no-progress")
+    out = cli("run", matrix, "--results", results, "--workers", "2", "--threads", "1", "--no-progress")
     assert out.returncode == 0, out.stderr
     assert "| embedded-digits | linear |" in out.stdout and "3 runs, 7 rows appended" in out.stdout
     assert (results / "tiny" / "report.html").is_file() and (results / "tiny" / "report.md").is_file()

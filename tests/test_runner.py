@@ -8,7 +8,7 @@ from helpers import tiny_matrix
 
 from bench.matrix import load_matrix
 from bench.registry import METHODS
-from bench.runner import LocalExecutor, execute, plan, run_matrix
+from bench.runner import LocalExecutor, ProcessExecutor, execute, plan, run_matrix, waves
 from bench.store import COLUMNS, ResultStore, load
 
 
@@ -118,6 +118,29 @@ def test_executor_is_an_interface(tmp_path):
     assert {r["status"] for r in rows} == {"ok"}
     df = load(tmp_path / "tiny")
     assert set(df["bits"]) == {"FP", "W8A8", "W4A32"}
+
+
+def test_waves_put_fp_first_and_weight_sharing_runs_last(tmp_path):
+    matrix = load_matrix(tiny_matrix(tmp_path, methods="[qdiff, linear]", bits="[W4A32, W8A32, W4A8]"))
+    labels = [[f"{s.method} {s.bits_label}" for s in wave] for wave in waves(matrix.expand())]
+    assert labels == [
+        ["fp FP"],
+        ["qdiff W4A8", "qdiff W8A32", "linear W4A8", "linear W8A32"],  # W8A32 has no W8Ay to share
+        ["qdiff W4A32", "linear W4A32"],
+    ]
+
+
+def test_process_executor_runs_side_by_side_and_survives_a_dead_worker(tmp_path):
+    from functools import partial
+
+    from helpers import die
+
+    matrix = load_matrix(tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8, W4A32]"))
+    rows = run(matrix, tmp_path, executor=ProcessExecutor(workers=2, threads=1))
+    assert {r["status"] for r in rows} == {"ok"} and len({r["config_hash"] for r in rows}) == 3
+    dead = list(ProcessExecutor(workers=1, threads=1).map(partial(die, matrix="m"), matrix.expand()[:2]))
+    assert len(dead) == 2
+    assert all(r["status"] == "error" and "worker died" in r["error"] for _, rows in dead for r in rows)
 
 
 def test_execute_is_self_contained(tmp_path):

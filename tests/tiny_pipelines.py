@@ -7,8 +7,20 @@ from pathlib import Path
 
 import torch
 
+# Image autoencoders (VQ for LDM, KL for Stable Diffusion): 16×16×3 images, 2× down to 8×8 latents.
+VAE_LAYOUT = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    "block_out_channels": (8, 8),
+    "norm_num_groups": 4,
+    "sample_size": 16,
+}
 
-def _unet2d(in_channels: int, sample_size: int):
+
+def unet2d(in_channels: int, sample_size: int):
+    """A small random UNet2DModel with skip concatenations and attention at the lowest level."""
     from diffusers import UNet2DModel
 
     return UNet2DModel(
@@ -24,13 +36,31 @@ def _unet2d(in_channels: int, sample_size: int):
     )
 
 
+def cond_unet():
+    """A small random UNet2DConditionModel with cross-attention (Stable Diffusion's layout)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+
+
 def save_ddpm(path: Path) -> Path:
     """Pixel-space unconditional pipeline (``google/ddpm-cifar10-32`` layout), 3×8×8."""
     from diffusers import DDPMPipeline, DDPMScheduler
 
     torch.manual_seed(0)
     DDPMPipeline(
-        unet=_unet2d(3, 8), scheduler=DDPMScheduler(num_train_timesteps=100, clip_sample=False)
+        unet=unet2d(3, 8), scheduler=DDPMScheduler(num_train_timesteps=100, clip_sample=False)
     ).save_pretrained(path)
     return path
 
@@ -40,21 +70,10 @@ def save_ldm(path: Path) -> Path:
     from diffusers import DDIMScheduler, LDMPipeline, VQModel
 
     torch.manual_seed(0)
-    vqvae = VQModel(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        latent_channels=3,
-        num_vq_embeddings=16,
-        norm_num_groups=4,
-        sample_size=16,
-    )
+    vqvae = VQModel(**VAE_LAYOUT, layers_per_block=1, latent_channels=3, num_vq_embeddings=16)
     LDMPipeline(
         vqvae=vqvae,
-        unet=_unet2d(3, 8),
+        unet=unet2d(3, 8),
         scheduler=DDIMScheduler(num_train_timesteps=100, clip_sample=False, steps_offset=1),
     ).save_pretrained(path)
     return path
@@ -74,7 +93,7 @@ def _tokenizer():
 
 def save_sd(path: Path) -> Path:
     """Stable Diffusion layout: CLIP text encoder + tokenizer, KL VAE, conditional UNet."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -92,28 +111,8 @@ def save_sd(path: Path) -> Path:
             pad_token_id=vocab_size - 1,
         )
     )
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
+    unet = cond_unet()
+    vae = AutoencoderKL(**VAE_LAYOUT, latent_channels=4)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text,

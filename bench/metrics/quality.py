@@ -102,7 +102,9 @@ class PSNRvsFP:
 @dataclass(frozen=True)
 class QuantizeTime:
     """Wall seconds the method took to produce the quantized model (calibration data excluded:
-    it is shared between methods). A checkpoint from the cache reports its original time."""
+    it is shared between methods). A checkpoint from the cache reports its original time; a
+    WxA32 model that reuses a WxAy model's weight phase reports that model's time (the row's
+    ``weights_from`` names it)."""
 
     name: str = "quantize_time"
     unit: str = "s"
