@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import signal
+import sys
 import time
 import traceback
 import uuid
@@ -39,22 +41,30 @@ from bench.registry import METHODS, METRICS, MODELS
 from bench.store import ResultStore
 
 Log = Callable[[str], None]
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RunFn = Callable[[RunSpec], list[dict[str, Any]]]
 # Cache keys include the code that produces the cached artefacts, so a code change never
 # reuses a stale checkpoint or sample set.
 CODE_PATHS = ("qdiff", "baselines", "bench/models", "bench/embedded", "bench/methods.py")
 
 
-class Executor(Protocol):
-    """Runs ``fn`` on each spec and yields ``(spec, rows)`` as runs finish, in any order."""
+Outcome = list[dict[str, Any]] | Exception  # a run's rows, or why its worker could not return them
 
-    def map(self, fn: RunFn, specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, list[dict[str, Any]]]]: ...
+
+class Executor(Protocol):
+    """Runs ``fn`` on each spec and yields ``(spec, outcome)`` as runs finish, in any order.
+
+    ``fn`` never raises for a failed run (it returns error rows); an executor yields an
+    exception only when the run's worker itself was lost.
+    """
+
+    def map(self, fn: RunFn, specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, Outcome]]: ...
 
 
 class LocalExecutor:
     """Runs one spec after another in this process."""
 
-    def map(self, fn: RunFn, specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, list[dict[str, Any]]]]:
+    def map(self, fn: RunFn, specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, Outcome]]:
         for spec in specs:
             yield spec, fn(spec)
 
@@ -71,28 +81,30 @@ class ProcessExecutor:
         self.workers = workers
         self.threads = threads
 
-    def map(self, fn: RunFn, specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, list[dict[str, Any]]]]:
+    def map(self, fn: RunFn, specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, Outcome]]:
+        # A wave with fewer runs than workers gives each run the idle workers' threads.
+        workers = max(1, min(self.workers, len(specs)))
+        threads = max(1, self.workers * self.threads // workers)
         context = multiprocessing.get_context("spawn")  # no forked torch/CUDA state
-        pool = ProcessPoolExecutor(
-            self.workers, mp_context=context, initializer=_init_worker, initargs=(self.threads,)
-        )
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,))
         try:
             futures = {pool.submit(fn, spec): spec for spec in specs}
             for future in as_completed(futures):
-                spec = futures[future]
                 try:
-                    rows = future.result()
+                    yield futures[future], future.result()
                 except BrokenProcessPool as exc:
-                    rows = failure_rows(
-                        spec, getattr(fn, "keywords", {}).get("matrix", ""), "error", f"worker died: {exc}"
-                    )
-                yield spec, rows
+                    yield futures[future], exc
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
+    if sys.platform == "linux":
+        # Die with the parent: a killed matrix must not leave runs computing in the background.
+        import ctypes
+
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +160,12 @@ def run_matrix(
     new: list[dict[str, Any]] = []
     bar = tqdm(total=len(todo), desc=f"matrix {matrix.name}", unit="run", disable=not progress)
     for wave in waves(todo):
-        for spec, rows in executor.map(fn, wave):
+        for spec, outcome in executor.map(fn, wave):
+            rows = outcome
+            if isinstance(outcome, Exception):
+                rows = failure_rows(
+                    spec, matrix.name, "error", f"worker died: {type(outcome).__name__}: {outcome}"
+                )
             store.append(rows)
             new.extend(rows)
             bar.update()

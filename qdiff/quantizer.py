@@ -65,6 +65,10 @@ def fake_quant(
 
     Gradients reach ``x`` inside the grid and ``scale`` everywhere (the LSQ gradient).
     """
+    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+        # Inference: the same arithmetic in place, without the autograd plumbing (≈10× faster
+        # on CPU; sampling a quantized model spends most of its time here otherwise).
+        return (x / scale).round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
     q = round_ste(x / scale) + zero_point
     # Explicit mask: ``clamp``'s backward also drops the gradient of values exactly on the grid's
     # ends, while torch's fake-quant ops (and LSQ) keep it.

@@ -121,7 +121,7 @@ def test_missing_embedded_checkpoint_is_an_error_row_that_says_how_to_fix(tmp_pa
     monkeypatch.setattr(bench.embedded.model, "ASSETS", tmp_path / "assets")
     bench.runner._load.cache_clear()
     matrix = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]")
-    assert main(["run", matrix, "--results", str(tmp_path / "r"), "--no-progress"]) == 1
+    assert main(["run", matrix, "--results", str(tmp_path / "r"), "--no-progress", "--workers", "1"]) == 1
     bench.runner._load.cache_clear()
     out = capsys.readouterr().out
     assert "error [1]" in out and "python -m bench.embedded.train" in out

@@ -32,6 +32,15 @@ def test_per_channel_matches_torch_fake_quant(bits, symmetric, shape):
     torch.testing.assert_close(q(w), expected, rtol=0, atol=1e-6)
 
 
+def test_inference_path_equals_training_path():
+    x = torch.randn(4, 8, 5, 5) * 3
+    scale, zp = scale_zero_point(torch.tensor(-4.0), torch.tensor(5.0), 4, False)
+    with torch.no_grad():
+        fast = fake_quant(x, scale, zp, 0, 15)
+    slow = fake_quant(x.clone().requires_grad_(True), scale, zp, 0, 15)
+    assert torch.equal(fast, slow.detach())
+
+
 def test_straight_through_gradient_matches_torch():
     x = (torch.randn(1000) * 2).requires_grad_(True)
     scale, zp = scale_zero_point(torch.tensor(-1.5), torch.tensor(2.0), 4, False)

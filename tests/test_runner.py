@@ -131,6 +131,7 @@ def test_waves_put_fp_first_and_weight_sharing_runs_last(tmp_path):
 
 
 def test_process_executor_runs_side_by_side_and_survives_a_dead_worker(tmp_path):
+    from concurrent.futures.process import BrokenProcessPool
     from functools import partial
 
     from helpers import die
@@ -139,8 +140,15 @@ def test_process_executor_runs_side_by_side_and_survives_a_dead_worker(tmp_path)
     rows = run(matrix, tmp_path, executor=ProcessExecutor(workers=2, threads=1))
     assert {r["status"] for r in rows} == {"ok"} and len({r["config_hash"] for r in rows}) == 3
     dead = list(ProcessExecutor(workers=1, threads=1).map(partial(die, matrix="m"), matrix.expand()[:2]))
-    assert len(dead) == 2
-    assert all(r["status"] == "error" and "worker died" in r["error"] for _, rows in dead for r in rows)
+    assert len(dead) == 2 and all(isinstance(outcome, BrokenProcessPool) for _, outcome in dead)
+
+    class Dying(LocalExecutor):
+        def map(self, fn, specs):
+            for spec in specs:
+                yield spec, BrokenProcessPool("A process in the process pool was terminated abruptly")
+
+    rows = run(matrix, tmp_path / "dying", executor=Dying())
+    assert rows and all(r["status"] == "error" and r["error"].startswith("worker died: Broken") for r in rows)
 
 
 def test_execute_is_self_contained(tmp_path):
