@@ -79,8 +79,11 @@ def save_ldm(path: Path) -> Path:
     return path
 
 
-def _tokenizer():
+def _tokenizer(folder: Path):
     """A byte-level CLIP tokenizer with no merges: every character is a token."""
+    import json
+
+    import transformers
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
@@ -88,7 +91,13 @@ def _tokenizer():
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16), len(vocab)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16), len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)  # transformers 4 reads its vocabulary from files
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    return tokenizer, len(vocab)
 
 
 def save_sd(path: Path) -> Path:
@@ -97,7 +106,7 @@ def save_sd(path: Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    tokenizer, vocab_size = _tokenizer()
+    tokenizer, vocab_size = _tokenizer(path.parent / f"{path.name}-vocab")
     text = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=vocab_size,
