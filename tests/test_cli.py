@@ -127,6 +127,19 @@ def test_missing_embedded_checkpoint_is_an_error_row_that_says_how_to_fix(tmp_pa
     assert "error [1]" in out and "python -m bench.embedded.train" in out
 
 
+def test_execution_defaults_split_the_cores(monkeypatch, tmp_path):
+    import bench.cli
+    from bench.matrix import load_matrix
+
+    matrix = load_matrix(tiny_matrix(tmp_path))
+    monkeypatch.setattr(bench.cli, "_cores", lambda: 8)
+    assert bench.cli._execution(matrix, None, None) == (4, 2)
+    assert bench.cli._execution(matrix, 1, None) == (1, 8)
+    monkeypatch.setattr(bench.cli, "_cores", lambda: 2)
+    assert bench.cli._execution(matrix, None, None) == (2, 1)
+    assert bench.cli._execution(matrix, None, 3) == (2, 3)
+
+
 def test_bits_labels():
     assert Bits.parse("w4a32") == Bits(4, None) and Bits(4, None).label == "W4A32"
     with pytest.raises(BitsError, match="quantizes nothing"):
