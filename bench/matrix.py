@@ -398,6 +398,13 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
                 f"{path}: models[{i}]: unknown key(s) {', '.join(bad)} for {model}; valid: {valid}"
             )
         model_entries[model] = (tuple(sorted(args.items())), _settings(path, f"models[{i}]", overrides, base))
+    for axis, entries in (("models", models), ("methods", methods)):
+        names = [name for name, _ in entries]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise MatrixError(
+                f"{path}: '{axis}' lists {', '.join(twice)} more than once; list each name once"
+            )
     method_overrides = {m: extra for m, extra in methods}
 
     def make(model: str, method: str, b: Bits | None, seed: int) -> RunSpec:

@@ -143,6 +143,7 @@ OK = "models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n"
         (OK + "extends: m.yaml", "'extends' forms a cycle"),
         (OK + "exclude: [{method: qdiff}]", "expands to no runs"),
         (OK + "settings: {backend: int3}", "backend='int3'; choose one of fake"),
+        (OK.replace("[qdiff]", "[qdiff, {name: qdiff}]"), "'methods' lists qdiff more than once"),
     ],
 )
 def test_bad_matrix_is_one_clear_error(tmp_path, text, message):
