@@ -102,6 +102,11 @@ class RecipeMethod:
         return qmodel
 
 
+def shares_weight_phase(method) -> bool:
+    """Whether ``method``'s WxA32 model is its WxAy model with activation quantization off."""
+    return getattr(method, "shares_weight_phase", False)
+
+
 def grids(bits: Bits, scale_search: str) -> dict[str, qdiff.QuantSpec | None]:
     """``weight``/``act`` specs shared by the methods, as in the official code: symmetric
     per-output-channel weight grids, asymmetric per-tensor activation grids."""
@@ -149,17 +154,12 @@ QDIFF_NO_RECON = _ablation(
 
 
 class FullPrecision:
-    """The FP reference: the denoiser as it is. Every quantized run is paired with it."""
+    """The FP reference, registered so that matrices can name it; the runner samples the
+    denoiser as it is and pairs every quantized run with it."""
 
     name = "fp"
     description = "full-precision reference (paired with every quantized run)"
     weight_only = False
-
-    def qconfig(self, bits: Bits) -> None:
-        return None
-
-    def quantize(self, denoiser: nn.Module, qconfig, calib, progress=None) -> nn.Module:
-        return denoiser
 
 
 FP = FullPrecision()

@@ -33,7 +33,7 @@ import qdiff
 from bench.cache import cached_module, cached_tensors, load_module, store_module
 from bench.images import save_grid
 from bench.matrix import MatrixSpec, RunSpec
-from bench.methods import Bits
+from bench.methods import Bits, shares_weight_phase
 from bench.metrics.quality import EvalContext
 from bench.models.base import AvailabilityError, resolve_device
 from bench.provenance import code_hash, config_hash, environment, model_hash
@@ -128,7 +128,7 @@ def plan(
         have = done.get(spec.hash, set())
         if force:
             state = "forced"
-        elif set(spec.metrics) <= have and have:
+        elif set(spec.metrics) <= have:  # expansion gives every run at least one metric
             state = "done"
         else:
             state = "partial" if have else "todo"
@@ -181,7 +181,7 @@ def waves(specs: list[RunSpec]) -> list[list[RunSpec]]:
     sharing = {(s.model, s.method, s.w_bits, s.seed) for s in specs if s.a_bits is not None}
     groups: list[list[RunSpec]] = [[], [], []]
     for spec in specs:
-        reuse = spec.a_bits is None and getattr(METHODS.get(spec.method), "shares_weight_phase", False)
+        reuse = spec.a_bits is None and shares_weight_phase(METHODS.get(spec.method))
         late = not spec.is_fp and reuse and (spec.model, spec.method, spec.w_bits, spec.seed) in sharing
         groups[0 if spec.is_fp else 2 if late else 1].append(spec)
     return [g for g in groups if g]
@@ -281,13 +281,15 @@ def _evaluate(
         extra = {}
     else:
         ckpt, cached = _quantized(adapter, fp, fp_id, spec, code, progress)
-        deployable = qdiff.convert(ckpt["model"].to(adapter.device), spec.budget.backend)
         key = config_hash(
             "samples", code, fp_id, ckpt["key"], spec.budget.backend, adapter.identity(), n, seed
         )
-        images = cached_tensors(
-            "samples", key, lambda: {"images": adapter.sample(deployable, n, seed, progress=progress)}
-        )
+
+        def sample_quantized() -> dict[str, torch.Tensor]:
+            deployable = qdiff.convert(ckpt["model"].to(adapter.device), spec.budget.backend)
+            return {"images": adapter.sample(deployable, n, seed, progress=progress)}
+
+        images = cached_tensors("samples", key, sample_quantized)
         ctx = EvalContext(spec, adapter, images[0]["images"], fp_images, ckpt["quantize_s"], cached)
         extra = {"qconfig": ckpt["qconfig"], "weights_from": ckpt.get("weights_from")}
     if grids is not None:
@@ -308,13 +310,13 @@ def _quantized(adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: bool
     """The run's quantized checkpoint, from the cache or built (calibrate + quantize).
 
     A recipe method's WxA32 model reuses the weight phase of a WxAy model of the same recipe
-    when one is cached (see :attr:`bench.methods.RecipeMethod.shares_weight_phase`).
+    when one is cached (see :func:`bench.methods.shares_weight_phase`).
     """
     method = METHODS.get(spec.method)
     qconfig = spec.budget.apply(method.qconfig(Bits(spec.w_bits, spec.a_bits)))
     key = config_hash("checkpoint", code, fp_id, spec.method, qconfig)
     weights_key = None
-    if getattr(method, "shares_weight_phase", False) and qconfig.weight is not None:
+    if shares_weight_phase(method) and qconfig.weight is not None:
         weights_key = config_hash(
             "weights", code, fp_id, spec.method, dataclasses.replace(qconfig, act=None, attn_probs=None)
         )
