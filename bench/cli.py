@@ -13,8 +13,10 @@ import argparse
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.cache import cache_dir
 from bench.compare import ThresholdError
 from bench.embedded.model import AssetError
 from bench.matrix import MatrixError
@@ -192,12 +194,18 @@ def _run(args: argparse.Namespace) -> int:
     workers, threads = _execution(matrix, args.workers, args.threads)
     torch.set_num_threads(threads)
     executor = LocalExecutor() if workers == 1 else ProcessExecutor(workers, threads)
+    started = datetime.now(UTC)
     start = time.time()
+    cached_before = sum(1 for p in cache_dir().rglob("*") if p.is_file()) if cache_dir().is_dir() else 0
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log(f"{matrix.name}: {workers} worker(s) x {threads} torch thread(s)")
     rows = run_matrix(
         matrix, args.results, executor, only=only, force=force, progress=not args.no_progress, log=log
     )
+    if rows:
+        store.record_invocation(
+            _invocation(matrix, rows, started, time.time() - start, workers, threads, cached_before)
+        )
     if not args.no_report:
         md, page, built = report.write(store.root)
         print(built.markdown)
@@ -205,6 +213,34 @@ def _run(args: argparse.Namespace) -> int:
     runs = len({r["config_hash"] for r in rows})
     print(f"{runs} runs, {len(rows)} rows appended to {store.runs}; wall time {time.time() - start:.0f}s")
     return 1 if any(r["status"] == "error" for r in rows) else 0
+
+
+def _invocation(matrix, rows, started, wall_s: float, workers: int, threads: int, cached: int) -> dict:
+    """What one ``run`` cost as a whole: the figures behind the README's time and memory claims."""
+    import resource
+
+    import torch
+
+    from bench.provenance import environment
+
+    def peak_mib(who: int) -> float:  # ru_maxrss is KiB on Linux
+        return round(resource.getrusage(who).ru_maxrss / 1024, 1)
+
+    statuses = [r["status"] for r in {r["config_hash"]: r for r in rows}.values()]
+    return {
+        "matrix": matrix.name,
+        "started_at": started.isoformat(),
+        "wall_s": round(wall_s, 1),
+        "runs": len(statuses),
+        **{f"runs_{s}": statuses.count(s) for s in ("ok", "error", "skipped")},
+        "workers": workers,
+        "threads_per_worker": threads,
+        "peak_rss_main_mib": peak_mib(resource.RUSAGE_SELF),
+        "peak_rss_worker_mib": peak_mib(resource.RUSAGE_CHILDREN),
+        "cache_files_at_start": cached,
+        "run_devices": sorted({r["device"] for r in rows}),
+        **environment(torch.device("cpu")),
+    }
 
 
 def _report(args: argparse.Namespace) -> int:

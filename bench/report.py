@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.store import load
+from bench.store import ResultStore, load
 
 FP = "fp"
 
@@ -142,7 +142,16 @@ def _cell_text(c, is_best: bool) -> str:
     return f"**{text}**" if is_best else text
 
 
-def _provenance(df: pd.DataFrame) -> list[tuple[str, str]]:
+def _invocation_text(inv: dict) -> str:
+    return (
+        f"{inv['started_at'][:19]}: {inv['runs']} runs in {inv['wall_s']:.0f} s wall, "
+        f"{inv['workers']} worker(s) × {inv['threads_per_worker']} thread(s), peak RSS "
+        f"{inv['peak_rss_main_mib']:.0f} MiB (main) / {inv['peak_rss_worker_mib']:.0f} MiB (largest worker), "
+        f"{inv['cache_files_at_start']} cache files at start, commit {inv['git_sha'][:12]}"
+    )
+
+
+def _provenance(df: pd.DataFrame, invocations: list[dict]) -> list[tuple[str, str]]:
     def values(col: str) -> str:
         return ", ".join(sorted({str(v) for v in df[col].dropna()})) if col in df else "—"
 
@@ -162,6 +171,7 @@ def _provenance(df: pd.DataFrame) -> list[tuple[str, str]]:
         ("sampling", "; ".join(sorted(set(sampling))) or "—"),
         ("quantization budget", "; ".join(sorted(set(budget))) or "—"),
         ("run dates (UTC)", f"{started.iloc[0][:19]} – {started.iloc[-1][:19]}" if len(started) else "—"),
+        ("invocations", "; ".join(_invocation_text(i) for i in invocations) or "—"),
     ]
 
 
@@ -182,7 +192,9 @@ def _floors(cells: pd.DataFrame) -> list[str]:
     ]
 
 
-def to_markdown(board: pd.DataFrame, cells: pd.DataFrame, df: pd.DataFrame, title: str) -> str:
+def to_markdown(
+    board: pd.DataFrame, cells: pd.DataFrame, df: pd.DataFrame, invocations: list[dict], title: str
+) -> str:
     notes: list[str] = []
     lines = [f"# {title}", "", "Cells: value (Δ vs the paired FP run); best per column in bold.", ""]
     lines.append("Metrics: " + "; ".join(_metric_legend(cells)) + ".")
@@ -201,7 +213,7 @@ def to_markdown(board: pd.DataFrame, cells: pd.DataFrame, df: pd.DataFrame, titl
     if notes:
         lines.extend(["", *[f"[{i}] {n}" for i, n in enumerate(notes, 1)]])
     lines.extend(["", "## Provenance", "", "| | |", "|---|---|"])
-    lines.extend(f"| {k} | {v} |" for k, v in _provenance(df))
+    lines.extend(f"| {k} | {v} |" for k, v in _provenance(df, invocations))
     return "\n".join(lines) + "\n"
 
 
@@ -286,7 +298,9 @@ img{max-width:100%;display:block;margin:.5em 0 1.5em}
 """
 
 
-def to_html(board: pd.DataFrame, cells: pd.DataFrame, df: pd.DataFrame, title: str) -> str:
+def to_html(
+    board: pd.DataFrame, cells: pd.DataFrame, df: pd.DataFrame, invocations: list[dict], title: str
+) -> str:
     esc = html.escape
     notes: list[str] = []
     head = "".join(f"<th>{esc(b)}<br>{esc(m)}</th>" for b, m in board.columns)
@@ -311,7 +325,9 @@ def to_html(board: pd.DataFrame, cells: pd.DataFrame, df: pd.DataFrame, title: s
         f'<h3>{esc(cap)}</h3><img alt="{esc(cap)}" src="data:image/png;base64,{b64}">'
         for cap, b64 in plots(cells)
     )
-    prov = "".join(f"<tr><th>{esc(k)}</th><td class='name'>{esc(v)}</td></tr>" for k, v in _provenance(df))
+    prov = "".join(
+        f"<tr><th>{esc(k)}</th><td class='name'>{esc(v)}</td></tr>" for k, v in _provenance(df, invocations)
+    )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style>"
         f"</head><body><h1>{esc(title)}</h1><p>Cells: value (Δ vs the paired FP run); best per column "
@@ -328,7 +344,12 @@ def build(results: str | Path) -> Report:
     cells = cell_table(df)
     board = leaderboard(cells)
     title = f"Leaderboard: {', '.join(sorted(df['matrix'].dropna().unique()))}"
-    return Report(to_markdown(board, cells, df, title), to_html(board, cells, df, title), cells)
+    invocations = ResultStore(results).invocations()
+    return Report(
+        to_markdown(board, cells, df, invocations, title),
+        to_html(board, cells, df, invocations, title),
+        cells,
+    )
 
 
 def write(results: str | Path, out: str | Path | None = None) -> tuple[Path, Path, Report]:

@@ -47,6 +47,20 @@ COLUMNS = (
 STATUSES = ("ok", "error", "skipped")
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, rename: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 class StoreError(ValueError):
     """The results path cannot be written, or a results file is not valid."""
 
@@ -77,19 +91,21 @@ class ResultStore:
         missing = [c for c in COLUMNS if c not in rows[0]]
         if missing:
             raise ValueError(f"rows lack schema columns: {', '.join(missing)}")
-        self.runs.mkdir(parents=True, exist_ok=True)
         path = self.runs / f"{rows[0]['config_hash']}-{rows[0]['run_id']}.jsonl"
-        blob = "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows)
-        fd, tmp = tempfile.mkstemp(dir=self.runs, prefix=".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        _write_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
         return path
+
+    def record_invocation(self, record: dict[str, Any]) -> Path:
+        """Keep what one ``qdiff-bench run`` cost as a whole (wall time, peak memory, workers),
+        next to the rows it wrote."""
+        path = self.root / "invocations" / f"{record['started_at'].replace(':', '')}.json"
+        _write_atomic(path, json.dumps(record, allow_nan=False, indent=1) + "\n")
+        return path
+
+    def invocations(self) -> list[dict[str, Any]]:
+        """Every recorded invocation, oldest first."""
+        folder = self.root / "invocations"
+        return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
 
     def rows(self) -> list[dict[str, Any]]:
         """Every row ever written, oldest run first."""

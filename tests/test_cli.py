@@ -10,6 +10,7 @@ from helpers import fixture_store, tiny_matrix
 
 from bench.cli import main
 from bench.methods import Bits, BitsError
+from bench.store import ResultStore
 
 
 def cli(*args, cwd=None):
@@ -31,9 +32,14 @@ def test_validate_run_resume_report_and_compare_via_subprocess(tmp_path):
     assert "| embedded-digits | linear |" in out.stdout and "3 runs, 7 rows appended" in out.stdout
     assert (results / "tiny" / "report.html").is_file() and (results / "tiny" / "report.md").is_file()
     files = sorted((results / "tiny" / "runs").iterdir())
+    (invocation,) = ResultStore(results / "tiny").invocations()
+    assert invocation["runs"] == invocation["runs_ok"] == 3 and invocation["workers"] == 2
+    assert invocation["wall_s"] > 0 and invocation["peak_rss_worker_mib"] > 100 and invocation["git_sha"]
+    assert "3 runs in" in (results / "tiny" / "report.md").read_text()
 
     again = cli("run", matrix, "--results", results, "--no-progress", "--no-report")
     assert again.returncode == 0 and "0 runs, 0 rows appended" in again.stdout
+    assert len(ResultStore(results / "tiny").invocations()) == 1  # a no-op resume records nothing
     assert sorted((results / "tiny" / "runs").iterdir()) == files
     dry = cli("run", matrix, "--results", results, "--dry-run", "--force", "--only", "bits=W8*")
     assert dry.returncode == 0 and dry.stdout.count("forced") == 1 and "W8A8" in dry.stdout
