@@ -19,7 +19,8 @@ from pathlib import Path
 from bench.cache import cache_dir
 from bench.compare import ThresholdError
 from bench.embedded.model import AssetError
-from bench.matrix import MatrixError
+from bench.images import ImageError
+from bench.matrix import CLEANFID_MODES, FID_BACKENDS, MatrixError
 from bench.methods import BitsError
 from bench.provenance import REPO_ROOT
 from bench.registry import METHODS, METRICS, MODELS, UnknownNameError
@@ -36,6 +37,7 @@ USER_ERRORS = (
     MatrixError,
     StoreError,
     ThresholdError,
+    ImageError,
     FileNotFoundError,
 )
 
@@ -49,6 +51,15 @@ def _positive(flag: str):
         if n < 1:
             raise argparse.ArgumentTypeError(f"{flag} must be an integer >= 1, got {value!r}")
         return n
+
+    return parse
+
+
+def _existing_file(flag: str):
+    def parse(value: str) -> str:
+        if not Path(value).is_file():
+            raise argparse.ArgumentTypeError(f"{flag} {value}: no such file")
+        return value
 
     return parse
 
@@ -107,11 +118,30 @@ def build_parser() -> argparse.ArgumentParser:
         "matrices; 1 with CUDA)",
     )
     run.add_argument(
+        "--inception-weights",
+        type=_existing_file("--inception-weights"),
+        metavar="PATH",
+        help="local Inception weights for FID (no download): torch-fidelity's "
+        "weights-inception-2015-12-05-6726825d.pth or clean-fid's inception-2015-12-05.pt",
+    )
+    run.add_argument(
         "--threads",
         type=_positive("--threads"),
         help="torch CPU threads per worker (default: cores / workers; set explicitly, since "
         "oversubscription is very slow)",
     )
+
+    fid = sub.add_parser("fid", help="FID (and KID, Inception Score) of a folder of images against another")
+    fid.add_argument("images", help="folder of generated images")
+    fid.add_argument("reference", help="folder of real images, or a torch-fidelity data set (cifar10-train)")
+    fid.add_argument("--backend", default="torch-fidelity", choices=FID_BACKENDS)
+    fid.add_argument("--mode", default="clean", choices=CLEANFID_MODES, help="clean-fid resizing mode")
+    fid.add_argument("--extractor", default="inception", help="feature extractor (default: Inception-v3)")
+    fid.add_argument("--inception-weights", type=_existing_file("--inception-weights"), metavar="PATH")
+    fid.add_argument("--kid", action="store_true", help="also Kernel Inception Distance")
+    fid.add_argument("--isc", action="store_true", help="also Inception Score (torch-fidelity)")
+    fid.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    fid.add_argument("--batch-size", type=_positive("--batch-size"), default=64)
 
     report = sub.add_parser("report", help="write report.md and report.html for a results folder")
     report.add_argument("results", type=Path, help="results/<matrix name>")
@@ -183,6 +213,8 @@ def _run(args: argparse.Namespace) -> int:
     from bench.store import ResultStore
 
     matrix = load_matrix(args.matrix)
+    if args.inception_weights:
+        matrix = matrix.with_evaluation(inception_weights=args.inception_weights)
     only = parse_rules(args.only)
     force = args.force or not args.resume
     store = ResultStore(args.results / matrix.name)
@@ -243,6 +275,31 @@ def _invocation(matrix, rows, started, wall_s: float, workers: int, threads: int
     }
 
 
+def _fid(args: argparse.Namespace) -> int:
+    import json
+
+    from bench.matrix import Evaluation
+    from bench.metrics import fid
+    from bench.models.base import AvailabilityError, resolve_device
+
+    if args.isc and args.backend != "torch-fidelity":
+        raise ImageError("--isc needs --backend torch-fidelity (clean-fid has no Inception Score)")
+    evaluation = Evaluation(
+        fid_backend=args.backend, fid_mode=args.mode, fid_extractor=args.extractor,
+        inception_weights=args.inception_weights or "",
+    )  # fmt: skip
+    try:
+        scores = fid.compute(
+            evaluation, args.images, args.reference, kid=args.kid, isc=args.isc,
+            device=str(resolve_device(args.device)), batch_size=args.batch_size,
+        )  # fmt: skip
+    except AvailabilityError as exc:
+        raise ImageError(str(exc)) from None
+    values = {k: v for k, v in vars(scores).items() if k != "info" and v is not None}
+    print(json.dumps({**values, **scores.info}, indent=2))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from bench import report
 
@@ -261,7 +318,14 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if table["regressed"].any() else 0
 
 
-COMMANDS = {"ls": _ls, "validate": _validate, "run": _run, "report": _report, "compare": _compare}
+COMMANDS = {
+    "ls": _ls,
+    "validate": _validate,
+    "run": _run,
+    "fid": _fid,
+    "report": _report,
+    "compare": _compare,
+}
 
 
 if __name__ == "__main__":

@@ -108,9 +108,70 @@ class Budget:
         return dataclasses.replace(qconfig, calib=calib, recon=recon)
 
 
+FID_BACKENDS = ("torch-fidelity", "clean-fid")
+CLEANFID_MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
+COMPILE_BACKENDS = ("off", "inductor", "eager")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How the metrics are computed: FID library and weights, CLIP model, latency protocol.
+
+    Only the fields a run's metrics use enter its hash (:meth:`RunSpec.hash`), so e.g. a new
+    CLIP model re-measures text-to-image runs and nothing else.
+
+    Args:
+        fid_backend: ``torch-fidelity`` (Inception-v3 "compat", as Q-Diffusion reported) or
+            ``clean-fid``.
+        fid_mode: clean-fid's resizing mode: ``clean``, ``legacy_pytorch`` or
+            ``legacy_tensorflow`` (torch-fidelity has one protocol; the field is unused there).
+        fid_extractor: ``inception`` (the library's Inception-v3), another torch-fidelity
+            extractor name (e.g. ``clip-vit-b-32``), or ``module:attr`` of a custom extractor
+            (a torch-fidelity ``FeatureExtractorBase`` subclass, or for clean-fid a callable
+            that builds a module mapping NCHW 0–255 images at 299² to features).
+        fid_reference: real images FID is measured against: a folder of images, or a
+            torch-fidelity registered input such as ``cifar10-train``; empty: the model's own
+            default data set.
+        inception_weights: a local file with the backend's Inception weights, for machines
+            without network; empty: the library's normal download. It locates the standard
+            weights, so it is not hashed.
+        clip_model / clip_pretrained: open_clip architecture and pretrained tag or local
+            checkpoint for CLIP score (default ViT-L/14 OpenAI, the torchmetrics default).
+        latency_warmup / latency_repeats: untimed and timed repetitions of each latency
+            measurement (median and interquartile range over the timed ones).
+        compile: ``off``, or the ``torch.compile`` backend to time the denoiser with.
+    """
+
+    fid_backend: str = "torch-fidelity"
+    fid_mode: str = "clean"
+    fid_extractor: str = "inception"
+    fid_reference: str = ""
+    inception_weights: str = ""
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: str = "openai"
+    latency_warmup: int = 2
+    latency_repeats: int = 10
+    compile: str = "off"
+
+
 SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(Sampling))
 BUDGET_KEYS = tuple(f.name for f in dataclasses.fields(Budget))
-SETTING_KEYS = SAMPLING_KEYS + BUDGET_KEYS
+EVALUATION_KEYS = tuple(f.name for f in dataclasses.fields(Evaluation))
+SETTING_KEYS = SAMPLING_KEYS + BUDGET_KEYS + EVALUATION_KEYS
+UNHASHED_SETTINGS = ("inception_weights",)
+NON_NEGATIVE = ("latency_warmup",)
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    import qdiff.api
+
+    return {
+        "device": ("auto", "cpu", "cuda"),
+        "backend": tuple(sorted(qdiff.api.BACKENDS)),
+        "fid_backend": FID_BACKENDS,
+        "fid_mode": CLEANFID_MODES,
+        "compile": COMPILE_BACKENDS,
+    }
 
 
 @dataclass(frozen=True)
@@ -131,6 +192,7 @@ class RunSpec:
     budget: Budget | None  # None for the FP reference
     metrics: tuple[str, ...]
     model_args: tuple[tuple[str, Any], ...] = ()
+    evaluation: Evaluation = Evaluation()
 
     @property
     def is_fp(self) -> bool:
@@ -156,7 +218,14 @@ class RunSpec:
             self.seed,
             self.sampling,
             self.budget,
+            self.evaluation_used(),
         )
+
+    def evaluation_used(self) -> dict[str, Any]:
+        """The evaluation settings this run's metrics depend on (what the hash includes)."""
+        used = {s for m in self.metrics for s in METRICS.get(m).settings}
+        return {k: v for k, v in dataclasses.asdict(self.evaluation).items()
+                if k in used and k not in UNHASHED_SETTINGS}  # fmt: skip
 
     def fp_reference(self) -> RunSpec:
         """The FP run this run is paired with: same model, arguments, seed and sampling, and
@@ -180,6 +249,7 @@ class RunSpec:
             "sampling": dataclasses.asdict(self.sampling),
             "budget": None if self.budget is None else dataclasses.asdict(self.budget),
             "model_args": dict(self.model_args),
+            "evaluation": self.evaluation_used(),
         }
 
     def matches(self, rules: dict[str, tuple[str, ...]]) -> bool:
@@ -201,6 +271,14 @@ class MatrixSpec:
 
     def expand(self) -> list[RunSpec]:
         return list(self.runs)
+
+    def with_evaluation(self, **overrides: Any) -> MatrixSpec:
+        """This matrix with evaluation settings overridden in every run (command-line flags)."""
+        runs = tuple(
+            dataclasses.replace(run, evaluation=dataclasses.replace(run.evaluation, **overrides))
+            for run in self.runs
+        )
+        return dataclasses.replace(self, runs=runs)
 
 
 def parse_rules(items: list[str] | tuple[str, ...]) -> dict[str, tuple[str, ...]]:
@@ -276,37 +354,31 @@ def _as_list(path: Path, key: str, value: Any) -> list:
     raise MatrixError(f"{path}: '{key}' must be a list, got {type(value).__name__}")
 
 
-def _settings(path: Path, where: str, values: dict[str, Any], base: tuple[Sampling, Budget]):
+def _settings(path: Path, where: str, values: dict[str, Any], base: tuple[Sampling, Budget, Evaluation]):
     """Apply setting overrides; each value is type-checked against the field's default."""
-    sampling, budget = base
+    groups = list(base)
+    choices = _choices()
     for key, value in values.items():
         if key not in SETTING_KEYS:
             raise MatrixError(f"{path}: {where}: unknown setting {key!r}; valid: {', '.join(SETTING_KEYS)}")
-        target = sampling if key in SAMPLING_KEYS else budget
-        default = getattr(target, key)
+        i = 0 if key in SAMPLING_KEYS else 1 if key in BUDGET_KEYS else 2
+        default = getattr(groups[i], key)
         ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
-        if not ok or isinstance(value, bool):
+        if not ok or (isinstance(value, bool) and not isinstance(default, bool)):
             raise MatrixError(
                 f"{path}: {where}: setting {key}={value!r} must be a {type(default).__name__} "
                 f"(default {default!r})"
             )
-        if key == "device" and value not in ("auto", "cpu", "cuda"):
-            raise MatrixError(f"{path}: {where}: device={value!r}; choose auto, cpu or cuda")
-        if key == "backend":
-            import qdiff.api
-
-            if value not in qdiff.api.BACKENDS:
-                valid = ", ".join(sorted(qdiff.api.BACKENDS))
-                raise MatrixError(f"{path}: {where}: backend={value!r}; choose one of {valid}")
-        elif key not in ("device", "eta") and value <= 0:
-            raise MatrixError(f"{path}: {where}: setting {key}={value!r} must be > 0")
+        if key in choices and value not in choices[key]:
+            raise MatrixError(f"{path}: {where}: {key}={value!r}; choose one of {', '.join(choices[key])}")
+        numeric = isinstance(default, int | float) and not isinstance(default, bool) and key != "eta"
+        if numeric and (value < 0 or (value == 0 and key not in NON_NEGATIVE)):
+            bound = ">= 0" if key in NON_NEGATIVE else "> 0"
+            raise MatrixError(f"{path}: {where}: setting {key}={value!r} must be {bound}")
         if isinstance(default, float):
             value = float(value)
-        if key in SAMPLING_KEYS:
-            sampling = dataclasses.replace(sampling, **{key: value})
-        else:
-            budget = dataclasses.replace(budget, **{key: value})
-    return sampling, budget
+        groups[i] = dataclasses.replace(groups[i], **{key: value})
+    return tuple(groups)
 
 
 def _entry(path: Path, axis: str, i: int, item: Any, registry) -> tuple[str, dict[str, Any]]:
@@ -361,7 +433,7 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
     settings = data.get("settings") or {}
     if not isinstance(settings, dict):
         raise MatrixError(f"{path}: 'settings' must be a mapping of {', '.join(SETTING_KEYS)}")
-    base = _settings(path, "settings", settings, (Sampling(), Budget()))
+    base = _settings(path, "settings", settings, (Sampling(), Budget(), Evaluation()))
 
     models = [
         _entry(path, "models", i, m, MODELS)
@@ -408,12 +480,12 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
     method_overrides = {m: extra for m, extra in methods}
 
     def make(model: str, method: str, b: Bits | None, seed: int) -> RunSpec:
-        args, (sampling, budget) = model_entries[model]
-        sampling, budget = _settings(
-            path, f"methods ({method})", method_overrides.get(method, {}), (sampling, budget)
+        args, settings = model_entries[model]
+        sampling, budget, evaluation = _settings(
+            path, f"methods ({method})", method_overrides.get(method, {}), settings
         )
         model_metrics = metrics or MODELS.get(model).DEFAULT_METRICS
-        spec = RunSpec(model, method, None, None, seed, sampling, budget, model_metrics, args)
+        spec = RunSpec(model, method, None, None, seed, sampling, budget, model_metrics, args, evaluation)
         if method == FP_METHOD:
             return spec.fp_reference()
         return dataclasses.replace(spec, w_bits=b.w, a_bits=b.a)
@@ -493,3 +565,6 @@ def _check_combination(path: Path, run: RunSpec) -> None:
                 f"{path}: metric {metric_name} needs model {' or '.join(metric.models)}, not {run.model}; "
                 f"{run.model}'s metrics: {', '.join(adapter_cls.DEFAULT_METRICS)}"
             )
+        problem = metric.check(run.evaluation)
+        if problem:
+            raise MatrixError(f"{path}: {run.label}: metric {metric_name}: {problem}")

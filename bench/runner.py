@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
-from functools import lru_cache, partial
+from functools import cache, lru_cache, partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -272,38 +272,61 @@ def _evaluate(
     code = code_hash(*CODE_PATHS)
     n, seed = spec.sampling.samples, spec.seed
     fp_key = config_hash("fp-samples", code, fp_id, adapter.identity(), n, seed)
-    fp_images = cached_tensors(
-        "samples", fp_key, lambda: {"images": adapter.sample(fp, n, seed, progress=progress)}
-    )[0]
-    fp_images = fp_images["images"]
+    fp_images, _, fp_sample_s = _timed_samples(fp_key, lambda: adapter.sample(fp, n, seed, progress=progress))
     if spec.is_fp:
-        ctx = EvalContext(spec, adapter, fp_images, None)
-        extra = {}
+        ctx = EvalContext(spec, adapter, fp_images, None, make_denoiser=lambda: fp)
+        extra = {"sample_s": fp_sample_s}
     else:
         ckpt, cached = _quantized(adapter, fp, fp_id, spec, code, progress)
         key = config_hash(
             "samples", code, fp_id, ckpt["key"], spec.budget.backend, adapter.identity(), n, seed
         )
 
-        def sample_quantized() -> dict[str, torch.Tensor]:
-            deployable = qdiff.convert(ckpt["model"].to(adapter.device), spec.budget.backend)
-            return {"images": adapter.sample(deployable, n, seed, progress=progress)}
+        @cache
+        def deployable() -> torch.nn.Module:
+            return qdiff.convert(ckpt["model"].to(adapter.device), spec.budget.backend)
 
-        images = cached_tensors("samples", key, sample_quantized)
-        ctx = EvalContext(spec, adapter, images[0]["images"], fp_images, ckpt["quantize_s"], cached)
-        extra = {"qconfig": ckpt["qconfig"], "weights_from": ckpt.get("weights_from")}
+        sample = lambda: adapter.sample(deployable(), n, seed, progress=progress)  # noqa: E731
+        images, _, sample_s = _timed_samples(key, sample)
+        ctx = EvalContext(spec, adapter, images, fp_images, deployable, ckpt["quantize_s"], cached)
+        extra = {"qconfig": ckpt["qconfig"], "weights_from": ckpt.get("weights_from"), "sample_s": sample_s}
     if grids is not None:
         count = 64 if ctx.images.shape[-1] < 64 else 8
         save_grid(ctx.images[:count], grids / f"{spec.model}-{spec.method}-{spec.bits_label}-s{seed}.png")
     rows = []
     for name in spec.metrics:
         metric = METRICS.get(name)
-        measured = metric(ctx)
+        t = time.perf_counter()
+        try:
+            measured = metric(ctx)
+        except Exception as exc:  # one metric's failure leaves the run's other metrics standing
+            status = "skipped" if isinstance(exc, AvailabilityError) else "error"
+            message = str(exc) if status == "skipped" else f"{type(exc).__name__}: {exc}"
+            if status == "error":
+                traceback.print_exc(limit=4)
+            rows.append(_metric_row({**base, "status": status, "error": message}, metric, None, **extra))
+            continue
         if measured is not None:
-            rows.append(_metric_row(base, metric, measured.value, **extra, **measured.extra))
+            timing = {"metric_s": round(time.perf_counter() - t, 3)}
+            rows.append(_metric_row(base, metric, measured.value, **extra, **timing, **measured.extra))
     if not rows:
         raise ValueError(f"none of the metrics {', '.join(spec.metrics)} applies to {spec.label}")
     return rows
+
+
+def _timed_samples(key: str, sample: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool, float | None]:
+    """Samples from the cache or ``sample()``; whether cached, and the seconds sampling took."""
+    seconds = None
+
+    def build() -> dict[str, torch.Tensor]:
+        nonlocal seconds
+        t = time.perf_counter()
+        images = sample()
+        seconds = round(time.perf_counter() - t, 3)
+        return {"images": images}
+
+    tensors, cached = cached_tensors("samples", key, build)
+    return tensors["images"], cached, seconds
 
 
 def _quantized(adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: bool) -> tuple[dict, bool]:

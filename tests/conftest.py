@@ -52,3 +52,39 @@ def tiny_pipelines(tmp_path_factory):
         "ldm-celebahq": save_ldm(root / "ldm"),
         "sd-1.5": save_sd(root / "sd"),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny random open_clip model registered from a config, and its weights saved locally:
+    ``(model name, checkpoint path)``."""
+    import json
+
+    import open_clip
+
+    root = tmp_path_factory.mktemp("clip")
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+    (root / "qdiff-tiny-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(root)
+    torch.manual_seed(0)
+    model = open_clip.create_model("qdiff-tiny-clip", pretrained=None)
+    path = root / "tiny-clip.pt"
+    torch.save(model.state_dict(), path)
+    return "qdiff-tiny-clip", str(path)
+
+
+@pytest.fixture(scope="session")
+def reference_images(tmp_path_factory):
+    """A folder of 32 random 16×16 PNGs standing in for a real data set."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("reference")
+    g = torch.Generator().manual_seed(7)
+    images = torch.randint(0, 256, (32, 3, 16, 16), generator=g, dtype=torch.uint8)
+    for i, img in enumerate(images):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(root / f"{i:03d}.png")
+    return root

@@ -33,9 +33,11 @@ TINY_SETTINGS = (
 def tiny_matrix(
     tmp_path, methods: str = "[linear, qdiff]", bits: str = "[W8A8, W4A8, W4A32]", **extra
 ) -> str:
-    """A matrix file on the embedded model that runs in seconds."""
+    """A matrix file on the embedded model that runs in seconds (quality metrics only, unless
+    ``metrics`` is given: the cost metrics have their own tests)."""
     from pathlib import Path
 
+    extra.setdefault("metrics", "[digits_fd, psnr_vs_fp, quantize_time]")
     lines = [
         "name: tiny",
         "models: [embedded-digits]",

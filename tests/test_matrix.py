@@ -36,7 +36,8 @@ def test_cartesian_expansion_with_paired_fp_first_and_a32_after_act(tmp_path):
     qdiff = [c[2] for c in quant if c[1] == "qdiff"]
     assert qdiff.index("W4A32") > qdiff.index("W4A8")
     fp = m.expand()[0]
-    assert fp.metrics == ("digits_fd",) and fp.budget is None  # FP: no quantized-only metrics
+    # FP: no quantized-only metrics (psnr_vs_fp, quantize_time)
+    assert fp.metrics == ("digits_fd", "latency_step", "peak_memory", "weight_bytes") and fp.budget is None
     assert all(r.fp_reference().hash in {fp.hash, m.expand()[1].hash} for r in m.expand()[2:])
 
 
@@ -134,7 +135,7 @@ OK = "models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n"
             OK.replace("[embedded-digits]", "[{name: embedded-digits, source: x}]"),
             "unknown key(s) source for",
         ),
-        (OK + "metrics: [fid]", "metrics[0]: unknown metric 'fid'"),
+        (OK + "metrics: [fdi]", "metrics[0]: unknown metric 'fdi' (did you mean 'fid'?)"),
         (
             OK.replace("embedded-digits", "sd-1.5") + "metrics: [digits_fd]",
             "digits_fd needs model embedded-digits",

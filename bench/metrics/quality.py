@@ -1,17 +1,24 @@
-"""Metrics the runner computes on every run, registered in ``bench.registry.METRICS``.
+"""The metric interface, and the metrics that need no external library.
 
-A metric is called with an :class:`EvalContext` (the run, its images, the paired FP images) and
-returns a :class:`Measurement`, or ``None`` where it does not apply (e.g. a paired metric on the
-FP run itself).
+A metric is called with an :class:`EvalContext` (the run, its images, the paired FP images, the
+model that made them) and returns a :class:`Measurement`, or ``None`` where it does not apply
+(e.g. a paired metric on the FP run itself). It raises
+:class:`bench.models.base.AvailabilityError` when this machine lacks what it needs (weights
+offline): that metric's row is then ``skipped`` and the run's other metrics still count.
+Metrics register in ``bench.registry.METRICS``; FID-family metrics live in
+:mod:`bench.metrics.fid`, CLIP score in :mod:`bench.metrics.clip`, cost in :mod:`bench.metrics.cost`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from functools import cached_property
+from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -23,16 +30,27 @@ class EvalContext:
         adapter: the model adapter that produced the images.
         images: uint8 NCHW samples of this run.
         fp_images: the paired FP samples (same seeds, prompts, sampler); ``None`` for the FP run.
+        make_denoiser: builds the deployable denoiser that produced ``images`` (for cost
+            metrics; built on first use of :attr:`denoiser`, as the samples may be cached).
         quantize_s: seconds the method took to quantize (``None`` for the FP run).
         quantize_cached: whether the quantized checkpoint came from the cache.
+        memo: scratch space shared by this run's metrics (e.g. features FID and KID share).
     """
 
     spec: Any
     adapter: Any
     images: torch.Tensor
     fp_images: torch.Tensor | None
+    make_denoiser: Callable[[], nn.Module] | None = None
     quantize_s: float | None = None
     quantize_cached: bool = False
+    memo: dict[Any, Any] = field(default_factory=dict)
+
+    @cached_property
+    def denoiser(self) -> nn.Module:
+        if self.make_denoiser is None:
+            raise ValueError(f"no denoiser was given for {self.spec.label}")
+        return self.make_denoiser()
 
 
 @dataclass(frozen=True)
@@ -41,31 +59,36 @@ class Measurement:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Metric(Protocol):
-    name: str
-    unit: str
-    higher_is_better: bool
-    models: tuple[str, ...] | None  # the models it works for; None: any
-    kind: str  # "quality" (of the images) or "cost" (time, memory, size)
-    quantized_only: bool  # measures the quantization itself: no row for the FP run
+class Metric:
+    """Base class; subclasses set the class attributes and implement ``__call__``."""
 
-    def __call__(self, ctx: EvalContext) -> Measurement | None: ...
+    name: ClassVar[str]
+    unit: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+    models: ClassVar[tuple[str, ...] | None] = None  # the models it works for; None: any
+    kind: ClassVar[str] = "quality"  # "quality" (of the images) or "cost" (time, memory, size)
+    quantized_only: ClassVar[bool] = False  # measures the quantization itself: no FP row
+    settings: ClassVar[tuple[str, ...]] = ()  # the ``Evaluation`` fields it reads
+
+    def check(self, evaluation) -> str | None:
+        """Why ``evaluation`` cannot work for this metric (checked when a matrix loads)."""
+        return None
+
+    def __call__(self, ctx: EvalContext) -> Measurement | None:
+        raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class DigitsFD:
+class DigitsFD(Metric):
     """Fréchet distance of generated digits to real ones in the embedded classifier's features.
 
     The FP run's row also carries the real-vs-real floor at the same sample count (mean ± sd
     over 5 draws of held-apart real digits): no generator can be expected to score below it.
     """
 
-    name: str = "digits_fd"
-    unit: str = "fd"
-    higher_is_better: bool = False
-    models: tuple[str, ...] | None = ("embedded-digits",)
-    kind: str = "quality"
-    quantized_only: bool = False
+    name = "digits_fd"
+    unit = "fd"
+    higher_is_better = False
+    models = ("embedded-digits",)
 
     def __call__(self, ctx: EvalContext) -> Measurement:
         value = ctx.adapter.frechet(ctx.images)
@@ -78,18 +101,15 @@ class DigitsFD:
 MAX_PSNR_DB = 100.0  # reported for images identical to FP (the PSNR of zero error is infinite)
 
 
-@dataclass(frozen=True)
-class PSNRvsFP:
+class PSNRvsFP(Metric):
     """PSNR (dB) of the quantized run's images against the FP images from the same noise: a
     paired, reference-free measure of how far quantization moved each sample. Computed from the
     mean squared error over all pixels of all images, on 8-bit images."""
 
-    name: str = "psnr_vs_fp"
-    unit: str = "dB"
-    higher_is_better: bool = True
-    models: tuple[str, ...] | None = None
-    kind: str = "quality"
-    quantized_only: bool = True
+    name = "psnr_vs_fp"
+    unit = "dB"
+    higher_is_better = True
+    quantized_only = True
 
     def __call__(self, ctx: EvalContext) -> Measurement | None:
         if ctx.fp_images is None:
@@ -99,19 +119,17 @@ class PSNRvsFP:
         return Measurement(psnr)
 
 
-@dataclass(frozen=True)
-class QuantizeTime:
+class QuantizeTime(Metric):
     """Wall seconds the method took to produce the quantized model (calibration data excluded:
     it is shared between methods). A checkpoint from the cache reports its original time; a
     WxA32 model that reuses a WxAy model's weight phase reports that model's time (the row's
     ``weights_from`` names it)."""
 
-    name: str = "quantize_time"
-    unit: str = "s"
-    higher_is_better: bool = False
-    models: tuple[str, ...] | None = None
-    kind: str = "cost"
-    quantized_only: bool = True
+    name = "quantize_time"
+    unit = "s"
+    higher_is_better = False
+    kind = "cost"
+    quantized_only = True
 
     def __call__(self, ctx: EvalContext) -> Measurement | None:
         if ctx.quantize_s is None:

@@ -18,6 +18,9 @@ from tqdm.auto import tqdm
 import qdiff
 from bench.matrix import Sampling
 
+# What every model measures about cost (bench.metrics.cost, and the method's own time).
+COST_METRICS = ("quantize_time", "latency_step", "latency_e2e", "peak_memory", "weight_bytes")
+
 
 class AvailabilityError(RuntimeError):
     """The run cannot happen on this machine (weights absent offline, no CUDA): a skipped row."""
@@ -49,7 +52,10 @@ class DiffusionAdapter:
 
     name: ClassVar[str]
     ARGS: ClassVar[tuple[str, ...]] = ()
-    DEFAULT_METRICS: ClassVar[tuple[str, ...]] = ("psnr_vs_fp", "quantize_time")
+    DEFAULT_METRICS: ClassVar[tuple[str, ...]] = ("psnr_vs_fp", *COST_METRICS)
+    # The real data FID compares with unless the matrix sets ``fid_reference``: a
+    # torch-fidelity registered input, or "" (none; the user supplies a folder).
+    FID_REFERENCE: ClassVar[str] = ""
 
     def __init__(self, sampling: Sampling, **args: Any) -> None:
         bad = sorted(set(args) - set(self.ARGS))
@@ -149,6 +155,18 @@ class DiffusionAdapter:
             out.append(to_uint8(self.decode(x)))
         bar.close()
         return torch.cat(out)
+
+    @torch.no_grad()
+    def step_inputs(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The denoiser's inputs ``(x, t, kwargs)`` at the first sampler step for ``n`` samples
+        (a doubled batch under guidance, as :meth:`sample` feeds it): for timing one step."""
+        scheduler = self.scheduler()
+        scheduler.set_timesteps(self.sampling.steps, device=self.device)
+        x = self.noise(n, seed).to(self.device) * scheduler.init_noise_sigma
+        cond = self.conditions(0, n)
+        t = scheduler.timesteps[0]
+        x_in = scheduler.scale_model_input(x if cond is None else torch.cat([x, x]), t)
+        return x_in, t.expand(len(x_in)), cond or {}
 
     def calibration_data(self, denoiser: nn.Module, config: qdiff.CalibConfig) -> qdiff.CalibData:
         """Denoiser inputs from the FP trajectories of ``config.samples_per_timestep`` samples,

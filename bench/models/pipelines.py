@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bench.models.base import AvailabilityError, DiffusionAdapter
+from bench.models.base import COST_METRICS, AvailabilityError, DiffusionAdapter
 
 BUILTIN_PROMPTS = "bench.prompts", "smoke.txt"
 
@@ -32,6 +32,7 @@ class PipelineAdapter(DiffusionAdapter):
     ARGS: ClassVar[tuple[str, ...]] = ("source",)
     DEFAULT_SOURCE: ClassVar[str]
     LOAD_KWARGS: ClassVar[dict[str, Any]] = {}
+    DEFAULT_METRICS = ("fid", "kid", "fid_vs_fp", "psnr_vs_fp", *COST_METRICS)
 
     @property
     def source(self) -> str:
@@ -87,7 +88,7 @@ class TextToImageAdapter(PipelineAdapter):
 
     ARGS = ("source", "prompts", "guidance_scale")
     LOAD_KWARGS: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
-    DEFAULT_METRICS = ("psnr_vs_fp", "quantize_time")
+    DEFAULT_METRICS = ("clip_score", "fid", "fid_vs_fp", "psnr_vs_fp", *COST_METRICS)
 
     @cached_property
     def prompt_list(self) -> list[str]:
@@ -145,6 +146,8 @@ class DDIMCifar10(PipelineAdapter):
 
     name = "ddim-cifar10"
     DEFAULT_SOURCE = "google/ddpm-cifar10-32"
+    DEFAULT_METRICS = ("fid", "kid", "inception_score", "fid_vs_fp", "psnr_vs_fp", *COST_METRICS)
+    FID_REFERENCE = "cifar10-train"  # the paper's: 50k CIFAR-10 training images
 
 
 class LDMCelebAHQ(LatentPipelineAdapter):

@@ -1,0 +1,223 @@
+"""Cost metrics: denoiser-step and end-to-end latency, peak memory while sampling, weight bytes.
+
+Timings exclude warm-up (``latency_warmup`` untimed calls: allocator growth, cuDNN autotuning,
+``torch.compile``) and report the median of ``latency_repeats`` timed calls with the
+interquartile range. On a GPU, CUDA events time the device work; on a CPU, ``perf_counter``
+times the call. All timings run at the run's batch size on the run's device with the deployable
+denoiser (the ``backend`` the run evaluates: ``fake`` simulates quantization in floating point,
+so its latency shows the simulation's overhead, not a quantized kernel's speed).
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import qdiff
+from bench.metrics.quality import EvalContext, Measurement, Metric
+from bench.models.base import resolve_device
+
+MIB = 2**20
+LATENCY_SETTINGS = ("latency_warmup", "latency_repeats", "compile")
+
+
+def time_calls(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def summarize(times: list[float], scale: float) -> tuple[float, dict[str, float]]:
+    """Median and interquartile range of ``times`` × ``scale`` (e.g. 1000 for ms)."""
+    values = sorted(t * scale for t in times)
+    if len(values) > 1:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    else:
+        q1 = q3 = values[0]
+    median = statistics.median(values)
+    return median, {"iqr": q3 - q1, "p25": q1, "p75": q3, "min": values[0], "max": values[-1]}
+
+
+def _protocol(ctx: EvalContext, device: torch.device, warmup: int, repeats: int) -> dict:
+    ev = ctx.spec.evaluation
+    return {
+        "timer": "cuda-events" if device.type == "cuda" else "perf_counter",
+        "warmup": warmup,
+        "repeats": repeats,
+        "batch_size": ctx.spec.sampling.batch_size,
+        "backend": "fp" if ctx.spec.budget is None else ctx.spec.budget.backend,
+        "compile": ev.compile,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _denoiser(ctx: EvalContext) -> nn.Module:
+    """The run's deployable denoiser, compiled when the settings ask (once per run)."""
+    if "compiled" not in ctx.memo:
+        model = ctx.denoiser
+        if ctx.spec.evaluation.compile != "off":
+            model = torch.compile(model, backend=ctx.spec.evaluation.compile)
+        ctx.memo["compiled"] = model
+    return ctx.memo["compiled"]
+
+
+class LatencyStep(Metric):
+    """Milliseconds of one denoiser call at the run's batch size (the doubled batch of
+    classifier-free guidance included), at the first sampler step's inputs."""
+
+    name = "latency_step"
+    unit = "ms"
+    higher_is_better = False
+    kind = "cost"
+    settings = LATENCY_SETTINGS
+
+    def __call__(self, ctx: EvalContext) -> Measurement:
+        device = resolve_device(ctx.spec.sampling.device)
+        ev = ctx.spec.evaluation
+        x, t, kwargs = ctx.adapter.step_inputs(ctx.spec.sampling.batch_size, ctx.spec.seed)
+        model = _denoiser(ctx)
+
+        @torch.no_grad()
+        def step():
+            return model(x, t, **kwargs)
+
+        warmup, repeats = ev.latency_warmup, ev.latency_repeats
+        median, spread = summarize(time_calls(step, warmup, repeats, device), 1000)
+        return Measurement(median, {**spread, **_protocol(ctx, device, warmup, repeats)})
+
+
+def _rss_peak_reset() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ≥ 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _sampling_cost(ctx: EvalContext) -> dict:
+    """Sample one batch ``warmup + repeats`` times (once, untimed-warm-up-free, when only memory
+    is asked for); time the timed ones and record the peak memory over them."""
+    if "sampling_cost" in ctx.memo:
+        return ctx.memo["sampling_cost"]
+    device = resolve_device(ctx.spec.sampling.device)
+    ev = ctx.spec.evaluation
+    timed = "latency_e2e" in ctx.spec.metrics
+    warmup, repeats = (ev.latency_warmup, ev.latency_repeats) if timed else (0, 1)
+    model, n = _denoiser(ctx), ctx.spec.sampling.batch_size
+
+    def sample():
+        ctx.adapter.sample(model, n, ctx.spec.seed)
+
+    for _ in range(warmup):
+        sample()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        source = "torch.cuda.max_memory_allocated"
+    elif sys.platform == "linux" and _rss_peak_reset():
+        before = _rss_kib("VmRSS") * 1024
+        source = "peak RSS of the process (VmHWM, reset before sampling)"
+    else:  # cannot reset: the process's lifetime peak, an upper bound
+        before = None
+        source = "peak RSS of the process since it started (ru_maxrss)"
+    times = time_calls(sample, 0, repeats, device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    elif before is not None:
+        peak = _rss_kib("VmHWM") * 1024
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    out = {
+        "times": times,
+        "protocol": _protocol(ctx, device, warmup, repeats),
+        "peak_mib": peak / MIB,
+        "memory": {"memory_source": source, "before_mib": None if before is None else before / MIB},
+    }
+    ctx.memo["sampling_cost"] = out
+    return out
+
+
+class LatencyE2E(Metric):
+    """Seconds to sample one batch end to end: every sampler step, guidance and decoding."""
+
+    name = "latency_e2e"
+    unit = "s"
+    higher_is_better = False
+    kind = "cost"
+    settings = LATENCY_SETTINGS
+
+    def __call__(self, ctx: EvalContext) -> Measurement:
+        cost = _sampling_cost(ctx)
+        median, spread = summarize(cost["times"], 1)
+        batch = cost["protocol"]["batch_size"]
+        return Measurement(median, {**spread, **cost["protocol"], "images_per_s": batch / median,
+                                    "steps": ctx.spec.sampling.steps})  # fmt: skip
+
+
+class PeakMemory(Metric):
+    """Peak memory (MiB) while sampling one batch: allocated device memory on a GPU (weights,
+    activations, sampler state); on a CPU the process's peak resident set, which also holds the
+    interpreter and libraries (``before_mib`` is its level when sampling started)."""
+
+    name = "peak_memory"
+    unit = "MiB"
+    higher_is_better = False
+    kind = "cost"
+    settings = ("compile",)
+
+    def __call__(self, ctx: EvalContext) -> Measurement:
+        cost = _sampling_cost(ctx)
+        return Measurement(cost["peak_mib"], {**cost["memory"], **cost["protocol"]})
+
+
+class WeightBytes(Metric):
+    """Denoiser weights as a deployment stores them (MiB): quantized weights packed at their bit
+    width plus their scales and zero points, everything else at its dtype (see
+    :func:`qdiff.storage_bytes`)."""
+
+    name = "weight_bytes"
+    unit = "MiB"
+    higher_is_better = False
+    kind = "cost"
+
+    def __call__(self, ctx: EvalContext) -> Measurement:
+        parts = qdiff.storage_bytes(ctx.denoiser)
+        return Measurement(parts["total"] / MIB, {f"{k}_bytes": v for k, v in parts.items()})
+
+
+LATENCY_STEP = LatencyStep()
+LATENCY_E2E = LatencyE2E()
+PEAK_MEMORY = PeakMemory()
+WEIGHT_BYTES = WeightBytes()

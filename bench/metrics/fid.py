@@ -1,0 +1,460 @@
+"""FID, KID and Inception Score through torch-fidelity or clean-fid.
+
+Both libraries do the measuring: their Inception-v3 weights and image resizing (the part that
+makes FIDs comparable between papers) and their own statistics. This module feeds them samples
+from memory or from a folder of images, caches the reference set's features once per data set,
+and turns "weights missing offline" into a skipped row that names the file and the flag.
+
+Which library, mode and extractor produced a number is recorded in its row: FIDs from different
+backends, modes or sample counts are not comparable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+import time
+import urllib.error
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from bench.cache import cache_dir, cached_tensors
+from bench.images import ImageError
+from bench.metrics.quality import EvalContext, Measurement, Metric
+from bench.models.base import AvailabilityError, resolve_device
+from bench.provenance import config_hash
+
+Images = torch.Tensor | str  # uint8 (N, C, H, W), or a folder of image files
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+KID_SUBSET = 1000  # both libraries' default subset size
+KID_SEED = 2020  # torch-fidelity's default subset seed, used for clean-fid's subsets too
+DOWNLOAD_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError)
+WEIGHT_FILES = {  # what --inception-weights should point to, per backend and mode
+    ("torch-fidelity", None): "weights-inception-2015-12-05-6726825d.pth",
+    ("clean-fid", "clean"): "inception-2015-12-05.pt",
+    ("clean-fid", "legacy_tensorflow"): "inception-2015-12-05.pt",
+    ("clean-fid", "legacy_pytorch"): "pt_inception-2015-12-05-6726825d.pth",
+}
+
+
+def check_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) images from uint8 (N, 1 or 3, H, W); a clear error for anything else."""
+    if not isinstance(images, torch.Tensor):
+        raise ImageError(f"images must be a torch.Tensor or a folder path, got {type(images).__name__}")
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3) or not len(images):
+        raise ImageError(
+            f"images must be uint8 with values 0-255 and shape (N, 1 or 3, H, W); got {images.dtype} "
+            f"{tuple(images.shape)} (convert floats in [-1, 1] with bench.models.base.to_uint8)"
+        )
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def folder_images(path: str) -> list[Path]:
+    """The image files under ``path`` (recursively), sorted; an error if there are none."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ImageError(f"{path} is not a folder of images")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ImageError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def count(images: Images) -> int:
+    return len(images) if isinstance(images, torch.Tensor) else len(folder_images(images))
+
+
+def identity(images: Images) -> str:
+    """A content key: the pixels of in-memory images, a folder's file names and sizes."""
+    if isinstance(images, torch.Tensor):
+        return config_hash("images", images.numpy().tobytes())
+    files = folder_images(images)
+    return config_hash("folder", [(str(p.relative_to(images)), p.stat().st_size) for p in files])
+
+
+class _Images(Dataset):
+    """In-memory uint8 images as torch-fidelity reads a data set: one CHW tensor per item."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = check_images(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+@dataclass(frozen=True)
+class Scores:
+    fid: float | None  # None when there is no reference (Inception Score alone)
+    kid: float | None
+    kid_std: float | None
+    isc: float | None
+    isc_std: float | None
+    info: dict[str, Any]
+
+
+def _import(path: str):
+    module, _, attr = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ImageError(f"fid_extractor {path!r} does not import ({exc}); use module:attr") from None
+
+
+def _weights(evaluation) -> str | None:
+    path = evaluation.inception_weights
+    if path and not Path(path).is_file():
+        raise FileNotFoundError(f"--inception-weights {path}: no such file")
+    return path or None
+
+
+def _offline(backend: str, mode: str | None, exc: Exception) -> AvailabilityError:
+    wanted = WEIGHT_FILES[(backend, mode)]
+    return AvailabilityError(
+        f"{backend} could not download its Inception weights ({exc}); put {wanted} on this machine "
+        f"and pass --inception-weights /path/to/{wanted} (or settings: inception_weights)"
+    )
+
+
+class TorchFidelity:
+    """torch-fidelity's ``calculate_metrics``, with in-memory images as a Dataset and the
+    reference's features in its own cache under a name derived from the reference's content."""
+
+    name = "torch-fidelity"
+
+    def __init__(self, evaluation, device: torch.device, batch_size: int) -> None:
+        import torch_fidelity
+
+        self.device, self.batch_size = device, batch_size
+        self.weights = _weights(evaluation)
+        extractor = evaluation.fid_extractor
+        if extractor == "inception":
+            extractor = "inception-v3-compat"
+        elif ":" in extractor:
+            from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+            if extractor not in FEATURE_EXTRACTORS_REGISTRY:
+                torch_fidelity.register_feature_extractor(extractor, _import(extractor))
+        self.extractor = extractor
+        self.mode = None
+
+    def feature_dims(self) -> int | None:
+        from torch_fidelity.utils import resolve_feature_layer_for_metric
+
+        layer = resolve_feature_layer_for_metric("fid", feature_extractor=self.extractor)
+        return int(layer) if str(layer).isdigit() else None
+
+    def compare(self, gen: Images, ref: Images | None, ref_key: str | None, kid: bool, isc: bool) -> Scores:
+        import torch_fidelity
+        from torch_fidelity.registry import DATASETS_REGISTRY
+
+        if isinstance(ref, str) and not Path(ref).is_dir() and ref not in DATASETS_REGISTRY:
+            raise ImageError(
+                f"{ref} is neither a folder of images nor a torch-fidelity data set "
+                f"({', '.join(DATASETS_REGISTRY)})"
+            )
+        n_gen = count(gen)
+        n_ref = count(ref) if isinstance(ref, torch.Tensor) or (ref and Path(ref).is_dir()) else None
+        subset = min(KID_SUBSET, n_gen, n_ref or KID_SUBSET)
+        kwargs: dict[str, Any] = dict(
+            input1=_Images(gen) if isinstance(gen, torch.Tensor) else gen,
+            input2=_Images(ref) if isinstance(ref, torch.Tensor) else ref,
+            cuda=self.device.type == "cuda",
+            batch_size=self.batch_size,
+            fid=ref is not None,
+            kid=kid,
+            isc=isc,
+            kid_subset_size=subset,
+            feature_extractor=self.extractor,
+            feature_extractor_weights_path=self.weights,
+            samples_find_deep=True,
+            samples_find_ext=",".join(s.lstrip(".") for s in IMAGE_SUFFIXES),
+            cache=ref_key is not None,
+            cache_root=str(cache_dir() / "torch-fidelity"),
+            input2_cache_name=ref_key if ref_key else None,
+            # Data-loader worker processes only help decode image files; in-memory inputs skip them.
+            save_cpu_ram=not any(isinstance(x, str) and Path(x).is_dir() for x in (gen, ref)),
+            verbose=False,
+        )
+        if isinstance(ref, str) and not Path(ref).is_dir():  # a registered data set, e.g. cifar10-train
+            kwargs["datasets_root"] = str(cache_dir() / "datasets")
+        try:
+            out = torch_fidelity.calculate_metrics(**kwargs)
+        except DOWNLOAD_ERRORS as exc:
+            raise _offline(self.name, None, exc) from None
+        return Scores(
+            fid=out.get("frechet_inception_distance"),
+            kid=out.get("kernel_inception_distance_mean"),
+            kid_std=out.get("kernel_inception_distance_std"),
+            isc=out.get("inception_score_mean"),
+            isc_std=out.get("inception_score_std"),
+            info={"n_ref": n_ref, "kid_subset_size": subset if kid else None},
+        )
+
+
+class CleanFID:
+    """clean-fid's feature extractor for ``mode`` and its resizing, applied batch by batch to
+    in-memory images exactly as its folder loader does; its own FID and KID formulas."""
+
+    name = "clean-fid"
+
+    def __init__(self, evaluation, device: torch.device, batch_size: int) -> None:
+        self.device, self.batch_size = device, batch_size
+        self.mode = evaluation.fid_mode
+        self.extractor = evaluation.fid_extractor
+        if self.extractor == "inception":
+            self.model = _cleanfid_inception(self.mode, _weights(evaluation), device)
+        else:
+            self.model = _import(self.extractor)().to(device).eval()
+
+    def feature_dims(self) -> int | None:
+        return None  # known once features exist (see compare)
+
+    def features(self, images: Images) -> np.ndarray:
+        from cleanfid.fid import get_batch_features, get_folder_features
+
+        if isinstance(images, str):
+            folder_images(images)  # the error for an empty or missing folder
+            return get_folder_features(
+                images, self.model, num_workers=0, batch_size=self.batch_size, device=self.device,
+                mode=self.mode, verbose=False,
+            )  # fmt: skip
+        images = check_images(images)
+        return np.concatenate(
+            [
+                get_batch_features(self._resized(images[i : i + self.batch_size]), self.model, self.device)
+                for i in range(0, len(images), self.batch_size)
+            ]
+        )
+
+    def _resized(self, batch: torch.Tensor) -> torch.Tensor:
+        # What cleanfid.utils.ResizeDataset does to each image file read as HWC uint8.
+        from cleanfid.resize import build_resizer
+
+        resize = build_resizer(self.mode)
+        out = []
+        for img in batch.permute(0, 2, 3, 1).numpy():
+            r = resize(img)
+            t = torch.from_numpy(np.ascontiguousarray(r)).permute(2, 0, 1)
+            out.append(t.float() if r.dtype == np.uint8 else t)
+        return torch.stack(out)
+
+    def compare(self, gen: Images, ref: Images | None, ref_key: str | None, kid: bool, isc: bool) -> Scores:
+        from cleanfid.fid import fid_from_feats, kernel_distance
+
+        if isc or ref is None:
+            raise ImageError("clean-fid computes no Inception Score; use fid_backend: torch-fidelity")
+        if isinstance(ref, str) and not Path(ref).is_dir():
+            raise ImageError(f"clean-fid needs a folder of reference images, not {ref!r}: set fid_reference")
+        f_gen = self.features(gen)
+        if ref_key is None:
+            f_ref = self.features(ref)
+        else:
+            tensors, _ = cached_tensors(
+                "fid-reference", ref_key, lambda: {"features": torch.from_numpy(self.features(ref))}
+            )
+            f_ref = tensors["features"].numpy()
+        return Scores(
+            fid=float(fid_from_feats(f_gen, f_ref)),
+            kid=_seeded_kid(kernel_distance, f_gen, f_ref) if kid else None,
+            kid_std=None,
+            isc=None,
+            isc_std=None,
+            info={
+                "n_ref": len(f_ref),
+                "kid_subset_size": min(KID_SUBSET, len(f_gen), len(f_ref)) if kid else None,
+                "feature_dims": f_gen.shape[1],
+            },
+        )
+
+
+def _seeded_kid(kernel_distance, f_gen: np.ndarray, f_ref: np.ndarray) -> float:
+    """clean-fid's KID draws its subsets from numpy's global RNG: seed it (and restore it) so
+    the same images give the same KID, as torch-fidelity's seeded subsets do."""
+    state = np.random.get_state()
+    np.random.seed(KID_SEED)
+    try:
+        return float(kernel_distance(f_gen, f_ref))
+    finally:
+        np.random.set_state(state)
+
+
+def _cleanfid_inception(mode: str, weights: str | None, device: torch.device):
+    """clean-fid's Inception for ``mode``: its normal download, or the local ``weights`` file."""
+    from cleanfid.features import build_feature_extractor
+
+    try:
+        if weights is None:
+            return build_feature_extractor(mode, device, use_dataparallel=False)
+        # Both of clean-fid's loaders read a fixed file name from a folder: link the given file
+        # there under that name instead of copying ~100 MB.
+        folder = Path(tempfile.mkdtemp(prefix="qdiff-inception-"))
+        if mode == "legacy_pytorch":
+            from cleanfid.inception_pytorch import FID_WEIGHTS_URL
+
+            (folder / "checkpoints").mkdir()
+            os.symlink(Path(weights).resolve(), folder / "checkpoints" / Path(FID_WEIGHTS_URL).name)
+            previous = torch.hub.get_dir()
+            torch.hub.set_dir(str(folder))
+            try:
+                return build_feature_extractor(mode, device, use_dataparallel=False)
+            finally:
+                torch.hub.set_dir(previous)
+        from cleanfid.inception_torchscript import InceptionV3W
+
+        os.symlink(Path(weights).resolve(), folder / WEIGHT_FILES[("clean-fid", mode)])
+        model = InceptionV3W(str(folder), download=False, resize_inside=mode == "legacy_tensorflow")
+        return model.to(device).eval()
+    except DOWNLOAD_ERRORS as exc:
+        raise _offline("clean-fid", mode, exc) from None
+
+
+BACKENDS = {"torch-fidelity": TorchFidelity, "clean-fid": CleanFID}
+
+
+@lru_cache(maxsize=2)
+def backend(evaluation, device: str, batch_size: int):
+    """The FID backend the evaluation settings name (memoised: Inception loads once per process)."""
+    return BACKENDS[evaluation.fid_backend](evaluation, torch.device(device), batch_size)
+
+
+def reliability_warning(n: int, dims: int | None) -> str | None:
+    if dims is None or n >= dims:
+        return None
+    return (
+        f"FID from n={n} samples < {dims} feature dimensions is biased upward and unreliable "
+        f"(singular covariance); use n >= {dims}, and 10k-50k to compare with published numbers"
+    )
+
+
+def compute(
+    evaluation,
+    gen: Images,
+    ref: Images | None,
+    ref_key: str | None = None,
+    kid: bool = False,
+    isc: bool = False,
+    device: str = "cpu",
+    batch_size: int = 64,
+) -> Scores:
+    """FID (and KID, IS) of ``gen`` against ``ref`` with the backend ``evaluation`` names.
+
+    Args:
+        gen / ref: uint8 image tensors or image folders (``ref`` may also be a torch-fidelity
+            registered input such as ``cifar10-train``, or None for the Inception Score alone).
+        ref_key: cache the reference's features under this key (computed once per data set).
+    """
+    t = time.perf_counter()
+    bk = backend(evaluation, device, batch_size)
+    scores = bk.compare(gen, ref, ref_key, kid, isc)
+    n = count(gen)
+    dims = scores.info.get("feature_dims") or bk.feature_dims()
+    warning = reliability_warning(n, dims) if scores.fid is not None else None
+    if warning:
+        warnings.warn(warning, stacklevel=2)
+    info = {
+        "fid_backend": bk.name,
+        "fid_mode": bk.mode,
+        "feature_extractor": bk.extractor,
+        "inception_weights": evaluation.inception_weights or "library download",
+        "n_gen": n,
+        **scores.info,
+        "feature_dims": dims,
+        "warning": warning,
+        "metric_s": round(time.perf_counter() - t, 3),
+    }
+    return Scores(scores.fid, scores.kid, scores.kid_std, scores.isc, scores.isc_std, info)
+
+
+class _FIDFamily(Metric):
+    """FID-family metrics of a run; FID, KID and IS against the same set share one computation."""
+
+    field: str  # which of Scores' values this metric reports
+    against: str = "reference"  # or "fp" (the paired FP samples) or "none" (Inception Score)
+    settings = ("fid_backend", "fid_mode", "fid_extractor", "fid_reference", "inception_weights")
+
+    def check(self, evaluation) -> str | None:
+        if self.field == "isc" and evaluation.fid_backend != "torch-fidelity":
+            return "clean-fid does not compute the Inception Score; use fid_backend: torch-fidelity"
+        return None
+
+    def __call__(self, ctx: EvalContext) -> Measurement | None:
+        if self.against == "fp" and ctx.fp_images is None:
+            return None
+        scores = ctx.memo.get(("fid", self.against))
+        if scores is None:
+            scores = self._scores(ctx)
+            ctx.memo[("fid", self.against)] = scores
+        value = getattr(scores, self.field)
+        spread = getattr(scores, f"{self.field}_std", None)
+        return Measurement(float(value), {**scores.info, **({"std": spread} if spread is not None else {})})
+
+    def _scores(self, ctx: EvalContext) -> Scores:
+        ev = ctx.spec.evaluation
+        device = str(resolve_device(ctx.spec.sampling.device))
+        batch = min(ctx.spec.sampling.batch_size, 256)
+        if self.against == "none":
+            return compute(ev, ctx.images, None, isc=True, device=device, batch_size=batch)
+        if self.against == "fp":
+            fp_id = identity(ctx.fp_images)
+            key = config_hash("fid-fp", ev.fid_backend, ev.fid_mode, ev.fid_extractor, fp_id)
+            fp = ctx.fp_images
+            return compute(ev, ctx.images, fp, f"qdiff-{key[:24]}", device=device, batch_size=batch)
+        ref = ev.fid_reference or ctx.adapter.FID_REFERENCE
+        if not ref:
+            raise AvailabilityError(
+                f"FID needs real reference images for {ctx.spec.model}: set fid_reference: /path/to/images "
+                "(a folder) in the matrix settings or on the model entry"
+            )
+        is_folder = Path(ref).is_dir()
+        if not is_folder and (os.sep in ref or ev.fid_backend == "clean-fid"):
+            raise AvailabilityError(f"fid_reference {ref!r}: no such folder of images on this machine")
+        ref_id = identity(ref) if is_folder else ref
+        key = config_hash("fid-ref", ev.fid_backend, ev.fid_mode, ev.fid_extractor, ref_id)
+        kid = "kid" in ctx.spec.metrics
+        return compute(ev, ctx.images, ref, f"qdiff-{key[:24]}", kid=kid, device=device, batch_size=batch)
+
+
+class FID(_FIDFamily):
+    """Fréchet Inception Distance of the run's samples to the real reference set."""
+
+    name, unit, higher_is_better, field = "fid", "fid", False, "fid"
+
+
+class KID(_FIDFamily):
+    """Kernel Inception Distance (unbiased MMD², cubic polynomial kernel) to the reference set;
+    unlike FID, unbiased at small n."""
+
+    name, unit, higher_is_better, field = "kid", "mmd2", False, "kid"
+
+
+class InceptionScore(_FIDFamily):
+    """Inception Score of the run's samples (torch-fidelity; 10 splits); no reference set."""
+
+    name, unit, higher_is_better, field, against = "inception_score", "is", True, "isc", "none"
+    settings = ("fid_backend", "fid_extractor", "inception_weights")
+
+
+class FIDvsFP(_FIDFamily):
+    """FID of the quantized samples to the paired FP samples (same seeds, prompts, sampler): the
+    distribution shift caused by quantization alone, with no real data needed."""
+
+    name, unit, higher_is_better, field, against = "fid_vs_fp", "fid", False, "fid", "fp"
+    quantized_only = True
+    settings = ("fid_backend", "fid_mode", "fid_extractor", "inception_weights")
+
+
+FID_METRIC = FID()
+KID_METRIC = KID()
+INCEPTION_SCORE = InceptionScore()
+FID_VS_FP = FIDvsFP()

@@ -1,0 +1,61 @@
+"""The bytes a model's weights take as a deployment stores them, not as fake quantization holds them.
+
+A fake-quantized model keeps every weight as float32 (twice, once converted), so its in-memory size
+says nothing about compression. Here a quantized weight of ``b`` bits counts as packed integers,
+``ceil(numel · b / 8)`` bytes, plus its grid: one float32 scale per tensor or output channel and,
+for asymmetric grids, one byte of zero point per scale. Activation quantizers' grids count the
+same way. Every other parameter and persistent buffer (biases, norms, embeddings, layers left
+in floating point) counts at its own dtype's size. Tensors shared between modules count once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qdiff.api import FrozenFakeQuantLayer
+from qdiff.modules import QuantLayer
+from qdiff.quantizer import AdaRoundQuantizer, UniformAffineQuantizer
+
+SCALE_BYTES = 4  # float32 step size
+ZERO_POINT_BYTES = 1  # an integer in the grid's range; 8 bits hold every grid we build
+
+
+def _grid_bytes(q: UniformAffineQuantizer) -> int:
+    zero_points = 0 if q.spec.symmetric else q.zero_point.numel() * ZERO_POINT_BYTES
+    return q.scale.numel() * SCALE_BYTES + zero_points
+
+
+def storage_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of ``model``'s weights as stored for deployment, by part.
+
+    Returns:
+        ``{"quantized_weights", "grids", "other", "total"}``: packed low-bit weights; quantizer
+        scales and zero points; every remaining parameter and buffer; their sum.
+    """
+    counted: set[int] = set()
+    parts = {"quantized_weights": 0, "grids": 0, "other": 0}
+
+    def mark(t: torch.Tensor) -> None:
+        counted.add(id(t))
+
+    for module in model.modules():
+        if isinstance(module, QuantLayer) and module.use_weight_quant:
+            for q, w in zip(module.weight_quantizer, module.weight_parts(), strict=True):
+                bits = (q.base if isinstance(q, AdaRoundQuantizer) else q).spec.bits
+                parts["quantized_weights"] += math.ceil(w.numel() * bits / 8)
+            mark(module.weight)
+        if isinstance(module, FrozenFakeQuantLayer):
+            mark(module.weight_q)  # a precomputed copy of its layer's (quantized) weight
+        if isinstance(module, UniformAffineQuantizer):
+            parts["grids"] += _grid_bytes(module)
+        if isinstance(module, UniformAffineQuantizer | AdaRoundQuantizer):
+            for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                mark(t)  # grid state or AdaRound's rounding variables: not stored when deployed
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in counted:
+            mark(t)
+            parts["other"] += t.numel() * t.element_size()
+    return {**parts, "total": sum(parts.values())}
