@@ -307,8 +307,9 @@ def _evaluate(
             rows.append(_metric_row({**base, "status": status, "error": message}, metric, None, **extra))
             continue
         if measured is not None:
+            # Metrics sharing work (FID and KID) charge it to the first of them.
             timing = {"metric_s": round(time.perf_counter() - t, 3)}
-            rows.append(_metric_row(base, metric, measured.value, **extra, **timing, **measured.extra))
+            rows.append(_metric_row(base, metric, measured.value, **{**extra, **timing, **measured.extra}))
     if not rows:
         raise ValueError(f"none of the metrics {', '.join(spec.metrics)} applies to {spec.label}")
     return rows

@@ -145,6 +145,21 @@ OK = "models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n"
         (OK + "exclude: [{method: qdiff}]", "expands to no runs"),
         (OK + "settings: {backend: int3}", "backend='int3'; choose one of fake"),
         (OK.replace("[qdiff]", "[qdiff, {name: qdiff}]"), "'methods' lists qdiff more than once"),
+        (
+            OK + "settings: {fid_backend: pytorch-fid}",
+            "fid_backend='pytorch-fid'; choose one of torch-fidelity",
+        ),
+        (
+            OK + "settings: {fid_mode: tf}",
+            "fid_mode='tf'; choose one of clean, legacy_pytorch, legacy_tensorflow",
+        ),
+        (OK + "settings: {latency_repeats: 0}", "latency_repeats=0 must be > 0"),
+        (OK + "settings: {latency_warmup: -1}", "latency_warmup=-1 must be >= 0"),
+        (OK + "settings: {compile: true}", "compile=True must be a str"),
+        (
+            OK + "metrics: [inception_score]\nsettings: {fid_backend: clean-fid}",
+            "metric inception_score: clean-fid does not compute the Inception Score",
+        ),
     ],
 )
 def test_bad_matrix_is_one_clear_error(tmp_path, text, message):
@@ -171,3 +186,33 @@ def test_only_rules():
     }  # fmt: skip
     with pytest.raises(MatrixError, match="keys: model, method, bits, seed"):
         parse_rules(["methods=qdiff"])
+
+
+def test_only_the_evaluation_settings_a_run_uses_are_hashed(tmp_path):
+    def run(settings: str, metrics: str = "[digits_fd, fid]"):
+        text = f"models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\nmetrics: {metrics}\n"
+        return load_matrix(write(tmp_path, text + f"settings: {settings}")).expand()[-1]
+
+    base = run("{}")
+    used = {"fid_backend": "torch-fidelity", "fid_mode": "clean", "fid_extractor": "inception"}
+    assert base.evaluation_used() == {**used, "fid_reference": ""}
+    assert run("{clip_model: ViT-B-16}").hash == base.hash  # no CLIP metric in this run
+    assert run("{inception_weights: /data/inception.pth}").hash == base.hash  # where, not which, weights
+    assert run("{fid_backend: clean-fid}").hash != base.hash
+    assert run("{latency_repeats: 3}", "[latency_step]").hash != run("{}", "[latency_step]").hash
+    assert base.fields()["evaluation"] == base.evaluation_used()
+
+
+def test_evaluation_overrides_per_model_and_from_the_command_line(tmp_path):
+    m = load_matrix(write(tmp_path, """
+        models: [{name: embedded-digits, fid_reference: /data/digits}]
+        methods: [qdiff]
+        bits: [W4A8]
+        settings: {fid_backend: clean-fid}
+    """))  # fmt: skip
+    assert {(r.evaluation.fid_reference, r.evaluation.fid_backend) for r in m.expand()} == {
+        ("/data/digits", "clean-fid")
+    }
+    flagged = m.with_evaluation(inception_weights="/w.pt")
+    assert {r.evaluation.inception_weights for r in flagged.expand()} == {"/w.pt"}
+    assert [r.hash for r in flagged.expand()] == [r.hash for r in m.expand()]

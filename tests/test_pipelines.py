@@ -65,15 +65,38 @@ def test_absent_weights_are_unavailable_not_an_error(tmp_path):
             MODELS.get("sd-1.5")(Sampling(device="cuda"))
 
 
-def test_quantized_stable_diffusion_end_to_end(tiny_pipelines, tmp_path):
+def test_quantized_stable_diffusion_end_to_end(tiny_pipelines, tiny_clip, reference_images, tmp_path):
+    """Every default metric of a text-to-image model, with tiny CLIP and FID extractors."""
+    clip_model, clip_weights = tiny_clip
+    settings = (
+        f"{TINY_SETTINGS[:-1]}, fid_extractor: 'fid_extractors:TinyTorchFidelity', "
+        f"fid_reference: {reference_images}, clip_model: {clip_model}, clip_pretrained: {clip_weights}, "
+        "latency_warmup: 0, latency_repeats: 2}"
+    )
     path = tmp_path / "sd.yaml"
     path.write_text(
         f"name: sd\nmodels: [{{name: sd-1.5, source: {tiny_pipelines['sd-1.5']}}}]\n"
-        f"methods: [linear, qdiff]\nbits: [W8A8]\nsettings: {TINY_SETTINGS}\n"
+        f"methods: [linear, qdiff]\nbits: [W8A8]\nsettings: {settings}\n"
     )
     rows = run_matrix(load_matrix(path), tmp_path / "results", progress=False, log=lambda _: None)
+    defaults = MODELS.get("sd-1.5").DEFAULT_METRICS
+    fp_metrics = {"clip_score", "fid", "latency_step", "latency_e2e", "peak_memory", "weight_bytes"}
     assert {(r["method"], r["metric"], r["status"]) for r in rows} == {
-        (m, metric, "ok") for m in ("linear", "qdiff") for metric in ("psnr_vs_fp", "quantize_time")
+        *((m, metric, "ok") for m in ("linear", "qdiff") for metric in defaults),
+        *(("fp", metric, "ok") for metric in fp_metrics),
     }
-    psnr = [r["value"] for r in rows if r["metric"] == "psnr_vs_fp"]
-    assert all(10 < v < 100 for v in psnr)  # close to, but not identical with, the FP images
+    by = {(r["method"], r["metric"]): r for r in rows}
+    assert all(10 < by[m, "psnr_vs_fp"]["value"] < 100 for m in ("linear", "qdiff"))  # close, not equal
+    clip = by["fp", "clip_score"]
+    assert (
+        0 <= clip["value"] <= 100
+        and clip["clip_pretrained"] == clip_weights
+        and "torchmetrics" in clip["scale"]
+    )
+    fid = by["qdiff", "fid"]
+    assert fid["fid_backend"] == "torch-fidelity" and fid["n_gen"] == 24 and fid["n_ref"] == 32
+    assert fid["evaluation"]["fid_reference"] == str(reference_images) and fid["metric_s"] >= 0
+    assert (
+        by["qdiff", "fid_vs_fp"]["value"] > 0
+        and by["fp", "weight_bytes"]["value"] > by["qdiff", "weight_bytes"]["value"]
+    )

@@ -62,7 +62,7 @@ def test_failures_become_rows_and_the_matrix_goes_on(tmp_path, monkeypatch):
 
 
 def test_missing_model_weights_are_a_skipped_row(tmp_path):
-    path = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]")
+    path = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]", metrics="[psnr_vs_fp, quantize_time]")
     text = Path(path).read_text()
     Path(path).write_text(text.replace("[embedded-digits]", "[{name: ddim-cifar10, source: no-org/absent}]"))
     rows = run(load_matrix(path), tmp_path)
@@ -156,3 +156,15 @@ def test_execute_is_self_contained(tmp_path):
     rows = execute(spec, matrix="m")
     assert {r["metric"] for r in rows} == {"digits_fd", "psnr_vs_fp", "quantize_time"}
     assert all(r["matrix"] == "m" and r["config_hash"] == spec.hash for r in rows)
+
+
+def test_a_metric_that_cannot_run_here_is_skipped_and_the_others_count(tmp_path):
+    """FID on a model with no reference data set: a skipped row naming the setting; the
+    run's other metrics are measured, and the run stays 'partial' for a later resume."""
+    matrix = load_matrix(tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]", metrics="[digits_fd, fid]"))
+    rows = run_matrix(matrix, tmp_path / "results", progress=False, log=lambda _: None)
+    states = {(r["method"], r["metric"]): (r["status"], r["error"]) for r in rows}
+    assert states["linear", "digits_fd"] == ("ok", None) and states["fp", "digits_fd"] == ("ok", None)
+    status, error = states["linear", "fid"]
+    assert status == "skipped" and "set fid_reference: /path/to/images" in error
+    assert {p.state for p in plan(matrix, ResultStore(tmp_path / "results" / "tiny"))} == {"partial"}

@@ -9,7 +9,6 @@ forward is batched, on the run's device.
 from __future__ import annotations
 
 import os
-import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -90,7 +89,6 @@ class CLIPScore(Metric):
         return None
 
     def __call__(self, ctx: EvalContext) -> Measurement:
-        t = time.perf_counter()
         ev = ctx.spec.evaluation
         device = resolve_device(ctx.spec.sampling.device)
         model, preprocess, tokenizer = load_clip(ev.clip_model, ev.clip_pretrained, str(device))
@@ -101,7 +99,6 @@ class CLIPScore(Metric):
             "clip_pretrained": ev.clip_pretrained,
             "scale": SCALE,
             "std": scores.std().item() if len(scores) > 1 else None,
-            "metric_s": round(time.perf_counter() - t, 3),
         }
         return Measurement(scores.mean().item(), extra)
 

@@ -371,7 +371,7 @@ def compute(
         **scores.info,
         "feature_dims": dims,
         "warning": warning,
-        "metric_s": round(time.perf_counter() - t, 3),
+        "fid_s": round(time.perf_counter() - t, 3),  # extraction and statistics, both sets
     }
     return Scores(scores.fid, scores.kid, scores.kid_std, scores.isc, scores.isc_std, info)
 

@@ -1,0 +1,88 @@
+"""Cost metrics: latency, peak memory and stored weight bytes, well-formed and with their units."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from helpers import tiny_matrix
+from torch import nn
+
+import qdiff
+from bench.matrix import load_matrix
+from bench.metrics.cost import summarize, time_calls
+from bench.runner import run_matrix
+
+COST = "[latency_step, latency_e2e, peak_memory, weight_bytes]"
+
+
+def test_timer_and_summary():
+    times = time_calls(lambda: sum(range(10_000)), warmup=2, repeats=5, device=torch.device("cpu"))
+    assert len(times) == 5 and all(t > 0 for t in times)
+    median, spread = summarize([0.004, 0.001, 0.002, 0.003, 0.010], 1000)
+    assert median == pytest.approx(3.0) and spread["p25"] == pytest.approx(2.0)
+    assert spread["iqr"] == pytest.approx(2.0) and spread["max"] == pytest.approx(10.0)
+
+
+def conv_model(bits: int, symmetric: bool):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Conv2d(8, 5, 1, bias=False))
+    spec = qdiff.QuantSpec(bits=bits, symmetric=symmetric, granularity="channel")
+    qconfig = qdiff.QConfig(weight=spec, act=None, first_last_bits=None)
+    q = qdiff.prepare(copy.deepcopy(model), qconfig)  # prepare swaps layers in place
+    qdiff.set_quant_state(q, weight=True, act=False)
+    return model, q
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (8, False), (3, True)])
+def test_storage_counts_packed_weights_and_their_grids(bits, symmetric):
+    model, q = conv_model(bits, symmetric)
+    fp = qdiff.storage_bytes(model)
+    assert fp["total"] == sum(p.numel() * 4 for p in model.parameters()) and fp["quantized_weights"] == 0
+    for deployed in (q, qdiff.convert(q, "fake")):  # the frozen copy of the weights is not counted twice
+        got = qdiff.storage_bytes(deployed)
+        packed = math.ceil(8 * 3 * 9 * bits / 8) + math.ceil(5 * 8 * bits / 8)
+        grids = (8 + 5) * (4 + (0 if symmetric else 1))
+        other = (8 + 8 + 8) * 4  # first conv's bias, the norm's weight and bias
+        assert got == {
+            "quantized_weights": packed,
+            "grids": grids,
+            "other": other,
+            "total": packed + grids + other,
+        }
+
+
+def test_cost_metrics_through_the_runner(tmp_path):
+    matrix = load_matrix(
+        tiny_matrix(
+            tmp_path, methods="[linear]", bits="[W8A8, W4A32]", metrics=COST,
+            settings="{device: cpu, samples: 8, steps: 3, batch_size: 8, calib_timesteps: 2, "
+            "calib_samples: 4, latency_warmup: 1, latency_repeats: 3}",
+        )
+    )  # fmt: skip
+    rows = run_matrix(matrix, tmp_path / "results", progress=False, log=lambda _: None)
+    assert {r["status"] for r in rows} == {"ok"} and len(rows) == 3 * 4
+    by = {(r["bits"], r["metric"]): r for r in rows}
+    for bits in ("FP", "W8A8", "W4A32"):
+        step, e2e, memory = by[bits, "latency_step"], by[bits, "latency_e2e"], by[bits, "peak_memory"]
+        assert step["unit"] == "ms" and e2e["unit"] == "s" and memory["unit"] == "MiB"
+        assert 0 < step["value"] < e2e["value"] * 1000  # one step is a fraction of a whole sampling
+        assert step["repeats"] == 3 and step["warmup"] == 1 and step["timer"] == "perf_counter"
+        assert step["p25"] <= step["value"] <= step["p75"] and step["iqr"] >= 0
+        assert e2e["images_per_s"] == pytest.approx(8 / e2e["value"]) and e2e["steps"] == 3
+        assert memory["value"] > 0 and "RSS" in memory["memory_source"] and memory["kind"] == "cost"
+    assert by["W8A8", "latency_step"]["backend"] == "fake" and by["FP", "latency_step"]["backend"] == "fp"
+    size = {bits: by[bits, "weight_bytes"]["value"] for bits in ("FP", "W8A8", "W4A32")}
+    assert size["FP"] / size["W8A8"] > 3.5 and size["W8A8"] / size["W4A32"] > 1.7
+
+
+def test_latency_with_torch_compile(tmp_path):
+    matrix = load_matrix(
+        tiny_matrix(
+            tmp_path, methods="[fp]", bits="[]", metrics="[latency_step]",
+            settings="{device: cpu, samples: 4, steps: 2, batch_size: 4, compile: eager, latency_repeats: 2}",
+        )
+    )  # fmt: skip
+    (row,) = run_matrix(matrix, tmp_path / "results", progress=False, log=lambda _: None)
+    assert row["status"] == "ok" and row["compile"] == "eager" and row["value"] > 0
