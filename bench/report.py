@@ -109,6 +109,17 @@ def leaderboard(cells: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+# Costs a WxA32 run inherits from the run whose weight phase it reuses (``weights_from``).
+SHARED_WITH_WEIGHTS_SOURCE = ("quantize_time",)
+KINDS = (("quality", "Quality"), ("cost", "Cost"))
+
+
+def boards(cells: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """One leaderboard per metric kind present: (heading, board), quality first."""
+    return [(heading, leaderboard(cells[cells["kind"] == kind])) for kind, heading in KINDS
+            if (cells["kind"] == kind).any()]  # fmt: skip
+
+
 def _best(quant: pd.DataFrame) -> set[tuple[str, str, str, str]]:
     best = set()
     for (model, bits, metric), g in quant[quant["status"] == "ok"].groupby(["model", "bits", "metric"]):
@@ -137,7 +148,7 @@ def _cell_text(c, is_best: bool) -> str:
         text += f" ± {_fmt(c.sd, c.value)}"
     if c.method != FP and not math.isnan(c.delta):
         text += f" ({'+' if c.delta >= 0 else '−'}{_fmt(abs(c.delta), c.value)})"
-    if c.kind == "cost" and isinstance(c.weights_from, str):
+    if c.metric in SHARED_WITH_WEIGHTS_SOURCE and isinstance(c.weights_from, str):
         text += f" (shared with {c.weights_from})"
     return f"**{text}**" if is_best else text
 
@@ -175,6 +186,31 @@ def _provenance(df: pd.DataFrame, invocations: list[dict]) -> list[tuple[str, st
     ]
 
 
+def time_split(df: pd.DataFrame) -> list[tuple[str, str, str, str]]:
+    """Per run: (run, seconds generating its samples, seconds measuring, the slowest metric).
+    Runs whose samples came from the cache have no generation time."""
+    if "metric_s" not in df or "sample_s" not in df:
+        return []
+    out = []
+    for _, g in df[df["status"] == "ok"].groupby("config_hash", sort=False):
+        first = g.iloc[0]
+        timed = g[g["metric_s"].notna()]
+        if not len(timed):
+            continue
+        slowest = timed.loc[timed["metric_s"].astype(float).idxmax()]
+        sample = first["sample_s"]
+        out.append((
+            f"{first['model']} {first['method']} {first['bits']}",
+            "cached" if pd.isna(sample) else f"{float(sample):.1f}",
+            f"{timed['metric_s'].astype(float).sum():.1f}",
+            f"{slowest['metric']} ({float(slowest['metric_s']):.1f})",
+        ))  # fmt: skip
+    return out
+
+
+TIME_HEADER = ("run", "generate (s)", "measure (s)", "slowest metric (s)")
+
+
 def _metric_legend(cells: pd.DataFrame) -> list[str]:
     out = []
     for metric, g in cells.groupby("metric", sort=False):
@@ -193,25 +229,32 @@ def _floors(cells: pd.DataFrame) -> list[str]:
 
 
 def to_markdown(
-    board: pd.DataFrame, cells: pd.DataFrame, df: pd.DataFrame, invocations: list[dict], title: str
-) -> str:
+    tables: list[tuple[str, pd.DataFrame]], cells: pd.DataFrame, df: pd.DataFrame, invocations: list[dict],
+    title: str,
+) -> str:  # fmt: skip
     notes: list[str] = []
     lines = [f"# {title}", "", "Cells: value (Δ vs the paired FP run); best per column in bold.", ""]
     lines.append("Metrics: " + "; ".join(_metric_legend(cells)) + ".")
-    lines.extend(["", *[f"- {f}" for f in _floors(cells)], ""])
-    header = ["model", "method", *[f"{b} {m}" for b, m in board.columns]]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
-    for (model, method), values in board.iterrows():
-        shown = []
-        for text in values:
-            if text.startswith(("error:", "skipped:")):
-                notes.append(f"{model} {method}: {text}")
-                text = f"{text.split(':')[0]} [{len(notes)}]"
-            shown.append(text.replace("|", "\\|"))
-        lines.append(f"| {model} | {method} | " + " | ".join(shown) + " |")
+    lines.extend(["", *[f"- {f}" for f in _floors(cells)]])
+    for heading, board in tables:
+        header = ["model", "method", *[f"{b} {m}" for b, m in board.columns]]
+        lines.extend(["", f"## {heading}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)])
+        for (model, method), values in board.iterrows():
+            shown = []
+            for text in values:
+                if text.startswith(("error:", "skipped:")):
+                    notes.append(f"{model} {method}: {text}")
+                    text = f"{text.split(':')[0]} [{len(notes)}]"
+                shown.append(text.replace("|", "\\|"))
+            lines.append(f"| {model} | {method} | " + " | ".join(shown) + " |")
     if notes:
         lines.extend(["", *[f"[{i}] {n}" for i, n in enumerate(notes, 1)]])
+    split = time_split(df)
+    if split:
+        lines.extend(
+            ["", "## Where the time went", "", "| " + " | ".join(TIME_HEADER) + " |", "|---|---|---|---|"]
+        )
+        lines.extend("| " + " | ".join(r) + " |" for r in split)
     lines.extend(["", "## Provenance", "", "| | |", "|---|---|"])
     lines.extend(f"| {k} | {v} |" for k, v in _provenance(df, invocations))
     return "\n".join(lines) + "\n"
@@ -299,25 +342,31 @@ img{max-width:100%;display:block;margin:.5em 0 1.5em}
 
 
 def to_html(
-    board: pd.DataFrame, cells: pd.DataFrame, df: pd.DataFrame, invocations: list[dict], title: str
-) -> str:
+    tables: list[tuple[str, pd.DataFrame]], cells: pd.DataFrame, df: pd.DataFrame, invocations: list[dict],
+    title: str,
+) -> str:  # fmt: skip
     esc = html.escape
     notes: list[str] = []
-    head = "".join(f"<th>{esc(b)}<br>{esc(m)}</th>" for b, m in board.columns)
-    body = []
-    for (model, method), values in board.iterrows():
-        tds = [f'<td class="name">{esc(model)}</td><td class="name">{esc(method)}</td>']
-        for text in values:
-            cls = "ref" if method == FP else ""
-            if text.startswith(("error:", "skipped:")):
-                notes.append(f"{model} {method}: {text}")
-                status = text.split(":")[0]
-                tds.append(f'<td class="{status}" title="{esc(text)}">{status} [{len(notes)}]</td>')
-                continue
-            if text.startswith("**"):
-                cls, text = "best", text.strip("*")
-            tds.append(f'<td class="{cls}">{esc(text)}</td>')
-        body.append("<tr>" + "".join(tds) + "</tr>")
+    sections = []
+    for heading, board in tables:
+        head = "".join(f"<th>{esc(b)}<br>{esc(m)}</th>" for b, m in board.columns)
+        body = []
+        for (model, method), values in board.iterrows():
+            tds = [f'<td class="name">{esc(model)}</td><td class="name">{esc(method)}</td>']
+            for text in values:
+                cls = "ref" if method == FP else ""
+                if text.startswith(("error:", "skipped:")):
+                    notes.append(f"{model} {method}: {text}")
+                    status = text.split(":")[0]
+                    tds.append(f'<td class="{status}" title="{esc(text)}">{status} [{len(notes)}]</td>')
+                    continue
+                if text.startswith("**"):
+                    cls, text = "best", text.strip("*")
+                tds.append(f'<td class="{cls}">{esc(text)}</td>')
+            body.append("<tr>" + "".join(tds) + "</tr>")
+        sections.append(
+            f"<h2>{esc(heading)}</h2><table><tr><th>model</th><th>method</th>{head}</tr>{''.join(body)}</table>"
+        )
     legend = "; ".join(_metric_legend(cells)).replace("`", "")
     floors = "".join(f"<li>{esc(f.replace('`', ''))}</li>" for f in _floors(cells))
     note_list = "".join(f"<li>{esc(n)}</li>" for n in notes)
@@ -328,12 +377,22 @@ def to_html(
     prov = "".join(
         f"<tr><th>{esc(k)}</th><td class='name'>{esc(v)}</td></tr>" for k, v in _provenance(df, invocations)
     )
+    split = time_split(df)
+    times = (
+        "<h2>Where the time went</h2><table><tr>"
+        + "".join(f"<th>{esc(h)}</th>" for h in TIME_HEADER)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td class='name'>{esc(v)}</td>" for v in r) + "</tr>" for r in split)
+        + "</table>"
+        if split
+        else ""
+    )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style>"
         f"</head><body><h1>{esc(title)}</h1><p>Cells: value (Δ vs the paired FP run); best per column "
         f"highlighted. Metrics: {esc(legend)}.</p><ul>{floors}</ul>"
-        f"<table><tr><th>model</th><th>method</th>{head}</tr>{''.join(body)}</table>"
-        f"<ol>{note_list}</ol><h2>Plots</h2>{figures or '<p>No ok quality cells to plot.</p>'}"
+        f"{''.join(sections)}<ol>{note_list}</ol>"
+        f"<h2>Plots</h2>{figures or '<p>No ok quality cells to plot.</p>'}{times}"
         f"<h2>Provenance</h2><table>{prov}</table></body></html>\n"
     )
 
@@ -342,12 +401,12 @@ def build(results: str | Path) -> Report:
     """The leaderboard of one matrix's results folder."""
     df = load(results)
     cells = cell_table(df)
-    board = leaderboard(cells)
+    tables = boards(cells)
     title = f"Leaderboard: {', '.join(sorted(df['matrix'].dropna().unique()))}"
     invocations = ResultStore(results).invocations()
     return Report(
-        to_markdown(board, cells, df, invocations, title),
-        to_html(board, cells, df, invocations, title),
+        to_markdown(tables, cells, df, invocations, title),
+        to_html(tables, cells, df, invocations, title),
         cells,
     )
 

@@ -74,7 +74,9 @@ class ProcessExecutor:
 
     On a CPU, small models leave threads idle (two threads ran the embedded model's
     reconstruction only 1.4× faster than one), so separate runs side by side use the cores
-    better. A worker that dies (killed, out of memory) turns its run into an error row.
+    better. Every run gets the same thread count, even in a wave with fewer runs than
+    workers, so that latencies in one matrix are measured alike. A worker that dies (killed,
+    out of memory) turns its run into an error row.
     """
 
     def __init__(self, workers: int, threads: int) -> None:
@@ -82,11 +84,11 @@ class ProcessExecutor:
         self.threads = threads
 
     def map(self, fn: RunFn, specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, Outcome]]:
-        # A wave with fewer runs than workers gives each run the idle workers' threads.
         workers = max(1, min(self.workers, len(specs)))
-        threads = max(1, self.workers * self.threads // workers)
         context = multiprocessing.get_context("spawn")  # no forked torch/CUDA state
-        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,))
+        pool = ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_init_worker, initargs=(self.threads,)
+        )
         try:
             futures = {pool.submit(fn, spec): spec for spec in specs}
             for future in as_completed(futures):

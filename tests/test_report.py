@@ -57,3 +57,19 @@ def test_compare_flags_regressions_beyond_threshold(tmp_path):
     assert compare(a, a, Threshold.parse("0"))["regressed"].sum() == 0
     with pytest.raises(ThresholdError, match="not a number or a percentage"):
         Threshold.parse("five")
+
+
+def test_time_split_between_generating_and_measuring(tmp_path):
+    import pandas as pd
+    from helpers import row
+
+    df = pd.DataFrame([
+        row("fp", "FP", "digits_fd", 14.0, sample_s=12.0, metric_s=0.5),
+        row("qdiff", "W8A8", "digits_fd", 15.0, sample_s=None, metric_s=0.25),
+        row("qdiff", "W8A8", "psnr_vs_fp", 30.0, sample_s=None, metric_s=2.0),
+    ])  # fmt: skip
+    assert report.time_split(df) == [
+        ("embedded-digits fp FP", "12.0", "0.5", "digits_fd (0.5)"),
+        ("embedded-digits qdiff W8A8", "cached", "2.2", "psnr_vs_fp (2.0)"),
+    ]
+    assert report.time_split(df.drop(columns="metric_s")) == []  # rows from before timings existed
