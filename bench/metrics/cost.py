@@ -126,8 +126,8 @@ def _rss_kib(field: str) -> int:
 
 
 def _sampling_cost(ctx: EvalContext) -> dict:
-    """Sample one batch ``warmup + repeats`` times (once, untimed-warm-up-free, when only memory
-    is asked for); time the timed ones and record the peak memory over them."""
+    """Sample one batch ``warmup + repeats`` times (just once when only memory is asked for);
+    time the timed samplings and record the peak memory over them."""
     if "sampling_cost" in ctx.memo:
         return ctx.memo["sampling_cost"]
     device = resolve_device(ctx.spec.sampling.device)

@@ -11,6 +11,7 @@ backends, modes or sample counts are not comparable.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import tempfile
@@ -75,7 +76,8 @@ def count(images: Images) -> int:
 def identity(images: Images) -> str:
     """A content key: the pixels of in-memory images, a folder's file names and sizes."""
     if isinstance(images, torch.Tensor):
-        return config_hash("images", images.numpy().tobytes())
+        digest = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+        return config_hash("images", tuple(images.shape), digest)
     files = folder_images(images)
     return config_hash("folder", [(str(p.relative_to(images)), p.stat().st_size) for p in files])
 
@@ -376,6 +378,14 @@ def compute(
     return Scores(scores.fid, scores.kid, scores.kid_std, scores.isc, scores.isc_std, info)
 
 
+def _extraction(evaluation) -> tuple:
+    """What determines a set's features, for cache keys: the weights file counts by name and
+    size, the library's own download as "download"."""
+    weights = Path(evaluation.inception_weights) if evaluation.inception_weights else None
+    source = (weights.name, weights.stat().st_size) if weights and weights.is_file() else "download"
+    return evaluation.fid_backend, evaluation.fid_mode, evaluation.fid_extractor, source
+
+
 class _FIDFamily(Metric):
     """FID-family metrics of a run; FID, KID and IS against the same set share one computation."""
 
@@ -407,9 +417,9 @@ class _FIDFamily(Metric):
             return compute(ev, ctx.images, None, isc=True, device=device, batch_size=batch)
         if self.against == "fp":
             fp_id = identity(ctx.fp_images)
-            key = config_hash("fid-fp", ev.fid_backend, ev.fid_mode, ev.fid_extractor, fp_id)
+            key = config_hash("fid-fp", _extraction(ev), fp_id)
             fp = ctx.fp_images
-            return compute(ev, ctx.images, fp, f"qdiff-{key[:24]}", device=device, batch_size=batch)
+            return compute(ev, ctx.images, fp, f"qdiff-{key}", device=device, batch_size=batch)
         ref = ev.fid_reference or ctx.adapter.FID_REFERENCE
         if not ref:
             raise AvailabilityError(
@@ -420,9 +430,9 @@ class _FIDFamily(Metric):
         if not is_folder and (os.sep in ref or ev.fid_backend == "clean-fid"):
             raise AvailabilityError(f"fid_reference {ref!r}: no such folder of images on this machine")
         ref_id = identity(ref) if is_folder else ref
-        key = config_hash("fid-ref", ev.fid_backend, ev.fid_mode, ev.fid_extractor, ref_id)
+        key = config_hash("fid-ref", _extraction(ev), ref_id)
         kid = "kid" in ctx.spec.metrics
-        return compute(ev, ctx.images, ref, f"qdiff-{key[:24]}", kid=kid, device=device, batch_size=batch)
+        return compute(ev, ctx.images, ref, f"qdiff-{key}", kid=kid, device=device, batch_size=batch)
 
 
 class FID(_FIDFamily):
