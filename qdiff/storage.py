@@ -4,7 +4,8 @@ A fake-quantized model keeps every weight as float32 (twice, once converted), so
 says nothing about compression. Here a quantized weight of ``b`` bits counts as packed integers,
 ``ceil(numel · b / 8)`` bytes, plus its grid: one float32 scale per tensor or output channel and,
 for asymmetric grids, one byte of zero point per scale. Activation quantizers' grids count the
-same way. Every other parameter and persistent buffer (biases, norms, embeddings, layers left
+same way; grids of quantizers switched off (a WxA32 model's activation quantizers) are not
+stored. Every other parameter and persistent buffer (biases, norms, embeddings, layers left
 in floating point) counts at its own dtype's size. Tensors shared between modules count once.
 """
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from qdiff.api import FrozenFakeQuantLayer
-from qdiff.modules import QuantLayer
+from qdiff.modules import QuantModule
 from qdiff.quantizer import AdaRoundQuantizer, UniformAffineQuantizer
 
 SCALE_BYTES = 4  # float32 step size
@@ -42,18 +43,21 @@ def storage_bytes(model: nn.Module) -> dict[str, int]:
         counted.add(id(t))
 
     for module in model.modules():
-        if isinstance(module, QuantLayer) and module.use_weight_quant:
-            for q, w in zip(module.weight_quantizer, module.weight_parts(), strict=True):
-                bits = (q.base if isinstance(q, AdaRoundQuantizer) else q).spec.bits
-                parts["quantized_weights"] += math.ceil(w.numel() * bits / 8)
-            mark(module.weight)
+        if isinstance(module, QuantModule):
+            # Only grids in use are stored: a WxA32 model keeps its (idle) activation quantizers.
+            if module.use_weight_quant:
+                for q, w in zip(module.weight_quantizer, module.weight_parts(), strict=True):
+                    grid = q.base if isinstance(q, AdaRoundQuantizer) else q
+                    parts["quantized_weights"] += math.ceil(w.numel() * grid.spec.bits / 8)
+                    parts["grids"] += _grid_bytes(grid)
+                mark(module.weight)
+            if module.use_act_quant:
+                parts["grids"] += sum(_grid_bytes(q) for q in module.act_quantizers())
         if isinstance(module, FrozenFakeQuantLayer):
             mark(module.weight_q)  # a precomputed copy of its layer's (quantized) weight
-        if isinstance(module, UniformAffineQuantizer):
-            parts["grids"] += _grid_bytes(module)
         if isinstance(module, UniformAffineQuantizer | AdaRoundQuantizer):
             for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-                mark(t)  # grid state or AdaRound's rounding variables: not stored when deployed
+                mark(t)  # grid state or AdaRound's rounding variables, counted above if in use
     for t in (*model.parameters(), *model.buffers()):
         if id(t) not in counted:
             mark(t)

@@ -29,14 +29,15 @@ def test_timer_and_summary():
 def conv_model(bits: int, symmetric: bool):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Conv2d(8, 5, 1, bias=False))
     spec = qdiff.QuantSpec(bits=bits, symmetric=symmetric, granularity="channel")
-    qconfig = qdiff.QConfig(weight=spec, act=None, first_last_bits=None)
+    act = qdiff.QuantSpec(bits=8, symmetric=False)
+    qconfig = qdiff.QConfig(weight=spec, act=act, first_last_bits=None)
     q = qdiff.prepare(copy.deepcopy(model), qconfig)  # prepare swaps layers in place
     qdiff.set_quant_state(q, weight=True, act=False)
     return model, q
 
 
 @pytest.mark.parametrize("bits, symmetric", [(4, True), (8, False), (3, True)])
-def test_storage_counts_packed_weights_and_their_grids(bits, symmetric):
+def test_storage_counts_packed_weights_and_the_grids_in_use(bits, symmetric):
     model, q = conv_model(bits, symmetric)
     fp = qdiff.storage_bytes(model)
     assert fp["total"] == sum(p.numel() * 4 for p in model.parameters()) and fp["quantized_weights"] == 0
@@ -51,6 +52,8 @@ def test_storage_counts_packed_weights_and_their_grids(bits, symmetric):
             "other": other,
             "total": packed + grids + other,
         }
+    qdiff.set_quant_state(q, weight=True, act=True)  # + one per-tensor input grid per layer
+    assert qdiff.storage_bytes(q)["grids"] == grids + 2 * (4 + 1)
 
 
 def test_cost_metrics_through_the_runner(tmp_path):
