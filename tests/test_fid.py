@@ -225,3 +225,17 @@ def test_fid_command_on_folders(pair, capsys):
     assert code == 2 and "--isc needs --backend torch-fidelity" in capsys.readouterr().err
     assert cli.main(["fid", dir_a, "/no/such/dir", "--extractor", TF_EXTRACTOR]) == 2
     assert "is neither a folder of images nor a torch-fidelity data set" in capsys.readouterr().err
+
+
+def test_a_registered_data_set_that_cannot_download_says_to_set_a_folder(monkeypatch):
+    import torch_fidelity
+
+    def offline(**kwargs):
+        assert kwargs["input2"] == "cifar10-train" and kwargs["datasets_root"]  # downloads into our cache
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", offline)
+    with pytest.raises(
+        AvailabilityError, match=r"the cifar10-train data set .* set fid_reference: /path/to/images"
+    ):
+        fid.compute(TF, images(4, 0), "cifar10-train")

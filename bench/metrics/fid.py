@@ -193,7 +193,14 @@ class TorchFidelity:
         try:
             out = torch_fidelity.calculate_metrics(**kwargs)
         except DOWNLOAD_ERRORS as exc:
-            raise _offline(self.name, None, exc) from None
+            if "datasets_root" not in kwargs:
+                raise _offline(self.name, None, exc) from None
+            # A registered data set, or the weights (when no local file was given), failed to download.
+            weights = "" if self.weights else " or its Inception weights (pass --inception-weights)"
+            raise AvailabilityError(
+                f"torch-fidelity could not download the {ref} data set{weights} ({exc}); "
+                "set fid_reference: /path/to/images (a folder of the data set's images)"
+            ) from None
         return Scores(
             fid=out.get("frechet_inception_distance"),
             kid=out.get("kernel_inception_distance_mean"),
