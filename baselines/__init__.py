@@ -5,4 +5,5 @@ a method is used."""
 BASELINES: dict[str, str] = {
     "linear": "baselines.linear_quant:METHOD",
     "ptq4dm": "baselines.ptq4dm:METHOD",
+    "smoothquant": "baselines.smoothquant:METHOD",
 }

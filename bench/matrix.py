@@ -557,6 +557,11 @@ def _check_combination(path: Path, run: RunSpec) -> None:
             f"{path}: {run.label}: {run.method} quantizes weights only; use W{run.w_bits}A32 or exclude "
             f"{{method: {run.method}, bits: {run.bits_label}}}"
         )
+    if run.a_bits is None and not run.is_fp and getattr(method, "needs_act_quant", False):
+        raise MatrixError(
+            f"{path}: {run.label}: {run.method} works on quantized activations; use W{run.w_bits}A8 or "
+            f"exclude {{method: {run.method}, bits: {run.bits_label}}}"
+        )
     adapter_cls = MODELS.get(run.model)
     for metric_name in run.metrics:
         metric = METRICS.get(metric_name)

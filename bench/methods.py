@@ -83,6 +83,7 @@ class RecipeMethod:
     description: str
     recipe: Callable[[Bits], qdiff.QConfig]
     weight_only: bool = False
+    needs_act_quant: bool = False  # e.g. SmoothQuant: no WxA32
 
     def qconfig(self, bits: Bits) -> qdiff.QConfig:
         return self.recipe(bits)

@@ -11,6 +11,7 @@ from qdiff.modules import QuantAttnProcessor, QuantConv2d, QuantLinear, QuantMat
 from qdiff.prepare import find_skip_concats, prepare, set_quant_state
 from qdiff.quantizer import AdaRoundQuantizer, UniformAffineQuantizer
 from qdiff.reconstruct import UnitReport, find_units, reconstruct
+from qdiff.smooth import smooth
 from qdiff.storage import storage_bytes
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "reconstruct",
     "select_steps",
     "set_quant_state",
+    "smooth",
     "storage_bytes",
 ]

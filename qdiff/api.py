@@ -13,6 +13,7 @@ from qdiff.config import QConfig
 from qdiff.modules import QuantLayer
 from qdiff.prepare import FilterFn, prepare, quant_layers, set_quant_state
 from qdiff.reconstruct import UnitReport, reconstruct
+from qdiff.smooth import smooth
 
 
 def quantize(
@@ -23,12 +24,14 @@ def quantize(
     batch_size: int = 64,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, list[UnitReport]]:
-    """prepare → calibrate → reconstruct, on a copy of ``model``.
+    """prepare → (smooth) → calibrate → reconstruct, on a copy of ``model``.
 
     Returns:
         The quantized model (fake quantization on) and the reconstruction reports.
     """
     qmodel = prepare(copy.deepcopy(model), qconfig, filter_fn)
+    if qconfig.smooth_alpha is not None:
+        smooth(qmodel, calib_data, qconfig.smooth_alpha, batch_size=batch_size)
     calibrate(qmodel, calib_data, batch_size=batch_size, seed=qconfig.calib.seed)
     reports = reconstruct(qmodel, calib_data, qconfig.recon, batch_size=batch_size, progress=progress)
     set_quant_state(qmodel, weight=True, act=True)
@@ -42,10 +45,11 @@ class FrozenFakeQuantLayer(nn.Module):
         super().__init__()
         self.layer = layer
         with torch.no_grad():
-            w = layer.quantized_weight() if layer.use_weight_quant else layer.weight
+            w = layer.quantized_weight() if layer.use_weight_quant else layer.effective_weight()
         self.register_buffer("weight_q", w.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer.smooth_input(x)
         if self.layer.use_act_quant:
             x = self.layer.quantize_input(x)
         return self.layer.op(x, self.weight_q)

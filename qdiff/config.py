@@ -173,6 +173,9 @@ class QConfig:
             the common PTQ practice of BRECQ/AdaRound that Q-Diffusion builds on: the UNet's
             ``conv_in`` sees the raw x_t and ``conv_out`` writes the predicted noise. None
             quantizes them like every other layer.
+        smooth_alpha: SmoothQuant's migration strength α for the inputs of Linear and 1×1 conv
+            layers (:func:`qdiff.smooth`), or None for no smoothing; layers whose inputs stay
+            in FP are not smoothed.
         calib: calibration data recipe.
         recon: reconstruction recipe.
     """
@@ -185,6 +188,7 @@ class QConfig:
     split_shortcut: bool = True
     quantize_attention: bool = True
     first_last_bits: int | None = 8
+    smooth_alpha: float | None = None
     calib: CalibConfig = field(default_factory=CalibConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
 
@@ -215,6 +219,13 @@ class QConfig:
             )
         if self.weight is None and self.act is None:
             raise ConfigError("QConfig quantizes nothing: set weight and/or act")
+        if self.smooth_alpha is not None:
+            if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, int | float):
+                raise ConfigError(
+                    f"QConfig.smooth_alpha={self.smooth_alpha!r} must be a number in [0, 1] or None"
+                )
+            if not 0.0 <= self.smooth_alpha <= 1.0:
+                raise ConfigError(f"QConfig.smooth_alpha={self.smooth_alpha} must be in [0, 1]")
 
     @property
     def probs_spec(self) -> QuantSpec | None:

@@ -76,6 +76,9 @@ class QuantLayer(QuantModule):
         self.act_quantizer = nn.ModuleList(
             [UniformAffineQuantizer(act) for _ in range(parts)] if act is not None else []
         )
+        # SmoothQuant's per-input-channel factors s (set by ``qdiff.smooth``): the layer then
+        # computes (x / s) · (W · s)ᵀ, the same function, quantizing x / s and W · s.
+        self.register_buffer("smooth_scale", None)
         if weight is not None:
             for q, w in zip(self.weight_quantizer, self.weight_parts(), strict=True):
                 q.init_from(w)
@@ -91,10 +94,28 @@ class QuantLayer(QuantModule):
     def act_quantizers(self) -> list[UniformAffineQuantizer]:
         return list(self.act_quantizer)
 
+    def _channel_view(self, ndim: int, dim: int) -> torch.Tensor:
+        shape = [1] * ndim
+        shape[dim] = -1
+        return self.smooth_scale.view(shape)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The FP weight this layer multiplies with: ``W · s`` (along input channels) when smoothed."""
+        if self.smooth_scale is None:
+            return self.weight
+        return self.weight * self._channel_view(self.weight.ndim, 1)
+
+    def smooth_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x / s`` along input channels (dim 1 of a conv input, the last of a linear one)."""
+        if self.smooth_scale is None:
+            return x
+        return x / self._channel_view(x.ndim, 1 if self.weight.ndim == 4 else -1)
+
     def weight_parts(self) -> list[torch.Tensor]:
+        w = self.effective_weight()
         if self.split is None:
-            return [self.weight]
-        return [self.weight[:, : self.split], self.weight[:, self.split :]]
+            return [w]
+        return [w[:, : self.split], w[:, self.split :]]
 
     def input_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.split is None:
@@ -121,9 +142,10 @@ class QuantLayer(QuantModule):
         return rounders
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.smooth_input(x)
         if self.use_act_quant:
             x = self.quantize_input(x)
-        w = self.quantized_weight() if self.use_weight_quant else self.weight
+        w = self.quantized_weight() if self.use_weight_quant else self.effective_weight()
         return self.op(x, w)
 
     def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

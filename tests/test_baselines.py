@@ -3,14 +3,18 @@ through the harness on the tiny embedded matrix."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import statistics
 
 import pytest
-from helpers import tiny_matrix
+import torch
+from helpers import sqnr_db, tiny_matrix
+from torch import nn
 
 import qdiff
 from baselines import BASELINES
-from bench.matrix import load_matrix
+from bench.matrix import MatrixError, load_matrix
 from bench.methods import QDIFFUSION, Bits
 from bench.registry import METHODS
 from bench.runner import run_matrix
@@ -35,7 +39,68 @@ def test_ptq4dm_calibrates_on_its_normal_timestep_distribution():
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_every_baseline_runs_through_the_harness(name, tmp_path):
-    matrix = load_matrix(tiny_matrix(tmp_path, methods=f"[{name}]", bits="[W8A8, W4A32]"))
+    bits = ["W8A8", "W4A8"] + ([] if METHODS.get(name).needs_act_quant else ["W4A32"])
+    matrix = load_matrix(tiny_matrix(tmp_path, methods=f"[{name}]", bits=f"[{', '.join(bits)}]"))
     rows = run_matrix(matrix, tmp_path / "results", progress=False, log=lambda _: None)
     assert {r["status"] for r in rows} == {"ok"}, [r["error"] for r in rows if r["status"] != "ok"]
-    assert {r["bits"] for r in rows if r["method"] == name} == {"W8A8", "W4A32"}
+    assert {r["bits"] for r in rows if r["method"] == name} == set(bits)
+
+
+def outlier_model_and_data(seed: int = 0):
+    """Two Linear layers whose input has a few outlier channels (as transformer activations do)."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    x = torch.randn(256, 16, generator=g)
+    x[:, :2] *= 50  # outlier channels
+    return model.eval(), x
+
+
+class _Wrap(nn.Module):
+    """Adapts a plain module to qdiff's (x, t, **cond) calling convention."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, t):
+        return self.inner(x)
+
+
+def _calib(x):
+    return qdiff.CalibData(x, torch.zeros(len(x), dtype=torch.long), {})
+
+
+def test_smoothquant_keeps_the_fp_function_and_flattens_activation_ranges():
+    model, x = outlier_model_and_data()
+    qconfig = METHODS.get("smoothquant").qconfig(Bits(8, 8))
+    qconfig = dataclasses.replace(qconfig, first_last_bits=None)
+    q = qdiff.prepare(copy.deepcopy(_Wrap(model)), qconfig)
+    smoothed = qdiff.smooth(q, _calib(x), qconfig.smooth_alpha)
+    assert smoothed == ["inner.0", "inner.2"]
+    qdiff.set_quant_state(q, weight=False, act=False)
+    with torch.no_grad():
+        assert torch.allclose(q(x, None), model(x), rtol=1e-5, atol=1e-5)  # the same FP function
+        layer = q.inner[0]
+        before, after = x.abs().amax(0), layer.smooth_input(x).abs().amax(0)
+    # alpha = 0.5 takes the square root of the spread across channels (79x -> 9x here)
+    assert after.max() / after.min() < (before.max() / before.min()) / 5
+
+
+def test_smoothquant_lowers_w8a8_error_on_outlier_activations():
+    model, x = outlier_model_and_data()
+    with torch.no_grad():
+        reference = model(x)
+    errors = {}
+    for alpha in (None, 0.5):
+        qconfig = dataclasses.replace(
+            METHODS.get("smoothquant").qconfig(Bits(8, 8)), first_last_bits=None, smooth_alpha=alpha
+        )
+        qmodel, _ = qdiff.quantize(_Wrap(model), qconfig, _calib(x))
+        with torch.no_grad():
+            errors[alpha] = sqnr_db(reference, qmodel(x, None))
+    assert errors[0.5] > errors[None] + 6  # at least 4x lower error power
+
+
+def test_smoothquant_needs_quantized_activations(tmp_path):
+    with pytest.raises(MatrixError, match="smoothquant works on quantized activations; use W4A8"):
+        load_matrix(tiny_matrix(tmp_path, methods="[smoothquant]", bits="[W4A32]"))
