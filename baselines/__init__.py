@@ -6,4 +6,5 @@ BASELINES: dict[str, str] = {
     "linear": "baselines.linear_quant:METHOD",
     "ptq4dm": "baselines.ptq4dm:METHOD",
     "smoothquant": "baselines.smoothquant:METHOD",
+    "svdquant": "baselines.svdquant:METHOD",
 }

@@ -7,6 +7,7 @@ or :func:`quantize` for the first three in one call.
 from qdiff.api import convert, quantize
 from qdiff.calibration import CalibData, TrajectoryRecorder, calibrate, select_steps
 from qdiff.config import CalibConfig, ConfigError, QConfig, QuantSpec, ReconConfig
+from qdiff.lowrank import add_low_rank
 from qdiff.modules import QuantAttnProcessor, QuantConv2d, QuantLinear, QuantMatMul
 from qdiff.prepare import find_skip_concats, prepare, set_quant_state
 from qdiff.quantizer import AdaRoundQuantizer, UniformAffineQuantizer
@@ -29,6 +30,7 @@ __all__ = [
     "TrajectoryRecorder",
     "UniformAffineQuantizer",
     "UnitReport",
+    "add_low_rank",
     "calibrate",
     "convert",
     "find_skip_concats",

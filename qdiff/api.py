@@ -10,6 +10,7 @@ from torch import nn
 
 from qdiff.calibration import CalibData, calibrate
 from qdiff.config import QConfig
+from qdiff.lowrank import add_low_rank
 from qdiff.modules import QuantLayer
 from qdiff.prepare import FilterFn, prepare, quant_layers, set_quant_state
 from qdiff.reconstruct import UnitReport, reconstruct
@@ -24,7 +25,7 @@ def quantize(
     batch_size: int = 64,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, list[UnitReport]]:
-    """prepare → (smooth) → calibrate → reconstruct, on a copy of ``model``.
+    """prepare → (smooth → low-rank branch) → calibrate → reconstruct, on a copy of ``model``.
 
     Returns:
         The quantized model (fake quantization on) and the reconstruction reports.
@@ -32,6 +33,8 @@ def quantize(
     qmodel = prepare(copy.deepcopy(model), qconfig, filter_fn)
     if qconfig.smooth_alpha is not None:
         smooth(qmodel, calib_data, qconfig.smooth_alpha, batch_size=batch_size)
+    if qconfig.low_rank:
+        add_low_rank(qmodel, qconfig.low_rank)
     calibrate(qmodel, calib_data, batch_size=batch_size, seed=qconfig.calib.seed)
     reports = reconstruct(qmodel, calib_data, qconfig.recon, batch_size=batch_size, progress=progress)
     set_quant_state(qmodel, weight=True, act=True)
@@ -49,10 +52,7 @@ class FrozenFakeQuantLayer(nn.Module):
         self.register_buffer("weight_q", w.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer.smooth_input(x)
-        if self.layer.use_act_quant:
-            x = self.layer.quantize_input(x)
-        return self.layer.op(x, self.weight_q)
+        return self.layer.compute(x, self.weight_q)
 
 
 def _convert_fake(qmodel: nn.Module) -> nn.Module:

@@ -176,6 +176,8 @@ class QConfig:
         smooth_alpha: SmoothQuant's migration strength α for the inputs of Linear and 1×1 conv
             layers (:func:`qdiff.smooth`), or None for no smoothing; layers whose inputs stay
             in FP are not smoothed.
+        low_rank: rank of SVDQuant's 16-bit low-rank branch on the same layers
+            (:func:`qdiff.add_low_rank`); 0 for none.
         calib: calibration data recipe.
         recon: reconstruction recipe.
     """
@@ -189,6 +191,7 @@ class QConfig:
     quantize_attention: bool = True
     first_last_bits: int | None = 8
     smooth_alpha: float | None = None
+    low_rank: int = 0
     calib: CalibConfig = field(default_factory=CalibConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
 
@@ -226,6 +229,8 @@ class QConfig:
                 )
             if not 0.0 <= self.smooth_alpha <= 1.0:
                 raise ConfigError(f"QConfig.smooth_alpha={self.smooth_alpha} must be in [0, 1]")
+        if isinstance(self.low_rank, bool) or not isinstance(self.low_rank, int) or self.low_rank < 0:
+            raise ConfigError(f"QConfig.low_rank={self.low_rank!r} must be an integer >= 0 (0: no branch)")
 
     @property
     def probs_spec(self) -> QuantSpec | None:

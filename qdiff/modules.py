@@ -79,6 +79,10 @@ class QuantLayer(QuantModule):
         # SmoothQuant's per-input-channel factors s (set by ``qdiff.smooth``): the layer then
         # computes (x / s) · (W · s)ᵀ, the same function, quantizing x / s and W · s.
         self.register_buffer("smooth_scale", None)
+        # SVDQuant's 16-bit low-rank branch (set by ``qdiff.add_low_rank``): W·s = U V + R, the
+        # layer computes (x/s) Vᵀ Uᵀ in 16 bits plus Q(x/s) Q(R)ᵀ, quantizing only the residual R.
+        self.register_buffer("lowrank_u", None)
+        self.register_buffer("lowrank_v", None)
         if weight is not None:
             for q, w in zip(self.weight_quantizer, self.weight_parts(), strict=True):
                 q.init_from(w)
@@ -100,10 +104,22 @@ class QuantLayer(QuantModule):
         return self.smooth_scale.view(shape)
 
     def effective_weight(self) -> torch.Tensor:
-        """The FP weight this layer multiplies with: ``W · s`` (along input channels) when smoothed."""
-        if self.smooth_scale is None:
-            return self.weight
-        return self.weight * self._channel_view(self.weight.ndim, 1)
+        """The FP weight the quantized path multiplies with: ``W · s`` (along input channels)
+        when smoothed, minus the low-rank branch's ``U V`` when there is one."""
+        w = self.weight
+        if self.smooth_scale is not None:
+            w = w * self._channel_view(w.ndim, 1)
+        if self.lowrank_u is not None:
+            w = w - (self.lowrank_u.float() @ self.lowrank_v.float()).view_as(w)
+        return w
+
+    def low_rank_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Vᵀ Uᵀ`` with the 16-bit factors, as two thin products (no bias)."""
+        u, v = self.lowrank_u.to(x.dtype), self.lowrank_v.to(x.dtype)
+        if self.weight.ndim == 4:  # a 1×1 conv: the factors are 1×1 convs too
+            h = F.conv2d(x, v[:, :, None, None], None, self.stride, self.padding)
+            return F.conv2d(h, u[:, :, None, None])
+        return F.linear(F.linear(x, v), u)
 
     def smooth_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x / s`` along input channels (dim 1 of a conv input, the last of a linear one)."""
@@ -142,11 +158,14 @@ class QuantLayer(QuantModule):
         return rounders
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.compute(x, self.quantized_weight() if self.use_weight_quant else self.effective_weight())
+
+    def compute(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The layer on input ``x`` with (quantized) weight ``w``: smoothing, input quantization,
+        the op, and the low-rank branch where there is one."""
         x = self.smooth_input(x)
-        if self.use_act_quant:
-            x = self.quantize_input(x)
-        w = self.quantized_weight() if self.use_weight_quant else self.effective_weight()
-        return self.op(x, w)
+        y = self.op(self.quantize_input(x) if self.use_act_quant else x, w)
+        return y if self.lowrank_u is None else y + self.low_rank_branch(x)
 
     def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

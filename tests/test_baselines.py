@@ -104,3 +104,47 @@ def test_smoothquant_lowers_w8a8_error_on_outlier_activations():
 def test_smoothquant_needs_quantized_activations(tmp_path):
     with pytest.raises(MatrixError, match="smoothquant works on quantized activations; use W4A8"):
         load_matrix(tiny_matrix(tmp_path, methods="[smoothquant]", bits="[W4A32]"))
+
+
+def wide_outlier_model_and_data(seed: int = 0):
+    """A 64-wide Linear pair with outlier input channels and a few dominant weight directions."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):  # a strong low-rank component, as trained weights have
+            layer.weight += 0.5 * torch.randn(64, 2, generator=g) @ torch.randn(2, 64, generator=g)
+    x = torch.randn(512, 64, generator=g)
+    x[:, :3] *= 30
+    return model.eval(), x
+
+
+def _svdquant_config(rank: int):
+    qconfig = METHODS.get("svdquant").qconfig(Bits(4, 4))
+    return dataclasses.replace(qconfig, first_last_bits=None, low_rank=rank)
+
+
+def test_svdquant_branch_keeps_the_fp_function_and_is_stored_in_16_bits():
+    model, x = wide_outlier_model_and_data()
+    q = qdiff.prepare(copy.deepcopy(_Wrap(model)), _svdquant_config(8))
+    qdiff.smooth(q, _calib(x), 0.5)
+    without = qdiff.storage_bytes(q)["other"]
+    assert qdiff.add_low_rank(q, 8) == ["inner.0", "inner.2"]
+    layer = q.inner[0]
+    assert layer.lowrank_u.shape == (64, 8) and layer.lowrank_v.dtype == torch.float16
+    qdiff.set_quant_state(q, weight=False, act=False)
+    with torch.no_grad():
+        out, fp = q(x, None), model(x)
+    assert (out - fp).abs().max() <= 1e-5 * fp.abs().max()  # W·s = UV + R: float32 round-off only
+    assert qdiff.storage_bytes(q)["other"] - without == 2 * (64 + 64) * 8 * 2  # two layers, fp16
+
+
+def test_svdquant_low_rank_branch_lowers_w4a4_error():
+    model, x = wide_outlier_model_and_data()
+    with torch.no_grad():
+        reference = model(x)
+    sqnr = {}
+    for rank in (0, 16):
+        qmodel, _ = qdiff.quantize(_Wrap(model), _svdquant_config(rank), _calib(x))
+        with torch.no_grad():
+            sqnr[rank] = sqnr_db(reference, qmodel(x, None))
+    assert sqnr[16] > sqnr[0] + 2, sqnr
