@@ -552,15 +552,10 @@ def _with_fp_references(runs: list[RunSpec]) -> list[RunSpec]:
 
 def _check_combination(path: Path, run: RunSpec) -> None:
     method = METHODS.get(run.method)
-    if run.a_bits is not None and getattr(method, "weight_only", False):
+    reason = None if run.is_fp else method.unsupported(Bits(run.w_bits, run.a_bits))
+    if reason:
         raise MatrixError(
-            f"{path}: {run.label}: {run.method} quantizes weights only; use W{run.w_bits}A32 or exclude "
-            f"{{method: {run.method}, bits: {run.bits_label}}}"
-        )
-    if run.a_bits is None and not run.is_fp and getattr(method, "needs_act_quant", False):
-        raise MatrixError(
-            f"{path}: {run.label}: {run.method} works on quantized activations; use W{run.w_bits}A8 or "
-            f"exclude {{method: {run.method}, bits: {run.bits_label}}}"
+            f"{path}: {run.label}: {reason}, or exclude {{method: {run.method}, bits: {run.bits_label}}}"
         )
     adapter_cls = MODELS.get(run.model)
     for metric_name in run.metrics:

@@ -55,14 +55,16 @@ class Bits:
 class Method(Protocol):
     """What the runner needs from a PTQ method (registered in ``bench.registry.METHODS``).
 
-    ``weight_only`` methods reject bit widths that quantize activations; ``qconfig`` gives the
-    recipe for a bit width (before the matrix's budget is applied); ``quantize`` returns the
-    quantized denoiser, leaving ``denoiser`` untouched.
+    ``unsupported`` says why the method cannot run at a bit width (checked when a matrix
+    loads, so a bad cell fails at ``validate``, not midway); ``qconfig`` gives the recipe for a
+    bit width (before the matrix's budget is applied); ``quantize`` returns the quantized
+    denoiser, leaving ``denoiser`` untouched.
     """
 
     name: str
     description: str
-    weight_only: bool
+
+    def unsupported(self, bits: Bits) -> str | None: ...
 
     def qconfig(self, bits: Bits) -> qdiff.QConfig: ...
 
@@ -82,8 +84,15 @@ class RecipeMethod:
     name: str
     description: str
     recipe: Callable[[Bits], qdiff.QConfig]
-    weight_only: bool = False
-    needs_act_quant: bool = False  # e.g. SmoothQuant: no WxA32
+    weight_only: bool = False  # rejects bit widths that quantize activations
+    needs_act_quant: bool = False  # rejects WxA32 (e.g. SmoothQuant: it smooths activations)
+
+    def unsupported(self, bits: Bits) -> str | None:
+        if self.weight_only and bits.a is not None:
+            return f"{self.name} quantizes weights only; use W{bits.w}A32"
+        if self.needs_act_quant and bits.a is None:
+            return f"{self.name} works on quantized activations; use W{bits.w}A8"
+        return None
 
     def qconfig(self, bits: Bits) -> qdiff.QConfig:
         return self.recipe(bits)
@@ -160,7 +169,6 @@ class FullPrecision:
 
     name = "fp"
     description = "full-precision reference (paired with every quantized run)"
-    weight_only = False
 
 
 FP = FullPrecision()

@@ -56,7 +56,9 @@ class FailingMethod:
 
     name = "boom"
     description = "fails with CUDA out of memory"
-    weight_only = False
+
+    def unsupported(self, bits):
+        return None
 
     def qconfig(self, bits):
         from bench.methods import QDIFFUSION

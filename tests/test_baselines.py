@@ -102,7 +102,7 @@ def test_smoothquant_lowers_w8a8_error_on_outlier_activations():
 
 
 def test_smoothquant_needs_quantized_activations(tmp_path):
-    with pytest.raises(MatrixError, match="smoothquant works on quantized activations; use W4A8"):
+    with pytest.raises(MatrixError, match="smoothquant works on quantized activations; use W4A8, or exclude"):
         load_matrix(tiny_matrix(tmp_path, methods="[smoothquant]", bits="[W4A32]"))
 
 

@@ -176,7 +176,7 @@ def test_weight_only_method_rejects_activation_bits(tmp_path, monkeypatch):
 
     monkeypatch.setitem(METHODS._loaded, "linear", replace(METHODS.get("linear"), weight_only=True))
     path = write(tmp_path, "models: [embedded-digits]\nmethods: [linear]\nbits: [W4A8]\n")
-    with pytest.raises(MatrixError, match=r"linear quantizes weights only; use W4A32 or exclude"):
+    with pytest.raises(MatrixError, match=r"linear quantizes weights only; use W4A32, or exclude"):
         load_matrix(path)
 
 
