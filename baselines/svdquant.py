@@ -7,8 +7,9 @@ activation outliers into the weights (``X̂ = X / s``, ``Ŵ = W · s``, :mod:`qd
 the residual ``R = Ŵ − L₁L₂`` and ``X̂`` are quantized (:mod:`qdiff.lowrank`, paper Eq. 7):
 ``y = X̂ L₂ᵀ L₁ᵀ + Q(X̂) Q(R)ᵀ``. Round-to-nearest, no reconstruction, as in the paper.
 
-Settings: rank ``RANK`` = 32 (the paper's default), α = ``ALPHA`` = 0.5, min-max activation
-ranges, MSE weight ranges, uniform timestep calibration, no split shortcut.
+Settings: rank ``RANK`` = 32 (the paper's default); everything else is
+:mod:`baselines.smoothquant`'s recipe (α = 0.5, min-max activation ranges, MSE weight ranges,
+uniform timestep calibration, no split shortcut), so the two differ by the branch alone.
 
 Deviations: the paper quantizes weights and activations per group of 64 (Nunchaku's INT4
 format) and searches α per layer; here the grids are the suite's common ones (per output
@@ -22,24 +23,15 @@ from __future__ import annotations
 import dataclasses
 
 import qdiff
-from bench.methods import Bits, RecipeMethod, grids
+from baselines import smoothquant
+from bench.methods import Bits, RecipeMethod
 
 RANK = 32
-ALPHA = 0.5
 
 
 def recipe(bits: Bits) -> qdiff.QConfig:
-    specs = grids(bits, "mse")
-    if specs["act"] is not None:
-        specs["act"] = dataclasses.replace(specs["act"], scale_search="minmax")
-    return qdiff.QConfig(
-        **specs,
-        split_shortcut=False,
-        smooth_alpha=ALPHA,
-        low_rank=RANK,
-        calib=qdiff.CalibConfig(strategy="uniform"),
-        recon=qdiff.ReconConfig(method="none"),
-    )
+    """SmoothQuant's recipe (same α, grids, calibration) plus the low-rank branch."""
+    return dataclasses.replace(smoothquant.recipe(bits), low_rank=RANK)
 
 
 METHOD = RecipeMethod(
