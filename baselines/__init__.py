@@ -5,6 +5,7 @@ a method is used."""
 BASELINES: dict[str, str] = {
     "linear": "baselines.linear_quant:METHOD",
     "ptq4dm": "baselines.ptq4dm:METHOD",
+    "ptqd": "baselines.ptqd:METHOD",
     "smoothquant": "baselines.smoothquant:METHOD",
     "svdquant": "baselines.svdquant:METHOD",
 }

@@ -148,3 +148,48 @@ def test_svdquant_low_rank_branch_lowers_w4a4_error():
         with torch.no_grad():
             sqnr[rank] = sqnr_db(reference, qmodel(x, None))
     assert sqnr[16] > sqnr[0] + 2, sqnr
+
+
+@dataclasses.dataclass
+class _Out:
+    sample: torch.Tensor
+
+
+class _ToyDenoiser(nn.Module):
+    """ε(x, t) = A x; the 'quantized' twin adds a known correlated part (1 + k_t) and noise."""
+
+    def __init__(self, k: dict[int, float] | None = None, noise: float = 0.0):
+        super().__init__()
+        self.a = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+        self.k, self.noise = k, noise
+
+    def forward(self, x, t):
+        eps = x @ self.a.T
+        if self.k is None:
+            return _Out(eps)
+        g = torch.Generator().manual_seed(int(t.sum()))
+        scale = torch.tensor([1 + self.k[int(v)] for v in t])[:, None]
+        return _Out(scale * eps + self.noise * torch.randn(eps.shape, generator=g))
+
+
+def test_ptqd_fits_and_removes_the_correlated_quantization_noise():
+    from baselines.ptqd import fit_correction
+
+    true_k = {100: 0.2, 500: -0.1, 900: 0.05}
+    fp, quant = _ToyDenoiser(), _ToyDenoiser(true_k, noise=0.3)
+    g = torch.Generator().manual_seed(1)
+    t = torch.tensor([100, 500, 900]).repeat_interleave(200)
+    data = qdiff.CalibData(torch.randn(600, 8, generator=g), t, {})
+    corrected = fit_correction(fp, quant, data)
+    assert corrected.k.tolist() == pytest.approx([0.2, -0.1, 0.05], abs=0.02)
+    assert corrected.residual_var.tolist() == pytest.approx([0.09] * 3, rel=0.15)
+    x = torch.randn(300, 8, generator=g)
+    tt = torch.tensor([100, 500, 900]).repeat_interleave(100)
+    # Timesteps the calibration did not see take the nearest calibrated one's k.
+    assert corrected.k_at(torch.tensor([480, 130])).tolist() == corrected.k[[1, 0]].tolist()
+    eps = fp(x, tt).sample
+    before = quant(x, tt).sample - eps
+    after = corrected(x, tt).sample - eps
+    bias = lambda d: ((d * eps).sum() / (eps * eps).sum()).abs()  # noqa: E731  correlated part
+    assert bias(after) < bias(before) / 5
+    assert after.pow(2).mean() < before.pow(2).mean()
