@@ -9,13 +9,16 @@ A matrix file is YAML::
     bits: [W8A8, W4A8, W4A32]          # W<weight bits>A<activation bits>; 32 = full precision
     seeds: [0]
     metrics: [digits_fd]               # optional; default: each model's own metrics
-    settings: {samples: 500, steps: 25}
+    settings: {samples: 500, steps: 25, fid_backend: clean-fid}   # Sampling, Budget, Evaluation
     exclude: [{method: linear, bits: W4A32}]
     include: [{method: qdiff, bits: W2A8}]
 
-A model or method entry may be a mapping whose extra keys override ``settings`` for that entry
-(and, for a model, set its arguments such as ``source``). Every quantized run gets an FP run of
-the same model, seed and sampling settings, which is its paired reference.
+``settings`` holds three typed groups: :class:`Sampling` (how images are made),
+:class:`Budget` (the quantization budget every method gets) and :class:`Evaluation` (how the
+metrics are computed). A model or method entry may be a mapping whose extra keys override
+``settings`` for that entry (and, for a model, set its arguments such as ``source``). Every
+quantized run gets an FP run of the same model, seed and sampling settings, which is its
+paired reference.
 """
 
 from __future__ import annotations
