@@ -213,14 +213,19 @@ def execute(
         duration = round(time.perf_counter() - t0, 3)
         return [{**environment(device), **row, "duration_s": duration} for row in rows]
     except Exception as exc:  # one failed run must not stop the matrix (CUDA OOM included)
-        status = "skipped" if isinstance(exc, AvailabilityError) else "error"
-        message = str(exc) if status == "skipped" else f"{type(exc).__name__}: {exc}"
-        if status == "error":
-            traceback.print_exc(limit=4)
-        return failure_rows(spec, matrix, status, message, base, device, time.perf_counter() - t0)
+        return failure_rows(spec, matrix, *_failure(exc), base, device, time.perf_counter() - t0)
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _failure(exc: Exception) -> tuple[str, str]:
+    """``(status, message)`` of an exception: ``skipped`` when this machine lacks what it needs,
+    else ``error`` (whose traceback goes to the log)."""
+    if isinstance(exc, AvailabilityError):
+        return "skipped", str(exc)
+    traceback.print_exc(limit=4)
+    return "error", f"{type(exc).__name__}: {exc}"
 
 
 def failure_rows(
@@ -274,7 +279,7 @@ def _evaluate(
     code = code_hash(*CODE_PATHS)
     n, seed = spec.sampling.samples, spec.seed
     fp_key = config_hash("fp-samples", code, fp_id, adapter.identity(), n, seed)
-    fp_images, _, fp_sample_s = _timed_samples(fp_key, lambda: adapter.sample(fp, n, seed, progress=progress))
+    fp_images, fp_sample_s = _timed_samples(fp_key, lambda: adapter.sample(fp, n, seed, progress=progress))
     if spec.is_fp:
         ctx = EvalContext(spec, adapter, fp_images, None, make_denoiser=lambda: fp)
         extra = {"sample_s": fp_sample_s}
@@ -289,7 +294,7 @@ def _evaluate(
             return qdiff.convert(ckpt["model"].to(adapter.device), spec.budget.backend)
 
         sample = lambda: adapter.sample(deployable(), n, seed, progress=progress)  # noqa: E731
-        images, _, sample_s = _timed_samples(key, sample)
+        images, sample_s = _timed_samples(key, sample)
         ctx = EvalContext(spec, adapter, images, fp_images, deployable, ckpt["quantize_s"], cached)
         extra = {"qconfig": ckpt["qconfig"], "weights_from": ckpt.get("weights_from"), "sample_s": sample_s}
     if grids is not None:
@@ -302,10 +307,7 @@ def _evaluate(
         try:
             measured = metric(ctx)
         except Exception as exc:  # one metric's failure leaves the run's other metrics standing
-            status = "skipped" if isinstance(exc, AvailabilityError) else "error"
-            message = str(exc) if status == "skipped" else f"{type(exc).__name__}: {exc}"
-            if status == "error":
-                traceback.print_exc(limit=4)
+            status, message = _failure(exc)
             rows.append(_metric_row({**base, "status": status, "error": message}, metric, None, **extra))
             continue
         if measured is not None:
@@ -317,8 +319,8 @@ def _evaluate(
     return rows
 
 
-def _timed_samples(key: str, sample: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool, float | None]:
-    """Samples from the cache or ``sample()``; whether cached, and the seconds sampling took."""
+def _timed_samples(key: str, sample: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float | None]:
+    """Samples from the cache or ``sample()``, and the seconds sampling took (None if cached)."""
     seconds = None
 
     def build() -> dict[str, torch.Tensor]:
@@ -328,8 +330,8 @@ def _timed_samples(key: str, sample: Callable[[], torch.Tensor]) -> tuple[torch.
         seconds = round(time.perf_counter() - t, 3)
         return {"images": images}
 
-    tensors, cached = cached_tensors("samples", key, build)
-    return tensors["images"], cached, seconds
+    tensors, _ = cached_tensors("samples", key, build)
+    return tensors["images"], seconds
 
 
 def _quantized(adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: bool) -> tuple[dict, bool]:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import qdiff
-from bench.metrics.quality import EvalContext, Measurement, Metric
+from bench.metrics.quality import CostMetric, EvalContext, Measurement
 from bench.models.base import resolve_device
 
 MIB = 2**20
@@ -84,14 +84,12 @@ def _denoiser(ctx: EvalContext) -> nn.Module:
     return ctx.memo["compiled"]
 
 
-class LatencyStep(Metric):
+class LatencyStep(CostMetric):
     """Milliseconds of one denoiser call at the run's batch size (the doubled batch of
     classifier-free guidance included), at the first sampler step's inputs."""
 
     name = "latency_step"
     unit = "ms"
-    higher_is_better = False
-    kind = "cost"
     settings = LATENCY_SETTINGS
 
     def __call__(self, ctx: EvalContext) -> Measurement:
@@ -169,13 +167,11 @@ def _sampling_cost(ctx: EvalContext) -> dict:
     return out
 
 
-class LatencyE2E(Metric):
+class LatencyE2E(CostMetric):
     """Seconds to sample one batch end to end: every sampler step, guidance and decoding."""
 
     name = "latency_e2e"
     unit = "s"
-    higher_is_better = False
-    kind = "cost"
     settings = LATENCY_SETTINGS
 
     def __call__(self, ctx: EvalContext) -> Measurement:
@@ -186,15 +182,13 @@ class LatencyE2E(Metric):
                                     "steps": ctx.spec.sampling.steps})  # fmt: skip
 
 
-class PeakMemory(Metric):
+class PeakMemory(CostMetric):
     """Peak memory (MiB) while sampling one batch: allocated device memory on a GPU (weights,
     activations, sampler state); on a CPU the process's peak resident set, which also holds the
     interpreter and libraries (``before_mib`` is its level when sampling started)."""
 
     name = "peak_memory"
     unit = "MiB"
-    higher_is_better = False
-    kind = "cost"
     settings = ("compile",)
 
     def __call__(self, ctx: EvalContext) -> Measurement:
@@ -202,15 +196,13 @@ class PeakMemory(Metric):
         return Measurement(cost["peak_mib"], {**cost["memory"], **cost["protocol"]})
 
 
-class WeightBytes(Metric):
+class WeightBytes(CostMetric):
     """Denoiser weights as a deployment stores them (MiB): quantized weights packed at their bit
     width plus their scales and zero points, everything else at its dtype (see
     :func:`qdiff.storage_bytes`)."""
 
     name = "weight_bytes"
     unit = "MiB"
-    higher_is_better = False
-    kind = "cost"
 
     def __call__(self, ctx: EvalContext) -> Measurement:
         parts = qdiff.storage_bytes(ctx.denoiser)

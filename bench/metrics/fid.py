@@ -207,7 +207,7 @@ class TorchFidelity:
             kid_std=out.get("kernel_inception_distance_std"),
             isc=out.get("inception_score_mean"),
             isc_std=out.get("inception_score_std"),
-            info={"n_ref": n_ref, "kid_subset_size": subset if kid else None},
+            info={"n_gen": n_gen, "n_ref": n_ref, "kid_subset_size": subset if kid else None},
         )
 
 
@@ -218,8 +218,11 @@ class CleanFID:
     name = "clean-fid"
 
     def __init__(self, evaluation, device: torch.device, batch_size: int) -> None:
+        from cleanfid.resize import build_resizer
+
         self.device, self.batch_size = device, batch_size
         self.mode = evaluation.fid_mode
+        self.resize = build_resizer(self.mode)
         self.extractor = evaluation.fid_extractor
         if self.extractor == "inception":
             self.model = _cleanfid_inception(self.mode, _weights(evaluation), device)
@@ -248,12 +251,9 @@ class CleanFID:
 
     def _resized(self, batch: torch.Tensor) -> torch.Tensor:
         # What cleanfid.utils.ResizeDataset does to each image file read as HWC uint8.
-        from cleanfid.resize import build_resizer
-
-        resize = build_resizer(self.mode)
         out = []
         for img in batch.permute(0, 2, 3, 1).numpy():
-            r = resize(img)
+            r = self.resize(img)
             t = torch.from_numpy(np.ascontiguousarray(r)).permute(2, 0, 1)
             out.append(t.float() if r.dtype == np.uint8 else t)
         return torch.stack(out)
@@ -280,6 +280,7 @@ class CleanFID:
             isc=None,
             isc_std=None,
             info={
+                "n_gen": len(f_gen),
                 "n_ref": len(f_ref),
                 "kid_subset_size": min(KID_SUBSET, len(f_gen), len(f_ref)) if kid else None,
                 "feature_dims": f_gen.shape[1],
@@ -366,7 +367,7 @@ def compute(
     t = time.perf_counter()
     bk = backend(evaluation, device, batch_size)
     scores = bk.compare(gen, ref, ref_key, kid, isc)
-    n = count(gen)
+    n = scores.info["n_gen"]
     dims = scores.info.get("feature_dims") or bk.feature_dims()
     warning = reliability_warning(n, dims) if scores.fid is not None else None
     if warning:
@@ -376,7 +377,6 @@ def compute(
         "fid_mode": bk.mode,
         "feature_extractor": bk.extractor,
         "inception_weights": evaluation.inception_weights or "library download",
-        "n_gen": n,
         **scores.info,
         "feature_dims": dims,
         "warning": warning,

@@ -78,6 +78,13 @@ class Metric:
         raise NotImplementedError
 
 
+class CostMetric(Metric):
+    """A cost (time, memory, size): lower is better."""
+
+    higher_is_better = False
+    kind = "cost"
+
+
 class DigitsFD(Metric):
     """Fréchet distance of generated digits to real ones in the embedded classifier's features.
 
@@ -119,7 +126,7 @@ class PSNRvsFP(Metric):
         return Measurement(psnr)
 
 
-class QuantizeTime(Metric):
+class QuantizeTime(CostMetric):
     """Wall seconds the method took to produce the quantized model (calibration data excluded:
     it is shared between methods). A checkpoint from the cache reports its original time; a
     WxA32 model that reuses a WxAy model's weight phase reports that model's time (the row's
@@ -127,8 +134,6 @@ class QuantizeTime(Metric):
 
     name = "quantize_time"
     unit = "s"
-    higher_is_better = False
-    kind = "cost"
     quantized_only = True
 
     def __call__(self, ctx: EvalContext) -> Measurement | None:
