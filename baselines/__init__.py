@@ -8,4 +8,8 @@ BASELINES: dict[str, str] = {
     "ptqd": "baselines.ptqd:METHOD",
     "smoothquant": "baselines.smoothquant:METHOD",
     "svdquant": "baselines.svdquant:METHOD",
+    "torchao-int8dq": "baselines.torchao_presets:INT8_DYNAMIC",
+    "torchao-int8wo": "baselines.torchao_presets:INT8_WEIGHT_ONLY",
+    "torchao-int4wo": "baselines.torchao_presets:INT4_WEIGHT_ONLY",
+    "torchao-intx4wo": "baselines.torchao_presets:INTX4_WEIGHT_ONLY",
 }

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import qdiff
-from bench.methods import RecipeMethod, qdiffusion_recipe
+from bench.methods import Calibration, RecipeMethod, qdiffusion_recipe
 
 FIT_BATCH = 64
 
@@ -94,11 +94,12 @@ class PTQD(RecipeMethod):
     def quantize(
         self,
         denoiser: nn.Module,
-        qconfig: qdiff.QConfig,
-        calib: qdiff.CalibData,
+        config: qdiff.QConfig,
+        calibration: Calibration,
         progress: Callable[[str], None] | None = None,
     ) -> nn.Module:
-        qmodel = super().quantize(denoiser, qconfig, calib, progress)
+        calib = calibration(config.calib)
+        qmodel, _ = qdiff.quantize(denoiser, config, calib, progress=progress)
         return fit_correction(denoiser, qmodel, calib)
 
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from torch import nn
 
 import qdiff
+
+if TYPE_CHECKING:  # bench.matrix imports this module
+    from bench.matrix import Budget
 
 FP_BITS = 32  # "A32" / "W32": leave that tensor kind in floating point
 _BITS_RE = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
@@ -52,29 +55,47 @@ class Bits:
         return f"W{self.w or FP_BITS}A{self.a or FP_BITS}"
 
 
+class MethodConfig(Protocol):
+    """A method's full settings for one run: a frozen dataclass (hashed into cache keys) that
+    serialises into the row's ``qconfig`` column."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+Calibration = Callable[[qdiff.CalibConfig], qdiff.CalibData]
+
+
 class Method(Protocol):
     """What the runner needs from a PTQ method (registered in ``bench.registry.METHODS``).
 
     ``unsupported`` says why the method cannot run at a bit width (checked when a matrix
-    loads, so a bad cell fails at ``validate``, not midway); ``qconfig`` gives the recipe for a
-    bit width (before the matrix's budget is applied); ``quantize`` returns the quantized
-    denoiser, leaving ``denoiser`` untouched.
+    loads, so a bad cell fails at ``validate``, not midway). ``configure`` gives the settings
+    for a bit width under the matrix's budget. ``quantize`` returns the quantized denoiser,
+    leaving ``denoiser`` untouched; it asks ``calibration`` for calibration inputs (cached by
+    the runner) only if it uses any. ``deploy`` builds what is sampled and timed.
+    ``shares_weight_phase``: the WxA32 model is the WxAy model with activation quantization
+    off, so the runner may reuse it; ``checkpointable``: the quantized model pickles, so the
+    runner caches it.
     """
 
     name: str
     description: str
+    shares_weight_phase: bool
+    checkpointable: bool
 
     def unsupported(self, bits: Bits) -> str | None: ...
 
-    def qconfig(self, bits: Bits) -> qdiff.QConfig: ...
+    def configure(self, bits: Bits, budget: Budget) -> MethodConfig: ...
 
     def quantize(
         self,
         denoiser: nn.Module,
-        qconfig: qdiff.QConfig,
-        calib: qdiff.CalibData,
+        config: MethodConfig,
+        calibration: Calibration,
         progress: Callable[[str], None] | None = None,
     ) -> nn.Module: ...
+
+    def deploy(self, qmodel: nn.Module, backend: str) -> nn.Module: ...
 
 
 @dataclass(frozen=True)
@@ -87,6 +108,11 @@ class RecipeMethod:
     weight_only: bool = False  # rejects bit widths that quantize activations
     needs_act_quant: bool = False  # rejects WxA32 (e.g. SmoothQuant: it smooths activations)
 
+    # qdiff reconstructs weights with activations in FP, so a recipe's WxA32 model is its WxAy
+    # model with activation quantization off: the runner reuses that weight phase.
+    shares_weight_phase: ClassVar[bool] = True
+    checkpointable: ClassVar[bool] = True
+
     def unsupported(self, bits: Bits) -> str | None:
         if self.weight_only and bits.a is not None:
             return f"{self.name} quantizes weights only; use W{bits.w}A32"
@@ -95,21 +121,24 @@ class RecipeMethod:
         return None
 
     def qconfig(self, bits: Bits) -> qdiff.QConfig:
+        """The recipe at ``bits``, before a budget is applied."""
         return self.recipe(bits)
 
-    # qdiff reconstructs weights with activations in FP, so a recipe's WxA32 model is its WxAy
-    # model with activation quantization off: the runner reuses that weight phase.
-    shares_weight_phase: ClassVar[bool] = True
+    def configure(self, bits: Bits, budget: Budget) -> qdiff.QConfig:
+        return budget.apply(self.recipe(bits))
 
     def quantize(
         self,
         denoiser: nn.Module,
-        qconfig: qdiff.QConfig,
-        calib: qdiff.CalibData,
+        config: qdiff.QConfig,
+        calibration: Calibration,
         progress: Callable[[str], None] | None = None,
     ) -> nn.Module:
-        qmodel, _ = qdiff.quantize(denoiser, qconfig, calib, progress=progress)
+        qmodel, _ = qdiff.quantize(denoiser, config, calibration(config.calib), progress=progress)
         return qmodel
+
+    def deploy(self, qmodel: nn.Module, backend: str) -> nn.Module:
+        return qdiff.convert(qmodel, backend)
 
 
 def shares_weight_phase(method) -> bool:

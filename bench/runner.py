@@ -289,9 +289,11 @@ def _evaluate(
             "samples", code, fp_id, ckpt["key"], spec.budget.backend, adapter.identity(), n, seed
         )
 
+        method = METHODS.get(spec.method)
+
         @cache
         def deployable() -> torch.nn.Module:
-            return qdiff.convert(ckpt["model"].to(adapter.device), spec.budget.backend)
+            return method.deploy(ckpt["model"].to(adapter.device), spec.budget.backend)
 
         sample = lambda: adapter.sample(deployable(), n, seed, progress=progress)  # noqa: E731
         images, sample_s = _timed_samples(key, sample)
@@ -337,38 +339,42 @@ def _timed_samples(key: str, sample: Callable[[], torch.Tensor]) -> tuple[torch.
 def _quantized(adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: bool) -> tuple[dict, bool]:
     """The run's quantized checkpoint, from the cache or built (calibrate + quantize).
 
-    A recipe method's WxA32 model reuses the weight phase of a WxAy model of the same recipe
-    when one is cached (see :func:`bench.methods.shares_weight_phase`).
+    A method that shares its weight phase reuses, for its WxA32 model, that of a WxAy model
+    of the same recipe when one is cached (see :func:`bench.methods.shares_weight_phase`).
     """
     method = METHODS.get(spec.method)
-    qconfig = spec.budget.apply(method.qconfig(Bits(spec.w_bits, spec.a_bits)))
-    key = config_hash("checkpoint", code, fp_id, spec.method, qconfig)
+    config = method.configure(Bits(spec.w_bits, spec.a_bits), spec.budget)
+    key = config_hash("checkpoint", code, fp_id, spec.method, config)
     weights_key = None
-    if shares_weight_phase(method) and qconfig.weight is not None:
+    if shares_weight_phase(method) and config.weight is not None:
         weights_key = config_hash(
-            "weights", code, fp_id, spec.method, dataclasses.replace(qconfig, act=None, attn_probs=None)
+            "weights", code, fp_id, spec.method, dataclasses.replace(config, act=None, attn_probs=None)
         )
 
+    def calibration(calib: qdiff.CalibConfig) -> qdiff.CalibData:
+        return _calibration(adapter, fp, fp_id, calib, code).to(adapter.device)
+
     def build() -> dict:
-        if qconfig.act is None and weights_key is not None:
+        if weights_key is not None and config.act is None:
             shared = load_module("weight-phase", weights_key)
             source = shared and load_module("checkpoints", shared["checkpoint"])
             if source is not None:
                 # Its cost is the source's: that run produced these weights.
                 qdiff.set_quant_state(source["model"], weight=True, act=False)
-                return {**source, "key": key, "qconfig": qconfig.to_dict(), "weights_from": shared["source"]}
-        calib = _calibration(adapter, fp, fp_id, qconfig.calib, code)
+                return {**source, "key": key, "qconfig": config.to_dict(), "weights_from": shared["source"]}
         bar = tqdm(
             desc=f"quantize {spec.method} {spec.bits_label}", unit="unit", leave=False, disable=not progress
         )
         t = time.perf_counter()
-        model = method.quantize(fp, qconfig, calib.to(adapter.device), progress=lambda _: bar.update())
+        model = method.quantize(fp, config, calibration, progress=lambda _: bar.update())
         seconds = time.perf_counter() - t
         bar.close()
-        return {"model": model, "key": key, "qconfig": qconfig.to_dict(), "quantize_s": seconds}
+        return {"model": model, "key": key, "qconfig": config.to_dict(), "quantize_s": seconds}
 
+    if not method.checkpointable:
+        return build(), False
     ckpt, cached = cached_module("checkpoints", key, build)
-    if weights_key is not None and qconfig.act is not None:
+    if weights_key is not None and config.act is not None:
         store_module("weight-phase", weights_key, {"checkpoint": key, "source": spec.bits_label})
     return ckpt, cached
 

@@ -7,6 +7,11 @@ for asymmetric grids, one byte of zero point per scale. Activation quantizers' g
 same way; grids of quantizers switched off (a WxA32 model's activation quantizers) are not
 stored. Every other parameter and persistent buffer (biases, norms, embeddings, layers left
 in floating point) counts at its own dtype's size. Tensors shared between modules count once.
+
+A weight held as a tensor subclass (torchao's quantized tensors) counts as the inner tensors it
+actually stores, found through ``__tensor_flatten__``: the integer data (named ``qdata`` in
+torchao) as quantized weights, everything else (scales, zero points) as grid. That is the
+memory torchao's layout takes, e.g. one byte per int4 value in its unpacked CPU format.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from qdiff.api import FrozenFakeQuantLayer
 from qdiff.modules import QuantModule
@@ -27,6 +33,18 @@ ZERO_POINT_BYTES = 1  # an integer in the grid's range; 8 bits hold every grid w
 def _grid_bytes(q: UniformAffineQuantizer) -> int:
     zero_points = 0 if q.spec.symmetric else q.zero_point.numel() * ZERO_POINT_BYTES
     return q.scale.numel() * SCALE_BYTES + zero_points
+
+
+def _subclass_bytes(t: torch.Tensor, parts: dict[str, int]) -> None:
+    """Add the inner tensors of a wrapper subclass (recursively) to ``parts``."""
+    names, _ = t.__tensor_flatten__()
+    for name in names:
+        inner = getattr(t, name)
+        if is_traceable_wrapper_subclass(inner):
+            _subclass_bytes(inner, parts)
+        else:
+            part = "quantized_weights" if name == "qdata" else "grids"
+            parts[part] += inner.numel() * inner.element_size()
 
 
 def storage_bytes(model: nn.Module) -> dict[str, int]:
@@ -59,7 +77,11 @@ def storage_bytes(model: nn.Module) -> dict[str, int]:
             for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
                 mark(t)  # grid state or AdaRound's rounding variables, counted above if in use
     for t in (*model.parameters(), *model.buffers()):
-        if id(t) not in counted:
-            mark(t)
+        if id(t) in counted:
+            continue
+        mark(t)
+        if is_traceable_wrapper_subclass(t):
+            _subclass_bytes(t, parts)
+        else:
             parts["other"] += t.numel() * t.element_size()
     return {**parts, "total": sum(parts.values())}

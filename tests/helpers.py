@@ -57,15 +57,18 @@ class FailingMethod:
     name = "boom"
     description = "fails with CUDA out of memory"
 
+    shares_weight_phase = False
+    checkpointable = True
+
     def unsupported(self, bits):
         return None
 
-    def qconfig(self, bits):
+    def configure(self, bits, budget):
         from bench.methods import QDIFFUSION
 
-        return QDIFFUSION.qconfig(bits)
+        return QDIFFUSION.configure(bits, budget)
 
-    def quantize(self, denoiser, qconfig, calib, progress=None):
+    def quantize(self, denoiser, config, calibration, progress=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
 
@@ -74,7 +77,7 @@ class InterruptingMethod(FailingMethod):
 
     name = "interrupt"
 
-    def quantize(self, denoiser, qconfig, calib, progress=None):
+    def quantize(self, denoiser, config, calibration, progress=None):
         raise KeyboardInterrupt
 
 

@@ -1,0 +1,154 @@
+"""torchao presets: the production quantization a deployer tries first, through torchao's own
+``quantize_`` API (https://github.com/pytorch/ao), with nothing of qdiff in the path.
+
+Registered presets (one bit width each):
+
+- ``torchao-int8dq`` W8A8 — ``Int8DynamicActivationInt8WeightConfig()``: symmetric per-row
+  int8 weights, activations quantized per token at run time (dynamic, no calibration),
+  ``y = (s_x s_w) · (X_q W_qᵀ)`` with an int8 matmul where torchao has one.
+- ``torchao-int8wo`` W8A32 — ``Int8WeightOnlyConfig()``: per-row int8 weights dequantized in
+  the matmul.
+- ``torchao-int4wo`` W4A32 — ``Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")``:
+  asymmetric int4 weights in groups of 128 along the input dimension, tinygemm's CUDA kernel.
+  CUDA only: on another device its rows are ``skipped`` with the reason.
+- ``torchao-intx4wo`` W4A32 — ``IntxWeightOnlyConfig(weight_dtype=torch.int4,
+  granularity=PerGroup(32))``: int4 weights in groups of 32, any device (the CPU route to int4).
+
+What differs from the qdiff-based methods, on purpose (this is what the preset does): torchao's
+default filter quantizes ``nn.Linear`` layers only, so a convolutional UNet keeps its
+convolutions in floating point (on the embedded model, 17% of the weights are in Linear
+layers; ``weight_bytes`` shows it); no calibration data and no reconstruction; activation
+scales are dynamic. The matrix's budget does not apply, and neither does its ``backend``: the
+quantized model runs on torchao's own kernels. The torchao version is part of the recorded
+settings, so an upgrade re-measures the rows.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from bench.methods import Bits, Calibration
+from bench.models.base import AvailabilityError
+
+
+@dataclass(frozen=True)
+class TorchaoSettings:
+    """What a torchao run used: the preset, torchao's config (its repr) and version."""
+
+    preset: str
+    config: str
+    torchao_version: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _torchao():
+    try:
+        import torchao
+        import torchao.quantization
+    except ImportError as exc:  # an incompatible build fails here too
+        raise AvailabilityError(f"torchao does not import ({exc}); pip install torchao") from None
+    return torchao
+
+
+def _int8dq():
+    return _torchao().quantization.Int8DynamicActivationInt8WeightConfig()
+
+
+def _int8wo():
+    return _torchao().quantization.Int8WeightOnlyConfig()
+
+
+def _int4wo():
+    return _torchao().quantization.Int4WeightOnlyConfig(
+        group_size=128, int4_packing_format="tile_packed_to_4d"
+    )
+
+
+def _intx4wo():
+    quantization = _torchao().quantization
+    return quantization.IntxWeightOnlyConfig(
+        weight_dtype=torch.int4, granularity=quantization.granularity.PerGroup(32)
+    )
+
+
+@dataclass(frozen=True)
+class TorchaoPreset:
+    """A torchao ``quantize_`` config registered as a method for exactly one bit width.
+
+    Args:
+        build: makes the torchao config (imports torchao only when called).
+        cuda_only: why the preset needs CUDA, or empty when it runs anywhere.
+        bf16_weights: cast Linear layers to bfloat16 first (tinygemm packs bf16 weights; its
+            kernel casts activations to bf16 and the output back).
+    """
+
+    name: str
+    description: str
+    bits: Bits
+    build: Callable[[], Any]
+    cuda_only: str = ""
+    bf16_weights: bool = False
+
+    shares_weight_phase: ClassVar[bool] = False
+    checkpointable: ClassVar[bool] = False  # torchao's tensors do not pickle as whole modules
+
+    def unsupported(self, bits: Bits) -> str | None:
+        if bits != self.bits:
+            return f"{self.name} is torchao's {self.bits.label} preset; use bits {self.bits.label}"
+        return None
+
+    def configure(self, bits: Bits, budget) -> TorchaoSettings:
+        return TorchaoSettings(self.name, repr(self.build()), _torchao().__version__)
+
+    def quantize(
+        self,
+        denoiser: nn.Module,
+        config: TorchaoSettings,
+        calibration: Calibration,
+        progress: Callable[[str], None] | None = None,
+    ) -> nn.Module:
+        device = next(denoiser.parameters()).device
+        if self.cuda_only and device.type != "cuda":
+            raise AvailabilityError(
+                f"{self.name} needs CUDA ({self.cuda_only}); this run is on {device.type}"
+            )
+        model = copy.deepcopy(denoiser)
+        if self.bf16_weights:
+            for module in model.modules():
+                if isinstance(module, nn.Linear):
+                    module.to(torch.bfloat16)
+        _torchao().quantization.quantize_(model, self.build())
+        return model.eval()
+
+    def deploy(self, qmodel: nn.Module, backend: str) -> nn.Module:
+        return qmodel  # torchao's kernels are the deployment; qdiff backends do not apply
+
+
+INT8_DYNAMIC = TorchaoPreset(
+    "torchao-int8dq", "torchao int8 dynamic activations + int8 weights (Linear layers)", Bits(8, 8), _int8dq
+)
+INT8_WEIGHT_ONLY = TorchaoPreset(
+    "torchao-int8wo", "torchao int8 weight-only (Linear layers)", Bits(8, None), _int8wo
+)
+INT4_WEIGHT_ONLY = TorchaoPreset(
+    "torchao-int4wo",
+    "torchao int4 weight-only, tinygemm (Linear layers, CUDA)",
+    Bits(4, None),
+    _int4wo,
+    cuda_only="tinygemm int4 kernel; on CPU use torchao-intx4wo",
+    bf16_weights=True,
+)
+INTX4_WEIGHT_ONLY = TorchaoPreset(
+    "torchao-intx4wo",
+    "torchao int4 weight-only, groups of 32 (Linear layers, any device)",
+    Bits(4, None),
+    _intx4wo,
+)
