@@ -22,7 +22,6 @@ rather than reusing a WxA8 run's weight phase.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -90,17 +89,12 @@ class PTQD(RecipeMethod):
     """Q-Diffusion's quantization followed by PTQD's correlated-noise correction."""
 
     shares_weight_phase: ClassVar[bool] = False  # the correction is fitted to the W+A model
+    builds_on: ClassVar[str] = "qdiff"  # the same quantized model: the runner reuses qdiff's
 
-    def quantize(
-        self,
-        denoiser: nn.Module,
-        config: qdiff.QConfig,
-        calibration: Calibration,
-        progress: Callable[[str], None] | None = None,
+    def refine(
+        self, denoiser: nn.Module, qmodel: nn.Module, config: qdiff.QConfig, calibration: Calibration
     ) -> nn.Module:
-        calib = calibration(config.calib)
-        qmodel, _ = qdiff.quantize(denoiser, config, calib, progress=progress)
-        return fit_correction(denoiser, qmodel, calib)
+        return fit_correction(denoiser, qmodel, calibration(config.calib))
 
 
 METHOD = PTQD(

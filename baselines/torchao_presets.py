@@ -99,6 +99,7 @@ class TorchaoPreset:
 
     shares_weight_phase: ClassVar[bool] = False
     checkpointable: ClassVar[bool] = False  # torchao's tensors do not pickle as whole modules
+    builds_on: ClassVar[None] = None
 
     def unsupported(self, bits: Bits) -> str | None:
         if bits != self.bits:

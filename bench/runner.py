@@ -11,6 +11,7 @@ its FP reference, so differences in the metrics come from quantization alone.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import multiprocessing
 import signal
@@ -178,15 +179,26 @@ def run_matrix(
 
 def waves(specs: list[RunSpec]) -> list[list[RunSpec]]:
     """Runs in dependency order, as groups that may run concurrently: FP references first
-    (quantized runs pair with their cached samples), then quantized runs, then WxA32 runs
-    whose recipe can reuse a WxAy run's weight phase from this matrix."""
-    sharing = {(s.model, s.method, s.w_bits, s.seed) for s in specs if s.a_bits is not None}
-    groups: list[list[RunSpec]] = [[], [], []]
+    (quantized runs pair with their cached samples), then quantized runs; a WxA32 run whose
+    recipe can reuse a WxAy run's weight phase from this matrix comes after that run, and a
+    run of a ``builds_on`` method after its base method's run."""
+    cells = {(s.model, s.method, s.w_bits, s.a_bits, s.seed) for s in specs}
+
+    @cache
+    def depth(model: str, name: str, w: int | None, a: int | None, seed: int) -> int:
+        method = METHODS.get(name)
+        after = []
+        if a is None and shares_weight_phase(method):  # any WxAy run of the same recipe
+            after += [c for c in cells if c[:3] == (model, name, w) and c[3] is not None and c[4] == seed]
+        if getattr(method, "builds_on", None) is not None:
+            after.append((model, method.builds_on, w, a, seed))
+        return 1 + max((depth(*cell) for cell in after if cell in cells), default=0)
+
+    groups: dict[int, list[RunSpec]] = {}
     for spec in specs:
-        reuse = spec.a_bits is None and shares_weight_phase(METHODS.get(spec.method))
-        late = not spec.is_fp and reuse and (spec.model, spec.method, spec.w_bits, spec.seed) in sharing
-        groups[0 if spec.is_fp else 2 if late else 1].append(spec)
-    return [g for g in groups if g]
+        level = 0 if spec.is_fp else depth(spec.model, spec.method, spec.w_bits, spec.a_bits, spec.seed)
+        groups.setdefault(level, []).append(spec)
+    return [groups[level] for level in sorted(groups)]
 
 
 def _summary(spec: RunSpec, rows: list[dict[str, Any]]) -> str:
@@ -362,6 +374,8 @@ def _quantized(adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: bool
                 # Its cost is the source's: that run produced these weights.
                 qdiff.set_quant_state(source["model"], weight=True, act=False)
                 return {**source, "key": key, "qconfig": config.to_dict(), "weights_from": shared["source"]}
+        if method.builds_on is not None:
+            return _refined(adapter, fp, fp_id, spec, code, progress, method, config, calibration)
         bar = tqdm(
             desc=f"quantize {spec.method} {spec.bits_label}", unit="unit", leave=False, disable=not progress
         )
@@ -377,6 +391,28 @@ def _quantized(adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: bool
     if weights_key is not None and config.act is not None:
         store_module("weight-phase", weights_key, {"checkpoint": key, "source": spec.bits_label})
     return ckpt, cached
+
+
+def _refined(adapter, fp, fp_id, spec, code, progress, method, config, calibration) -> dict:
+    """A ``builds_on`` method's model: its base method's checkpoint (cached or built), refined.
+    Its quantize time is the base's plus the refinement's."""
+    base_spec = dataclasses.replace(spec, method=method.builds_on)
+    base_config = METHODS.get(method.builds_on).configure(Bits(spec.w_bits, spec.a_bits), spec.budget)
+    if base_config != config:
+        raise ValueError(f"{spec.method} builds on {method.builds_on} but their configurations differ")
+    base, _ = _quantized(adapter, fp, fp_id, base_spec, code, progress)
+    t = time.perf_counter()
+    model = method.refine(fp, copy.deepcopy(base["model"]), config, calibration)
+    seconds = base["quantize_s"] + time.perf_counter() - t
+    key = config_hash("checkpoint", code, fp_id, spec.method, config)
+    source = f"{method.builds_on} {base.get('weights_from') or spec.bits_label}"
+    return {
+        "model": model,
+        "key": key,
+        "qconfig": config.to_dict(),
+        "quantize_s": seconds,
+        "weights_from": source,
+    }
 
 
 def _calibration(adapter, fp, fp_id: str, calib: qdiff.CalibConfig, code: str) -> qdiff.CalibData:

@@ -59,6 +59,7 @@ class FailingMethod:
 
     shares_weight_phase = False
     checkpointable = True
+    builds_on = None
 
     def unsupported(self, bits):
         return None

@@ -252,3 +252,16 @@ def test_a_missing_torchao_skips_its_rows(tmp_path, monkeypatch):
     skipped = [r for r in rows if r["method"] == "torchao-int8wo"]
     assert skipped and {r["status"] for r in skipped} == {"skipped"}
     assert "pip install torchao" in skipped[0]["error"]
+
+
+def test_ptqd_refines_qdiffs_checkpoint_instead_of_reconstructing_again(tmp_path):
+    matrix = load_matrix(tiny_matrix(tmp_path, methods="[qdiff, ptqd]", bits="[W4A8, W4A32]"))
+    rows = run_matrix(matrix, tmp_path / "results", progress=False, log=lambda _: None)
+    q = {(r["method"], r["bits"]): r for r in rows if r["metric"] == "quantize_time"}
+    assert q[("ptqd", "W4A8")]["weights_from"] == "qdiff W4A8"
+    assert q[("ptqd", "W4A32")]["weights_from"] == "qdiff W4A8"  # via qdiff W4A32's weight phase
+    # Its time is qdiff's reconstruction plus the fit; the same configuration is recorded.
+    assert q[("ptqd", "W4A8")]["value"] >= q[("qdiff", "W4A8")]["value"]
+    assert q[("ptqd", "W4A8")]["qconfig"] == q[("qdiff", "W4A8")]["qconfig"]
+    psnr = {(r["method"], r["bits"]): r["value"] for r in rows if r["metric"] == "psnr_vs_fp"}
+    assert psnr[("ptqd", "W4A8")] != psnr[("qdiff", "W4A8")]  # the correction changes the samples

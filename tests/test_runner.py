@@ -121,12 +121,13 @@ def test_executor_is_an_interface(tmp_path):
 
 
 def test_waves_put_fp_first_and_weight_sharing_runs_last(tmp_path):
-    matrix = load_matrix(tiny_matrix(tmp_path, methods="[qdiff, linear]", bits="[W4A32, W8A32, W4A8]"))
+    matrix = load_matrix(tiny_matrix(tmp_path, methods="[qdiff, linear, ptqd]", bits="[W4A32, W8A32, W4A8]"))
     labels = [[f"{s.method} {s.bits_label}" for s in wave] for wave in waves(matrix.expand())]
     assert labels == [
         ["fp FP"],
         ["qdiff W4A8", "qdiff W8A32", "linear W4A8", "linear W8A32"],  # W8A32 has no W8Ay to share
-        ["qdiff W4A32", "linear W4A32"],
+        ["qdiff W4A32", "linear W4A32", "ptqd W4A8", "ptqd W8A32"],  # ptqd refines qdiff's model
+        ["ptqd W4A32"],
     ]
 
 
