@@ -7,10 +7,11 @@ import copy
 import dataclasses
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import sqnr_db, tiny_matrix
+from helpers import TINY_SETTINGS, sqnr_db, tiny_matrix
 from torch import nn
 
 import qdiff
@@ -167,12 +168,13 @@ class _Out:
 
 
 class _ToyDenoiser(nn.Module):
-    """ε(x, t) = A x; the 'quantized' twin adds a known correlated part (1 + k_t) and noise."""
+    """ε(x, t) = A x; the 'quantized' twin adds a known correlated part (1 + k_t), a per-channel
+    bias and noise."""
 
-    def __init__(self, k: dict[int, float] | None = None, noise: float = 0.0):
+    def __init__(self, k: dict[int, float] | None = None, noise: float = 0.0, bias: float = 0.0):
         super().__init__()
         self.a = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
-        self.k, self.noise = k, noise
+        self.k, self.noise, self.bias = k, noise, bias * torch.linspace(-1, 1, 8)
 
     def forward(self, x, t):
         eps = x @ self.a.T
@@ -180,30 +182,73 @@ class _ToyDenoiser(nn.Module):
             return _Out(eps)
         g = torch.Generator().manual_seed(int(t.sum()))
         scale = torch.tensor([1 + self.k[int(v)] for v in t])[:, None]
-        return _Out(scale * eps + self.noise * torch.randn(eps.shape, generator=g))
+        return _Out(scale * eps + self.bias + self.noise * torch.randn(eps.shape, generator=g))
 
 
-def test_ptqd_fits_and_removes_the_correlated_quantization_noise():
+def test_ptqd_fits_and_removes_the_correlated_quantization_noise_and_its_bias():
     from baselines.ptqd import fit_correction
 
     true_k = {100: 0.2, 500: -0.1, 900: 0.05}
-    fp, quant = _ToyDenoiser(), _ToyDenoiser(true_k, noise=0.3)
+    fp, quant = _ToyDenoiser(), _ToyDenoiser(true_k, noise=0.3, bias=0.5)
     g = torch.Generator().manual_seed(1)
     t = torch.tensor([100, 500, 900]).repeat_interleave(200)
     data = qdiff.CalibData(torch.randn(600, 8, generator=g), t, {})
     corrected = fit_correction(fp, quant, data)
     assert corrected.k.tolist() == pytest.approx([0.2, -0.1, 0.05], abs=0.02)
+    assert corrected.bias[0].tolist() == pytest.approx((0.5 * torch.linspace(-1, 1, 8)).tolist(), abs=0.1)
     assert corrected.residual_var.tolist() == pytest.approx([0.09] * 3, rel=0.15)
     x = torch.randn(300, 8, generator=g)
     tt = torch.tensor([100, 500, 900]).repeat_interleave(100)
-    # Timesteps the calibration did not see take the nearest calibrated one's k.
-    assert corrected.k_at(torch.tensor([480, 130])).tolist() == corrected.k[[1, 0]].tolist()
+    # Timesteps the calibration did not see take the nearest calibrated one's correction.
+    assert corrected.nearest(torch.tensor([480, 130])).tolist() == [1, 0]
     eps = fp(x, tt).sample
     before = quant(x, tt).sample - eps
     after = corrected(x, tt).sample - eps
     bias = lambda d: ((d * eps).sum() / (eps * eps).sum()).abs()  # noqa: E731  correlated part
     assert bias(after) < bias(before) / 5
+    assert after.mean(0).abs().max() < before.mean(0).abs().max() / 5  # the per-channel bias is gone
     assert after.pow(2).mean() < before.pow(2).mean()
+
+
+def test_ptqd_folds_the_residual_variance_into_the_ddim_noise():
+    from diffusers import DDIMScheduler
+
+    from baselines.ptqd import NoiseCorrected
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(25)
+    t = scheduler.timesteps[10]
+    eps = torch.zeros(4, 3, 8, 8)
+    prev = int(t) - 1000 // 25
+    sigma2 = scheduler._get_variance(t, prev).item()  # eta = 1: the schedule's own variance
+    a_t, a_prev = scheduler.alphas_cumprod[t].item(), scheduler.alphas_cumprod[prev].item()
+    c = (1 - a_prev - sigma2) ** 0.5 - (a_prev * (1 - a_t) / a_t) ** 0.5
+
+    def model(residual_var, k=0.25):
+        timesteps = torch.tensor([float(t)])
+        return NoiseCorrected(
+            nn.Identity(), timesteps, torch.tensor([k]), torch.zeros(1, 3), torch.tensor([residual_var])
+        )
+
+    # No residual: exactly the noise the scheduler itself draws from the same generator (pairing).
+    drawn = model(0.0).variance_noise(scheduler, t, eps, 1.0, torch.Generator().manual_seed(7))
+    own = torch.randn(eps.shape, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(drawn, own)
+    # A residual of variance v/(1+k)^2 reaches x_{t-1} times c: the added noise makes up the rest.
+    v = 0.5 * sigma2 / c**2 * 1.25**2
+    folded = model(v).variance_noise(scheduler, t, eps, 1.0, torch.Generator().manual_seed(7))
+    assert folded.div(own).mean().item() ** 2 * sigma2 + c**2 * v / 1.25**2 == pytest.approx(sigma2, rel=1e-5)
+    # More residual than the schedule's noise: nothing is added.
+    assert model(10 * v).variance_noise(scheduler, t, eps, 1.0, torch.Generator()).abs().max() == 0
+
+
+def test_ptqd_samples_with_a_stochastic_sampler(tmp_path):
+    settings = TINY_SETTINGS.replace("steps: 4", "steps: 4, eta: 1.0")
+    path = tiny_matrix(tmp_path, methods="[ptqd]", bits="[W4A8]").replace("TINY", "")
+    text = Path(path).read_text().replace(TINY_SETTINGS, settings)
+    Path(path).write_text(text)
+    rows = run_matrix(load_matrix(path), tmp_path / "results", progress=False, log=lambda _: None)
+    assert {r["status"] for r in rows} == {"ok"} and rows[0]["sampling"]["eta"] == 1.0
 
 
 def test_torchao_int8_dynamic_quantizes_the_linear_layers_and_stays_close_to_fp():

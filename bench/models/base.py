@@ -130,6 +130,9 @@ class DiffusionAdapter:
         ``recorder(step, x, t, cond)`` sees the denoiser's exact inputs at every step.
         """
         noise = self.noise(n, seed)
+        # A denoiser that knows its own output noise (PTQD) may scale the noise a stochastic
+        # step adds: variance_noise(scheduler, t, eps, eta, generator).
+        fold = getattr(denoiser, "variance_noise", None)
         batch_size = self.sampling.batch_size
         steps = self.sampling.steps
         out = []
@@ -150,7 +153,10 @@ class DiffusionAdapter:
                     recorder(i, x_in, t_in, kwargs)
                 eps = denoiser(x_in, t_in, **kwargs).sample
                 eps = self.guide(eps) if cond is not None else eps
-                x = scheduler.step(eps, t, x, eta=self.sampling.eta, generator=generator).prev_sample
+                step_noise = {"generator": generator}
+                if self.sampling.eta > 0 and fold is not None:
+                    step_noise = {"variance_noise": fold(scheduler, t, eps, self.sampling.eta, generator)}
+                x = scheduler.step(eps, t, x, eta=self.sampling.eta, **step_noise).prev_sample
                 bar.update()
             out.append(to_uint8(self.decode(x)))
         bar.close()
