@@ -35,6 +35,7 @@ from bench.cache import cached_module, cached_tensors, load_module, store_module
 from bench.images import save_grid
 from bench.matrix import MatrixSpec, RunSpec
 from bench.methods import Bits, shares_weight_phase
+from bench.metrics.cost import PeakWindow, peak_while_sampling
 from bench.metrics.quality import EvalContext
 from bench.models.base import AvailabilityError, resolve_device
 from bench.provenance import code_hash, config_hash, environment, model_hash
@@ -290,11 +291,15 @@ def _evaluate(
     adapter, fp, fp_id = _load(spec.model, spec.model_args, spec.sampling)
     code = code_hash(*CODE_PATHS)
     n, seed = spec.sampling.samples, spec.seed
+    peak = adapter.device if peak_while_sampling(spec) else None
     fp_key = config_hash("fp-samples", code, fp_id, adapter.identity(), n, seed)
-    fp_images, fp_sample_s = _timed_samples(fp_key, lambda: adapter.sample(fp, n, seed, progress=progress))
+    fp_images, fp_sample_s, fp_peak = _timed_samples(
+        fp_key, lambda: adapter.sample(fp, n, seed, progress=progress), peak if spec.is_fp else None
+    )
     if spec.is_fp:
         ctx = EvalContext(spec, adapter, fp_images, None, make_denoiser=lambda: fp)
         extra = {"sample_s": fp_sample_s}
+        sampled_peak = fp_peak
     else:
         ckpt, cached = _quantized(adapter, fp, fp_id, spec, code, progress)
         key = config_hash(
@@ -308,9 +313,11 @@ def _evaluate(
             return method.deploy(ckpt["model"].to(adapter.device), spec.budget.backend)
 
         sample = lambda: adapter.sample(deployable(), n, seed, progress=progress)  # noqa: E731
-        images, sample_s = _timed_samples(key, sample)
+        images, sample_s, sampled_peak = _timed_samples(key, sample, peak, before=deployable)
         ctx = EvalContext(spec, adapter, images, fp_images, deployable, ckpt["quantize_s"], cached)
         extra = {"qconfig": ckpt["qconfig"], "weights_from": ckpt.get("weights_from"), "sample_s": sample_s}
+    if sampled_peak is not None:
+        ctx.memo["sampling_peak"] = sampled_peak
     if grids is not None:
         count = 64 if ctx.images.shape[-1] < 64 else 8
         save_grid(ctx.images[:count], grids / f"{spec.model}-{spec.method}-{spec.bits_label}-s{seed}.png")
@@ -333,19 +340,33 @@ def _evaluate(
     return rows
 
 
-def _timed_samples(key: str, sample: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float | None]:
-    """Samples from the cache or ``sample()``, and the seconds sampling took (None if cached)."""
-    seconds = None
+def _timed_samples(
+    key: str,
+    sample: Callable[[], torch.Tensor],
+    peak: torch.device | None = None,
+    before: Callable[[], object] | None = None,
+) -> tuple[torch.Tensor, float | None, tuple | None]:
+    """Samples from the cache or ``sample()``, the seconds sampling took (None if cached), and,
+    when sampling happened with ``peak`` set, the peak memory of that sampling
+    (``(PeakWindow, [seconds])``, what ``peak_memory`` would otherwise measure again).
+    ``before()`` runs first when sampling is needed, outside the timing (building the model)."""
+    seconds = window = None
 
     def build() -> dict[str, torch.Tensor]:
-        nonlocal seconds
+        nonlocal seconds, window
+        if before is not None:
+            before()
         t = time.perf_counter()
-        images = sample()
+        if peak is None:
+            images = sample()
+        else:
+            with PeakWindow(peak) as window:
+                images = sample()
         seconds = round(time.perf_counter() - t, 3)
         return {"images": images}
 
     tensors, _ = cached_tensors("samples", key, build)
-    return tensors["images"], seconds
+    return tensors["images"], seconds, None if window is None else (window, [seconds])
 
 
 def _quantized(adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: bool) -> tuple[dict, bool]:

@@ -89,3 +89,19 @@ def test_latency_with_torch_compile(tmp_path):
     )  # fmt: skip
     (row,) = run_matrix(matrix, tmp_path / "results", progress=False, log=lambda _: None)
     assert row["status"] == "ok" and row["compile"] == "eager" and row["value"] > 0
+
+
+def test_peak_memory_reuses_the_runs_own_sampling_when_it_is_one_fresh_batch(tmp_path):
+    matrix = load_matrix(
+        tiny_matrix(
+            tmp_path, methods="[linear]", bits="[W8A8]", metrics="[peak_memory]",
+            settings="{device: cpu, samples: 8, steps: 3, batch_size: 8, calib_timesteps: 2, "
+            "calib_samples: 4}",
+        )
+    )  # fmt: skip
+    fresh = run_matrix(matrix, tmp_path / "results", progress=False, log=lambda _: None)
+    assert {r["measured_during"] for r in fresh} == {"the run's own sampling of its images (one batch)"}
+    # With the samples cached, nothing is generated: the metric samples its batch itself.
+    cached = run_matrix(matrix, tmp_path / "results", force=True, progress=False, log=lambda _: None)
+    assert {r["measured_during"] for r in cached} == {"a separate sampling of one batch"}
+    assert all(r["value"] > 0 and r["status"] == "ok" for r in fresh + cached)

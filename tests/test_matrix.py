@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from baselines import BASELINES
 from bench.matrix import MatrixError, load_matrix, parse_rules
 from bench.provenance import REPO_ROOT
 
@@ -104,8 +105,21 @@ def test_shipped_matrices_are_valid():
         assert load_matrix(path).expand(), path
     default = load_matrix(REPO_ROOT / "configs" / "default.yaml")
     methods = {r.method for r in default.expand()}
-    assert methods == {"fp", "linear", "qdiff", "qdiff-no-calib", "qdiff-no-split", "qdiff-no-recon"}
-    assert {r.bits_label for r in default.expand()} == {"FP", "W8A8", "W4A8", "W4A32"}
+    # Every registered baseline except the CUDA-only torchao preset; the ablations have their own.
+    assert methods == {"fp", "qdiff", *BASELINES} - {"torchao-int4wo"}
+    assert {r.bits_label for r in default.expand()} == {"FP", "W8A8", "W8A32", "W4A8", "W4A4", "W4A32"}
+    ablations = load_matrix(REPO_ROOT / "configs" / "ablations.yaml")
+    assert {r.method for r in ablations.expand()} == {
+        "fp",
+        "qdiff",
+        "qdiff-no-calib",
+        "qdiff-no-split",
+        "qdiff-no-recon",
+    }
+    paper = load_matrix(REPO_ROOT / "configs" / "paper-cifar10.yaml")
+    assert {r.method for r in paper.expand()} == {r.method for r in default.expand()} | {
+        r.method for r in ablations.expand()
+    } | {"torchao-int4wo"}
 
 
 OK = "models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n"

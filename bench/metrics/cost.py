@@ -123,45 +123,82 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+class PeakWindow:
+    """Peak memory over a ``with`` block: allocated CUDA memory on a GPU; on Linux CPUs the
+    process's peak RSS after resetting the kernel's mark; elsewhere the lifetime peak (an
+    upper bound). After the block: ``peak_mib`` and ``memory`` (source, level before)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __enter__(self) -> PeakWindow:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            self.source = "torch.cuda.max_memory_allocated"
+        elif sys.platform == "linux" and _rss_peak_reset():
+            self.before = _rss_kib("VmRSS") * 1024
+            self.source = "peak RSS of the process (VmHWM, reset before sampling)"
+        else:  # cannot reset: the process's lifetime peak, an upper bound
+            self.before = None
+            self.source = "peak RSS of the process since it started (ru_maxrss)"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.before is not None:
+            peak = _rss_kib("VmHWM") * 1024
+        else:
+            usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak = usage * (1 if sys.platform == "darwin" else 1024)
+        self.peak_mib = peak / MIB
+        before = None if self.before is None else self.before / MIB
+        self.memory = {"memory_source": self.source, "before_mib": before}
+
+
+def peak_while_sampling(spec) -> bool:
+    """Whether a run's own image generation can stand for ``peak_memory``'s measurement: the
+    metric is asked for without ``latency_e2e`` (which needs warm-up and repeats) and the run
+    samples one batch, exactly what the metric would sample again."""
+    return (
+        "peak_memory" in spec.metrics
+        and "latency_e2e" not in spec.metrics
+        and spec.sampling.samples <= spec.sampling.batch_size
+    )
+
+
 def _sampling_cost(ctx: EvalContext) -> dict:
     """Sample one batch ``warmup + repeats`` times (just once when only memory is asked for);
-    time the timed samplings and record the peak memory over them."""
+    time the timed samplings and record the peak memory over them. A run whose own sampling
+    was measured (``ctx.memo["sampling_peak"]``, see :func:`peak_while_sampling`) reuses it."""
     if "sampling_cost" in ctx.memo:
         return ctx.memo["sampling_cost"]
     device = resolve_device(ctx.spec.sampling.device)
     ev = ctx.spec.evaluation
     timed = "latency_e2e" in ctx.spec.metrics
     warmup, repeats = (ev.latency_warmup, ev.latency_repeats) if timed else (0, 1)
-    model, n = _denoiser(ctx), ctx.spec.sampling.batch_size
-
-    def sample():
-        ctx.adapter.sample(model, n, ctx.spec.seed)
-
-    for _ in range(warmup):
-        sample()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        source = "torch.cuda.max_memory_allocated"
-    elif sys.platform == "linux" and _rss_peak_reset():
-        before = _rss_kib("VmRSS") * 1024
-        source = "peak RSS of the process (VmHWM, reset before sampling)"
-    else:  # cannot reset: the process's lifetime peak, an upper bound
-        before = None
-        source = "peak RSS of the process since it started (ru_maxrss)"
-    times = time_calls(sample, 0, repeats, device)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    elif before is not None:
-        peak = _rss_kib("VmHWM") * 1024
+    if "sampling_peak" in ctx.memo and not timed:
+        window, times = ctx.memo["sampling_peak"]
+        measured = "the run's own sampling of its images (one batch)"
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        model, n = _denoiser(ctx), ctx.spec.sampling.batch_size
+
+        def sample():
+            ctx.adapter.sample(model, n, ctx.spec.seed)
+
+        for _ in range(warmup):
+            sample()
+        with PeakWindow(device) as window:
+            times = time_calls(sample, 0, repeats, device)
+        measured = "a separate sampling of one batch"
     out = {
         "times": times,
         "protocol": _protocol(ctx, device, warmup, repeats),
-        "peak_mib": peak / MIB,
-        "memory": {"memory_source": source, "before_mib": None if before is None else before / MIB},
+        "peak_mib": window.peak_mib,
+        "memory": {**window.memory, "measured_during": measured},
     }
     ctx.memo["sampling_cost"] = out
     return out
@@ -185,7 +222,9 @@ class LatencyE2E(CostMetric):
 class PeakMemory(CostMetric):
     """Peak memory (MiB) while sampling one batch: allocated device memory on a GPU (weights,
     activations, sampler state); on a CPU the process's peak resident set, which also holds the
-    interpreter and libraries (``before_mib`` is its level when sampling started)."""
+    interpreter and libraries (``before_mib`` is its level when sampling started). Measured
+    over the run's own image generation when that is one fresh batch, else over a separate
+    sampling of one batch (the row's ``measured_during`` says which)."""
 
     name = "peak_memory"
     unit = "MiB"
