@@ -6,6 +6,7 @@ BASELINES: dict[str, str] = {
     "linear": "baselines.linear_quant:METHOD",
     "ptq4dm": "baselines.ptq4dm:METHOD",
     "ptqd": "baselines.ptqd:METHOD",
+    "ptqd-mp": "baselines.ptqd:MIXED",
     "smoothquant": "baselines.smoothquant:METHOD",
     "svdquant": "baselines.svdquant:METHOD",
     "torchao-int8dq": "baselines.torchao_presets:INT8_DYNAMIC",

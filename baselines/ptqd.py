@@ -26,10 +26,16 @@ mean correction applies. Quantization is Q-Diffusion's recipe (the runner reuses
 checkpoint), so PTQD differs from ``qdiff`` by the correction alone. Timesteps the calibration
 did not see use the nearest calibrated one.
 
-Not implemented (a documented gap, not a silent one): PTQD's step-aware mixed precision, which
-picks a lower activation bit width for the denoising steps whose quantization noise stays
-below the diffusion noise. The correction is fitted on each bit width's own model, so a WxA32
-run fits its own.
+Step-aware mixed precision (Sec. 4.3), registered as ``ptqd-mp``: quantization noise matters
+less where the denoiser's input is mostly noise. For each calibrated timestep the corrected
+model with ``LOW_BITS`` (4-bit) activations is used where its quantization SNR,
+``‖ε‖² / ‖ε̂_low − ε‖²`` on that step's calibration inputs, is at least the diffusion SNR of the
+input, ``ᾱ_t / (1 − ᾱ_t)``, and the run's own activation bits elsewhere (:func:`choose_steps`).
+Both models are Q-Diffusion's (the runner reuses the ``qdiff`` WxAy and WxA4 checkpoints) and
+each gets its own correction. Deviation: this exact criterion is our reading of the paper's
+comparison of the quantization noise with the diffusion noise at each step; the measured SNRs
+are kept on the model (``snr_quant``, ``snr_diffusion``, ``use_low``). The correction is fitted
+on each bit width's own model, so a WxA32 run fits its own.
 """
 
 from __future__ import annotations
@@ -43,9 +49,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 import qdiff
-from bench.methods import Calibration, RecipeMethod, qdiffusion_recipe
+from bench.methods import Bits, Calibration, RecipeMethod, qdiffusion_recipe
 
 FIT_BATCH = 64
+LOW_BITS = 4  # the low activation bit width of step-aware mixed precision
 
 
 class NoiseCorrected(nn.Module):
@@ -133,19 +140,134 @@ def fit_correction(fp: nn.Module, qmodel: nn.Module, calib: qdiff.CalibData) -> 
     return NoiseCorrected(qmodel, timesteps, torch.tensor(k), torch.stack(bias), torch.tensor(residual_var))
 
 
+class StepMixed(nn.Module):
+    """PTQD's step-aware mixed precision: two corrected models with the same weights, one with
+    high-bit and one with low-bit activations, and per calibrated timestep which one runs.
+
+    Buffers: ``timesteps`` (calibrated, ascending), ``use_low`` (bool per timestep), and the
+    measurements behind the choice, ``snr_quant`` and ``snr_diffusion``.
+    """
+
+    def __init__(
+        self,
+        high: NoiseCorrected,
+        low: NoiseCorrected,
+        timesteps: torch.Tensor,
+        snr_quant: torch.Tensor,
+        snr_diffusion: torch.Tensor,
+    ):
+        super().__init__()
+        self.high, self.low = high, low
+        self.register_buffer("timesteps", timesteps.float())
+        self.register_buffer("snr_quant", snr_quant.float())
+        self.register_buffer("snr_diffusion", snr_diffusion.float())
+        self.register_buffer("use_low", snr_quant >= snr_diffusion)
+
+    def _low(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(-1).float().to(self.timesteps.device)
+        return self.use_low[(t[:, None] - self.timesteps[None, :]).abs().argmin(dim=1)]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs):
+        t = t.expand(len(x)) if t.ndim == 0 else t
+        low = self._low(t)
+        if low.all():
+            return self.low(x, t, **kwargs)
+        if not low.any():
+            return self.high(x, t, **kwargs)
+        # A batch mixing timesteps (the sampler never makes one): each sample through its model.
+        parts = {}
+        for flag, model in ((True, self.low), (False, self.high)):
+            index = (low == flag).nonzero().flatten()
+            sub = {k: v[index] if torch.is_tensor(v) and len(v) == len(x) else v for k, v in kwargs.items()}
+            parts[flag] = (index, model(x[index], t[index], **sub))
+        out = parts[True][1]
+        sample = torch.empty(
+            (len(x), *out.sample.shape[1:]), dtype=out.sample.dtype, device=out.sample.device
+        )
+        for index, result in parts.values():
+            sample[index] = result.sample
+        return type(out)(sample=sample)
+
+    def variance_noise(
+        self, scheduler, t: torch.Tensor, eps: torch.Tensor, eta: float, generator
+    ) -> torch.Tensor:
+        model = self.low if self._low(t.reshape(1))[0] else self.high
+        return model.variance_noise(scheduler, t, eps, eta, generator)
+
+
+@torch.no_grad()
+def choose_steps(
+    fp: nn.Module,
+    high: NoiseCorrected,
+    low: NoiseCorrected,
+    calib: qdiff.CalibData,
+    alphas_cumprod: torch.Tensor,
+) -> StepMixed:
+    """Low-bit activations at the calibrated timesteps where the corrected low-bit model's
+    quantization SNR, ``‖ε‖² / ‖ε̂_low − ε‖²``, is at least the diffusion SNR of the input,
+    ``ᾱ_t / (1 − ᾱ_t)``: early in denoising the input is mostly noise and tolerates the larger
+    quantization error; late, it does not."""
+    timesteps = calib.t.unique().sort().values
+    snr_quant, snr_diffusion = [], []
+    for t in timesteps:
+        signal = error = 0.0
+        for chunk in (calib.t == t).nonzero().flatten().split(FIT_BATCH):
+            x, tt, cond = calib.select(chunk)
+            eps = fp(x, tt, **cond).sample.double()
+            signal += eps.square().sum().item()
+            error += (low(x, tt, **cond).sample.double() - eps).square().sum().item()
+        snr_quant.append(signal / error if error > 0 else math.inf)
+        a = alphas_cumprod[int(t)].item()
+        snr_diffusion.append(a / (1 - a))
+    return StepMixed(high, low, timesteps, torch.tensor(snr_quant), torch.tensor(snr_diffusion))
+
+
 @dataclass(frozen=True)
 class PTQD(RecipeMethod):
-    """Q-Diffusion's quantization followed by PTQD's correlated-noise correction."""
+    """Q-Diffusion's quantized model followed by PTQD's noise correction."""
 
     shares_weight_phase: ClassVar[bool] = False  # the correction is fitted to the W+A model
-    builds_on: ClassVar[str] = "qdiff"  # the same quantized model: the runner reuses qdiff's
+
+    def bases(self, bits: Bits) -> tuple[tuple[str, Bits], ...]:
+        return (("qdiff", bits),)  # the same quantized model: the runner reuses qdiff's
+
+    def quantize(self, denoiser, config, calibration, progress=None):
+        raise TypeError(f"{self.name} refines qdiff's quantized model: call refine with it")
 
     def refine(
-        self, denoiser: nn.Module, qmodel: nn.Module, config: qdiff.QConfig, calibration: Calibration
+        self,
+        denoiser: nn.Module,
+        qmodels: list[nn.Module],
+        config: qdiff.QConfig,
+        calibration: Calibration,
+        alphas_cumprod: torch.Tensor,
     ) -> nn.Module:
-        return fit_correction(denoiser, qmodel, calibration(config.calib))
+        return fit_correction(denoiser, qmodels[0], calibration(config.calib))
+
+
+@dataclass(frozen=True)
+class PTQDMixed(PTQD):
+    """PTQD with step-aware mixed precision between the run's activation bits and ``LOW_BITS``."""
+
+    def unsupported(self, bits: Bits) -> str | None:
+        if bits.a is None or bits.a <= LOW_BITS:
+            return f"{self.name} mixes A{LOW_BITS} with more activation bits per step; use W{bits.w}A8"
+        return super().unsupported(bits)
+
+    def bases(self, bits: Bits) -> tuple[tuple[str, Bits], ...]:
+        return (("qdiff", bits), ("qdiff", Bits(bits.w, LOW_BITS)))
+
+    def refine(self, denoiser, qmodels, config, calibration, alphas_cumprod) -> nn.Module:
+        calib = calibration(config.calib)
+        high, low = (fit_correction(denoiser, q, calib) for q in qmodels)
+        return choose_steps(denoiser, high, low, calib, alphas_cumprod)
 
 
 METHOD = PTQD(
     "ptqd", "PTQD: Q-Diffusion + correlated quantization-noise correction per timestep", qdiffusion_recipe
+)
+MIXED = PTQDMixed(
+    "ptqd-mp",
+    f"PTQD + step-aware mixed precision (A{LOW_BITS} where the quantization SNR allows)",
+    qdiffusion_recipe,
 )

@@ -99,12 +99,14 @@ class TorchaoPreset:
 
     shares_weight_phase: ClassVar[bool] = False
     checkpointable: ClassVar[bool] = False  # torchao's tensors do not pickle as whole modules
-    builds_on: ClassVar[None] = None
 
     def unsupported(self, bits: Bits) -> str | None:
         if bits != self.bits:
             return f"{self.name} is torchao's {self.bits.label} preset; use bits {self.bits.label}"
         return None
+
+    def bases(self, bits: Bits) -> tuple:
+        return ()
 
     def configure(self, bits: Bits, budget) -> TorchaoSettings:
         return TorchaoSettings(self.name, repr(self.build()), _torchao().__version__)

@@ -75,16 +75,18 @@ class Method(Protocol):
     the runner) only if it uses any. ``deploy`` builds what is sampled and timed.
     ``shares_weight_phase``: the WxA32 model is the WxAy model with activation quantization
     off, so the runner may reuse it; ``checkpointable``: the quantized model pickles, so the
-    runner caches it. ``builds_on``: the registered method whose quantized model (same
-    configuration) this method post-processes with ``refine``, so the runner reuses that
-    method's checkpoint instead of calling ``quantize`` (``None``: it does not).
+    runner caches it. ``bases(bits)``: the ``(registered method, bits)`` whose quantized
+    models this method post-processes (the first with this method's own configuration); for
+    such a method the runner builds or reuses those checkpoints and calls ``refine`` instead of
+    ``quantize``. Empty for a method that quantizes by itself.
     """
 
     name: str
     description: str
     shares_weight_phase: bool
     checkpointable: bool
-    builds_on: str | None
+
+    def bases(self, bits: Bits) -> tuple[tuple[str, Bits], ...]: ...
 
     def unsupported(self, bits: Bits) -> str | None: ...
 
@@ -115,7 +117,6 @@ class RecipeMethod:
     # model with activation quantization off: the runner reuses that weight phase.
     shares_weight_phase: ClassVar[bool] = True
     checkpointable: ClassVar[bool] = True
-    builds_on: ClassVar[str | None] = None
 
     def unsupported(self, bits: Bits) -> str | None:
         if self.weight_only and bits.a is not None:
@@ -139,13 +140,10 @@ class RecipeMethod:
         progress: Callable[[str], None] | None = None,
     ) -> nn.Module:
         qmodel, _ = qdiff.quantize(denoiser, config, calibration(config.calib), progress=progress)
-        return self.refine(denoiser, qmodel, config, calibration)
-
-    def refine(
-        self, denoiser: nn.Module, qmodel: nn.Module, config: qdiff.QConfig, calibration: Calibration
-    ) -> nn.Module:
-        """Post-processing of the quantized model (none here; e.g. PTQD's noise correction)."""
         return qmodel
+
+    def bases(self, bits: Bits) -> tuple[tuple[str, Bits], ...]:
+        return ()
 
     def deploy(self, qmodel: nn.Module, backend: str) -> nn.Module:
         return qdiff.convert(qmodel, backend)

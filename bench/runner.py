@@ -182,7 +182,7 @@ def waves(specs: list[RunSpec]) -> list[list[RunSpec]]:
     """Runs in dependency order, as groups that may run concurrently: FP references first
     (quantized runs pair with their cached samples), then quantized runs; a WxA32 run whose
     recipe can reuse a WxAy run's weight phase from this matrix comes after that run, and a
-    run of a ``builds_on`` method after its base method's run."""
+    run of a method with ``bases`` after its bases' runs."""
     cells = {(s.model, s.method, s.w_bits, s.a_bits, s.seed) for s in specs}
 
     @cache
@@ -191,8 +191,7 @@ def waves(specs: list[RunSpec]) -> list[list[RunSpec]]:
         after = []
         if a is None and shares_weight_phase(method):  # any WxAy run of the same recipe
             after += [c for c in cells if c[:3] == (model, name, w) and c[3] is not None and c[4] == seed]
-        if getattr(method, "builds_on", None) is not None:
-            after.append((model, method.builds_on, w, a, seed))
+        after += [(model, base, b.w, b.a, seed) for base, b in method.bases(Bits(w, a))]
         return 1 + max((depth(*cell) for cell in after if cell in cells), default=0)
 
     groups: dict[int, list[RunSpec]] = {}
@@ -395,7 +394,7 @@ def _quantized(adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: bool
                 # Its cost is the source's: that run produced these weights.
                 qdiff.set_quant_state(source["model"], weight=True, act=False)
                 return {**source, "key": key, "qconfig": config.to_dict(), "weights_from": shared["source"]}
-        if method.builds_on is not None:
+        if method.bases(Bits(spec.w_bits, spec.a_bits)):
             return _refined(adapter, fp, fp_id, spec, code, progress, method, config, calibration)
         bar = tqdm(
             desc=f"quantize {spec.method} {spec.bits_label}", unit="unit", leave=False, disable=not progress
@@ -415,25 +414,28 @@ def _quantized(adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: bool
 
 
 def _refined(adapter, fp, fp_id, spec, code, progress, method, config, calibration) -> dict:
-    """A ``builds_on`` method's model: its base method's checkpoint (cached or built), refined.
-    Its quantize time is the base's plus the refinement's."""
-    base_spec = dataclasses.replace(spec, method=method.builds_on)
-    base_config = METHODS.get(method.builds_on).configure(Bits(spec.w_bits, spec.a_bits), spec.budget)
-    if base_config != config:
-        raise ValueError(f"{spec.method} builds on {method.builds_on} but their configurations differ")
-    base, _ = _quantized(adapter, fp, fp_id, base_spec, code, progress)
+    """The model of a method with ``bases``: their checkpoints (cached or built), refined. Its
+    quantize time is theirs plus the refinement's."""
+    bases = method.bases(Bits(spec.w_bits, spec.a_bits))
+    first, first_bits = bases[0]
+    if METHODS.get(first).configure(first_bits, spec.budget) != config:
+        raise ValueError(
+            f"{spec.method} builds on {first} {first_bits.label} but their configurations differ"
+        )
+    models, seconds, sources = [], 0.0, []
+    for name, bits in bases:
+        base_spec = dataclasses.replace(spec, method=name, w_bits=bits.w, a_bits=bits.a)
+        base, _ = _quantized(adapter, fp, fp_id, base_spec, code, progress)
+        models.append(copy.deepcopy(base["model"]))
+        seconds += base["quantize_s"]
+        sources.append(f"{name} {base.get('weights_from') or bits.label}")
     t = time.perf_counter()
-    model = method.refine(fp, copy.deepcopy(base["model"]), config, calibration)
-    seconds = base["quantize_s"] + time.perf_counter() - t
+    schedule = adapter.scheduler().alphas_cumprod
+    model = method.refine(fp, models, config, calibration, schedule)
+    seconds += time.perf_counter() - t
     key = config_hash("checkpoint", code, fp_id, spec.method, config)
-    source = f"{method.builds_on} {base.get('weights_from') or spec.bits_label}"
-    return {
-        "model": model,
-        "key": key,
-        "qconfig": config.to_dict(),
-        "quantize_s": seconds,
-        "weights_from": source,
-    }
+    return {"model": model, "key": key, "qconfig": config.to_dict(), "quantize_s": seconds,
+            "weights_from": " + ".join(sources)}  # fmt: skip
 
 
 def _calibration(adapter, fp, fp_id: str, calib: qdiff.CalibConfig, code: str) -> qdiff.CalibData:

@@ -59,10 +59,12 @@ class FailingMethod:
 
     shares_weight_phase = False
     checkpointable = True
-    builds_on = None
 
     def unsupported(self, bits):
         return None
+
+    def bases(self, bits):
+        return ()
 
     def configure(self, bits, budget):
         from bench.methods import QDIFFUSION

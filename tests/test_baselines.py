@@ -310,3 +310,39 @@ def test_ptqd_refines_qdiffs_checkpoint_instead_of_reconstructing_again(tmp_path
     assert q[("ptqd", "W4A8")]["qconfig"] == q[("qdiff", "W4A8")]["qconfig"]
     psnr = {(r["method"], r["bits"]): r["value"] for r in rows if r["metric"] == "psnr_vs_fp"}
     assert psnr[("ptqd", "W4A8")] != psnr[("qdiff", "W4A8")]  # the correction changes the samples
+
+
+def test_ptqd_mixed_precision_uses_low_bits_where_the_input_is_mostly_noise():
+    from diffusers import DDIMScheduler
+
+    from baselines.ptqd import choose_steps, fit_correction
+
+    fp = _ToyDenoiser()
+    k = {100: 0.0, 500: 0.0, 900: 0.0}
+    g = torch.Generator().manual_seed(2)
+    t = torch.tensor([100, 500, 900]).repeat_interleave(64)
+    data = qdiff.CalibData(torch.randn(192, 8, generator=g), t, {})
+    high = fit_correction(fp, _ToyDenoiser(k, noise=0.01), data)
+    low = fit_correction(fp, _ToyDenoiser(k, noise=3.0), data)  # quantization SNR near 1
+    alphas = DDIMScheduler(num_train_timesteps=1000).alphas_cumprod  # SNR 7.4, 0.09, 4e-5
+    mixed = choose_steps(fp, high, low, data, alphas)
+    assert mixed.use_low.tolist() == [False, True, True]
+    assert (mixed.snr_quant < 2).all() and mixed.snr_diffusion[0] > 5 > 0.1 > mixed.snr_diffusion[1]
+    # Each sample goes through the model of its timestep, in uniform and in mixed batches.
+    x = torch.randn(6, 8, generator=g)
+    tt = torch.tensor([100, 100, 900, 900, 500, 100])
+    with torch.no_grad():
+        out = mixed(x, tt).sample
+        late = tt == 100  # the toy's noise depends on the batch, so compare the same sub-batches
+        assert torch.equal(out[late], high(x[late], tt[late]).sample)
+        assert torch.equal(out[~late], low(x[~late], tt[~late]).sample)
+        assert torch.equal(mixed(x[:2], tt[:2]).sample, high(x[:2], tt[:2]).sample)
+
+
+def test_ptqd_mixed_precision_reuses_both_qdiff_checkpoints(tmp_path):
+    matrix = load_matrix(tiny_matrix(tmp_path, methods="[ptqd-mp]", bits="[W4A8]"))
+    rows = run_matrix(matrix, tmp_path / "results", progress=False, log=lambda _: None)
+    (q,) = [r for r in rows if r["metric"] == "quantize_time"]
+    assert q["status"] == "ok" and q["weights_from"] == "qdiff W4A8 + qdiff W4A4"
+    with pytest.raises(MatrixError, match="ptqd-mp mixes A4 with more activation bits per step; use W4A8"):
+        load_matrix(tiny_matrix(tmp_path, methods="[ptqd-mp]", bits="[W4A4]"))
