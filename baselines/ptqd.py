@@ -260,7 +260,31 @@ class PTQDMixed(PTQD):
     def refine(self, denoiser, qmodels, config, calibration, alphas_cumprod) -> nn.Module:
         calib = calibration(config.calib)
         high, low = (fit_correction(denoiser, q, calib) for q in qmodels)
+        share_equal_tensors(high, low)
         return choose_steps(denoiser, high, low, calib, alphas_cumprod)
+
+
+def share_equal_tensors(keep: nn.Module, other: nn.Module) -> int:
+    """Point ``other``'s parameters and buffers at ``keep``'s where they are equal (the two
+    models of mixed precision share their weight phase), so the pair stores them once; returns
+    how many were shared."""
+    kept = {**dict(keep.named_parameters()), **dict(keep.named_buffers())}
+    shared = 0
+    for name, tensor in [*other.named_parameters(), *other.named_buffers()]:
+        source = kept.get(name)
+        if (
+            source is None
+            or source is tensor
+            or source.shape != tensor.shape
+            or not torch.equal(source, tensor)
+        ):
+            continue
+        owner, _, attr = name.rpartition(".")
+        module = other.get_submodule(owner)
+        table = module._parameters if attr in module._parameters else module._buffers
+        table[attr] = source
+        shared += 1
+    return shared
 
 
 METHOD = PTQD(

@@ -60,10 +60,18 @@ def storage_bytes(model: nn.Module) -> dict[str, int]:
     def mark(t: torch.Tensor) -> None:
         counted.add(id(t))
 
+    stored_weights: set[tuple[int, ...]] = set()
     for module in model.modules():
         if isinstance(module, QuantModule):
             # Only grids in use are stored: a WxA32 model keeps its (idle) activation quantizers.
-            if module.use_weight_quant:
+            # A weight whose tensors and grid tensors another layer shares (two models of the
+            # same weights, e.g. PTQD's mixed precision) is stored once.
+            weight_id = (
+                id(module.weight),
+                *(id(t) for t in module.weight_quantizer.state_dict(keep_vars=True).values()),
+            )
+            if module.use_weight_quant and weight_id not in stored_weights:
+                stored_weights.add(weight_id)
                 for q, w in zip(module.weight_quantizer, module.weight_parts(), strict=True):
                     grid = q.base if isinstance(q, AdaRoundQuantizer) else q
                     parts["quantized_weights"] += math.ceil(w.numel() * grid.spec.bits / 8)

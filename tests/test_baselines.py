@@ -346,3 +346,26 @@ def test_ptqd_mixed_precision_reuses_both_qdiff_checkpoints(tmp_path):
     assert q["status"] == "ok" and q["weights_from"] == "qdiff W4A8 + qdiff W4A4"
     with pytest.raises(MatrixError, match="ptqd-mp mixes A4 with more activation bits per step; use W4A8"):
         load_matrix(tiny_matrix(tmp_path, methods="[ptqd-mp]", bits="[W4A4]"))
+
+
+def test_mixed_precision_models_store_their_shared_weights_once():
+    from baselines.ptqd import share_equal_tensors
+    from qdiff.modules import QuantLayer
+
+    model, x = outlier_model_and_data()
+    qconfigs = [
+        dataclasses.replace(METHODS.get("linear").qconfig(Bits(4, a)), first_last_bits=None) for a in (8, 4)
+    ]
+    high, low = (qdiff.quantize(_Wrap(model), q, _calib(x))[0] for q in qconfigs)
+    single = qdiff.storage_bytes(high)
+    pair = nn.ModuleList([high, low])
+    assert qdiff.storage_bytes(pair)["quantized_weights"] == 2 * single["quantized_weights"]
+    assert share_equal_tensors(high, low) >= 4  # both layers' weights and biases, at least
+    both = qdiff.storage_bytes(pair)
+    assert both["quantized_weights"] == single["quantized_weights"]
+    # What remains twice: the activation grids (each model has its own).
+    assert both["total"] - single["total"] == sum(
+        4 + 1 for m in low.modules() if isinstance(m, QuantLayer) for _ in m.act_quantizers()
+    )
+    with torch.no_grad():
+        assert torch.equal(low(x, None), qdiff.quantize(_Wrap(model), qconfigs[1], _calib(x))[0](x, None))
