@@ -66,16 +66,15 @@ def storage_bytes(model: nn.Module) -> dict[str, int]:
             # Only grids in use are stored: a WxA32 model keeps its (idle) activation quantizers.
             # A weight whose tensors and grid tensors another layer shares (two models of the
             # same weights, e.g. PTQD's mixed precision) is stored once.
-            weight_id = (
-                id(module.weight),
-                *(id(t) for t in module.weight_quantizer.state_dict(keep_vars=True).values()),
-            )
-            if module.use_weight_quant and weight_id not in stored_weights:
-                stored_weights.add(weight_id)
-                for q, w in zip(module.weight_quantizer, module.weight_parts(), strict=True):
-                    grid = q.base if isinstance(q, AdaRoundQuantizer) else q
-                    parts["quantized_weights"] += math.ceil(w.numel() * grid.spec.bits / 8)
-                    parts["grids"] += _grid_bytes(grid)
+            if module.use_weight_quant:
+                grids = module.weight_quantizer.state_dict(keep_vars=True).values()
+                weight_id = (id(module.weight), *(id(t) for t in grids))
+                if weight_id not in stored_weights:
+                    stored_weights.add(weight_id)
+                    for q, w in zip(module.weight_quantizer, module.weight_parts(), strict=True):
+                        grid = q.base if isinstance(q, AdaRoundQuantizer) else q
+                        parts["quantized_weights"] += math.ceil(w.numel() * grid.spec.bits / 8)
+                        parts["grids"] += _grid_bytes(grid)
                 mark(module.weight)
             if module.use_act_quant:
                 parts["grids"] += sum(_grid_bytes(q) for q in module.act_quantizers())

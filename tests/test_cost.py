@@ -105,3 +105,14 @@ def test_peak_memory_reuses_the_runs_own_sampling_when_it_is_one_fresh_batch(tmp
     cached = run_matrix(matrix, tmp_path / "results", force=True, progress=False, log=lambda _: None)
     assert {r["measured_during"] for r in cached} == {"a separate sampling of one batch"}
     assert all(r["value"] > 0 and r["status"] == "ok" for r in fresh + cached)
+
+
+def test_storage_of_a_quantized_unet_with_attention_matmuls():
+    from bench.matrix import Sampling
+    from bench.methods import QDIFFUSION, Bits
+    from bench.models.embedded import EmbeddedDigits
+
+    q = qdiff.prepare(EmbeddedDigits(Sampling(device="cpu")).denoiser(), QDIFFUSION.qconfig(Bits(4, 8)))
+    qdiff.set_quant_state(q, weight=True, act=True)
+    parts = qdiff.storage_bytes(q)
+    assert parts == qdiff.storage_bytes(qdiff.convert(q)) and parts["quantized_weights"] > 0
