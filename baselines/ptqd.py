@@ -144,7 +144,7 @@ class StepMixed(nn.Module):
     """PTQD's step-aware mixed precision: two corrected models with the same weights, one with
     high-bit and one with low-bit activations, and per calibrated timestep which one runs.
 
-    Buffers: ``timesteps`` (calibrated, ascending), ``use_low`` (bool per timestep), and the
+    Buffers, per calibrated timestep of ``high`` (the same as ``low``'s): ``use_low``, and the
     measurements behind the choice, ``snr_quant`` and ``snr_diffusion``.
     """
 
@@ -152,20 +152,17 @@ class StepMixed(nn.Module):
         self,
         high: NoiseCorrected,
         low: NoiseCorrected,
-        timesteps: torch.Tensor,
         snr_quant: torch.Tensor,
         snr_diffusion: torch.Tensor,
     ):
         super().__init__()
         self.high, self.low = high, low
-        self.register_buffer("timesteps", timesteps.float())
         self.register_buffer("snr_quant", snr_quant.float())
         self.register_buffer("snr_diffusion", snr_diffusion.float())
         self.register_buffer("use_low", snr_quant >= snr_diffusion)
 
     def _low(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.reshape(-1).float().to(self.timesteps.device)
-        return self.use_low[(t[:, None] - self.timesteps[None, :]).abs().argmin(dim=1)]
+        return self.use_low[self.high.nearest(t)]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs):
         t = t.expand(len(x)) if t.ndim == 0 else t
@@ -207,9 +204,8 @@ def choose_steps(
     quantization SNR, ``‖ε‖² / ‖ε̂_low − ε‖²``, is at least the diffusion SNR of the input,
     ``ᾱ_t / (1 − ᾱ_t)``: early in denoising the input is mostly noise and tolerates the larger
     quantization error; late, it does not."""
-    timesteps = calib.t.unique().sort().values
     snr_quant, snr_diffusion = [], []
-    for t in timesteps:
+    for t in high.timesteps.long():  # the calibrated timesteps, as fit_correction found them
         signal = error = 0.0
         for chunk in (calib.t == t).nonzero().flatten().split(FIT_BATCH):
             x, tt, cond = calib.select(chunk)
@@ -219,7 +215,7 @@ def choose_steps(
         snr_quant.append(signal / error if error > 0 else math.inf)
         a = alphas_cumprod[int(t)].item()
         snr_diffusion.append(a / (1 - a))
-    return StepMixed(high, low, timesteps, torch.tensor(snr_quant), torch.tensor(snr_diffusion))
+    return StepMixed(high, low, torch.tensor(snr_quant), torch.tensor(snr_diffusion))
 
 
 @dataclass(frozen=True)

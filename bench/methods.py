@@ -149,11 +149,6 @@ class RecipeMethod:
         return qdiff.convert(qmodel, backend)
 
 
-def shares_weight_phase(method) -> bool:
-    """Whether ``method``'s WxA32 model is its WxAy model with activation quantization off."""
-    return getattr(method, "shares_weight_phase", False)
-
-
 def grids(bits: Bits, scale_search: str) -> dict[str, qdiff.QuantSpec | None]:
     """``weight``/``act`` specs shared by the methods, as in the official code: symmetric
     per-output-channel weight grids, asymmetric per-tensor activation grids."""

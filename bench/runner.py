@@ -34,7 +34,7 @@ import qdiff
 from bench.cache import cached_module, cached_tensors, load_module, store_module
 from bench.images import save_grid
 from bench.matrix import MatrixSpec, RunSpec
-from bench.methods import Bits, shares_weight_phase
+from bench.methods import Bits
 from bench.metrics.cost import PeakWindow, peak_while_sampling
 from bench.metrics.quality import EvalContext
 from bench.models.base import AvailabilityError, resolve_device
@@ -189,7 +189,7 @@ def waves(specs: list[RunSpec]) -> list[list[RunSpec]]:
     def depth(model: str, name: str, w: int | None, a: int | None, seed: int) -> int:
         method = METHODS.get(name)
         after = []
-        if a is None and shares_weight_phase(method):  # any WxAy run of the same recipe
+        if a is None and method.shares_weight_phase:  # any WxAy run of the same recipe
             after += [c for c in cells if c[:3] == (model, name, w) and c[3] is not None and c[4] == seed]
         after += [(model, base, b.w, b.a, seed) for base, b in method.bases(Bits(w, a))]
         return 1 + max((depth(*cell) for cell in after if cell in cells), default=0)
@@ -372,13 +372,13 @@ def _quantized(adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: bool
     """The run's quantized checkpoint, from the cache or built (calibrate + quantize).
 
     A method that shares its weight phase reuses, for its WxA32 model, that of a WxAy model
-    of the same recipe when one is cached (see :func:`bench.methods.shares_weight_phase`).
+    of the same recipe when one is cached (``Method.shares_weight_phase``).
     """
     method = METHODS.get(spec.method)
     config = method.configure(Bits(spec.w_bits, spec.a_bits), spec.budget)
     key = config_hash("checkpoint", code, fp_id, spec.method, config)
     weights_key = None
-    if shares_weight_phase(method) and config.weight is not None:
+    if method.shares_weight_phase and config.weight is not None:
         weights_key = config_hash(
             "weights", code, fp_id, spec.method, dataclasses.replace(config, act=None, attn_probs=None)
         )

@@ -256,7 +256,7 @@ def test_torchao_int8_dynamic_quantizes_the_linear_layers_and_stays_close_to_fp(
     from bench.models.embedded import EmbeddedDigits
 
     method = METHODS.get("torchao-int8dq")
-    fp = EmbeddedDigits(load_matrix_settings()).denoiser().eval()
+    fp = EmbeddedDigits(_cpu_sampling()).denoiser().eval()
     config = method.configure(Bits(8, 8), Budget())
     assert "Int8DynamicActivationInt8WeightConfig" in config.config and config.torchao_version
     q = method.quantize(fp, config, calibration=_no_calibration)
@@ -275,7 +275,7 @@ def test_torchao_int8_dynamic_quantizes_the_linear_layers_and_stays_close_to_fp(
     assert q_bytes["total"] == fp_bytes["total"] - 4 * linear_weights + linear_weights + q_bytes["grids"]
 
 
-def load_matrix_settings():
+def _cpu_sampling():
     from bench.matrix import Sampling
 
     return Sampling(device="cpu", steps=4)
