@@ -99,6 +99,7 @@ class TorchaoPreset:
 
     shares_weight_phase: ClassVar[bool] = False
     checkpointable: ClassVar[bool] = False  # torchao's tensors do not pickle as whole modules
+    backend: ClassVar[str] = "torchao"  # its own kernels deploy it, whatever Budget.backend says
 
     def unsupported(self, bits: Bits) -> str | None:
         if bits != self.bits:

@@ -4,7 +4,8 @@ A matrix file is YAML::
 
     name: default                      # results/<name>/ and the ``matrix`` column
     extends: base.yaml                 # optional; this file's keys win, ``settings`` merge
-    models: [embedded-digits]          # or {name: sd-1.5, source: /local/dir, samples: 100}
+    models: [embedded-digits]          # or {name: sd-1.5, source: /local/dir, samples: 100,
+                                       #      metrics: [clip_score]}  (this model's metrics)
     methods: [linear, qdiff]           # or {name: qdiff, weight_iters: 2000}
     bits: [W8A8, W4A8, W4A32]          # W<weight bits>A<activation bits>; 32 = full precision
     seeds: [0]
@@ -30,11 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from bench.methods import Bits, BitsError
 from bench.provenance import config_hash
 from bench.registry import METHODS, METRICS, MODELS, UnknownNameError
+from qdiff.backends import BACKENDS, get_backend
 
 FP_METHOD = "fp"
 MATRIX_KEYS = (
@@ -166,11 +169,9 @@ NON_NEGATIVE = ("latency_warmup",)
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
-    import qdiff.api
-
     return {
         "device": ("auto", "cpu", "cuda"),
-        "backend": tuple(sorted(qdiff.api.BACKENDS)),
+        "backend": tuple(BACKENDS),
         "fid_backend": FID_BACKENDS,
         "fid_mode": CLEANFID_MODES,
         "compile": COMPILE_BACKENDS,
@@ -423,6 +424,16 @@ def _rules(path: Path, key: str, items: list) -> list[dict[str, tuple[str, ...]]
     return rules
 
 
+def _metrics(path: Path, where: str, value: Any) -> tuple[str, ...]:
+    metrics = tuple(str(m) for m in _as_list(path, where, value))
+    for i, metric in enumerate(metrics):
+        try:
+            METRICS.get(metric)
+        except UnknownNameError as exc:
+            raise MatrixError(f"{path}: {where}[{i}]: {exc}") from None
+    return metrics
+
+
 def _seeds(path: Path, items: list) -> list[int]:
     if not items or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in items):
         raise MatrixError(f"{path}: 'seeds' must be a list of integers >= 0, e.g. [0, 1]; got {items!r}")
@@ -452,23 +463,20 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
         )
     bits = _bits(path, _as_list(path, "bits", data.get("bits")))
     seeds = _seeds(path, _as_list(path, "seeds", data.get("seeds", [0])))
-    metrics = tuple(str(m) for m in _as_list(path, "metrics", data.get("metrics")))
-    for i, metric in enumerate(metrics):
-        try:
-            METRICS.get(metric)
-        except UnknownNameError as exc:
-            raise MatrixError(f"{path}: metrics[{i}]: {exc}") from None
+    metrics = _metrics(path, "metrics", data.get("metrics"))
     excludes = _rules(path, "exclude", _as_list(path, "exclude", data.get("exclude")))
     includes = _rules(path, "include", _as_list(path, "include", data.get("include")))
 
     model_entries = {}
+    model_metrics = {}
     for i, (model, extra) in enumerate(models):
+        model_metrics[model] = _metrics(path, f"models[{i}].metrics", extra.pop("metrics", None))
         overrides = {k: v for k, v in extra.items() if k in SETTING_KEYS}
         args = {k: v for k, v in extra.items() if k not in SETTING_KEYS}
         adapter_cls = MODELS.get(model)
         bad = sorted(set(args) - set(adapter_cls.ARGS))
         if bad:
-            valid = ", ".join([*adapter_cls.ARGS, *SETTING_KEYS])
+            valid = ", ".join([*adapter_cls.ARGS, "metrics", *SETTING_KEYS])
             raise MatrixError(
                 f"{path}: models[{i}]: unknown key(s) {', '.join(bad)} for {model}; valid: {valid}"
             )
@@ -487,8 +495,8 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
         sampling, budget, evaluation = _settings(
             path, f"methods ({method})", method_overrides.get(method, {}), settings
         )
-        model_metrics = metrics or MODELS.get(model).DEFAULT_METRICS
-        spec = RunSpec(model, method, None, None, seed, sampling, budget, model_metrics, args, evaluation)
+        run_metrics = model_metrics[model] or metrics or MODELS.get(model).DEFAULT_METRICS
+        spec = RunSpec(model, method, None, None, seed, sampling, budget, run_metrics, args, evaluation)
         if method == FP_METHOD:
             return spec.fp_reference()
         return dataclasses.replace(spec, w_bits=b.w, a_bits=b.a)
@@ -560,6 +568,18 @@ def _check_combination(path: Path, run: RunSpec) -> None:
         raise MatrixError(
             f"{path}: {run.label}: {reason}, or exclude {{method: {run.method}, bits: {run.bits_label}}}"
         )
+    if not run.is_fp and getattr(method, "backend", None) is None:  # torchao deploys itself
+        # The device the run asks for ("auto": this machine's); a CUDA run planned on a CPU
+        # machine is checked against CUDA and skipped when it runs.
+        device = run.sampling.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        problem = get_backend(run.budget.backend).problem(run.w_bits, run.a_bits, device)
+        if problem:
+            raise MatrixError(
+                f"{path}: {run.label}: {problem}; set backend (one of {', '.join(BACKENDS)}) "
+                f"for this method, or exclude {{method: {run.method}, bits: {run.bits_label}}}"
+            )
     adapter_cls = MODELS.get(run.model)
     for metric_name in run.metrics:
         metric = METRICS.get(metric_name)

@@ -58,6 +58,9 @@ def environment(device: torch.device) -> dict[str, str]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
         "diffusers": _version("diffusers"),
+        "triton": _version("triton"),
+        # The CPU's vector ISA decides which int8 kernels run (and whether they are exact).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
         "git_sha": git_sha(),
     }

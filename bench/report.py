@@ -37,14 +37,21 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     every seed is), error, unit, higher_is_better, kind, extras of the FP row (e.g. ``floor``).
     """
     df = df.copy()
+    # A method deployed on a real-kernel backend is its own row: "linear [x86]".
+    backends = [b.get("backend") if isinstance(b, dict) else None for b in df.get("budget", [None] * len(df))]
+    df["method"] = [
+        m if b in (None, "fake") else f"{m} [{b}]" for m, b in zip(df["method"], backends, strict=True)
+    ]
     ok = df[df["status"] == "ok"]
     fp_value = {(r.config_hash, r.metric): r.value for r in ok.itertuples() if r.method == FP}
-    df["delta"] = [
-        r.value - fp_value[(r.reference_hash, r.metric)]
+    paired = [
+        fp_value[(r.reference_hash, r.metric)]
         if r.status == "ok" and (r.reference_hash, r.metric) in fp_value
         else math.nan
         for r in df.itertuples()
     ]
+    df["delta"] = df["value"].astype(float) - paired
+    df["ratio"] = df["value"].astype(float) / paired
     # Columns from least to most aggressive: W8A8, W4A32, W4A8, ...
     precision = {r.bits: (-(r.w_bits or 32), -(r.a_bits or 32)) for r in df.itertuples() if r.bits != "FP"}
     bits_order = ["FP", *sorted(precision, key=precision.get)]
@@ -63,6 +70,7 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
                 "sd": good["value"].astype(float).std() if len(good) > 1 else math.nan,
                 "seeds": len(good),
                 "delta": good["delta"].mean() if len(good) else math.nan,
+                "ratio": good["ratio"].mean() if len(good) else math.nan,
                 "status": bad.iloc[-1]["status"] if len(bad) else "ok",
                 "error": bad.iloc[-1]["error"] if len(bad) else None,
                 "unit": first["unit"],
@@ -109,6 +117,7 @@ def leaderboard(cells: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+TIME_UNITS = ("ms", "s")
 # Costs a WxA32 run inherits from the run whose weight phase it reuses (``weights_from``).
 SHARED_WITH_WEIGHTS_SOURCE = ("quantize_time",)
 KINDS = (("quality", "Quality"), ("cost", "Cost"))
@@ -146,7 +155,10 @@ def _cell_text(c, is_best: bool) -> str:
     text = _fmt(c.value)
     if c.seeds > 1:
         text += f" ± {_fmt(c.sd, c.value)}"
-    if c.method != FP and not math.isnan(c.delta):
+    if c.method != FP and c.kind == "cost" and c.ratio > 0:
+        # Cost reads as a ratio to the paired FP run: speedup for times, a fraction for sizes.
+        text += f" (speedup {1 / c.ratio:.2f}×)" if c.unit in TIME_UNITS else f" ({c.ratio:.2f}× FP)"
+    elif c.method != FP and not math.isnan(c.delta):
         text += f" ({'+' if c.delta >= 0 else '−'}{_fmt(abs(c.delta), c.value)})"
     if c.metric in SHARED_WITH_WEIGHTS_SOURCE and isinstance(c.weights_from, str):
         text += f" (shared with {c.weights_from})"

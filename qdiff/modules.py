@@ -16,6 +16,27 @@ from qdiff.config import QuantSpec
 from qdiff.quantizer import AdaRoundQuantizer, UniformAffineQuantizer
 
 
+def smooth_input(x: torch.Tensor, scale: torch.Tensor | None, conv: bool) -> torch.Tensor:
+    """``x / s`` along input channels (dim 1 of a conv input, the last of a linear one)."""
+    if scale is None:
+        return x
+    shape = [1] * x.ndim
+    shape[1 if conv else -1] = -1
+    return x / scale.view(shape)
+
+
+def low_rank_branch(
+    x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, stride=None, padding=None
+) -> torch.Tensor:
+    """``x Vᵀ Uᵀ`` with SVDQuant's 16-bit factors, as two thin products (no bias); with
+    ``stride``/``padding`` given, ``x`` is a 1×1 conv's input and the factors are 1×1 convs."""
+    u, v = u.to(x.dtype), v.to(x.dtype)
+    if stride is not None:
+        h = F.conv2d(x, v[:, :, None, None], None, stride, padding)
+        return F.conv2d(h, u[:, :, None, None])
+    return F.linear(F.linear(x, v), u)
+
+
 class QuantModule(nn.Module):
     """Anything with quantizers that can be switched on and off."""
 
@@ -114,18 +135,12 @@ class QuantLayer(QuantModule):
         return w
 
     def low_rank_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """``x Vᵀ Uᵀ`` with the 16-bit factors, as two thin products (no bias)."""
-        u, v = self.lowrank_u.to(x.dtype), self.lowrank_v.to(x.dtype)
-        if self.weight.ndim == 4:  # a 1×1 conv: the factors are 1×1 convs too
-            h = F.conv2d(x, v[:, :, None, None], None, self.stride, self.padding)
-            return F.conv2d(h, u[:, :, None, None])
-        return F.linear(F.linear(x, v), u)
+        conv = self.weight.ndim == 4
+        stride, padding = (self.stride, self.padding) if conv else (None, None)
+        return low_rank_branch(x, self.lowrank_u, self.lowrank_v, stride, padding)
 
     def smooth_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``x / s`` along input channels (dim 1 of a conv input, the last of a linear one)."""
-        if self.smooth_scale is None:
-            return x
-        return x / self._channel_view(x.ndim, 1 if self.weight.ndim == 4 else -1)
+        return smooth_input(x, self.smooth_scale, self.weight.ndim == 4)
 
     def weight_parts(self) -> list[torch.Tensor]:
         w = self.effective_weight()

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from qdiff.api import FrozenFakeQuantLayer
+from qdiff.backends import KernelLayer
+from qdiff.backends.fake import FrozenFakeQuantLayer
 from qdiff.modules import QuantModule
 from qdiff.quantizer import AdaRoundQuantizer, UniformAffineQuantizer
 
@@ -78,6 +79,12 @@ def storage_bytes(model: nn.Module) -> dict[str, int]:
                 mark(module.weight)
             if module.use_act_quant:
                 parts["grids"] += sum(_grid_bytes(q) for q in module.act_quantizers())
+        if isinstance(module, KernelLayer):  # a backend's integer / low-precision weights
+            parts["quantized_weights"] += module.weight_bytes()
+            for name, t in module.named_buffers(recurse=False):
+                if name.startswith("w_scale"):
+                    parts["grids"] += t.numel() * t.element_size()
+                    mark(t)
         if isinstance(module, FrozenFakeQuantLayer):
             mark(module.weight_q)  # a precomputed copy of its layer's (quantized) weight
         if isinstance(module, UniformAffineQuantizer | AdaRoundQuantizer):

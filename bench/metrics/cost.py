@@ -5,7 +5,9 @@ Timings exclude warm-up (``latency_warmup`` untimed calls: allocator growth, cuD
 interquartile range. On a GPU, CUDA events time the device work; on a CPU, ``perf_counter``
 times the call. All timings run at the run's batch size on the run's device with the deployable
 denoiser (the ``backend`` the run evaluates: ``fake`` simulates quantization in floating point,
-so its latency shows the simulation's overhead, not a quantized kernel's speed).
+so its latency shows the simulation's overhead, not a quantized kernel's speed; ``x86`` and the
+GPU backends run integer / low-precision kernels). Every cost row counts which kernel each
+quantized layer ran (``backend_layers``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from torch import nn
 import qdiff
 from bench.metrics.quality import CostMetric, EvalContext, Measurement
 from bench.models.base import resolve_device
+from bench.registry import METHODS
+from qdiff.backends import layer_report
 
 MIB = 2**20
 LATENCY_SETTINGS = ("latency_warmup", "latency_repeats", "compile")
@@ -61,6 +65,14 @@ def summarize(times: list[float], scale: float) -> tuple[float, dict[str, float]
     return median, {"iqr": q3 - q1, "p25": q1, "p75": q3, "min": values[0], "max": values[-1]}
 
 
+def deploy_backend(spec) -> str:
+    """What runs the run's denoiser: ``fp``, the budget's qdiff backend, or a method's own
+    deployment (torchao's presets run torchao's kernels whatever the budget says)."""
+    if spec.budget is None:
+        return "fp"
+    return getattr(METHODS.get(spec.method), "backend", None) or spec.budget.backend
+
+
 def _protocol(ctx: EvalContext, device: torch.device, warmup: int, repeats: int) -> dict:
     ev = ctx.spec.evaluation
     return {
@@ -68,9 +80,11 @@ def _protocol(ctx: EvalContext, device: torch.device, warmup: int, repeats: int)
         "warmup": warmup,
         "repeats": repeats,
         "batch_size": ctx.spec.sampling.batch_size,
-        "backend": "fp" if ctx.spec.budget is None else ctx.spec.budget.backend,
+        "backend": deploy_backend(ctx.spec),
         "compile": ev.compile,
         "threads": torch.get_num_threads(),
+        # Which kernel each quantized layer runs: a backend's fallbacks are counted, never silent.
+        "backend_layers": layer_report(ctx.denoiser),
     }
 
 
@@ -245,7 +259,8 @@ class WeightBytes(CostMetric):
 
     def __call__(self, ctx: EvalContext) -> Measurement:
         parts = qdiff.storage_bytes(ctx.denoiser)
-        return Measurement(parts["total"] / MIB, {f"{k}_bytes": v for k, v in parts.items()})
+        extra = {f"{k}_bytes": v for k, v in parts.items()}
+        return Measurement(parts["total"] / MIB, {**extra, "backend_layers": layer_report(ctx.denoiser)})
 
 
 LATENCY_STEP = LatencyStep()

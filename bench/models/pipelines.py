@@ -26,11 +26,15 @@ BUILTIN_PROMPTS = "bench.prompts", "smoke.txt"
 class PipelineAdapter(DiffusionAdapter):
     """An unconditional diffusers pipeline with a UNet and a scheduler (DDPM/DDIM CIFAR-10 style).
 
-    Model args: ``source`` (hub id or local directory; default ``DEFAULT_SOURCE``).
+    Model args: ``source`` (hub id or local directory; default ``DEFAULT_SOURCE``); ``init``:
+    ``pretrained`` (default) or ``random``: the published architecture (``RANDOM_CONFIG``, shipped
+    in ``bench/models/configs``) with seeded random weights, for cost runs on machines without the
+    weights (latency and memory do not depend on weight values; quality metrics mean nothing).
     """
 
-    ARGS: ClassVar[tuple[str, ...]] = ("source",)
+    ARGS: ClassVar[tuple[str, ...]] = ("source", "init")
     DEFAULT_SOURCE: ClassVar[str]
+    RANDOM_CONFIG: ClassVar[str | None] = None
     LOAD_KWARGS: ClassVar[dict[str, Any]] = {}
     DEFAULT_METRICS = ("fid", "kid", "fid_vs_fp", "psnr_vs_fp", *COST_METRICS)
 
@@ -42,6 +46,11 @@ class PipelineAdapter(DiffusionAdapter):
     def pipeline(self):
         from diffusers import DiffusionPipeline
 
+        init = self.args.get("init", "pretrained")
+        if init not in ("pretrained", "random"):
+            raise ValueError(f"{self.name}: init={init!r}; choose pretrained or random")
+        if init == "random":
+            return self._random_pipeline()
         try:
             pipe = DiffusionPipeline.from_pretrained(self.source, **self.LOAD_KWARGS)
         except (OSError, ValueError) as exc:
@@ -54,6 +63,22 @@ class PipelineAdapter(DiffusionAdapter):
         for module in pipe.components.values():
             if isinstance(module, nn.Module):
                 module.to(self.device).eval().requires_grad_(False)
+        return pipe
+
+    def _random_pipeline(self):
+        import json
+
+        from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+        if self.RANDOM_CONFIG is None:
+            raise ValueError(f"{self.name} ships no architecture config; init: random is not available")
+        text = resources.files("bench.models.configs").joinpath(self.RANDOM_CONFIG).read_text("utf-8")
+        config = json.loads(text)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # the same random weights in every process
+            unet = UNet2DModel.from_config(config["unet"])
+        pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(config["scheduler"]))
+        unet.to(self.device).eval().requires_grad_(False)
         return pipe
 
     def denoiser(self) -> nn.Module:
@@ -86,7 +111,7 @@ class TextToImageAdapter(PipelineAdapter):
     prompt ``i mod len(prompts)``.
     """
 
-    ARGS = ("source", "prompts", "guidance_scale")
+    ARGS = ("source", "init", "prompts", "guidance_scale")
     LOAD_KWARGS: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
     DEFAULT_METRICS = ("clip_score", "fid", "fid_vs_fp", "psnr_vs_fp", *COST_METRICS)
 
@@ -146,6 +171,7 @@ class DDIMCifar10(PipelineAdapter):
 
     name = "ddim-cifar10"
     DEFAULT_SOURCE = "google/ddpm-cifar10-32"
+    RANDOM_CONFIG = "ddpm-cifar10-32.json"
     DEFAULT_METRICS = ("fid", "kid", "inception_score", "fid_vs_fp", "psnr_vs_fp", *COST_METRICS)
     FID_REFERENCE = "cifar10-train"  # the paper's: 50k CIFAR-10 training images
 
