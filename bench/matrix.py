@@ -8,6 +8,8 @@ A matrix file is YAML::
                                        #      metrics: [clip_score]}  (this model's metrics)
     methods: [linear, qdiff]           # or {name: qdiff, weight_iters: 2000}
     bits: [W8A8, W4A8, W4A32]          # W<weight bits>A<activation bits>; 32 = full precision
+    backends: [fake, x86]              # optional: deploy each quantized run on each (default:
+                                       # the ``backend`` setting); rules may name a backend
     seeds: [0]
     metrics: [digits_fd]               # optional; default: each model's own metrics
     settings: {samples: 500, steps: 25, fid_backend: clean-fid}   # Sampling, Budget, Evaluation
@@ -47,13 +49,14 @@ MATRIX_KEYS = (
     "models",
     "methods",
     "bits",
+    "backends",
     "seeds",
     "metrics",
     "settings",
     "exclude",
     "include",
 )
-RULE_KEYS = ("model", "method", "bits", "seed")
+RULE_KEYS = ("model", "method", "bits", "seed", "backend")
 
 
 class MatrixError(ValueError):
@@ -70,6 +73,9 @@ class Sampling:
         batch_size: images per sampler batch.
         eta: DDIM eta (0 = deterministic given the initial noise).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        dtype: what the evaluated denoisers compute in: ``float32``, ``float16`` or ``bfloat16``
+            (quantization always calibrates the float32 model; the FP run and each deployable
+            are cast after). The sampler's state stays float32.
     """
 
     samples: int = 500
@@ -77,6 +83,7 @@ class Sampling:
     batch_size: int = 250
     eta: float = 0.0
     device: str = "auto"
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,7 @@ class Budget:
         return dataclasses.replace(qconfig, calib=calib, recon=recon)
 
 
+DTYPES = ("float32", "float16", "bfloat16")
 FID_BACKENDS = ("torch-fidelity", "clean-fid")
 CLEANFID_MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
 COMPILE_BACKENDS = ("off", "inductor", "eager")
@@ -171,11 +179,21 @@ NON_NEGATIVE = ("latency_warmup",)
 def _choices() -> dict[str, tuple[str, ...]]:
     return {
         "device": ("auto", "cpu", "cuda"),
+        "dtype": DTYPES,
         "backend": tuple(BACKENDS),
         "fid_backend": FID_BACKENDS,
         "fid_mode": CLEANFID_MODES,
         "compile": COMPILE_BACKENDS,
     }
+
+
+def _sampling_identity(sampling: Sampling) -> dict[str, Any]:
+    """The sampling settings as hashed: ``dtype`` only when it is not float32, so that runs
+    recorded before the setting existed keep their identity."""
+    fields = dataclasses.asdict(sampling)
+    if fields["dtype"] == "float32":
+        del fields["dtype"]
+    return {"__type__": "Sampling", **fields}
 
 
 @dataclass(frozen=True)
@@ -208,7 +226,8 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.model} {self.method} {self.bits_label} seed={self.seed}"
+        on = "" if self.budget is None or self.budget.backend == "fake" else f" [{self.budget.backend}]"
+        return f"{self.model} {self.method}{on} {self.bits_label} seed={self.seed}"
 
     @property
     def hash(self) -> str:
@@ -220,7 +239,7 @@ class RunSpec:
             self.w_bits,
             self.a_bits,
             self.seed,
-            self.sampling,
+            _sampling_identity(self.sampling),
             self.budget,
             self.evaluation_used(),
         )
@@ -258,7 +277,9 @@ class RunSpec:
 
     def matches(self, rules: dict[str, tuple[str, ...]]) -> bool:
         """Whether every ``key: patterns`` rule matches (shell-style patterns, e.g. ``W4*``)."""
-        values = {"model": self.model, "method": self.method, "bits": self.bits_label, "seed": str(self.seed)}
+        backend = "fp" if self.budget is None else self.budget.backend
+        values = {"model": self.model, "method": self.method, "bits": self.bits_label, "seed": str(self.seed),
+                  "backend": backend}  # fmt: skip
         return all(
             any(fnmatch.fnmatch(values[k].lower(), p.lower()) for p in pats) for k, pats in rules.items()
         )
@@ -463,6 +484,12 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
         )
     bits = _bits(path, _as_list(path, "bits", data.get("bits")))
     seeds = _seeds(path, _as_list(path, "seeds", data.get("seeds", [0])))
+    backends = [str(b) for b in _as_list(path, "backends", data.get("backends"))]
+    for i, backend in enumerate(backends):
+        if backend not in BACKENDS:
+            raise MatrixError(
+                f"{path}: backends[{i}]: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}"
+            )
     metrics = _metrics(path, "metrics", data.get("metrics"))
     excludes = _rules(path, "exclude", _as_list(path, "exclude", data.get("exclude")))
     includes = _rules(path, "include", _as_list(path, "include", data.get("include")))
@@ -501,14 +528,40 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
             return spec.fp_reference()
         return dataclasses.replace(spec, w_bits=b.w, a_bits=b.a)
 
+    def deployments(spec: RunSpec) -> list[RunSpec]:
+        """The run on each backend of the ``backends`` axis (a method entry's own ``backend``
+        and methods that deploy themselves keep theirs)."""
+        own = "backend" in method_overrides.get(spec.method, {}) or getattr(
+            METHODS.get(spec.method), "backend", None
+        )
+        if spec.is_fp or not backends or own:
+            return [spec]
+        return [
+            dataclasses.replace(spec, budget=dataclasses.replace(spec.budget, backend=b)) for b in backends
+        ]
+
     quant_bits = bits or []
     runs: list[RunSpec] = []
     for model, method, seed in itertools.product(model_entries, method_overrides, seeds):
         for b in [None] if method == FP_METHOD else quant_bits:
             runs.append(make(model, method, b, seed))
+    runs = [d for r in runs for d in deployments(r)]
     runs = [r for r in runs if not any(r.matches(rule) for rule in excludes)]
     for i, rule in enumerate(includes):
-        runs.extend(_included(path, i, rule, model_entries, method_overrides, seeds, make))
+        added = _included(path, i, rule, model_entries, method_overrides, seeds, make)
+        for backend in rule.get("backend", ()):
+            if backend not in BACKENDS:
+                raise MatrixError(
+                    f"{path}: include[{i}]: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}"
+                )
+        if "backend" in rule:  # this rule's runs deploy on exactly the backends it names
+            added = [
+                dataclasses.replace(r, budget=dataclasses.replace(r.budget, backend=b))
+                for r in added if not r.is_fp for b in rule["backend"]
+            ]  # fmt: skip
+        else:
+            added = [d for r in added for d in deployments(r)]
+        runs.extend(added)
     runs = _with_fp_references(runs)
     for run in runs:
         _check_combination(path, run)
@@ -577,8 +630,8 @@ def _check_combination(path: Path, run: RunSpec) -> None:
         problem = get_backend(run.budget.backend).problem(run.w_bits, run.a_bits, device)
         if problem:
             raise MatrixError(
-                f"{path}: {run.label}: {problem}; set backend (one of {', '.join(BACKENDS)}) "
-                f"for this method, or exclude {{method: {run.method}, bits: {run.bits_label}}}"
+                f"{path}: {run.label}: {problem}; choose another backend ({', '.join(BACKENDS)}), "
+                f"or exclude {{method: {run.method}, bits: {run.bits_label}, backend: {run.budget.backend}}}"
             )
     adapter_cls = MODELS.get(run.model)
     for metric_name in run.metrics:

@@ -287,20 +287,33 @@ def _load(model: str, model_args: tuple, sampling) -> tuple[Any, torch.nn.Module
 def _evaluate(
     spec: RunSpec, base: dict[str, Any], grids: Path | None, progress: bool
 ) -> list[dict[str, Any]]:
-    adapter, fp, fp_id = _load(spec.model, spec.model_args, spec.sampling)
+    adapter, fp32, fp_id = _load(spec.model, spec.model_args, spec.sampling)
+    fp = fp32
     code = code_hash(*CODE_PATHS)
     n, seed = spec.sampling.samples, spec.seed
+    # Cost-only runs (step latency, weight bytes) generate no images: a large random-weight
+    # model's cost needs neither a sampler run nor a decoder.
+    sampled = any(METRICS.get(m).needs_images for m in spec.metrics)
     peak = adapter.device if peak_while_sampling(spec) else None
     fp_key = config_hash("fp-samples", code, fp_id, adapter.identity(), n, seed)
-    fp_images, fp_sample_s, fp_peak = _timed_samples(
-        fp_key, lambda: adapter.sample(fp, n, seed, progress=progress), peak if spec.is_fp else None
-    )
+
+    def fp_samples():
+        if not sampled:
+            return None, None, None
+        return _timed_samples(
+            fp_key, lambda: adapter.sample(fp, n, seed, progress=progress), peak if spec.is_fp else None
+        )
+
+    dtype = getattr(torch, spec.sampling.dtype)
+    if dtype != torch.float32 and (spec.is_fp or sampled):
+        fp = copy.deepcopy(fp32).to(dtype)  # evaluated in ``dtype``; quantization calibrates float32
     if spec.is_fp:
+        fp_images, fp_sample_s, sampled_peak = fp_samples()
         ctx = EvalContext(spec, adapter, fp_images, None, make_denoiser=lambda: fp)
         extra = {"sample_s": fp_sample_s}
-        sampled_peak = fp_peak
     else:
-        ckpt, cached = _quantized(adapter, fp, fp_id, spec, code, progress)
+        fp_images = fp_samples()[0]
+        ckpt, cached = _quantized(adapter, fp32, fp_id, spec, code, progress)
         key = config_hash(
             "samples", code, fp_id, ckpt["key"], spec.budget.backend, adapter.identity(), n, seed
         )
@@ -309,15 +322,17 @@ def _evaluate(
 
         @cache
         def deployable() -> torch.nn.Module:
-            return method.deploy(ckpt["model"].to(adapter.device), spec.budget.backend)
+            return method.deploy(ckpt["model"].to(adapter.device), spec.budget.backend).to(dtype)
 
-        sample = lambda: adapter.sample(deployable(), n, seed, progress=progress)  # noqa: E731
-        images, sample_s, sampled_peak = _timed_samples(key, sample, peak, before=deployable)
+        images = sample_s = sampled_peak = None
+        if sampled:
+            sample = lambda: adapter.sample(deployable(), n, seed, progress=progress)  # noqa: E731
+            images, sample_s, sampled_peak = _timed_samples(key, sample, peak, before=deployable)
         ctx = EvalContext(spec, adapter, images, fp_images, deployable, ckpt["quantize_s"], cached)
         extra = {"qconfig": ckpt["qconfig"], "weights_from": ckpt.get("weights_from"), "sample_s": sample_s}
     if sampled_peak is not None:
         ctx.memo["sampling_peak"] = sampled_peak
-    if grids is not None:
+    if grids is not None and ctx.images is not None:
         count = 64 if ctx.images.shape[-1] < 64 else 8
         save_grid(ctx.images[:count], grids / f"{spec.model}-{spec.method}-{spec.bits_label}-s{seed}.png")
     rows = []

@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter (read when a kernel is defined,
+# so before anything imports qdiff.backends.triton_kernels).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Two cores on CI: torch's default threading oversubscribes badly when both are busy.
 torch.set_num_threads(int(os.environ.get("QDIFF_TEST_THREADS", "2")))

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_matrix
+from helpers import calib_for, tiny_matrix
 from torch import nn
 
 import qdiff
@@ -78,6 +78,45 @@ def test_cost_metrics_through_the_runner(tmp_path):
     assert by["W8A8", "latency_step"]["backend"] == "fake" and by["FP", "latency_step"]["backend"] == "fp"
     size = {bits: by[bits, "weight_bytes"]["value"] for bits in ("FP", "W8A8", "W4A32")}
     assert size["FP"] / size["W8A8"] > 3.5 and size["W8A8"] / size["W4A32"] > 1.7
+
+
+def test_x86_backend_through_the_runner_counts_its_kernels_and_skips_no_layer(tmp_path):
+    matrix = load_matrix(
+        tiny_matrix(
+            tmp_path, methods="[{name: linear, backend: x86}]", bits="[W8A8]",
+            metrics="[psnr_vs_fp, latency_step, weight_bytes]",
+            settings="{device: cpu, samples: 8, steps: 3, batch_size: 8, calib_timesteps: 2, "
+            "calib_samples: 4, latency_warmup: 1, latency_repeats: 2}",
+        )
+    )  # fmt: skip
+    rows = run_matrix(matrix, tmp_path / "results", progress=False, log=lambda _: None)
+    assert {r["status"] for r in rows} == {"ok"}
+    by = {(r["bits"], r["metric"]): r for r in rows}
+    step = by["W8A8", "latency_step"]
+    assert step["backend"] == "x86" and step["backend_layers"] == {"onednn-int8": 65, "simulated-matmul": 8}
+    assert step["cpu_capability"] and step["step_peak_mib"] > 0
+    assert by["W8A8", "psnr_vs_fp"]["value"] > 15  # the int8 model's images, paired with FP's
+    assert by["W8A8", "weight_bytes"]["value"] <= 0.27 * by["FP", "weight_bytes"]["value"]
+
+
+def test_cost_only_runs_generate_no_images_and_run_in_the_requested_dtype(tmp_path, monkeypatch):
+    from bench.models.base import DiffusionAdapter
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a cost-only run sampled images")
+
+    monkeypatch.setattr(DiffusionAdapter, "sample", no_sampling)
+    monkeypatch.setattr(DiffusionAdapter, "calibration_data", lambda self, fp, config: calib_for(fp, 4))
+    matrix = load_matrix(
+        tiny_matrix(
+            tmp_path, methods="[linear]", bits="[W8A8]", metrics="[latency_step, weight_bytes]",
+            settings="{device: cpu, dtype: bfloat16, samples: 4, steps: 2, batch_size: 4, "
+            "latency_warmup: 1, latency_repeats: 2}",
+        )
+    )  # fmt: skip
+    rows = run_matrix(matrix, tmp_path / "results", progress=False, log=lambda _: None)
+    assert {r["status"] for r in rows} == {"ok"} and len(rows) == 4
+    assert {r["sampling"]["dtype"] for r in rows} == {"bfloat16"}
 
 
 def test_latency_with_torch_compile(tmp_path):

@@ -5,6 +5,7 @@ import torch
 from helpers import calib_for, sqnr_db
 
 import qdiff
+from qdiff.backends import layer_report
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,3 +26,30 @@ def test_quantize_on_cuda_matches_cpu(tiny_unet):
     out_cpu = cpu(data.x, data.t).sample
     out_gpu = gpu(cuda_data.x, cuda_data.t).sample.cpu()
     assert sqnr_db(out_cpu, out_gpu) > 30
+
+
+W8A8 = qdiff.QConfig(
+    weight=qdiff.QuantSpec(8, True, "channel"), act=qdiff.QuantSpec(8), recon=qdiff.ReconConfig(method="none")
+)
+W4 = qdiff.QConfig(
+    weight=qdiff.QuantSpec(4, True, "channel"), act=None, recon=qdiff.ReconConfig(method="none")
+)
+
+
+@pytest.mark.parametrize(
+    "backend,cfg,floor_db",
+    [("triton-int8", W8A8, 25), ("w4a16", W4, 25), ("fp8", W8A8, 15)],  # fp8: another format
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_backends_on_cuda_match_the_fake_quant_model(tiny_unet, backend, cfg, floor_db, dtype):
+    if backend == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs SM >= 8.9")
+    data = calib_for(tiny_unet, 16)
+    qmodel, _ = qdiff.quantize(tiny_unet.cuda(), cfg, qdiff.CalibData(data.x.cuda(), data.t.cuda()))
+    fake = qdiff.convert(qmodel, "fake").to(dtype)
+    deployed = qdiff.convert(qmodel, backend).to(dtype)
+    x, t = data.x[:8].cuda().to(dtype), data.t[:8].cuda()
+    with torch.no_grad():
+        reference = (fake if backend != "fp8" else tiny_unet.to(dtype))(x, t).sample.float()
+        assert sqnr_db(reference, deployed(x, t).sample.float()) >= floor_db
+    assert layer_report(deployed)  # every layer's kernel is counted

@@ -1,5 +1,6 @@
 """Matrix files: expansion, rules, extends, stable hashes, and one clear error per bad input."""
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -170,6 +171,25 @@ OK = "models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n"
         (OK + "settings: {latency_repeats: 0}", "latency_repeats=0 must be > 0"),
         (OK + "settings: {latency_warmup: -1}", "latency_warmup=-1 must be >= 0"),
         (OK + "settings: {compile: true}", "compile=True must be a str"),
+        (OK + "backends: [int3]", "backends[0]: unknown backend 'int3'; choose from fake, x86"),
+        (OK + "settings: {dtype: half}", "dtype='half'; choose one of float32, float16, bfloat16"),
+        (
+            OK.replace("W4A8", "W4A32") + "settings: {backend: x86, device: cpu}",
+            "qdiff [x86] W4A32 seed=0: backend x86 needs quantized activations (WxA8 or narrower), "
+            "not WxA32; choose another backend",
+        ),
+        (
+            OK + "settings: {backend: triton-int8, device: cpu}",
+            "backend triton-int8 runs on a CUDA GPU, not on device 'cpu'",
+        ),
+        (
+            OK + "include: [{method: qdiff, bits: W8A8, backend: fp9}]",
+            "include[0]: unknown backend 'fp9'",
+        ),
+        (
+            OK.replace("[embedded-digits]", "[{name: embedded-digits, metrics: [fdi]}]"),
+            "models[0].metrics[0]: unknown metric 'fdi'",
+        ),
         (
             OK + "metrics: [inception_score]\nsettings: {fid_backend: clean-fid}",
             "metric inception_score: clean-fid does not compute the Inception Score",
@@ -192,6 +212,37 @@ def test_weight_only_method_rejects_activation_bits(tmp_path, monkeypatch):
     path = write(tmp_path, "models: [embedded-digits]\nmethods: [linear]\nbits: [W4A8]\n")
     with pytest.raises(MatrixError, match=r"linear quantizes weights only; use W4A32, or exclude"):
         load_matrix(path)
+
+
+def test_backends_axis_deploys_each_quantized_run_on_each_backend(tmp_path):
+    text = (
+        "models: [{name: embedded-digits, metrics: [latency_step]}]\n"
+        "methods: [linear, {name: qdiff, backend: x86}, torchao-int8dq]\n"
+        "bits: [W8A8, W4A32]\nbackends: [fake, x86]\n"
+        "exclude: [{bits: W4A32, backend: x86}, {method: torchao-int8dq, bits: W4A32}]\n"
+        "include: [{method: linear, bits: W4A8, backend: x86}]\n"
+        "settings: {device: cpu}\n"
+    )
+    runs = load_matrix(write(tmp_path, text)).expand()
+    labels = {r.label for r in runs}
+    assert labels == {
+        "embedded-digits fp FP seed=0",
+        "embedded-digits linear W8A8 seed=0",
+        "embedded-digits linear [x86] W8A8 seed=0",
+        "embedded-digits linear W4A32 seed=0",
+        "embedded-digits linear [x86] W4A8 seed=0",  # the include names its backend
+        "embedded-digits qdiff [x86] W8A8 seed=0",  # the method entry's own backend wins
+        "embedded-digits torchao-int8dq W8A8 seed=0",  # deploys itself: one run
+    }
+    assert all(r.metrics == ("latency_step",) for r in runs)  # the model's own metric list
+    by_label = {r.label: r for r in runs}
+    # One calibrated model, two deployments: the runs differ by their backend only.
+    fake, x86 = (
+        by_label["embedded-digits linear W8A8 seed=0"],
+        by_label["embedded-digits linear [x86] W8A8 seed=0"],
+    )
+    assert fake.hash != x86.hash and dataclasses.replace(x86.budget, backend="fake") == fake.budget
+    assert x86.matches({"backend": ("x86",)}) and not fake.matches({"backend": ("x86",)})
 
 
 def test_only_rules():

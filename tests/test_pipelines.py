@@ -1,5 +1,7 @@
 """diffusers adapters on tiny random pipelines loaded from local directories (no downloads)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import TINY_SETTINGS
@@ -100,3 +102,44 @@ def test_quantized_stable_diffusion_end_to_end(tiny_pipelines, tiny_clip, refere
         by["qdiff", "fid_vs_fp"]["value"] > 0
         and by["fp", "weight_bytes"]["value"] > by["qdiff", "weight_bytes"]["value"]
     )
+
+
+def test_random_init_builds_the_published_architecture_with_seeded_weights():
+    from bench.matrix import Sampling
+    from bench.models.pipelines import DDIMCifar10
+
+    sampling = Sampling(device="cpu", steps=2, batch_size=2, samples=2)
+    a, b = (DDIMCifar10(sampling, init="random").denoiser() for _ in range(2))
+    assert sum(p.numel() for p in a.parameters()) == 35_746_307  # google/ddpm-cifar10-32's UNet
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    x, _, kwargs = DDIMCifar10(sampling, init="random").step_inputs(2, 0)
+    assert x.shape == (2, 3, 32, 32) and kwargs == {}
+
+
+def test_shipped_sd15_config_is_sd15s_unet_and_needs_no_text_encoder():
+    import json
+    from importlib import resources
+
+    import diffusers
+
+    from bench.matrix import Sampling
+    from bench.models.pipelines import StableDiffusion15
+
+    config = json.loads(resources.files("bench.models.configs").joinpath("sd-1.5.json").read_text())
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel.from_config(config["unet"])
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+    adapter = StableDiffusion15(Sampling(device="cpu"), init="random")
+    adapter.__dict__["pipeline"] = SimpleNamespace(config=config)  # no 3 GB build in a unit test
+    embeddings = adapter._embed(["a", "b", "a"])
+    assert embeddings.shape == (3, 77, 768) and torch.equal(embeddings[0], embeddings[2])
+    with pytest.raises(ValueError, match="init: random has no VAE, so it makes no images"):
+        adapter.decode(torch.zeros(1, 4, 8, 8))
+
+
+def test_unknown_init_is_one_clear_error():
+    from bench.matrix import Sampling
+    from bench.models.pipelines import DDIMCifar10
+
+    with pytest.raises(ValueError, match="init='randn'; choose pretrained or random"):
+        _ = DDIMCifar10(Sampling(device="cpu"), init="randn").pipeline

@@ -24,7 +24,7 @@ from torch import nn
 
 import qdiff
 from bench.metrics.quality import CostMetric, EvalContext, Measurement
-from bench.models.base import resolve_device
+from bench.models.base import in_dtype, resolve_device
 from bench.registry import METHODS
 from qdiff.backends import layer_report
 
@@ -100,25 +100,33 @@ def _denoiser(ctx: EvalContext) -> nn.Module:
 
 class LatencyStep(CostMetric):
     """Milliseconds of one denoiser call at the run's batch size (the doubled batch of
-    classifier-free guidance included), at the first sampler step's inputs."""
+    classifier-free guidance included), at the first sampler step's inputs. The row also
+    carries the peak memory over the timed calls (``step_peak_mib``)."""
 
     name = "latency_step"
     unit = "ms"
     settings = LATENCY_SETTINGS
+    needs_images = False
 
     def __call__(self, ctx: EvalContext) -> Measurement:
         device = resolve_device(ctx.spec.sampling.device)
         ev = ctx.spec.evaluation
         x, t, kwargs = ctx.adapter.step_inputs(ctx.spec.sampling.batch_size, ctx.spec.seed)
         model = _denoiser(ctx)
+        x, kwargs = in_dtype(ctx.denoiser, x, kwargs)
 
         @torch.no_grad()
         def step():
             return model(x, t, **kwargs)
 
         warmup, repeats = ev.latency_warmup, ev.latency_repeats
-        median, spread = summarize(time_calls(step, warmup, repeats, device), 1000)
-        return Measurement(median, {**spread, **_protocol(ctx, device, warmup, repeats)})
+        for _ in range(warmup):
+            step()
+        with PeakWindow(device) as window:  # the denoiser's own peak, without the sampler's state
+            times = time_calls(step, 0, repeats, device)
+        median, spread = summarize(times, 1000)
+        protocol = _protocol(ctx, device, warmup, repeats)
+        return Measurement(median, {**spread, **protocol, "step_peak_mib": window.peak_mib, **window.memory})
 
 
 def _rss_peak_reset() -> bool:
@@ -256,6 +264,7 @@ class WeightBytes(CostMetric):
 
     name = "weight_bytes"
     unit = "MiB"
+    needs_images = False
 
     def __call__(self, ctx: EvalContext) -> Measurement:
         parts = qdiff.storage_bytes(ctx.denoiser)

@@ -28,7 +28,7 @@ class EvalContext:
     Args:
         spec: the run (a :class:`bench.matrix.RunSpec`).
         adapter: the model adapter that produced the images.
-        images: uint8 NCHW samples of this run.
+        images: uint8 NCHW samples of this run (``None`` when no metric of the run needs them).
         fp_images: the paired FP samples (same seeds, prompts, sampler); ``None`` for the FP run.
         make_denoiser: builds the deployable denoiser that produced ``images`` (for cost
             metrics; built on first use of :attr:`denoiser`, as the samples may be cached).
@@ -39,7 +39,7 @@ class EvalContext:
 
     spec: Any
     adapter: Any
-    images: torch.Tensor
+    images: torch.Tensor | None
     fp_images: torch.Tensor | None
     make_denoiser: Callable[[], nn.Module] | None = None
     quantize_s: float | None = None
@@ -69,6 +69,10 @@ class Metric:
     kind: ClassVar[str] = "quality"  # "quality" (of the images) or "cost" (time, memory, size)
     quantized_only: ClassVar[bool] = False  # measures the quantization itself: no FP row
     settings: ClassVar[tuple[str, ...]] = ()  # the ``Evaluation`` fields it reads
+    # Whether it reads the run's images; a run whose metrics all do not (step latency, weight
+    # bytes, quantize time) generates none, which is what lets cost matrices on large
+    # random-weight models skip sampling.
+    needs_images: ClassVar[bool] = True
 
     def check(self, evaluation) -> str | None:
         """Why ``evaluation`` cannot work for this metric (checked when a matrix loads)."""
@@ -135,6 +139,7 @@ class QuantizeTime(CostMetric):
     name = "quantize_time"
     unit = "s"
     quantized_only = True
+    needs_images = False
 
     def __call__(self, ctx: EvalContext) -> Measurement | None:
         if ctx.quantize_s is None:

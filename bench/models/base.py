@@ -34,6 +34,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype a denoiser computes in (its first floating parameter or buffer)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def in_dtype(
+    model: nn.Module, x: torch.Tensor, kwargs: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``x`` and the float tensors of ``kwargs`` in the model's dtype (the sampler keeps its
+    state in float32; a float16 denoiser takes float16 inputs)."""
+    dtype = model_dtype(model)
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kwargs.items()}
+    return x.to(dtype), cast
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats → [0, 255] uint8, rounded as an image file would store them."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
@@ -106,6 +124,7 @@ class DiffusionAdapter:
             "steps": s.steps,
             "eta": s.eta,
             "batch_size": s.batch_size,
+            **({} if s.dtype == "float32" else {"dtype": s.dtype}),
         }
 
     # --- shared ---------------------------------------------------------------------------
@@ -151,7 +170,8 @@ class DiffusionAdapter:
                 kwargs = cond or {}
                 if recorder is not None:
                     recorder(i, x_in, t_in, kwargs)
-                eps = denoiser(x_in, t_in, **kwargs).sample
+                x_m, kwargs_m = in_dtype(denoiser, x_in, kwargs)
+                eps = denoiser(x_m, t_in, **kwargs_m).sample.float()
                 eps = self.guide(eps) if cond is not None else eps
                 step_noise = {"generator": generator}
                 if self.sampling.eta > 0 and fold is not None:

@@ -10,6 +10,7 @@ schedules. Missing weights on an offline machine make the run ``skipped``, not a
 from __future__ import annotations
 
 import copy
+import zlib
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -49,7 +50,7 @@ class PipelineAdapter(DiffusionAdapter):
         init = self.args.get("init", "pretrained")
         if init not in ("pretrained", "random"):
             raise ValueError(f"{self.name}: init={init!r}; choose pretrained or random")
-        if init == "random":
+        if self.random_init:
             return self._random_pipeline()
         try:
             pipe = DiffusionPipeline.from_pretrained(self.source, **self.LOAD_KWARGS)
@@ -65,21 +66,30 @@ class PipelineAdapter(DiffusionAdapter):
                 module.to(self.device).eval().requires_grad_(False)
         return pipe
 
-    def _random_pipeline(self):
-        import json
+    @property
+    def random_init(self) -> bool:
+        return self.args.get("init", "pretrained") == "random"
 
-        from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    def _random_pipeline(self):
+        """The denoiser and scheduler built from the shipped published config, seeded."""
+        import json
+        from types import SimpleNamespace
+
+        import diffusers
 
         if self.RANDOM_CONFIG is None:
             raise ValueError(f"{self.name} ships no architecture config; init: random is not available")
         text = resources.files("bench.models.configs").joinpath(self.RANDOM_CONFIG).read_text("utf-8")
         config = json.loads(text)
+        unet_cls = getattr(diffusers, config["unet"]["_class_name"])
+        scheduler_cls = getattr(diffusers, config["scheduler"]["_class_name"])
         with torch.random.fork_rng():
             torch.manual_seed(0)  # the same random weights in every process
-            unet = UNet2DModel.from_config(config["unet"])
-        pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(config["scheduler"]))
+            unet = unet_cls.from_config(config["unet"])
         unet.to(self.device).eval().requires_grad_(False)
-        return pipe
+        return SimpleNamespace(
+            unet=unet, scheduler=scheduler_cls.from_config(config["scheduler"]), config=config
+        )
 
     def denoiser(self) -> nn.Module:
         return copy.deepcopy(self.pipeline.unet)
@@ -142,6 +152,13 @@ class TextToImageAdapter(PipelineAdapter):
 
     @torch.no_grad()
     def _embed(self, prompts: list[str]) -> torch.Tensor:
+        if self.random_init:  # the text encoder's output shape, seeded per prompt text
+            tokens, width = self.pipeline.config["text_embedding"]
+            out = [
+                torch.randn(tokens, width, generator=torch.Generator().manual_seed(zlib.crc32(p.encode())))
+                for p in prompts
+            ]
+            return torch.stack(out).to(self.device)
         tokenizer, encoder = self.pipeline.tokenizer, self.pipeline.text_encoder
         ids = tokenizer(
             prompts,
@@ -162,6 +179,11 @@ class TextToImageAdapter(PipelineAdapter):
         return uncond + self.guidance_scale * (cond - uncond)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.random_init:
+            raise ValueError(
+                f"{self.name} with init: random has no VAE, so it makes no images; give it only "
+                "metrics that need none (latency_step, weight_bytes)"
+            )
         vae = self.pipeline.vae
         return vae.decode(x / vae.config.scaling_factor).sample
 
@@ -195,3 +217,4 @@ class StableDiffusion15(TextToImageAdapter):
 
     name = "sd-1.5"
     DEFAULT_SOURCE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    RANDOM_CONFIG = "sd-1.5.json"

@@ -12,6 +12,7 @@ cost row carries that count (``backend_layers``), so a fallback is never silent.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -143,6 +144,18 @@ class KernelLayer(nn.Module):
         self.register_buffer("lowrank_u", layer.lowrank_u)
         self.register_buffer("lowrank_v", layer.lowrank_v)
 
+    def _apply(self, fn, recurse=True):
+        # ``.to(float16)`` casts floating buffers; scales stay float32 (a float16 step size loses
+        # digits and underflows below 6e-8), moving with the module to its device.
+        scales = {
+            k: self._buffers.pop(k) for k in list(self._buffers) if k.startswith(("w_scale", "a_scale"))
+        }
+        super()._apply(fn, recurse)
+        device = next((b.device for b in self._buffers.values() if b is not None), None)
+        for name, t in scales.items():
+            self._buffers[name] = t if device is None else t.to(device)
+        return self
+
     def part(self, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -161,6 +174,29 @@ class KernelLayer(nn.Module):
             return y
         stride, padding = self.conv_args[:2] if self.conv else (None, None)
         return y + low_rank_branch(x, self.lowrank_u, self.lowrank_v, stride, padding)
+
+
+def require_kernel_device(qmodel: nn.Module, backend: str) -> None:
+    """Triton backends run on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests)."""
+    device = next(qmodel.parameters()).device
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendError(
+            f"backend {backend} runs Triton kernels on a CUDA GPU; the model is on {device.type} "
+            "(on CPU use backend x86, or set TRITON_INTERPRET=1 to run the kernels interpreted)"
+        )
+
+
+def weight_bits(layer: QuantLayer) -> int:
+    """The widest weight grid of a quantized layer (first/last layers may be kept wider)."""
+    return max(getattr(q, "base", q).spec.bits for q in layer.weight_quantizer)
+
+
+def uint8_grid(quantizer) -> tuple[float, int, int, int]:
+    """An activation quantizer's grid as ``(scale, zero_point, qmin, qmax)`` on the unsigned
+    8-bit range the kernels read (a signed grid moves up by ``2^(b-1)``)."""
+    offset = -quantizer.qmin
+    zero_point = int(quantizer.zero_point) + offset
+    return float(quantizer.scale), zero_point, quantizer.qmin + offset, quantizer.qmax + offset
 
 
 def quantized_int(layer: QuantLayer) -> list[tuple[torch.Tensor, torch.Tensor]]:

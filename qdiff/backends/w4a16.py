@@ -1,0 +1,61 @@
+"""The ``w4a16`` backend (GPU): packed 4-bit weights, dequantized inside a Triton GEMM / conv.
+
+Weights of a WxA32 model with at most 4 bits are stored two per byte
+(:func:`~qdiff.backends.triton_kernels.pack_int4`) with one float32 scale per output channel
+(qdiff's grids are per channel: one group spanning all of ``KH·KW·C``); the implicit-GEMM kernel
+unpacks and scales each weight tile in registers and multiplies it with the 16-bit (or 32-bit)
+activations, so the weights cross memory at 4 bits. Activations stay in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qdiff.backends import BackendError, KernelLayer, quantized_int, require_kernel_device, weight_bits
+from qdiff.backends.fake import FrozenFakeQuantLayer, replace_layers
+from qdiff.backends.triton_int8 import from_nhwc, to_nhwc
+from qdiff.backends.triton_kernels import implicit_gemm, pack_int4
+from qdiff.modules import QuantLayer
+
+
+class W4A16Layer(KernelLayer):
+    kernel = "triton-w4a16"
+
+    def __init__(self, layer: QuantLayer) -> None:
+        super().__init__(layer)
+        self.kernel_size = tuple(layer.weight.shape[2:]) if self.conv else (1, 1)
+        self.parts = 0
+        for i, (ints, scale) in enumerate(quantized_int(layer)):
+            if ints.min() < -8 or ints.max() > 7:
+                raise BackendError("backend w4a16 packs 4-bit weights; this layer's grid is wider")
+            w = (ints.permute(0, 2, 3, 1) if self.conv else ints).reshape(ints.shape[0], -1)
+            self.register_buffer(f"weight{i}", pack_int4(w))
+            self.register_buffer(f"w_scale{i}", scale.float()[:, None].contiguous())  # one group per row
+            self.parts += 1
+
+    def part(self, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        stride, padding, dilation, _ = self.conv_args if self.conv else ((1, 1), (0, 0), (1, 1), 1)
+        nhwc = to_nhwc(x, self.conv)
+        k = self.kernel_size[0] * self.kernel_size[1] * nhwc.shape[-1]
+        y = implicit_gemm(
+            nhwc, getattr(self, f"weight{i}"), getattr(self, f"w_scale{i}"), bias, self.kernel_size,
+            tuple(stride), tuple(padding), tuple(dilation), group=k, out_dtype=x.dtype,
+        )  # fmt: skip
+        return from_nhwc(y, x, self.conv)
+
+    def weight_bytes(self) -> int:
+        return sum(getattr(self, f"weight{i}").numel() for i in range(self.parts))
+
+
+def _packed_or_simulated(_: str, layer: QuantLayer) -> nn.Module:
+    grouped = layer.weight.ndim == 4 and layer.groups != 1
+    if layer.use_weight_quant and not layer.use_act_quant and not grouped and weight_bits(layer) <= 4:
+        return W4A16Layer(layer)
+    return FrozenFakeQuantLayer(layer)  # e.g. first/last layers kept at 8 bits: counted as simulated
+
+
+def convert_w4a16(qmodel: nn.Module) -> nn.Module:
+    """The packed-int4 deployment of a calibrated W4A32 (weight-only) model."""
+    require_kernel_device(qmodel, "w4a16")
+    return replace_layers(qmodel, _packed_or_simulated)
