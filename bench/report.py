@@ -30,6 +30,14 @@ class Report:
     cells: pd.DataFrame  # one row per (model, method, bits, metric)
 
 
+def method_labels(df: pd.DataFrame) -> list[str]:
+    """Each row's method, with its backend when that is a real-kernel one: ``linear [x86]``
+    (one calibrated model deployed two ways is two leaderboard rows)."""
+    budgets = df["budget"] if "budget" in df else [None] * len(df)
+    backends = [b.get("backend") if isinstance(b, dict) else None for b in budgets]
+    return [m if b in (None, "fake") else f"{m} [{b}]" for m, b in zip(df["method"], backends, strict=True)]
+
+
 def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     """Aggregate the latest rows over seeds: one row per (model, method, bits, metric).
 
@@ -37,11 +45,7 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     every seed is), error, unit, higher_is_better, kind, extras of the FP row (e.g. ``floor``).
     """
     df = df.copy()
-    # A method deployed on a real-kernel backend is its own row: "linear [x86]".
-    backends = [b.get("backend") if isinstance(b, dict) else None for b in df.get("budget", [None] * len(df))]
-    df["method"] = [
-        m if b in (None, "fake") else f"{m} [{b}]" for m, b in zip(df["method"], backends, strict=True)
-    ]
+    df["method"] = method_labels(df)
     ok = df[df["status"] == "ok"]
     fp_value = {(r.config_hash, r.metric): r.value for r in ok.itertuples() if r.method == FP}
     paired = [
@@ -204,6 +208,7 @@ def time_split(df: pd.DataFrame) -> list[tuple[str, str, str, str]]:
     if "metric_s" not in df or "sample_s" not in df:
         return []
     out = []
+    df = df.assign(method=method_labels(df))
     for _, g in df[df["status"] == "ok"].groupby("config_hash", sort=False):
         first = g.iloc[0]
         timed = g[g["metric_s"].notna()]

@@ -334,7 +334,8 @@ def _evaluate(
         ctx.memo["sampling_peak"] = sampled_peak
     if grids is not None and ctx.images is not None:
         count = 64 if ctx.images.shape[-1] < 64 else 8
-        save_grid(ctx.images[:count], grids / f"{spec.model}-{spec.method}-{spec.bits_label}-s{seed}.png")
+        on = "" if spec.budget is None or spec.budget.backend == "fake" else f"-{spec.budget.backend}"
+        save_grid(ctx.images[:count], grids / f"{spec.model}-{spec.method}{on}-{spec.bits_label}-s{seed}.png")
     rows = []
     for name in spec.metrics:
         metric = METRICS.get(name)
