@@ -126,8 +126,8 @@ class KernelLayer(nn.Module):
     SVDQuant's low-rank branch around the backend's kernel, which :meth:`part` calls once
     per input part (the bias goes to the first part only).
 
-    Subclasses set ``kernel`` (its name in :func:`layer_report`), register each part's
-    weight scales as buffers named ``w_scale<i>``, and report their stored weight bytes.
+    Subclasses set ``kernel`` (its name in :func:`layer_report`) and register each part's
+    weights and weight scales as buffers named ``weight<i>`` and ``w_scale<i>``.
     """
 
     kernel: ClassVar[str]
@@ -139,6 +139,7 @@ class KernelLayer(nn.Module):
             ([*layer.stride], [*layer.padding], [*layer.dilation], layer.groups) if self.conv else None
         )
         self.split = layer.split
+        self.parts = len(layer.weight_quantizer)  # 2 for a split-shortcut layer
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         self.register_buffer("smooth_scale", layer.smooth_scale)
         self.register_buffer("lowrank_u", layer.lowrank_u)
@@ -160,7 +161,8 @@ class KernelLayer(nn.Module):
         raise NotImplementedError
 
     def weight_bytes(self) -> int:
-        raise NotImplementedError
+        """Bytes of the stored low-bit weights (buffers ``weight<i>``)."""
+        return sum(getattr(self, f"weight{i}").nbytes for i in range(self.parts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = smooth_input(x, self.smooth_scale, self.conv)
@@ -174,6 +176,21 @@ class KernelLayer(nn.Module):
             return y
         stride, padding = self.conv_args[:2] if self.conv else (None, None)
         return y + low_rank_branch(x, self.lowrank_u, self.lowrank_v, stride, padding)
+
+
+def static_int(layer: QuantLayer) -> bool:
+    """Quantized weights and inputs (what the W8A8 backends run)."""
+    return layer.use_weight_quant and layer.use_act_quant
+
+
+def ungrouped(layer: QuantLayer) -> bool:
+    """Not a grouped convolution (the GEMM kernels treat a conv as one dense GEMM)."""
+    return layer.weight.ndim != 4 or layer.groups == 1
+
+
+def static_gemm(layer: QuantLayer) -> bool:
+    """What the GPU W8A8 kernels run: quantized weights and inputs, not a grouped conv."""
+    return static_int(layer) and ungrouped(layer)
 
 
 def require_kernel_device(qmodel: nn.Module, backend: str) -> None:

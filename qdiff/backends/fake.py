@@ -36,6 +36,16 @@ def replace_layers(qmodel: nn.Module, build: Callable[[str, QuantLayer], nn.Modu
     return model
 
 
+def deploy_layers(
+    qmodel: nn.Module, kernel_layer: Callable[[QuantLayer], nn.Module], runs: Callable[[QuantLayer], bool]
+) -> nn.Module:
+    """``qmodel`` with each quantized layer the backend ``runs`` as ``kernel_layer(layer)``, and
+    every other one simulated (counted by :func:`qdiff.backends.layer_report`)."""
+    return replace_layers(
+        qmodel, lambda _, layer: kernel_layer(layer) if runs(layer) else FrozenFakeQuantLayer(layer)
+    )
+
+
 def convert_fake(qmodel: nn.Module) -> nn.Module:
     """Numerically the quantized model itself, with the weight quantization done once."""
     return replace_layers(qmodel, lambda _, layer: FrozenFakeQuantLayer(layer))

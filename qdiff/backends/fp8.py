@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdiff.backends import BackendError, KernelLayer
-from qdiff.backends.fake import FrozenFakeQuantLayer, replace_layers
+from qdiff.backends import BackendError, KernelLayer, static_gemm
+from qdiff.backends.fake import deploy_layers
 from qdiff.modules import QuantLayer
 
 E4M3 = torch.float8_e4m3fn
@@ -47,7 +47,6 @@ class Fp8Layer(KernelLayer):
         super().__init__(layer)
         self.kernel_size = tuple(layer.weight.shape[2:]) if self.conv else (1, 1)
         self.out_features = layer.weight.shape[0]
-        self.parts = len(layer.act_quantizers())
         with torch.no_grad():
             for i, (w, aq) in enumerate(zip(layer.weight_parts(), layer.act_quantizers(), strict=True)):
                 # [O, C, KH, KW] → [O, C·KH·KW]: F.unfold's order (c, kh, kw).
@@ -95,16 +94,6 @@ class Fp8Layer(KernelLayer):
         )
         return y.reshape(x.shape[0], oh, ow, self.out_features).permute(0, 3, 1, 2)
 
-    def weight_bytes(self) -> int:
-        return sum(getattr(self, f"weight{i}").numel() for i in range(self.parts))
-
-
-def _fp8_or_simulated(_: str, layer: QuantLayer) -> nn.Module:
-    grouped = layer.weight.ndim == 4 and layer.groups != 1
-    if layer.use_weight_quant and layer.use_act_quant and not grouped:
-        return Fp8Layer(layer)
-    return FrozenFakeQuantLayer(layer)
-
 
 def convert_fp8(qmodel: nn.Module) -> nn.Module:
     """The e4m3 deployment of a calibrated W8A8 model (on CUDA: SM ≥ 8.9)."""
@@ -115,4 +104,4 @@ def convert_fp8(qmodel: nn.Module) -> nn.Module:
             f"backend fp8 needs a GPU with FP8 tensor cores (SM >= 8.9); this one is SM {major}.{minor}: "
             "use triton-int8"
         )
-    return replace_layers(qmodel, _fp8_or_simulated)
+    return deploy_layers(qmodel, Fp8Layer, static_gemm)

@@ -15,8 +15,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qdiff.backends import BackendError, KernelLayer, quantized_int, require_kernel_device, uint8_grid
-from qdiff.backends.fake import FrozenFakeQuantLayer, replace_layers
+from qdiff.backends import (
+    BackendError,
+    KernelLayer,
+    quantized_int,
+    require_kernel_device,
+    static_gemm,
+    uint8_grid,
+)
+from qdiff.backends.fake import deploy_layers
 from qdiff.backends.triton_kernels import implicit_gemm
 from qdiff.modules import QuantLayer
 
@@ -63,18 +70,8 @@ class TritonInt8Layer(KernelLayer):
         )  # fmt: skip
         return from_nhwc(y, x, self.conv)
 
-    def weight_bytes(self) -> int:
-        return sum(getattr(self, f"weight{i}").numel() for i in range(len(self.grids)))
-
-
-def _int8_or_simulated(_: str, layer: QuantLayer) -> nn.Module:
-    grouped = layer.weight.ndim == 4 and layer.groups != 1
-    if layer.use_weight_quant and layer.use_act_quant and not grouped:
-        return TritonInt8Layer(layer)
-    return FrozenFakeQuantLayer(layer)
-
 
 def convert_triton_int8(qmodel: nn.Module) -> nn.Module:
     """The Triton int8 deployment of a calibrated W8A8-or-narrower model."""
     require_kernel_device(qmodel, "triton-int8")
-    return replace_layers(qmodel, _int8_or_simulated)
+    return deploy_layers(qmodel, TritonInt8Layer, static_gemm)

@@ -12,8 +12,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qdiff.backends import BackendError, KernelLayer, quantized_int, require_kernel_device, weight_bits
-from qdiff.backends.fake import FrozenFakeQuantLayer, replace_layers
+from qdiff.backends import (
+    BackendError,
+    KernelLayer,
+    quantized_int,
+    require_kernel_device,
+    ungrouped,
+    weight_bits,
+)
+from qdiff.backends.fake import deploy_layers
 from qdiff.backends.triton_int8 import from_nhwc, to_nhwc
 from qdiff.backends.triton_kernels import implicit_gemm, pack_int4
 from qdiff.modules import QuantLayer
@@ -25,14 +32,12 @@ class W4A16Layer(KernelLayer):
     def __init__(self, layer: QuantLayer) -> None:
         super().__init__(layer)
         self.kernel_size = tuple(layer.weight.shape[2:]) if self.conv else (1, 1)
-        self.parts = 0
         for i, (ints, scale) in enumerate(quantized_int(layer)):
             if ints.min() < -8 or ints.max() > 7:
                 raise BackendError("backend w4a16 packs 4-bit weights; this layer's grid is wider")
             w = (ints.permute(0, 2, 3, 1) if self.conv else ints).reshape(ints.shape[0], -1)
             self.register_buffer(f"weight{i}", pack_int4(w))
             self.register_buffer(f"w_scale{i}", scale.float()[:, None].contiguous())  # one group per row
-            self.parts += 1
 
     def part(self, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         stride, padding, dilation, _ = self.conv_args if self.conv else ((1, 1), (0, 0), (1, 1), 1)
@@ -44,18 +49,13 @@ class W4A16Layer(KernelLayer):
         )  # fmt: skip
         return from_nhwc(y, x, self.conv)
 
-    def weight_bytes(self) -> int:
-        return sum(getattr(self, f"weight{i}").numel() for i in range(self.parts))
 
-
-def _packed_or_simulated(_: str, layer: QuantLayer) -> nn.Module:
-    grouped = layer.weight.ndim == 4 and layer.groups != 1
-    if layer.use_weight_quant and not layer.use_act_quant and not grouped and weight_bits(layer) <= 4:
-        return W4A16Layer(layer)
-    return FrozenFakeQuantLayer(layer)  # e.g. first/last layers kept at 8 bits: counted as simulated
+def _packs(layer: QuantLayer) -> bool:
+    # Weight-only, at most 4 bits: first/last layers kept at 8 bits stay simulated (counted).
+    return layer.use_weight_quant and not layer.use_act_quant and ungrouped(layer) and weight_bits(layer) <= 4
 
 
 def convert_w4a16(qmodel: nn.Module) -> nn.Module:
     """The packed-int4 deployment of a calibrated W4A32 (weight-only) model."""
     require_kernel_device(qmodel, "w4a16")
-    return replace_layers(qmodel, _packed_or_simulated)
+    return deploy_layers(qmodel, W4A16Layer, _packs)
