@@ -4,7 +4,8 @@ qdiff-bench ls                        registered models, methods, metrics; shipp
 qdiff-bench validate configs/x.yaml   expand a matrix and report problems; runs nothing
 qdiff-bench run [configs/x.yaml]      run it (default: configs/default.yaml), resumable
 qdiff-bench report results/<name>     Markdown + self-contained HTML leaderboard
-qdiff-bench compare A B               per-cell deltas; exit 1 past --threshold
+qdiff-bench report --history results/ quality of every cell over commits
+qdiff-bench compare A B               per-cell deltas; exit 1 when a gated cell regresses
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.cache import cache_dir
-from bench.compare import ThresholdError
+from bench.compare import IncomparableError, ThresholdError
 from bench.embedded.model import AssetError
 from bench.images import ImageError
 from bench.matrix import CLEANFID_MODES, FID_BACKENDS, MatrixError
@@ -37,6 +38,7 @@ USER_ERRORS = (
     MatrixError,
     StoreError,
     ThresholdError,
+    IncomparableError,
     ImageError,
     FileNotFoundError,
 )
@@ -144,15 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--batch-size", type=_positive("--batch-size"), default=64)
 
     report = sub.add_parser("report", help="write report.md and report.html for a results folder")
-    report.add_argument("results", type=Path, help="results/<matrix name>")
+    report.add_argument("results", type=Path, help="results/<matrix name> (with --history: the results root)")
     report.add_argument("--out", type=Path, help="output folder (default: the results folder)")
+    report.add_argument(
+        "--history", action="store_true",
+        help="quality of every cell of every matrix under RESULTS over commits: history.md/.html",
+    )  # fmt: skip
 
     compare = sub.add_parser("compare", help="per-cell deltas between two results folders")
     compare.add_argument("a", type=Path, help="baseline results folder")
     compare.add_argument("b", type=Path, help="candidate results folder")
     compare.add_argument(
-        "--threshold", default="0", help="allowed worsening per cell: absolute (0.5) or relative (5%%)"
+        "--threshold",
+        default="0",
+        help="allowed worsening of a quality cell: absolute (0.5) or relative (5%%)",
     )
+    compare.add_argument(
+        "--max-regression", action="append", default=[], metavar="METRIC=AMOUNT",
+        help="allowed worsening for one metric (repeatable), e.g. digits_fd=2 or fid=5%%; a cost "
+        "metric named here is gated too",
+    )  # fmt: skip
     return parser
 
 
@@ -303,6 +316,13 @@ def _fid(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from bench import report
 
+    if args.history:
+        from bench import history
+
+        md, page, text = history.write(args.results, args.out)
+        print(text)
+        print(f"history: {md} and {page}")
+        return 0
     md, page, built = report.write(args.results, args.out)
     print(built.markdown)
     print(f"report: {md} and {page}")
@@ -310,11 +330,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from bench.compare import Threshold, compare, to_markdown
+    from bench.compare import Threshold, compare, parse_limits, to_markdown
 
-    threshold = Threshold.parse(args.threshold)
-    table = compare(args.a, args.b, threshold)
-    print(to_markdown(table, threshold))
+    table = compare(args.a, args.b, Threshold.parse(args.threshold), parse_limits(args.max_regression))
+    print(to_markdown(table))
     return 1 if table["regressed"].any() else 0
 
 

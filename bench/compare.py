@@ -1,25 +1,41 @@
-"""Per-cell comparison of two results folders (e.g. two commits), for regression gates.
+"""Per-cell comparison of two results folders (e.g. two commits): the quality gate.
 
-Cells are matched by (model, method, bits, seed, metric) on the latest row of each. A cell
-regresses when B is worse than A (in the metric's own direction) by more than the threshold,
-or when it was ok in A and is not ok in B.
+Cells are matched by (model, method — with its backend when not ``fake`` —, bits, seed, metric)
+on the latest row of each. A gated cell regresses when B is worse than A (in the metric's own
+direction, ``higher_is_better``) by more than its threshold, or when it was ok in A and is not
+ok in B. Quality cells are gated; cost cells (latencies, memory) are noisy and belong to asv
+(``benchmarks/``), so they are gated only when a per-metric threshold names them.
+
+Two numbers are compared only if they were measured alike: a cell whose sample count, sampling
+settings or evaluation settings (FID backend, extractor, reference, ...) differ between A and B
+is an error, as is a pair of folders that share no cell.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from bench.matrix import EVALUATION_KEYS
+from bench.registry import METRICS, UnknownNameError
+from bench.report import method_labels
 from bench.store import load
 
 KEY = ["model", "method", "bits", "seed", "metric"]
+# What must be equal for two values of a cell to be comparable.
+PROTOCOL = ("n_samples", "sampling", "evaluation")
 
 
 class ThresholdError(ValueError):
     """A threshold that is neither a number nor a percentage."""
+
+
+class IncomparableError(ValueError):
+    """Two results folders whose cells cannot be compared."""
 
 
 @dataclass(frozen=True)
@@ -47,44 +63,138 @@ class Threshold:
         limit = self.amount * abs(reference) / 100 if self.relative else self.amount
         return worse_by <= limit + 1e-12
 
+    def __str__(self) -> str:
+        return f"{self.amount:g}{'%' if self.relative else ''}"
 
-def compare(a: str | Path, b: str | Path, threshold: Threshold) -> pd.DataFrame:
-    """One row per cell present in A or B: values, delta (B − A), and whether it regressed."""
-    left, right = (load(p)[[*KEY, "value", "status", "error", "higher_is_better"]] for p in (a, b))
-    merged = left.merge(right, on=KEY, how="outer", suffixes=("_a", "_b"), indicator=True)
+
+def parse_limits(items: list[str]) -> dict[str, Threshold]:
+    """``["digits_fd=2", "latency_step=10%"]`` → per-metric thresholds (``--max-regression``)."""
+    limits = {}
+    for item in items:
+        metric, sep, amount = item.partition("=")
+        if not sep or not metric.strip():
+            raise ThresholdError(
+                f"--max-regression {item!r} is not METRIC=AMOUNT, e.g. digits_fd=2 or fid=5%"
+            )
+        limits[metric.strip()] = Threshold.parse(amount)
+    return limits
+
+
+def _settings(metric: str) -> tuple[str, ...]:
+    try:
+        return METRICS.get(metric).settings
+    except UnknownNameError:  # a metric since renamed or removed: compare all its settings
+        return tuple(EVALUATION_KEYS)
+
+
+def _cells(path: str | Path) -> pd.DataFrame:
+    df = load(path)
+    df["method"] = method_labels(df)
+    for col in PROTOCOL:
+        if col not in df:  # rows from before the column existed
+            df[col] = None
+    # float32 is the default dtype, absent from rows written before the setting existed.
+    df["sampling"] = [
+        {k: v for k, v in s.items() if (k, v) != ("dtype", "float32")} if isinstance(s, dict) else s
+        for s in df["sampling"]
+    ]
+    # Only the evaluation settings this cell's metric reads (a latency setting does not make an
+    # FID incomparable).
+    df["evaluation"] = [
+        {k: v for k, v in e.items() if k in _settings(m)} if isinstance(e, dict) else e
+        for e, m in zip(df["evaluation"], df["metric"], strict=True)
+    ]
+    for col in PROTOCOL:  # dicts → canonical text, so that they compare and merge
+        df[col] = [json.dumps(v, sort_keys=True, default=str) for v in df[col]]
+    return df[[*KEY, "value", "status", "error", "higher_is_better", "kind", *PROTOCOL]]
+
+
+def _check_comparable(merged: pd.DataFrame, a: Path, b: Path) -> None:
+    both = merged[merged["_merge"] == "both"]
+    if both.empty:
+        raise IncomparableError(
+            f"{a} and {b} share no cell (model, method, bits, seed, metric); compare results of "
+            "the same matrix, e.g. results/default from two commits"
+        )
+    for col in PROTOCOL:
+        differ = both[both[f"{col}_a"] != both[f"{col}_b"]]
+        if len(differ):
+            r = differ.iloc[0]
+            cell = " ".join(str(r[k]) for k in KEY)
+            raise IncomparableError(
+                f"{len(differ)} cell(s) were measured differently in A and B ({col}: "
+                f"{r[f'{col}_a']} vs {r[f'{col}_b']}, e.g. {cell}); rerun one side with the other's "
+                "settings so that the numbers are comparable"
+            )
+
+
+def compare(
+    a: str | Path, b: str | Path, threshold: Threshold, limits: dict[str, Threshold] | None = None
+) -> pd.DataFrame:
+    """One row per cell present in A or B: values, delta (B − A), its threshold, and whether it
+    regressed.
+
+    Args:
+        threshold: for quality cells without a metric of their own in ``limits``.
+        limits: per-metric thresholds; a cost metric named here is gated too.
+
+    Raises:
+        IncomparableError: no shared cell, or a shared cell measured differently.
+    """
+    limits = limits or {}
+    merged = _cells(a).merge(_cells(b), on=KEY, how="outer", suffixes=("_a", "_b"), indicator=True)
+    _check_comparable(merged, Path(a), Path(b))
     records = []
     for r in merged.to_dict("records"):
         higher = (
             r["higher_is_better_a"] if isinstance(r["higher_is_better_a"], bool) else r["higher_is_better_b"]
         )
+        kind = r["kind_a"] if isinstance(r["kind_a"], str) else r["kind_b"]
+        limit = limits.get(r["metric"], threshold if kind != "cost" else None)
+        gated = limit is not None
         delta = r["value_b"] - r["value_a"] if r["status_a"] == r["status_b"] == "ok" else math.nan
         if r["_merge"] != "both":
-            note, regressed = (
-                ("only in A" if r["_merge"] == "left_only" else "only in B"),
-                r["_merge"] == "left_only",
-            )
+            note = "only in A" if r["_merge"] == "left_only" else "only in B"
+            regressed = gated and r["_merge"] == "left_only"
         elif r["status_a"] == "ok" and r["status_b"] != "ok":
-            note, regressed = f"{r['status_b']} in B: {r['error_b']}", True
+            note, regressed = f"{r['status_b']} in B: {r['error_b']}", gated
         elif r["status_a"] != "ok":
             note, regressed = f"{r['status_a']} in A", False
         else:
             worse_by = -delta if higher else delta
-            regressed = not threshold.allows(worse_by, r["value_a"])
+            regressed = gated and not limit.allows(worse_by, r["value_a"])
             note = "worse" if worse_by > 0 else "better" if worse_by < 0 else "same"
         records.append({**{k: r[k] for k in KEY}, "a": r["value_a"], "b": r["value_b"], "delta": delta,
-                        "note": note, "regressed": regressed})  # fmt: skip
-    return pd.DataFrame.from_records(records, columns=[*KEY, "a", "b", "delta", "note", "regressed"])
+                        "limit": "—" if limit is None else str(limit), "note": note,
+                        "regressed": regressed})  # fmt: skip
+    columns = [*KEY, "a", "b", "delta", "limit", "note", "regressed"]
+    return pd.DataFrame.from_records(records, columns=columns)
 
 
-def to_markdown(table: pd.DataFrame, threshold: Threshold) -> str:
-    limit = f"{threshold.amount:g}{'%' if threshold.relative else ''}"
-    lines = [f"| {' | '.join(KEY)} | A | B | Δ (B − A) | note |", "|" + "---|" * (len(KEY) + 4)]
-    for r in table.itertuples():
+def to_markdown(table: pd.DataFrame) -> str:
+    """The cells that moved (changed value or status, or present on one side only), regressions
+    flagged, and a one-line verdict."""
+    moved = table[table["note"] != "same"]
+    lines = [
+        f"| {' | '.join(KEY)} | A | B | Δ (B − A) | allowed | note |",
+        "|" + "---|" * (len(KEY) + 5),
+    ]
+    for r in moved.itertuples():
         flag = " **REGRESSION**" if r.regressed else ""
-        cells = [str(getattr(r, k)) for k in KEY] + [_num(r.a), _num(r.b), _num(r.delta), r.note + flag]
+        cells = [str(getattr(r, k)) for k in KEY] + [
+            _num(r.a),
+            _num(r.b),
+            _num(r.delta),
+            r.limit,
+            r.note + flag,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     n = int(table["regressed"].sum())
-    lines.append(f"\n{n} regression(s) beyond threshold {limit} in {len(table)} cells.")
+    gated = int((table["limit"] != "—").sum())
+    lines.append(
+        f"\n{len(moved)} of {len(table)} cells moved; {n} regression(s) among {gated} gated cells "
+        "(quality cells, and cost metrics given a --max-regression)."
+    )
     return "\n".join(lines)
 
 

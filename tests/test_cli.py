@@ -54,8 +54,11 @@ def test_compare_exits_non_zero_past_the_threshold(tmp_path, capsys):
     a = fixture_store(tmp_path / "a")
     b = fixture_store(tmp_path / "b", qdiff_w4=23.0)
     assert main(["compare", str(a), str(b), "--threshold", "5%"]) == 1
-    assert "qdiff | W4A8 | 0 | digits_fd | 20 | 23 | 3 | worse **REGRESSION**" in capsys.readouterr().out
+    assert "qdiff | W4A8 | 0 | digits_fd | 20 | 23 | 3 | 5% | worse **REGRESSION**" in capsys.readouterr().out
     assert main(["compare", str(a), str(b), "--threshold", "20%"]) == 0
+    # A per-metric limit overrides the global one; noise within it passes.
+    assert main(["compare", str(a), str(b), "--max-regression", "digits_fd=3"]) == 0
+    assert main(["compare", str(a), str(b), "--max-regression", "digits_fd=2.5"]) == 1
 
 
 def test_ls_lists_everything_registered(capsys):
@@ -85,6 +88,7 @@ def one_line_error(capsys, *needles):
         (["validate", "{dir}/nope.yaml"], ["does not exist"]),
         (["run", "{matrix}", "--only", "meth=qdiff"], ["keys: model, method, bits, seed"]),
         (["compare", "{dir}", "{dir}", "--threshold", "x"], ["not a number or a percentage"]),
+        (["compare", "{dir}", "{dir}", "--max-regression", "fid"], ["is not METRIC=AMOUNT"]),
         (["report", "{dir}/empty"], ["no results at", "run a matrix first"]),
     ],
 )

@@ -6,7 +6,8 @@ import pytest
 from helpers import fixture_store
 
 from bench import report
-from bench.compare import Threshold, ThresholdError, compare
+from bench.compare import IncomparableError, Threshold, ThresholdError, compare, parse_limits, to_markdown
+from bench.store import StoreError
 
 
 def test_leaderboard_cells_deltas_best_and_errors(tmp_path):
@@ -59,6 +60,70 @@ def test_compare_flags_regressions_beyond_threshold(tmp_path):
         Threshold.parse("five")
 
 
+def test_quality_gate_fails_on_a_planted_regression_and_passes_noise(tmp_path):
+    a = fixture_store(tmp_path / "a")
+    noise = fixture_store(tmp_path / "noise", qdiff_w4=20.4)  # within 0.5 FD: noise
+    planted = fixture_store(tmp_path / "planted", qdiff_w4=26.0)  # 6 FD worse
+    limits = parse_limits(["digits_fd=0.5"])
+    assert not compare(a, noise, Threshold.parse("0"), limits)["regressed"].any()
+    table = compare(a, planted, Threshold.parse("0"), limits)
+    assert table["regressed"].sum() == 2  # qdiff W4A8 at both seeds
+    text = to_markdown(table)
+    assert (
+        "| embedded-digits | qdiff | W4A8 | 0 | digits_fd | 20 | 26 | 6 | 0.5 | worse **REGRESSION** |"
+        in text
+    )
+    assert "2 regression(s)" in text and "W8A8" not in text  # only the cells that moved are listed
+
+
+def test_cost_cells_are_gated_only_when_named(tmp_path):
+    from helpers import row
+
+    from bench.store import ResultStore
+
+    a, b = ResultStore(tmp_path / "a"), ResultStore(tmp_path / "b")
+    a.append([row("qdiff", "W8A8", "quantize_time", 10.0)])
+    b.append([row("qdiff", "W8A8", "quantize_time", 30.0)])  # three times slower
+    assert not compare(a.root, b.root, Threshold.parse("0"))["regressed"].any()
+    assert compare(a.root, b.root, Threshold.parse("0"), parse_limits(["quantize_time=50%"]))[
+        "regressed"
+    ].all()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"n_samples": 50}, "n_samples: 100 vs 50"),
+        ({"evaluation": {"fid_backend": "clean-fid"}}, "evaluation"),
+    ],
+)
+def test_cells_measured_differently_are_not_compared(tmp_path, change, message):
+    from helpers import row
+
+    from bench.store import ResultStore
+
+    metric = "fid"
+    a, b = ResultStore(tmp_path / "a"), ResultStore(tmp_path / "b")
+    a.append([row("qdiff", "W8A8", metric, 10.0, evaluation={"fid_backend": "torch-fidelity"})])
+    b.append(
+        [row("qdiff", "W8A8", metric, 10.0, **{"evaluation": {"fid_backend": "torch-fidelity"}, **change})]
+    )
+    with pytest.raises(IncomparableError, match=message):
+        compare(a.root, b.root, Threshold.parse("0"))
+
+
+def test_folders_without_a_shared_cell_are_not_compared(tmp_path):
+    from helpers import row
+
+    from bench.store import ResultStore
+
+    a, b = ResultStore(tmp_path / "a"), ResultStore(tmp_path / "b")
+    a.append([row("qdiff", "W8A8", "digits_fd", 10.0)])
+    b.append([row("linear", "W8A8", "digits_fd", 10.0)])
+    with pytest.raises(IncomparableError, match="share no cell"):
+        compare(a.root, b.root, Threshold.parse("0"))
+
+
 def test_time_split_between_generating_and_measuring(tmp_path):
     import pandas as pd
     from helpers import row
@@ -73,3 +138,33 @@ def test_time_split_between_generating_and_measuring(tmp_path):
         ("embedded-digits qdiff W8A8", "cached", "2.2", "psnr_vs_fp (2.0)"),
     ]
     assert report.time_split(df.drop(columns="metric_s")) == []  # rows from before timings existed
+
+
+def test_history_follows_each_quality_cell_over_commits(tmp_path):
+    from helpers import row
+
+    from bench import history
+    from bench.store import ResultStore
+
+    store = ResultStore(tmp_path / "results" / "default")
+    for day, sha, fd in ((1, "aaaa1111", 20.0), (2, "bbbb2222", 22.0), (3, "cccc3333", 21.0)):
+        for seed in (0, 1):
+            store.append([
+                row("qdiff", "W4A8", "digits_fd", fd + seed, seed, git_sha=sha,
+                    started_at=f"2026-01-0{day}T00:00:0{seed}", run_id=f"{sha}-{seed}"),
+                row("qdiff", "W4A8", "quantize_time", 9.0, seed, git_sha=sha,
+                    started_at=f"2026-01-0{day}T00:00:0{seed}", run_id=f"{sha}-{seed}"),
+            ])  # fmt: skip
+    hist = history.history(tmp_path / "results")
+    assert list(hist["commit"]) == ["aaaa1111", "bbbb2222", "cccc3333"]  # quality only, in order
+    assert list(hist["value"]) == [20.5, 22.5, 21.5]  # mean over seeds
+    (cell,) = history.summary(hist).itertuples()
+    assert (cell.commits, cell.first, cell.latest, cell.change) == (3, 20.5, 21.5, 1.0)
+    _, page, text = history.write(tmp_path / "results")
+    assert (
+        "| default | embedded-digits | qdiff | W4A8 | digits_fd | 3 | 20.5 (aaaa1111) | 21.5 (cccc3333) |"
+        in text
+    )
+    assert page.read_text().count("data:image/png;base64,") == 1
+    with pytest.raises(StoreError, match="no results under"):
+        history.history(tmp_path / "empty")
