@@ -272,9 +272,26 @@ def to_markdown(
             ["", "## Where the time went", "", "| " + " | ".join(TIME_HEADER) + " |", "|---|---|---|---|"]
         )
         lines.extend("| " + " | ".join(r) + " |" for r in split)
+    lines.extend(["", "## Over commits", "", TRENDS_MD])
     lines.extend(["", "## Provenance", "", "| | |", "|---|---|"])
     lines.extend(f"| {k} | {v} |" for k, v in _provenance(df, invocations))
     return "\n".join(lines) + "\n"
+
+
+# Where the history of these numbers lives: quality over commits (report --history) and asv's
+# speed/memory graphs, which `asv publish` writes to .asv/html at the repository root (reports
+# sit two folders below it, in results/<matrix>/).
+ASV_HTML = "../../.asv/html/index.html"
+TRENDS_MD = (
+    "Quality of every cell over commits: `qdiff-bench report --history results/` (history.html "
+    f"in the results root). Speed and memory over commits: [asv's graphs]({ASV_HTML}) "
+    "(`tox -e asv` runs the suite and `asv publish` writes them)."
+)
+TRENDS_HTML = (
+    "Quality of every cell over commits: <code>qdiff-bench report --history results/</code> "
+    f'(history.html in the results root). Speed and memory over commits: <a href="{ASV_HTML}">'
+    "asv's graphs</a> (<code>tox -e asv</code> runs the suite and <code>asv publish</code> writes them)."
+)
 
 
 def _png(fig) -> str:
@@ -410,6 +427,7 @@ def to_html(
         f"highlighted. Metrics: {esc(legend)}.</p><ul>{floors}</ul>"
         f"{''.join(sections)}<ol>{note_list}</ol>"
         f"<h2>Plots</h2>{figures or '<p>No ok quality cells to plot.</p>'}{times}"
+        f"<h2>Over commits</h2><p>{TRENDS_HTML}</p>"
         f"<h2>Provenance</h2><table>{prov}</table></body></html>\n"
     )
 

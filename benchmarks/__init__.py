@@ -1,0 +1,1 @@
+"""asv benchmarks of qdiff-bench (configured by asv.conf.json at the repository root)."""
