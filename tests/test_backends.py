@@ -264,3 +264,25 @@ def test_fp8_backend_equals_an_e4m3_simulation(tiny_unet):
     # ≈ 28–30 dB per layer against the int8 model here, ≈ 19 dB over this random UNet.
     with torch.no_grad():
         assert sqnr_db(tiny_unet(x, t).sample, fp8(x, t).sample) >= 15
+
+
+def test_kernels_take_float16_activations_as_the_gpu_matrices_run():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 6, 6, generator=g).half()
+    w = torch.randint(-128, 128, (24, 16, 3, 3), generator=g).to(torch.int8)
+    wk = w.permute(0, 2, 3, 1).reshape(24, -1).contiguous()
+    w_scale, bias = torch.rand(24, generator=g) * 0.01, torch.randn(24, generator=g)
+    y = implicit_gemm(
+        _nhwc(x), wk, w_scale, bias, (3, 3), (1, 1), (1, 1), act_grid=(0.02, 120, 0, 255),
+        w_sum=wk.int().sum(1).int(), out_dtype=torch.float16,
+    )  # fmt: skip
+    q = (torch.round(x.float() / 0.02) + 120).clamp(0, 255) - 120
+    ref = F.conv2d(q.double(), w.double(), None, 1, 1) * (0.02 * w_scale.double())[:, None, None]
+    ref = ref + bias.double()[:, None, None]
+    assert y.dtype == torch.float16 and sqnr_db(ref, y.permute(0, 3, 1, 2).double()) > 60
+    q4 = torch.randint(-8, 8, (24, 144), generator=g)
+    scales = torch.rand(24, 1, generator=g)
+    y4 = implicit_gemm(_nhwc(x), pack_int4(q4), scales, bias.half(), (3, 3), (1, 1), (1, 1), group=144,
+                       out_dtype=torch.float16)  # fmt: skip
+    ref4 = F.conv2d(x.float(), (q4.float() * scales).reshape(24, 3, 3, 16).permute(0, 3, 1, 2), bias, 1, 1)
+    assert y4.dtype == torch.float16 and sqnr_db(ref4, y4.permute(0, 3, 1, 2).float()) > 50
