@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,9 +226,18 @@ class RunSpec:
         return "FP" if self.is_fp else Bits(self.w_bits, self.a_bits).label
 
     @property
+    def real_backend(self) -> str | None:
+        """The real-kernel backend the run deploys on; None for FP and simulated (``fake``) runs."""
+        return None if self.budget is None or self.budget.backend == "fake" else self.budget.backend
+
+    @property
     def label(self) -> str:
-        on = "" if self.budget is None or self.budget.backend == "fake" else f" [{self.budget.backend}]"
+        on = "" if self.real_backend is None else f" [{self.real_backend}]"
         return f"{self.model} {self.method}{on} {self.bits_label} seed={self.seed}"
+
+    def on_backend(self, backend: str) -> RunSpec:
+        """This quantized run deployed on ``backend``."""
+        return dataclasses.replace(self, budget=dataclasses.replace(self.budget, backend=backend))
 
     @property
     def hash(self) -> str:
@@ -445,6 +455,17 @@ def _rules(path: Path, key: str, items: list) -> list[dict[str, tuple[str, ...]]
     return rules
 
 
+def _backends(path: Path, names: list | tuple, where: Callable[[int], str]) -> list[str]:
+    """Backend names checked against the registry; ``where(i)`` locates the i-th in the file."""
+    names = [str(b) for b in names]
+    for i, name in enumerate(names):
+        if name not in BACKENDS:
+            raise MatrixError(
+                f"{path}: {where(i)}: unknown backend {name!r}; choose from {', '.join(BACKENDS)}"
+            )
+    return names
+
+
 def _metrics(path: Path, where: str, value: Any) -> tuple[str, ...]:
     metrics = tuple(str(m) for m in _as_list(path, where, value))
     for i, metric in enumerate(metrics):
@@ -484,12 +505,7 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
         )
     bits = _bits(path, _as_list(path, "bits", data.get("bits")))
     seeds = _seeds(path, _as_list(path, "seeds", data.get("seeds", [0])))
-    backends = [str(b) for b in _as_list(path, "backends", data.get("backends"))]
-    for i, backend in enumerate(backends):
-        if backend not in BACKENDS:
-            raise MatrixError(
-                f"{path}: backends[{i}]: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}"
-            )
+    backends = _backends(path, _as_list(path, "backends", data.get("backends")), lambda i: f"backends[{i}]")
     metrics = _metrics(path, "metrics", data.get("metrics"))
     excludes = _rules(path, "exclude", _as_list(path, "exclude", data.get("exclude")))
     includes = _rules(path, "include", _as_list(path, "include", data.get("include")))
@@ -536,9 +552,7 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
         )
         if spec.is_fp or not backends or own:
             return [spec]
-        return [
-            dataclasses.replace(spec, budget=dataclasses.replace(spec.budget, backend=b)) for b in backends
-        ]
+        return [spec.on_backend(b) for b in backends]
 
     quant_bits = bits or []
     runs: list[RunSpec] = []
@@ -549,16 +563,9 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
     runs = [r for r in runs if not any(r.matches(rule) for rule in excludes)]
     for i, rule in enumerate(includes):
         added = _included(path, i, rule, model_entries, method_overrides, seeds, make)
-        for backend in rule.get("backend", ()):
-            if backend not in BACKENDS:
-                raise MatrixError(
-                    f"{path}: include[{i}]: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}"
-                )
         if "backend" in rule:  # this rule's runs deploy on exactly the backends it names
-            added = [
-                dataclasses.replace(r, budget=dataclasses.replace(r.budget, backend=b))
-                for r in added if not r.is_fp for b in rule["backend"]
-            ]  # fmt: skip
+            named = _backends(path, rule["backend"], lambda _, i=i: f"include[{i}]")
+            added = [r.on_backend(b) for r in added if not r.is_fp for b in named]
         else:
             added = [d for r in added for d in deployments(r)]
         runs.extend(added)

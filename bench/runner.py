@@ -334,7 +334,7 @@ def _evaluate(
         ctx.memo["sampling_peak"] = sampled_peak
     if grids is not None and ctx.images is not None:
         count = 64 if ctx.images.shape[-1] < 64 else 8
-        on = "" if spec.budget is None or spec.budget.backend == "fake" else f"-{spec.budget.backend}"
+        on = "" if spec.real_backend is None else f"-{spec.real_backend}"
         save_grid(ctx.images[:count], grids / f"{spec.model}-{spec.method}{on}-{spec.bits_label}-s{seed}.png")
     rows = []
     for name in spec.metrics:

@@ -21,7 +21,7 @@ class DenoiserStep:
     timeout = 300
 
     def setup(self, backend, model, device="cpu"):
-        from bench.models.base import in_dtype
+        from bench.models.base import in_dtype, model_dtype
 
         a = adapter("embedded" if model == "embedded" else "cifar", BATCH[model], device)
         fp = a.denoiser().eval().requires_grad_(False)
@@ -33,7 +33,7 @@ class DenoiserStep:
             data = qdiff.CalibData(x, self.t, kwargs)  # one batch calibrates: timing only
             qmodel, _ = qdiff.quantize(fp, recipe, data)
             self.model = qdiff.convert(qmodel, backend)
-        self.x, self.kwargs = in_dtype(self.model, x, kwargs)
+        self.x, self.kwargs = in_dtype(model_dtype(self.model), x, kwargs)
         self.step()  # oneDNN primitive creation, Triton compilation: not part of the timing
 
     @torch.no_grad()

@@ -24,7 +24,7 @@ from torch import nn
 
 import qdiff
 from bench.metrics.quality import CostMetric, EvalContext, Measurement
-from bench.models.base import in_dtype, resolve_device
+from bench.models.base import in_dtype, model_dtype, resolve_device
 from bench.registry import METHODS
 from qdiff.backends import layer_report
 
@@ -73,6 +73,13 @@ def deploy_backend(spec) -> str:
     return getattr(METHODS.get(spec.method), "backend", None) or spec.budget.backend
 
 
+def _backend_layers(ctx: EvalContext) -> dict[str, int]:
+    """Which kernel each quantized layer of the run's denoiser runs (once per run)."""
+    if "backend_layers" not in ctx.memo:
+        ctx.memo["backend_layers"] = layer_report(ctx.denoiser)
+    return ctx.memo["backend_layers"]
+
+
 def _protocol(ctx: EvalContext, device: torch.device, warmup: int, repeats: int) -> dict:
     ev = ctx.spec.evaluation
     return {
@@ -84,7 +91,7 @@ def _protocol(ctx: EvalContext, device: torch.device, warmup: int, repeats: int)
         "compile": ev.compile,
         "threads": torch.get_num_threads(),
         # Which kernel each quantized layer runs: a backend's fallbacks are counted, never silent.
-        "backend_layers": layer_report(ctx.denoiser),
+        "backend_layers": _backend_layers(ctx),
     }
 
 
@@ -113,7 +120,7 @@ class LatencyStep(CostMetric):
         ev = ctx.spec.evaluation
         x, t, kwargs = ctx.adapter.step_inputs(ctx.spec.sampling.batch_size, ctx.spec.seed)
         model = _denoiser(ctx)
-        x, kwargs = in_dtype(ctx.denoiser, x, kwargs)
+        x, kwargs = in_dtype(model_dtype(ctx.denoiser), x, kwargs)
 
         @torch.no_grad()
         def step():
@@ -269,7 +276,7 @@ class WeightBytes(CostMetric):
     def __call__(self, ctx: EvalContext) -> Measurement:
         parts = qdiff.storage_bytes(ctx.denoiser)
         extra = {f"{k}_bytes": v for k, v in parts.items()}
-        return Measurement(parts["total"] / MIB, {**extra, "backend_layers": layer_report(ctx.denoiser)})
+        return Measurement(parts["total"] / MIB, {**extra, "backend_layers": _backend_layers(ctx)})
 
 
 LATENCY_STEP = LatencyStep()

@@ -43,11 +43,10 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def in_dtype(
-    model: nn.Module, x: torch.Tensor, kwargs: dict[str, torch.Tensor]
+    dtype: torch.dtype, x: torch.Tensor, kwargs: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``x`` and the float tensors of ``kwargs`` in the model's dtype (the sampler keeps its
-    state in float32; a float16 denoiser takes float16 inputs)."""
-    dtype = model_dtype(model)
+    """``x`` and the float tensors of ``kwargs`` in a denoiser's dtype (see :func:`model_dtype`;
+    the sampler keeps its state in float32, a float16 denoiser takes float16 inputs)."""
     cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kwargs.items()}
     return x.to(dtype), cast
 
@@ -152,6 +151,7 @@ class DiffusionAdapter:
         # A denoiser that knows its own output noise (PTQD) may scale the noise a stochastic
         # step adds: variance_noise(scheduler, t, eps, eta, generator).
         fold = getattr(denoiser, "variance_noise", None)
+        dtype = model_dtype(denoiser)
         batch_size = self.sampling.batch_size
         steps = self.sampling.steps
         out = []
@@ -170,7 +170,7 @@ class DiffusionAdapter:
                 kwargs = cond or {}
                 if recorder is not None:
                     recorder(i, x_in, t_in, kwargs)
-                x_m, kwargs_m = in_dtype(denoiser, x_in, kwargs)
+                x_m, kwargs_m = in_dtype(dtype, x_in, kwargs)
                 eps = denoiser(x_m, t_in, **kwargs_m).sample.float()
                 eps = self.guide(eps) if cond is not None else eps
                 step_noise = {"generator": generator}

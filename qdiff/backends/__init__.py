@@ -224,8 +224,7 @@ def quantized_int(layer: QuantLayer) -> list[tuple[torch.Tensor, torch.Tensor]]:
     expects).
     """
     out = []
-    parts = [layer.weight_parts()[i] for i in range(len(layer.weight_quantizer))]
-    for q, w in zip(layer.weight_quantizer, parts, strict=True):
+    for q, w in zip(layer.weight_quantizer, layer.weight_parts(), strict=True):
         grid = getattr(q, "base", q)  # an AdaRoundQuantizer keeps its grid in ``base``
         if not grid.spec.symmetric:
             raise BackendError("integer kernels need symmetric weight grids (zero point 0)")
