@@ -10,7 +10,10 @@ A matrix file is YAML::
     bits: [W8A8, W4A8, W4A32]          # W<weight bits>A<activation bits>; 32 = full precision
     backends: [fake, x86]              # optional: deploy each quantized run on each (default:
                                        # the ``backend`` setting); rules may name a backend
-    seeds: [0]
+    seeds: [0]                         # sampling seeds: the noise the images start from
+    calib_seeds: [0, 1]                # calibration seeds: which calibration trajectories and
+                                       # minibatch order (quantized runs only); a cell is the
+                                       # mean over both kinds
     metrics: [digits_fd]               # optional; default: each model's own metrics
     settings: {samples: 500, steps: 25, fid_backend: clean-fid}   # Sampling, Budget, Evaluation
     exclude: [{method: linear, bits: W4A32}]
@@ -52,12 +55,13 @@ MATRIX_KEYS = (
     "bits",
     "backends",
     "seeds",
+    "calib_seeds",
     "metrics",
     "settings",
     "exclude",
     "include",
 )
-RULE_KEYS = ("model", "method", "bits", "seed", "backend")
+RULE_KEYS = ("model", "method", "bits", "seed", "calib_seed", "backend")
 
 
 class MatrixError(ValueError):
@@ -90,16 +94,20 @@ class Sampling:
 @dataclass(frozen=True)
 class Budget:
     """Calibration size, reconstruction schedule and backend, applied to every method's recipe
-    so that methods are compared at equal cost.
+    so that methods are compared at equal cost, and the run's calibration seed.
 
     Args:
         calib_timesteps / calib_samples: K timesteps × N trajectories of calibration inputs
             (the paper: 20 × 256).
         weight_iters / act_iters: reconstruction steps per unit, for methods that reconstruct
             (the paper: 20,000 / 5,000).
-        weight_lr: AdaRound learning rate (the paper: 1e-3 at 20k steps; raise it for short
-            schedules).
+        weight_lr: AdaRound learning rate, constant (the paper: 1e-3 at 20k steps; a short
+            schedule needs ``weight_lr × weight_iters × 0.8`` well above 2.4 to decide its
+            roundings — the paper's is 16).
+        act_lr: learning rate of the log step sizes (see :class:`qdiff.ReconConfig`).
         backend: what :func:`qdiff.convert` builds for evaluation (``fake`` for quality).
+        calib_seed: which calibration trajectories (their noise) and which minibatch order —
+            an axis of the matrix (``calib_seeds``), not a setting.
     """
 
     calib_timesteps: int = 20
@@ -107,19 +115,35 @@ class Budget:
     weight_iters: int = 20000
     act_iters: int = 5000
     weight_lr: float = 1e-3
+    act_lr: float = 1e-3
     backend: str = "fake"
+    calib_seed: int = 0
 
     def apply(self, qconfig):
-        """``qconfig`` with this budget's calibration size and (if it reconstructs) schedule."""
+        """``qconfig`` with this budget's calibration size and seed and (if it reconstructs)
+        schedule."""
         calib = dataclasses.replace(
-            qconfig.calib, num_timesteps=self.calib_timesteps, samples_per_timestep=self.calib_samples
+            qconfig.calib,
+            num_timesteps=self.calib_timesteps,
+            samples_per_timestep=self.calib_samples,
+            seed=CALIB_SEED_BASE + self.calib_seed,
         )
         recon = qconfig.recon
         if recon.method != "none":
             recon = dataclasses.replace(
-                recon, weight_iters=self.weight_iters, act_iters=self.act_iters, weight_lr=self.weight_lr
+                recon,
+                weight_iters=self.weight_iters,
+                act_iters=self.act_iters,
+                weight_lr=self.weight_lr,
+                act_lr=self.act_lr,
+                seed=self.calib_seed,
             )
         return dataclasses.replace(qconfig, calib=calib, recon=recon)
+
+
+# Calibration trajectories draw their noise from seed CALIB_SEED_BASE + calib_seed, far from
+# the sampling seeds (0, 1, ...) that the evaluated images use.
+CALIB_SEED_BASE = 1000
 
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -170,7 +194,7 @@ class Evaluation:
 
 
 SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(Sampling))
-BUDGET_KEYS = tuple(f.name for f in dataclasses.fields(Budget))
+BUDGET_KEYS = tuple(f.name for f in dataclasses.fields(Budget) if f.name != "calib_seed")
 EVALUATION_KEYS = tuple(f.name for f in dataclasses.fields(Evaluation))
 SETTING_KEYS = SAMPLING_KEYS + BUDGET_KEYS + EVALUATION_KEYS
 UNHASHED_SETTINGS = ("inception_weights",)
@@ -231,9 +255,15 @@ class RunSpec:
         return None if self.budget is None or self.budget.backend == "fake" else self.budget.backend
 
     @property
+    def calib_seed(self) -> int | None:
+        """The calibration seed (None for the FP reference, which calibrates nothing)."""
+        return None if self.budget is None else self.budget.calib_seed
+
+    @property
     def label(self) -> str:
         on = "" if self.real_backend is None else f" [{self.real_backend}]"
-        return f"{self.model} {self.method}{on} {self.bits_label} seed={self.seed}"
+        calib = "" if self.budget is None else f" calib={self.calib_seed}"
+        return f"{self.model} {self.method}{on} {self.bits_label} seed={self.seed}{calib}"
 
     def on_backend(self, backend: str) -> RunSpec:
         """This quantized run deployed on ``backend``."""
@@ -277,6 +307,7 @@ class RunSpec:
             "a_bits": self.a_bits,
             "bits": self.bits_label,
             "seed": self.seed,
+            "calib_seed": self.calib_seed,
             "config_hash": self.hash,
             "n_samples": self.sampling.samples,
             "sampling": dataclasses.asdict(self.sampling),
@@ -289,7 +320,7 @@ class RunSpec:
         """Whether every ``key: patterns`` rule matches (shell-style patterns, e.g. ``W4*``)."""
         backend = "fp" if self.budget is None else self.budget.backend
         values = {"model": self.model, "method": self.method, "bits": self.bits_label, "seed": str(self.seed),
-                  "backend": backend}  # fmt: skip
+                  "calib_seed": str(self.calib_seed), "backend": backend}  # fmt: skip
         return all(
             any(fnmatch.fnmatch(values[k].lower(), p.lower()) for p in pats) for k, pats in rules.items()
         )
@@ -476,9 +507,13 @@ def _metrics(path: Path, where: str, value: Any) -> tuple[str, ...]:
     return metrics
 
 
-def _seeds(path: Path, items: list) -> list[int]:
-    if not items or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in items):
-        raise MatrixError(f"{path}: 'seeds' must be a list of integers >= 0, e.g. [0, 1]; got {items!r}")
+def _seeds(path: Path, key: str, items: list) -> list[int]:
+    if not items or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**31 for s in items):
+        raise MatrixError(
+            f"{path}: '{key}' must be a list of integers in [0, 2^31), e.g. [0, 1]; got {items!r}"
+        )
+    if len(set(items)) != len(items):
+        raise MatrixError(f"{path}: '{key}' lists a seed twice; list each once")
     return items
 
 
@@ -504,7 +539,8 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
             f"{path}: 'models' and 'methods' need at least one entry each (see `qdiff-bench ls`)"
         )
     bits = _bits(path, _as_list(path, "bits", data.get("bits")))
-    seeds = _seeds(path, _as_list(path, "seeds", data.get("seeds", [0])))
+    seeds = _seeds(path, "seeds", _as_list(path, "seeds", data.get("seeds", [0])))
+    calib_seeds = _seeds(path, "calib_seeds", _as_list(path, "calib_seeds", data.get("calib_seeds", [0])))
     backends = _backends(path, _as_list(path, "backends", data.get("backends")), lambda i: f"backends[{i}]")
     metrics = _metrics(path, "metrics", data.get("metrics"))
     excludes = _rules(path, "exclude", _as_list(path, "exclude", data.get("exclude")))
@@ -533,11 +569,12 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
             )
     method_overrides = {m: extra for m, extra in methods}
 
-    def make(model: str, method: str, b: Bits | None, seed: int) -> RunSpec:
+    def make(model: str, method: str, b: Bits | None, seed: int, calib_seed: int = 0) -> RunSpec:
         args, settings = model_entries[model]
         sampling, budget, evaluation = _settings(
             path, f"methods ({method})", method_overrides.get(method, {}), settings
         )
+        budget = dataclasses.replace(budget, calib_seed=calib_seed)
         run_metrics = model_metrics[model] or metrics or MODELS.get(model).DEFAULT_METRICS
         spec = RunSpec(model, method, None, None, seed, sampling, budget, run_metrics, args, evaluation)
         if method == FP_METHOD:
@@ -557,12 +594,15 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
     quant_bits = bits or []
     runs: list[RunSpec] = []
     for model, method, seed in itertools.product(model_entries, method_overrides, seeds):
-        for b in [None] if method == FP_METHOD else quant_bits:
-            runs.append(make(model, method, b, seed))
+        if method == FP_METHOD:
+            runs.append(make(model, method, None, seed))
+            continue
+        for b, c in itertools.product(quant_bits, calib_seeds):
+            runs.append(make(model, method, b, seed, c))
     runs = [d for r in runs for d in deployments(r)]
     runs = [r for r in runs if not any(r.matches(rule) for rule in excludes)]
     for i, rule in enumerate(includes):
-        added = _included(path, i, rule, model_entries, method_overrides, seeds, make)
+        added = _included(path, i, rule, model_entries, method_overrides, seeds, calib_seeds, make)
         if "backend" in rule:  # this rule's runs deploy on exactly the backends it names
             named = _backends(path, rule["backend"], lambda _, i=i: f"include[{i}]")
             added = [r.on_backend(b) for r in added if not r.is_fp for b in named]
@@ -577,7 +617,7 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
     return MatrixSpec(name, str(path), tuple(runs), str(data.get("description") or ""))
 
 
-def _included(path, i, rule, model_entries, method_overrides, seeds, make) -> list[RunSpec]:
+def _included(path, i, rule, model_entries, method_overrides, seeds, calib_seeds, make) -> list[RunSpec]:
     models = rule.get("model", tuple(model_entries))
     methods = rule.get("method", tuple(method_overrides))
     if "bits" not in rule and methods != (FP_METHOD,):
@@ -592,10 +632,14 @@ def _included(path, i, rule, model_entries, method_overrides, seeds, make) -> li
             raise MatrixError(f"{path}: include[{i}]: {exc}") from None
     bits = _bits(path, list(rule.get("bits", ())))
     seeds_ = [int(s) for s in rule.get("seed", seeds)]
+    calib_ = [int(s) for s in rule.get("calib_seed", calib_seeds)]
     out = []
     for model, method, seed in itertools.product(models, methods, seeds_):
-        for b in [None] if method == FP_METHOD else bits:
-            out.append(make(model, method, b, seed))
+        if method == FP_METHOD:
+            out.append(make(model, method, None, seed))
+            continue
+        for b, c in itertools.product(bits, calib_):
+            out.append(make(model, method, b, seed, c))
     return out
 
 

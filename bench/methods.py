@@ -139,7 +139,10 @@ class RecipeMethod:
         calibration: Calibration,
         progress: Callable[[str], None] | None = None,
     ) -> nn.Module:
-        qmodel, _ = qdiff.quantize(denoiser, config, calibration(config.calib), progress=progress)
+        qmodel, result = qdiff.quantize(denoiser, config, calibration(config.calib), progress=progress)
+        if config.recon.method != "none":
+            # Travels with the checkpoint into every row of the run (``recon`` column).
+            qmodel.recon_summary = result.summary()
         return qmodel
 
     def bases(self, bits: Bits) -> tuple[tuple[str, Bits], ...]:
@@ -149,12 +152,26 @@ class RecipeMethod:
         return qdiff.convert(qmodel, backend)
 
 
+# The softmax probabilities' own bit width, as the official code's ``sm_abit`` (8 by default;
+# it raises it to 16 for Stable Diffusion): 4-bit attention probabilities lose the small ones.
+PROBS_BITS = 8
+
+
 def grids(bits: Bits, scale_search: str) -> dict[str, qdiff.QuantSpec | None]:
-    """``weight``/``act`` specs shared by the methods, as in the official code: symmetric
-    per-output-channel weight grids, asymmetric per-tensor activation grids."""
+    """``weight``/``act``/``attn_probs`` specs shared by the methods: per-output-channel weight
+    grids, asymmetric per-tensor activation grids, softmax probabilities at ≥ 8 bits.
+
+    Weight grids are *symmetric* where the official code's are asymmetric: every integer
+    kernel here (oneDNN's int8 convolutions, the Triton int8 and w4a16 kernels) takes weights
+    with zero point 0, and a quality number should describe the model a backend deploys. The
+    cost of that choice is measured in the README (``qdiff-asym``).
+    """
     return {
         "weight": None if bits.w is None else qdiff.QuantSpec(bits.w, True, "channel", scale_search),
         "act": None if bits.a is None else qdiff.QuantSpec(bits.a, False, "tensor", scale_search),
+        "attn_probs": None
+        if bits.a is None
+        else qdiff.QuantSpec(max(PROBS_BITS, bits.a), False, "tensor", scale_search),
     }
 
 
@@ -192,6 +209,20 @@ QDIFF_NO_CALIB = _ablation(
 QDIFF_NO_SPLIT = _ablation("qdiff-no-split", "split shortcut quantization", split_shortcut=False)
 QDIFF_NO_RECON = _ablation(
     "qdiff-no-recon", "BRECQ reconstruction (range search only)", recon=qdiff.ReconConfig(method="none")
+)
+
+
+def _asymmetric_weights(bits: Bits) -> qdiff.QConfig:
+    """Q-Diffusion with the official code's asymmetric per-channel weight grids (simulated
+    only: the integer backends here need symmetric weights)."""
+    recipe = qdiffusion_recipe(bits)
+    if recipe.weight is None:
+        return recipe
+    return replace(recipe, weight=replace(recipe.weight, symmetric=False))
+
+
+QDIFF_ASYM = RecipeMethod(
+    "qdiff-asym", "Q-Diffusion with asymmetric per-channel weight grids (official code)", _asymmetric_weights
 )
 
 

@@ -67,6 +67,7 @@ METHODS = Registry(
         "qdiff-no-calib": "bench.methods:QDIFF_NO_CALIB",
         "qdiff-no-split": "bench.methods:QDIFF_NO_SPLIT",
         "qdiff-no-recon": "bench.methods:QDIFF_NO_RECON",
+        "qdiff-asym": "bench.methods:QDIFF_ASYM",
         **BASELINES,
     },
 )
@@ -76,6 +77,7 @@ METRICS = Registry(
     {
         "digits_fd": "bench.metrics.quality:DIGITS_FD",
         "psnr_vs_fp": "bench.metrics.quality:PSNR_VS_FP",
+        "eps_mse": "bench.metrics.quality:EPS_MSE",
         "quantize_time": "bench.metrics.quality:QUANTIZE_TIME",
         "fid": "bench.metrics.fid:FID_METRIC",
         "kid": "bench.metrics.fid:KID_METRIC",

@@ -183,10 +183,12 @@ def waves(specs: list[RunSpec]) -> list[list[RunSpec]]:
     (quantized runs pair with their cached samples), then quantized runs; a WxA32 run whose
     recipe can reuse a WxAy run's weight phase from this matrix comes after that run, and a
     run of a method with ``bases`` after its bases' runs."""
-    cells = {(s.model, s.method, s.w_bits, s.a_bits, s.seed) for s in specs}
+    # A cell's seeds: the sampling seed and the calibration seed (what a weight phase and a
+    # base checkpoint are shared under).
+    cells = {(s.model, s.method, s.w_bits, s.a_bits, (s.seed, s.calib_seed)) for s in specs}
 
     @cache
-    def depth(model: str, name: str, w: int | None, a: int | None, seed: int) -> int:
+    def depth(model: str, name: str, w: int | None, a: int | None, seed: tuple) -> int:
         method = METHODS.get(name)
         after = []
         if a is None and method.shares_weight_phase:  # any WxAy run of the same recipe
@@ -196,7 +198,8 @@ def waves(specs: list[RunSpec]) -> list[list[RunSpec]]:
 
     groups: dict[int, list[RunSpec]] = {}
     for spec in specs:
-        level = 0 if spec.is_fp else depth(spec.model, spec.method, spec.w_bits, spec.a_bits, spec.seed)
+        seeds = (spec.seed, spec.calib_seed)
+        level = 0 if spec.is_fp else depth(spec.model, spec.method, spec.w_bits, spec.a_bits, seeds)
         groups.setdefault(level, []).append(spec)
     return [groups[level] for level in sorted(groups)]
 
@@ -329,13 +332,16 @@ def _evaluate(
             sample = lambda: adapter.sample(deployable(), n, seed, progress=progress)  # noqa: E731
             images, sample_s, sampled_peak = _timed_samples(key, sample, peak, before=deployable)
         ctx = EvalContext(spec, adapter, images, fp_images, deployable, ckpt["quantize_s"], cached)
-        extra = {"qconfig": ckpt["qconfig"], "weights_from": ckpt.get("weights_from"), "sample_s": sample_s}
+        extra = {"qconfig": ckpt["qconfig"], "weights_from": ckpt.get("weights_from"), "sample_s": sample_s,
+                 "recon": getattr(ckpt["model"], "recon_summary", None)}  # fmt: skip
     if sampled_peak is not None:
         ctx.memo["sampling_peak"] = sampled_peak
     if grids is not None and ctx.images is not None:
         count = 64 if ctx.images.shape[-1] < 64 else 8
         on = "" if spec.real_backend is None else f"-{spec.real_backend}"
-        save_grid(ctx.images[:count], grids / f"{spec.model}-{spec.method}{on}-{spec.bits_label}-s{seed}.png")
+        calib = "" if spec.is_fp else f"c{spec.calib_seed}"
+        name = f"{spec.model}-{spec.method}{on}-{spec.bits_label}-s{seed}{calib}.png"
+        save_grid(ctx.images[:count], grids / name)
     rows = []
     for name in spec.metrics:
         metric = METRICS.get(name)

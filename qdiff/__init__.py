@@ -11,7 +11,7 @@ from qdiff.lowrank import add_low_rank
 from qdiff.modules import QuantAttnProcessor, QuantConv2d, QuantLinear, QuantMatMul
 from qdiff.prepare import find_skip_concats, prepare, set_quant_state
 from qdiff.quantizer import AdaRoundQuantizer, UniformAffineQuantizer
-from qdiff.reconstruct import UnitReport, find_units, reconstruct
+from qdiff.reconstruct import ReconResult, UnitReport, find_units, reconstruct
 from qdiff.smooth import smooth
 from qdiff.storage import storage_bytes
 
@@ -27,6 +27,7 @@ __all__ = [
     "QuantMatMul",
     "QuantSpec",
     "ReconConfig",
+    "ReconResult",
     "TrajectoryRecorder",
     "UniformAffineQuantizer",
     "UnitReport",

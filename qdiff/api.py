@@ -12,7 +12,7 @@ from qdiff.calibration import CalibData, calibrate
 from qdiff.config import QConfig
 from qdiff.lowrank import add_low_rank
 from qdiff.prepare import FilterFn, prepare, set_quant_state
-from qdiff.reconstruct import UnitReport, reconstruct
+from qdiff.reconstruct import ReconResult, reconstruct
 from qdiff.smooth import smooth
 
 
@@ -23,11 +23,11 @@ def quantize(
     filter_fn: FilterFn | None = None,
     batch_size: int = 64,
     progress: Callable[[str], None] | None = None,
-) -> tuple[nn.Module, list[UnitReport]]:
+) -> tuple[nn.Module, ReconResult]:
     """prepare → (smooth → low-rank branch) → calibrate → reconstruct, on a copy of ``model``.
 
     Returns:
-        The quantized model (fake quantization on) and the reconstruction reports.
+        The quantized model (fake quantization on) and what reconstruction did.
     """
     qmodel = prepare(copy.deepcopy(model), qconfig, filter_fn)
     if qconfig.smooth_alpha is not None:
@@ -35,9 +35,9 @@ def quantize(
     if qconfig.low_rank:
         add_low_rank(qmodel, qconfig.low_rank)
     calibrate(qmodel, calib_data, batch_size=batch_size, seed=qconfig.calib.seed)
-    reports = reconstruct(qmodel, calib_data, qconfig.recon, batch_size=batch_size, progress=progress)
+    result = reconstruct(qmodel, calib_data, qconfig.recon, batch_size=batch_size, progress=progress)
     set_quant_state(qmodel, weight=True, act=True)
-    return qmodel, reports
+    return qmodel, result
 
 
 def convert(qmodel: nn.Module, backend: str = "fake") -> nn.Module:

@@ -8,6 +8,7 @@ message that names the field, the bad value and the valid choices. ``QConfig.to_
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,8 @@ def _choice(owner: str, name: str, value: Any, valid: tuple[str, ...]) -> None:
 def _positive(owner: str, name: str, value: float, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{owner}.{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{owner}.{name}={value!r} must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{owner}.{name}={value!r} must be {bound}")
@@ -114,21 +117,36 @@ class ReconConfig:
 
     Weights are learned first with AdaRound (Nagel et al., ICML 2020) with activations in full
     precision, then activation step sizes with LSQ (Esser et al., ICLR 2020), each unit
-    minimising the MSE between its output and the FP unit's output on calibration inputs.
-    The defaults are the Q-Diffusion code's (20k / 5k iterations, Adam lr 1e-3 for the
-    rounding logits and 4e-4 for the step sizes, batch 32).
+    minimising the error between its output and the FP unit's output on calibration inputs.
+    The defaults follow the Q-Diffusion code (20k / 5k iterations, Adam at a constant lr 1e-3
+    for the rounding logits, batch 32); where this implementation differs on purpose, the
+    field says so.
 
     Args:
         method: ``none`` or ``brecq``.
         granularity: ``block`` (ResNet block, attention/transformer block, up/down sampler;
             leftover layers one by one) or ``layer`` (every layer on its own).
         weight_iters / act_iters: optimisation steps per unit for each phase.
-        weight_lr / act_lr: Adam learning rates of the AdaRound logits and the step sizes.
+        weight_lr: Adam learning rate of the AdaRound logits, constant as in the reference
+            code. Adam moves a logit by at most about ``weight_lr`` per step and a rounding is
+            decided once |α| ≳ 2.4, so a budget decides its roundings only if
+            ``weight_lr × weight_iters × (1 − warmup)`` is well above 2.4 (the reference:
+            16); the share left undecided is reported per unit.
+        act_lr: Adam learning rate of the log step sizes (a relative change per step; the
+            reference learns the raw step size at 4e-4, whose relative effect depends on the
+            layer's scale), cosine-decayed to 0 over ``act_iters``.
         batch_size: calibration inputs per optimisation step.
         round_weight: λ of the AdaRound rounding regulariser.
         beta_start / beta_end: annealing range of the regulariser's exponent.
         warmup: fraction of ``weight_iters`` without the regulariser.
-        seed: seed of minibatch sampling.
+        balance: weight each calibration input by 1 / (its timestep's mean starting loss),
+            so every timestep counts equally; the reference pools them unweighted, which lets
+            the low-noise steps (≈50× larger round-to-nearest error) dominate.
+        holdout: share of each timestep's calibration inputs kept out of optimisation; a
+            unit keeps its new rounding or step sizes only if its balanced loss on them
+            improves (else it reverts), and the model's per-timestep ε error is measured on
+            them before and after. 0 turns the guard off (the reference's behaviour).
+        seed: seed of the held-out split and minibatch sampling.
     """
 
     method: str = "brecq"
@@ -136,12 +154,14 @@ class ReconConfig:
     weight_iters: int = 20000
     act_iters: int = 5000
     weight_lr: float = 1e-3
-    act_lr: float = 4e-4
+    act_lr: float = 1e-3
     batch_size: int = 32
     round_weight: float = 0.01
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
+    balance: bool = True
+    holdout: float = 0.2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -154,6 +174,10 @@ class ReconConfig:
         _positive("ReconConfig", "round_weight", self.round_weight, allow_zero=True)
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"ReconConfig.warmup={self.warmup} must be in [0, 1)")
+        if not isinstance(self.balance, bool):
+            raise ConfigError(f"ReconConfig.balance must be true or false, got {self.balance!r}")
+        if not isinstance(self.holdout, int | float) or not 0.0 <= self.holdout < 1.0:
+            raise ConfigError(f"ReconConfig.holdout={self.holdout!r} must be in [0, 1)")
 
 
 @dataclass(frozen=True)

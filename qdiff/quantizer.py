@@ -127,6 +127,10 @@ class UniformAffineQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(()))
         self.register_buffer("initialized", torch.tensor(False))
+        # While LSQ learns the step size it does so in log space (``learn_log_scale``): a step
+        # of the optimiser then changes the scale by the same *relative* amount whatever its
+        # magnitude, so one learning rate suits 4-bit and 8-bit grids and every layer alike.
+        self.log_scale: nn.Parameter | None = None
         # Set only by ``qdiff.calibrate``: while set, the quantizer reports its input to the
         # observer and passes it through unchanged.
         self.observer: Callable[[torch.Tensor], None] | None = None
@@ -150,13 +154,26 @@ class UniformAffineQuantizer(nn.Module):
         """Set the grid from a tensor (a weight, or a sample of activations)."""
         self.set_range(*search_range(x, self.spec, self.channel_dim))
 
+    def learn_log_scale(self) -> nn.Parameter:
+        """Start learning the step size as ``exp(log_scale)``; returns the parameter to train."""
+        self.log_scale = nn.Parameter(self.scale.detach().log())
+        return self.log_scale
+
+    @torch.no_grad()
+    def freeze_scale(self, scale: torch.Tensor | None = None) -> None:
+        """Stop learning: keep the learned step size (or set ``scale``, e.g. to revert)."""
+        learned = self.log_scale.detach().exp() if self.log_scale is not None else self.scale.detach()
+        self.scale.data = (learned if scale is None else scale).clone()
+        self.log_scale = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer(x)
             return x
         if not self.initialized:
             raise RuntimeError("quantizer used before calibration; run qdiff.calibrate(model, data) first")
-        return fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        scale = self.scale if self.log_scale is None else self.log_scale.exp()
+        return fake_quant(x, scale, self.zero_point, self.qmin, self.qmax)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -189,6 +206,9 @@ class AdaRoundQuantizer(nn.Module):
         # Inverse of the rectified sigmoid at the residual.
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (residual - GAMMA) - 1))
         self.register_buffer("hard", torch.tensor(False))
+        # Hardened, the initial logits round to nearest (α ≥ 0 ⟺ residual ≥ ½): what a unit
+        # reverts to when its learned rounding does worse (``reset``).
+        self._alpha0 = self.alpha.detach().clone()
 
     def rounding(self) -> torch.Tensor:
         if self.hard:
@@ -199,9 +219,25 @@ class AdaRoundQuantizer(nn.Module):
         """Σ 1 − |2h − 1|^β: pushes every h to 0 or 1 as β is annealed down."""
         return (1 - (2 * self.rounding() - 1).abs().pow(beta)).sum()
 
+    def undecided(self) -> tuple[int, int]:
+        """``(undecided, total)``: roundings whose soft value h lies strictly inside (0, 1), i.e.
+        |α| below ≈ 2.4, which hardening would decide by the sign of α alone."""
+        with torch.no_grad():
+            h = (torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+            return int(((h > 0) & (h < 1)).sum()), h.numel()
+
     def harden(self) -> None:
         self.hard.fill_(True)
         self.alpha.requires_grad_(False)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Back to round-to-nearest, hardened."""
+        self.alpha.copy_(self._alpha0)
+        self.harden()
+
+    def soften(self) -> None:
+        self.hard.fill_(False)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         b = self.base

@@ -7,10 +7,21 @@ compensated) and the targets are the FP model's outputs of that unit; the loss i
 squared error summed over channels (BRECQ's ``lp_loss(p=2)``).
 
 Phase 1, weights: AdaRound logits of every weight in the unit, activations in FP, with the
-annealed rounding regulariser (BRECQ Eq. 9 / AdaRound Eq. 25); the rounding is then hardened.
-Phase 2, activations: activation grids are re-calibrated on the reconstructed weights, then the
-LSQ step sizes of every activation quantizer in the unit are learned, with weights at their
-hardened rounding and all quantizers on.
+annealed rounding regulariser (BRECQ Eq. 9 / AdaRound Eq. 25), Adam at a constant lr; the
+rounding is then hardened. Phase 2, activations: activation grids are re-calibrated on the
+reconstructed weights, then the LSQ step sizes of every activation quantizer in the unit are
+learned (in log space), with weights at their hardened rounding and all quantizers on.
+
+Two choices differ from the reference code, each a :class:`ReconConfig` switch:
+
+- ``balance``: each input's squared error is weighted by 1 / (its timestep's mean starting
+  error), so every calibrated timestep counts equally. Pooled, the round-to-nearest error of
+  the low-noise steps is ~50× that of the noisy ones, and a short budget buys late-step
+  accuracy with early-step error and a bias in ε that shifts the whole sampler trajectory.
+- ``holdout``: a stratified share of each timestep's inputs is kept out of optimisation. A
+  unit keeps its learned rounding (or step sizes) only if its balanced loss *on those inputs,
+  with the hardened rounding* improves; otherwise it reverts to where it started. The model's
+  per-timestep ε error on the held-out inputs is measured before and after.
 """
 
 from __future__ import annotations
@@ -43,12 +54,55 @@ DEFAULT_BLOCK_TYPES = (
 
 @dataclass(frozen=True)
 class UnitReport:
-    """Output error of one unit on a fixed evaluation batch, before and after optimisation."""
+    """One unit and phase: its balanced output error on the held-out inputs (all calibrated
+    timesteps) where it started and after optimisation (hardened), whether it reverted, and,
+    for weights, the share of roundings AdaRound had not decided when it hardened them."""
 
     unit: str
     phase: str
     loss_before: float
     loss_after: float
+    reverted: bool = False
+    undecided: float | None = None
+
+
+@dataclass(frozen=True)
+class ReconResult:
+    """What reconstruction did: per-unit reports, and the model's ε error (mean squared error
+    of the noise prediction against the FP model's) per calibrated timestep on the held-out
+    inputs, at the start (round-to-nearest weights, calibrated activation ranges) and at the
+    end."""
+
+    units: tuple[UnitReport, ...] = ()
+    timesteps: tuple[int, ...] = ()
+    eps_before: tuple[float, ...] = ()
+    eps_after: tuple[float, ...] = ()
+
+    @property
+    def reverted(self) -> int:
+        return sum(u.reverted for u in self.units)
+
+    @property
+    def undecided(self) -> float | None:
+        """The largest undecided share of any unit (None without a weight phase)."""
+        shares = [u.undecided for u in self.units if u.undecided is not None]
+        return max(shares) if shares else None
+
+    def summary(self) -> dict:
+        """A JSON-able summary for results rows."""
+        return {
+            "units": len(self.units),
+            "reverted": self.reverted,
+            "reverted_units": [f"{u.phase} {u.unit}" for u in self.units if u.reverted],
+            "undecided_max": self.undecided,
+            "timesteps": list(self.timesteps),
+            "eps_before": [round(v, 6) for v in self.eps_before],
+            "eps_after": [round(v, 6) for v in self.eps_after],
+        }
+
+
+TARGET_CACHE_BYTES = 1 << 30
+UNDECIDED_WARNING = 0.05  # warn when more than this share of a unit's roundings is undecided
 
 
 def find_units(
@@ -144,8 +198,11 @@ def _capture(model: nn.Module, unit: nn.Module, data: CalibData, batch_size: int
     return torch.cat(outputs)
 
 
-def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (out - target).pow(2).sum(1).mean()
+def _per_sample_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BRECQ's ``lp_loss(p=2)`` per input: squared error summed over channels (dim 1),
+    averaged over the rest."""
+    err = (out - target).pow(2).sum(1)
+    return err.reshape(len(err), -1).mean(1)
 
 
 def _beta(cfg: ReconConfig, it: int) -> float:
@@ -155,44 +212,111 @@ def _beta(cfg: ReconConfig, it: int) -> float:
     return cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - progress)
 
 
-def _eval(unit: nn.Module, inputs: _Captured, target: torch.Tensor, cfg: ReconConfig) -> float:
-    """Output error on a fixed evaluation batch (the first 4 minibatches' worth of inputs)."""
-    idx = torch.arange(min(len(target), 4 * cfg.batch_size), device=target.device)
-    with torch.no_grad():
-        args, kwargs = inputs.get(idx)
-        return _rec_loss(_as_tensor(unit(*args, **kwargs)), target[idx]).item()
+def _as_tensor(output) -> torch.Tensor:
+    if hasattr(output, "sample"):  # a diffusers model output
+        return output.sample
+    return output[0] if isinstance(output, tuple) else output
+
+
+@dataclass
+class _Split:
+    """Training and held-out input indices, stratified over timesteps, and each input's
+    timestep group."""
+
+    train: torch.Tensor
+    held: torch.Tensor
+    group: torch.Tensor  # index into ``timesteps`` of every input
+    timesteps: list[int]
+
+
+def _split(data: CalibData, holdout: float, generator: torch.Generator) -> _Split:
+    timesteps, group = torch.unique(data.t.cpu(), return_inverse=True)
+    train, held = [], []
+    for g in range(len(timesteps)):
+        idx = (group == g).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        k = round(holdout * len(idx)) if holdout > 0 else 0
+        k = min(max(k, 1 if holdout > 0 else 0), len(idx) - 1)
+        held.append(idx[:k])
+        train.append(idx[k:])
+    return _Split(torch.cat(train).sort().values, torch.cat(held).sort().values, group,
+                  [int(t) for t in timesteps])  # fmt: skip
+
+
+class _Objective:
+    """A unit's loss: per-input squared error, weighted per timestep (see ``balance``)."""
+
+    def __init__(self, unit, inputs: _Captured, target: torch.Tensor, split: _Split, cfg: ReconConfig):
+        self.unit, self.inputs, self.target, self.split, self.cfg = unit, inputs, target, split, cfg
+        device = target.device
+        self.group = split.group.to(device)
+        start = self.losses(split.train)
+        groups = self.group[split.train.to(device)]
+        n = len(split.timesteps)
+        per_t = torch.zeros(n, device=device).index_add_(0, groups, start)
+        counts = torch.bincount(groups, minlength=n).clamp(min=1)
+        per_t = (per_t / counts).clamp(min=torch.finfo(torch.float32).tiny)
+        pooled = start.mean()
+        # Weights keep the pooled loss's scale at the start (so the AdaRound regulariser's λ
+        # weighs as in the reference), but give every timestep the same share.
+        self.weight_t = pooled / per_t if cfg.balance else torch.ones(n, device=device)
+        self.eval_idx = split.held if len(split.held) else split.train
+
+    def losses(self, index: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for part in index.split(chunk):
+                part = part.to(self.target.device)
+                args, kwargs = self.inputs.get(part)
+                out.append(_per_sample_loss(_as_tensor(self.unit(*args, **kwargs)), self.target[part]))
+        return torch.cat(out)
+
+    def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
+        args, kwargs = self.inputs.get(idx)
+        per = _per_sample_loss(_as_tensor(self.unit(*args, **kwargs)), self.target[idx])
+        return (per * self.weight_t[self.group[idx]]).mean()
+
+    def evaluate(self) -> float:
+        """Balanced loss on the held-out inputs: the timesteps' weighted mean losses, averaged
+        with equal weight per timestep (pooled when ``balance`` is off)."""
+        idx = self.eval_idx.to(self.target.device)
+        per = self.losses(idx) * self.weight_t[self.group[idx]]
+        if not self.cfg.balance:
+            return per.mean().item()
+        groups = self.group[idx]
+        n = len(self.split.timesteps)
+        sums = torch.zeros(n, device=per.device).index_add_(0, groups, per)
+        counts = torch.bincount(groups, minlength=n)
+        present = counts > 0
+        return (sums[present] / counts[present]).mean().item()
 
 
 def _optimise(
-    unit: nn.Module,
-    inputs: _Captured,
-    target: torch.Tensor,
+    objective: _Objective,
     params: list[nn.Parameter],
     iters: int,
     lr: float,
-    cfg: ReconConfig,
+    cosine: bool,
     generator: torch.Generator,
     extra_loss: Callable[[int], torch.Tensor | float] = lambda it: 0.0,
 ) -> None:
-    n = len(target)
+    train = objective.split.train
+    batch = min(objective.cfg.batch_size, len(train))
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, iters), eta_min=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, iters)) if cosine else None
+    picks = torch.randint(0, len(train), (iters, batch), generator=generator)
     for it in range(iters):
-        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=generator).to(target.device)
-        args, kwargs = inputs.get(idx)
-        loss = _rec_loss(_as_tensor(unit(*args, **kwargs)), target[idx]) + extra_loss(it)
+        idx = train[picks[it]].to(objective.target.device)
+        loss = objective.batch_loss(idx) + extra_loss(it)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
     for p in params:
         p.requires_grad_(False)
-
-
-def _as_tensor(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
 
 
 def reconstruct(
@@ -202,23 +326,24 @@ def reconstruct(
     batch_size: int = 64,
     block_types: tuple[str, ...] = DEFAULT_BLOCK_TYPES,
     progress: Callable[[str], None] | None = None,
-) -> list[UnitReport]:
+) -> ReconResult:
     """Reconstruct a prepared, calibrated model unit by unit (see module docstring).
 
     Args:
         model: output of :func:`qdiff.prepare` followed by :func:`qdiff.calibrate`.
         data: calibration inputs (the same ones used to calibrate).
-        config: iterations, learning rates, batch size and regulariser.
+        config: iterations, learning rates, batch size, regulariser, balance and hold-out.
         batch_size: batch size of the full-model passes that capture unit inputs/outputs.
         block_types: class names reconstructed as one block.
         progress: called with a short message after each unit.
 
     Returns:
-        One report per unit and phase, with the unit's output error before and after.
+        Per-unit reports and the model's per-timestep ε error before and after.
     """
     if config.method == "none":
-        return []
+        return ReconResult()
     generator = torch.Generator().manual_seed(config.seed)
+    split = _split(data, config.holdout, generator)
     grad_state = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
     units = _in_execution_order(model, find_units(model, config.granularity, block_types), data)
@@ -226,6 +351,11 @@ def reconstruct(
     has_weight = any(m.has_weight_quant for _, m in _quant_in(model))
     has_act = any(m.has_act_quant for _, m in _quant_in(model))
     phases = [("weight", has_weight and config.weight_iters > 0), ("act", has_act and config.act_iters > 0)]
+    check = data.select(split.held if len(split.held) else split.train)
+    # The FP targets of a unit are the same in both phases: keep them for the second phase
+    # while they fit in TARGET_CACHE_BYTES (one capture pass per unit saved).
+    targets: dict[str, torch.Tensor] = {}
+    eps_before = _eps_error(model, check, batch_size, split.timesteps)
     try:
         for phase, enabled in phases:
             if not enabled:
@@ -235,17 +365,49 @@ def reconstruct(
                 # the inputs the reconstructed weights produce; redo ours the same way.
                 calibrate(model, data, batch_size=batch_size, seed=config.seed)
             for name, unit in units:
-                report = _reconstruct_unit(model, name, unit, data, config, phase, batch_size, generator)
-                if report is not None:
-                    reports.append(report)
-                    log.info("%s %s: %.4g -> %.4g", phase, name, report.loss_before, report.loss_after)
-                    if progress is not None:
-                        progress(f"{phase} {name}")
+                report = _reconstruct_unit(
+                    model, name, unit, data, split, config, phase, batch_size, generator, targets
+                )
+                if report is None:
+                    continue
+                reports.append(report)
+                log.info("%s %s: %.4g -> %.4g%s", phase, name, report.loss_before, report.loss_after,
+                         " (reverted)" if report.reverted else "")  # fmt: skip
+                if report.undecided is not None and report.undecided > UNDECIDED_WARNING:
+                    log.warning(
+                        "%s: %.0f%% of the roundings were undecided when hardened; raise weight_iters "
+                        "or weight_lr (weight_lr × weight_iters × (1 − warmup) should be well above 2.4)",
+                        name, 100 * report.undecided,
+                    )  # fmt: skip
+                if progress is not None:
+                    progress(f"{phase} {name}")
     finally:
         for p, flag in grad_state.items():
             p.requires_grad_(flag)
         set_quant_state(model, weight=True, act=True)
-    return reports
+    eps_after = _eps_error(model, check, batch_size, split.timesteps)
+    return ReconResult(tuple(reports), tuple(split.timesteps), tuple(eps_before), tuple(eps_after))
+
+
+@torch.no_grad()
+def _eps_error(model: nn.Module, data: tuple, batch_size: int, timesteps: list[int]) -> list[float]:
+    """Mean squared error of the quantized model's output against the FP model's (the same
+    model with quantization off), per timestep, on ``data``."""
+    x, t, cond = data
+    errors = []
+    for i in range(0, len(x), batch_size):
+        batch = (
+            x[i : i + batch_size],
+            t[i : i + batch_size],
+            {k: v[i : i + batch_size] for k, v in cond.items()},
+        )
+        set_quant_state(model, weight=False, act=False)
+        ref = _as_tensor(run_model(model, batch))
+        set_quant_state(model, weight=True, act=True)
+        errors.append((_as_tensor(run_model(model, batch)) - ref).pow(2).flatten(1).mean(1))
+    err = torch.cat(errors).cpu()
+    tt = t.cpu()
+    return [err[tt == step].mean().item() for step in timesteps]
 
 
 @torch.no_grad()
@@ -273,7 +435,7 @@ def _quant_in(module: nn.Module) -> list[tuple[str, QuantModule]]:
     return [(n, m) for n, m in module.named_modules() if isinstance(m, QuantModule)]
 
 
-def _reconstruct_unit(model, name, unit, data, config, phase, batch_size, generator):
+def _reconstruct_unit(model, name, unit, data, split, config, phase, batch_size, generator, targets):
     inner = [m for _, m in _quant_in(unit)]
     if phase == "weight":
         layers = [m for m in inner if isinstance(m, QuantLayer) and m.has_weight_quant]
@@ -286,13 +448,24 @@ def _reconstruct_unit(model, name, unit, data, config, phase, batch_size, genera
             return None
         set_quant_state(model, weight=True, act=True)
     inputs = _capture(model, unit, data, batch_size, "inputs")
-    set_quant_state(model, weight=False, act=False)
-    target = _capture(model, unit, data, batch_size, "outputs")
+    target = targets.get(name)
+    if target is None:
+        set_quant_state(model, weight=False, act=False)
+        target = _capture(model, unit, data, batch_size, "outputs")
+        held = sum(t.numel() * t.element_size() for t in targets.values())
+        if held + target.numel() * target.element_size() <= TARGET_CACHE_BYTES:
+            targets[name] = target
 
+    undecided = None
     if phase == "weight":
         set_quant_state(model, weight=True, act=False)
-        before = _eval(unit, inputs, target, config)  # round-to-nearest
         rounders = [r for layer in layers for r in layer.enable_adaround()]
+        for r in rounders:
+            r.reset()  # start, and judge the start, at round-to-nearest
+        objective = _Objective(unit, inputs, target, split, config)
+        before = objective.evaluate()
+        for r in rounders:
+            r.soften()
         warm = config.warmup * config.weight_iters
 
         def regulariser(it: int):
@@ -301,36 +474,29 @@ def _reconstruct_unit(model, name, unit, data, config, phase, batch_size, genera
             beta = _beta(config, it)
             return config.round_weight * sum(r.regularizer(beta) for r in rounders)
 
-        _optimise(
-            unit,
-            inputs,
-            target,
-            [r.alpha for r in rounders],
-            config.weight_iters,
-            config.weight_lr,
-            config,
-            generator,
-            regulariser,
-        )
+        params = [r.alpha for r in rounders]
+        _optimise(objective, params, config.weight_iters, config.weight_lr, False, generator, regulariser)
+        counts = [r.undecided() for r in rounders]
+        undecided = sum(c[0] for c in counts) / max(1, sum(c[1] for c in counts))
         for r in rounders:
             r.harden()
+        after = objective.evaluate()
+        revert = lambda: [r.reset() for r in rounders]  # noqa: E731
     else:
         set_quant_state(model, weight=True, act=True)
-        before = _eval(unit, inputs, target, config)
-        _optimise(
-            unit,
-            inputs,
-            target,
-            [q.scale for q in quantizers],
-            config.act_iters,
-            config.act_lr,
-            config,
-            generator,
-        )
-        with torch.no_grad():
-            for q in quantizers:
-                q.scale.abs_().clamp_(min=torch.finfo(torch.float32).tiny * 1e6)
-    after = _eval(unit, inputs, target, config)
+        objective = _Objective(unit, inputs, target, split, config)
+        before = objective.evaluate()
+        start = [q.scale.detach().clone() for q in quantizers]
+        params = [q.learn_log_scale() for q in quantizers]
+        _optimise(objective, params, config.act_iters, config.act_lr, True, generator)
+        for q in quantizers:
+            q.freeze_scale()
+        after = objective.evaluate()
+        revert = lambda: [q.freeze_scale(s) for q, s in zip(quantizers, start, strict=True)]  # noqa: E731
     if not math.isfinite(after):
         raise FloatingPointError(f"reconstruction of {name} ({phase}) diverged; lower the lr")
-    return UnitReport(name, phase, before, after)
+    # The guard: keep the result only if it does better on inputs it was not fitted to.
+    reverted = config.holdout > 0 and after >= before
+    if reverted:
+        revert()
+    return UnitReport(name, phase, before, after, reverted, undecided)

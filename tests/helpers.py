@@ -11,8 +11,9 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     return (10 * torch.log10(reference.pow(2).mean() / noise)).item()
 
 
-def calib_for(unet, n: int = 32, cond_dim: int | None = None, seed: int = 0):
-    """Random but plausible denoiser inputs (x_t ~ N(0, 1), timesteps across the schedule)."""
+def calib_for(unet, n: int = 32, cond_dim: int | None = None, seed: int = 0, timesteps: int | None = None):
+    """Random but plausible denoiser inputs (x_t ~ N(0, 1), timesteps across the schedule; with
+    ``timesteps``, n // timesteps inputs at each of that many timesteps, as a sampler records)."""
     import qdiff
 
     g = torch.Generator().manual_seed(seed)
@@ -20,6 +21,8 @@ def calib_for(unet, n: int = 32, cond_dim: int | None = None, seed: int = 0):
     s = unet.config.sample_size
     x = torch.randn(n, c, s, s, generator=g)
     t = torch.randint(0, 1000, (n,), generator=g)
+    if timesteps is not None:
+        t = torch.linspace(999, 0, timesteps).round().long().repeat_interleave(n // timesteps)
     cond = {} if cond_dim is None else {"encoder_hidden_states": torch.randn(n, 5, cond_dim, generator=g)}
     return qdiff.CalibData(x, t, cond)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torchvision.transforms.functional as TF
 
-from bench.metrics.quality import EvalContext, Measurement, Metric
+from bench.metrics.quality import EvalContext, Measurement, Metric, with_intervals
 from bench.models.base import AvailabilityError, resolve_device
 
 SCALE = "100 * cosine(image, text), clipped at 0 (torchmetrics CLIPScore)"
@@ -93,14 +93,22 @@ class CLIPScore(Metric):
         device = resolve_device(ctx.spec.sampling.device)
         model, preprocess, tokenizer = load_clip(ev.clip_model, ev.clip_pretrained, str(device))
         prompts = ctx.adapter.prompts(len(ctx.images))
-        scores = clip_scores(ctx.images, prompts, model, preprocess, tokenizer, device)
+        scores = clip_scores(ctx.images, prompts, model, preprocess, tokenizer, device).double().cpu().numpy()
+        fp_scores = None
+        if ctx.fp_images is not None:  # the same prompts and noise: a paired difference
+            fp_scores = clip_scores(ctx.fp_images, prompts, model, preprocess, tokenizer, device)
+            fp_scores = fp_scores.double().cpu().numpy()
         extra = {
             "clip_model": ev.clip_model,
             "clip_pretrained": ev.clip_pretrained,
             "scale": SCALE,
-            "std": scores.std().item() if len(scores) > 1 else None,
+            "std": scores.std(ddof=1).item() if len(scores) > 1 else None,
         }
-        return Measurement(scores.mean().item(), extra)
+
+        def mean(idx, fp_idx):
+            return float(scores[idx].mean() if idx is not None else fp_scores[fp_idx].mean())
+
+        return with_intervals(mean, len(scores), paired=fp_scores is not None, extra=extra)
 
 
 CLIP_SCORE = CLIPScore()

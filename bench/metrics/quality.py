@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
+
+from bench import stats
 
 
 @dataclass
@@ -59,6 +62,24 @@ class Measurement:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def with_intervals(
+    statistic: Callable[[np.ndarray, np.ndarray | None], float], n: int, paired: bool, extra=None
+) -> Measurement:
+    """A measurement with its bootstrap interval over the run's n images and, when ``paired``,
+    the interval of its difference to the FP run from the same noise (same resampled indices).
+
+    ``statistic(indices, None)`` is the run's value on those images, ``statistic(None, indices)``
+    the FP run's (see :mod:`bench.stats`).
+    """
+    value = stats.bootstrap(lambda idx: statistic(idx, None), n)
+    out = {**(extra or {}), **value.row(), "n_resamples": stats.N_RESAMPLES, "ci_level": stats.LEVEL,
+           "ci_method": stats.METHOD}  # fmt: skip
+    if paired:
+        delta = stats.bootstrap(lambda idx: statistic(idx, None) - statistic(None, idx), n)
+        out.update({"delta": delta.estimate, **delta.row("delta_")})
+    return Measurement(value.estimate, out)
+
+
 class Metric:
     """Base class; subclasses set the class attributes and implement ``__call__``."""
 
@@ -92,8 +113,10 @@ class CostMetric(Metric):
 class DigitsFD(Metric):
     """Fréchet distance of generated digits to real ones in the embedded classifier's features.
 
-    The FP run's row also carries the real-vs-real floor at the same sample count (mean ± sd
-    over 5 draws of held-apart real digits): no generator can be expected to score below it.
+    Rows carry a bootstrap interval over the run's images and, for a quantized run, the paired
+    difference to its FP run with its interval (:func:`with_intervals`). The FP run's row also
+    carries the floor at the same sample count: what a perfect model of the training data
+    scores (see :meth:`bench.models.embedded.EmbeddedDigits.real_floor`).
     """
 
     name = "digits_fd"
@@ -102,11 +125,17 @@ class DigitsFD(Metric):
     models = ("embedded-digits",)
 
     def __call__(self, ctx: EvalContext) -> Measurement:
-        value = ctx.adapter.frechet(ctx.images)
-        if ctx.fp_images is not None:
-            return Measurement(value)
-        floor, floor_sd = ctx.adapter.real_floor(len(ctx.images))
-        return Measurement(value, {"floor": floor, "floor_sd": floor_sd})
+        adapter = ctx.adapter
+        feats = adapter.features(ctx.images)
+        fp_feats = None if ctx.fp_images is None else adapter.features(ctx.fp_images)
+
+        def fd(idx, fp_idx):
+            return adapter.frechet_features(feats[idx] if idx is not None else fp_feats[fp_idx])
+
+        if fp_feats is not None:
+            return with_intervals(fd, len(feats), paired=True)
+        floor, floor_sd = adapter.real_floor(len(ctx.images))
+        return with_intervals(fd, len(feats), paired=False, extra={"floor": floor, "floor_sd": floor_sd})
 
 
 MAX_PSNR_DB = 100.0  # reported for images identical to FP (the PSNR of zero error is infinite)
@@ -125,9 +154,14 @@ class PSNRvsFP(Metric):
     def __call__(self, ctx: EvalContext) -> Measurement | None:
         if ctx.fp_images is None:
             return None
-        mse = (ctx.images.double() - ctx.fp_images.double()).square().mean().item()
-        psnr = MAX_PSNR_DB if mse == 0 else min(MAX_PSNR_DB, 10 * math.log10(255.0**2 / mse))
-        return Measurement(psnr)
+        per_image = (ctx.images.double() - ctx.fp_images.double()).square().flatten(1).mean(1).numpy()
+
+        def psnr(idx, _):
+            mse = per_image[idx].mean()
+            return MAX_PSNR_DB if mse == 0 else min(MAX_PSNR_DB, 10 * math.log10(255.0**2 / mse))
+
+        # Already a paired measure (each image against its FP twin): its interval is the only one.
+        return with_intervals(psnr, len(per_image), paired=False)
 
 
 class QuantizeTime(CostMetric):
@@ -147,6 +181,51 @@ class QuantizeTime(CostMetric):
         return Measurement(round(ctx.quantize_s, 3), {"cached": ctx.quantize_cached})
 
 
+class EpsError(Metric):
+    """The deployed denoiser's noise-prediction error against the FP denoiser's, per sampler
+    step, on FP trajectories that no method calibrated on (seed ``HELD_OUT_SEED``): the mean
+    over steps of the mean squared ε difference. It shows *where along the trajectory* a
+    method loses accuracy (the report draws it per step) and, unlike an image metric, has no
+    small-sample bias. Interval: bootstrap over the trajectories."""
+
+    name = "eps_mse"
+    unit = "mse"
+    higher_is_better = False
+    quantized_only = True
+    HELD_OUT_SEED = 999_983
+    TRAJECTORIES = 32
+
+    def __call__(self, ctx: EvalContext) -> Measurement | None:
+        if ctx.spec.is_fp:
+            return None
+        import qdiff
+        from bench.models.base import in_dtype, model_dtype
+
+        adapter = ctx.adapter
+        steps = adapter.sampling.steps
+        n = min(self.TRAJECTORIES, adapter.sampling.batch_size)
+        calib = qdiff.CalibConfig(strategy="uniform", num_timesteps=steps, samples_per_timestep=n,
+                                  seed=self.HELD_OUT_SEED)  # fmt: skip
+        fp = adapter.denoiser().eval().requires_grad_(False)
+        data = adapter.calibration_data(fp, calib).to(adapter.device)
+        model = ctx.denoiser
+        dtype = model_dtype(model)
+        errors = []
+        with torch.no_grad():
+            for x, t, cond in data.batches(n):  # one sampler step per batch, trajectories in order
+                ref = fp(x, t, **cond).sample.float()
+                xm, condm = in_dtype(dtype, x, cond)
+                out = model(xm, t, **condm).sample.float()
+                errors.append((out - ref).pow(2).flatten(1).mean(1).cpu())
+        per = torch.stack(errors).double().numpy()  # (steps, trajectories)
+        timesteps = [int(t) for t in data.t[::n].tolist()]
+        measured = with_intervals(lambda idx, _: float(per[:, idx].mean()), n, paired=False)
+        per_step = [float(f"{v:.6g}") for v in per.mean(1)]
+        return Measurement(measured.value, {**measured.extra, "timesteps": timesteps, "per_step": per_step,
+                                            "trajectories": n})  # fmt: skip
+
+
 DIGITS_FD = DigitsFD()
+EPS_MSE = EpsError()
 PSNR_VS_FP = PSNRvsFP()
 QUANTIZE_TIME = QuantizeTime()

@@ -1,0 +1,131 @@
+"""Confidence intervals: the bootstrap over samples, and over runs (seeds) on top of it.
+
+One run's metric is a statistic of its n images (Fréchet distance, PSNR). Its sampling noise
+is estimated by the nonparametric bootstrap (Efron & Tibshirani 1993): the images are drawn n
+at a time with replacement ``N_RESAMPLES`` times and the statistic recomputed. A quantized run
+and its FP reference come from the same noise, image for image, so their difference is
+bootstrapped *paired*: each resample takes the same image indices from both.
+
+Intervals are the **basic** (reverse-percentile) bootstrap, ``[2θ̂ − q(1−α/2), 2θ̂ − q(α/2)]``:
+a resample repeats images, which biases a Fréchet distance upwards, and the basic interval
+reflects the replicates' shift around the estimate instead of inheriting it, as the
+percentile interval would. ``scipy.stats.bootstrap(method="basic")`` computes the same
+interval (checked in the tests).
+
+A cell of the leaderboard averages several runs (sampling seeds × calibration seeds). Its
+interval is a two-level bootstrap: each replicate draws the runs with replacement and, for
+each drawn run, one of its own replicates, so both the run-to-run spread (a method whose
+result depends on its calibration draw) and each run's sampling noise widen the interval.
+With one run it is that run's interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+N_RESAMPLES = 1000
+LEVEL = 0.95
+METHOD = "basic bootstrap"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An estimate with its confidence interval and the bootstrap replicates behind it."""
+
+    estimate: float
+    low: float
+    high: float
+    replicates: np.ndarray
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+    def row(self, prefix: str = "") -> dict:
+        """Row columns: ``<prefix>ci_low``, ``<prefix>ci_high`` and the replicates (rounded)."""
+        return {
+            f"{prefix}ci_low": float(self.low),
+            f"{prefix}ci_high": float(self.high),
+            f"{prefix}boot": [float(f"{v:.6g}") for v in self.replicates],
+        }
+
+
+def basic_interval(estimate: float, replicates: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The basic bootstrap interval of ``estimate`` from its replicates."""
+    alpha = 1 - level
+    lo_q, hi_q = np.quantile(np.asarray(replicates, dtype=np.float64), [alpha / 2, 1 - alpha / 2])
+    return float(2 * estimate - hi_q), float(2 * estimate - lo_q)
+
+
+def resample_indices(n: int, n_resamples: int = N_RESAMPLES, seed: int = 0) -> np.ndarray:
+    """``(n_resamples, n)`` indices drawn with replacement, from a fixed seed (so a run's
+    interval is reproducible, and paired statistics share their draws)."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+
+
+def bootstrap(
+    statistic: Callable[[np.ndarray], float],
+    n: int,
+    n_resamples: int = N_RESAMPLES,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> Interval:
+    """Bootstrap ``statistic(indices)`` over ``n`` items: the estimate uses all items once."""
+    estimate = float(statistic(np.arange(n)))
+    reps = np.array([statistic(idx) for idx in resample_indices(n, n_resamples, seed)], dtype=np.float64)
+    return Interval(estimate, *basic_interval(estimate, reps, level), reps)
+
+
+def combine(
+    estimates: Sequence[float],
+    replicates: Sequence[Sequence[float]],
+    level: float = LEVEL,
+    seed: int = 0,
+) -> Interval:
+    """The mean of several runs' estimates, with the two-level bootstrap interval (module
+    docstring). ``replicates[i]`` are run i's bootstrap replicates."""
+    if not estimates or len(estimates) != len(replicates):
+        raise ValueError("combine() needs one replicate list per estimate")
+    points = np.asarray(estimates, dtype=np.float64)
+    # Each run's replicates as deviations from its estimate: the second level adds a run's own
+    # sampling noise to the run drawn at the first level.
+    deviations = [np.asarray(r, dtype=np.float64) - p for r, p in zip(replicates, points, strict=True)]
+    estimate = float(points.mean())
+    k = len(points)
+    if k == 1:
+        reps = points[0] + deviations[0]
+        return Interval(estimate, *basic_interval(estimate, reps, level), reps)
+    rng = np.random.default_rng(seed)
+    b = min(len(d) for d in deviations)
+    runs = rng.integers(0, k, size=(b, k))
+    picks = rng.integers(0, b, size=(b, k))
+    reps = np.array(
+        [
+            np.mean([points[r] + deviations[r][p] for r, p in zip(runs[i], picks[i], strict=True)])
+            for i in range(b)
+        ]
+    )
+    return Interval(estimate, *basic_interval(estimate, reps, level), reps)
+
+
+def tie_ranks(intervals: Sequence[tuple[float, float, float]], higher_is_better: bool) -> list[int]:
+    """Ranks that tie where confidence intervals overlap: an entry's rank is 1 + the number of
+    entries whose interval lies entirely on the better side of its own.
+
+    Args:
+        intervals: ``(estimate, low, high)`` per entry.
+    """
+    ranks = []
+    for _, low, high in intervals:
+        if higher_is_better:
+            better = sum(o_low > high for _, o_low, _ in intervals)
+        else:
+            better = sum(o_high < low for _, _, o_high in intervals)
+        ranks.append(1 + better)
+    return ranks
