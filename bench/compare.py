@@ -1,14 +1,14 @@
 """Per-cell comparison of two results folders (e.g. two commits): the quality gate.
 
-Cells are matched by (model, method — with its backend when not ``fake`` —, bits, seed, metric)
-on the latest row of each. A gated cell regresses when B is worse than A (in the metric's own
-direction, ``higher_is_better``) by more than its threshold, or when it was ok in A and is not
-ok in B. Quality cells are gated; cost cells (latencies, memory) are noisy and belong to asv
+Cells are matched by (model, method — with its backend when not ``fake`` —, bits, seed,
+calibration seed, metric) on the latest row of each. A gated cell regresses when B is worse than
+A (in the metric's own direction, ``higher_is_better``) by more than its threshold plus the two
+values' combined 95 % interval, or when it was ok in A and is not ok in B. Quality cells are gated; cost cells (latencies, memory) are noisy and belong to asv
 (``benchmarks/``), so they are gated only when a per-metric threshold names them.
 
 Two numbers are compared only if they were measured alike: a cell whose sample count, sampling
-settings or evaluation settings (FID backend, extractor, reference, ...) differ between A and B
-is an error, as is a pair of folders that share no cell.
+settings, quantization budget or evaluation settings (FID backend, extractor, reference, ...)
+differ between A and B is an error, as is a pair of folders that share no cell.
 """
 
 from __future__ import annotations
@@ -20,14 +20,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.matrix import EVALUATION_KEYS
-from bench.registry import METRICS, UnknownNameError
-from bench.report import method_labels
+from bench.report import MACHINE, method_labels, protocol
 from bench.store import load
 
-KEY = ["model", "method", "bits", "seed", "metric"]
-# What must be equal for two values of a cell to be comparable.
-PROTOCOL = ("n_samples", "sampling", "evaluation")
+KEY = ["model", "method", "bits", "seed", "calib_seed", "metric"]
 
 
 class ThresholdError(ValueError):
@@ -80,52 +76,40 @@ def parse_limits(items: list[str]) -> dict[str, Threshold]:
     return limits
 
 
-def _settings(metric: str) -> tuple[str, ...]:
-    try:
-        return METRICS.get(metric).settings
-    except UnknownNameError:  # a metric since renamed or removed: compare all its settings
-        return tuple(EVALUATION_KEYS)
-
-
 def _cells(path: str | Path) -> pd.DataFrame:
     df = load(path)
     df["method"] = method_labels(df)
-    for col in PROTOCOL:
-        if col not in df:  # rows from before the column existed
-            df[col] = None
-    # float32 is the default dtype, absent from rows written before the setting existed.
-    df["sampling"] = [
-        {k: v for k, v in s.items() if (k, v) != ("dtype", "float32")} if isinstance(s, dict) else s
-        for s in df["sampling"]
-    ]
-    # Only the evaluation settings this cell's metric reads (a latency setting does not make an
-    # FID incomparable).
-    df["evaluation"] = [
-        {k: v for k, v in e.items() if k in _settings(m)} if isinstance(e, dict) else e
-        for e, m in zip(df["evaluation"], df["metric"], strict=True)
-    ]
-    for col in PROTOCOL:  # dicts → canonical text, so that they compare and merge
-        df[col] = [json.dumps(v, sort_keys=True, default=str) for v in df[col]]
-    return df[[*KEY, "value", "status", "error", "higher_is_better", "kind", *PROTOCOL]]
+    if "calib_seed" not in df:  # rows from before calibration seeds were an axis
+        df["calib_seed"] = None
+    df["calib_seed"] = [None if pd.isna(c) else int(c) for c in df["calib_seed"]]
+    # The protocol without the machine: a cost cell measured on another machine is listed,
+    # never compared; a quality cell must reproduce across machines.
+    df["protocol"] = protocol(df.assign(kind="quality"))
+    df["machine"] = [json.dumps([r.get(c) for c in MACHINE], default=str) for r in df.to_dict("records")]
+    for col in ("ci_low", "ci_high"):
+        if col not in df:
+            df[col] = math.nan
+    df["half_width"] = ((df["ci_high"].astype(float) - df["ci_low"].astype(float)) / 2).fillna(0.0)
+    return df[[*KEY, "value", "half_width", "status", "error", "higher_is_better", "kind", "protocol",
+               "machine"]]  # fmt: skip
 
 
 def _check_comparable(merged: pd.DataFrame, a: Path, b: Path) -> None:
     both = merged[merged["_merge"] == "both"]
     if both.empty:
         raise IncomparableError(
-            f"{a} and {b} share no cell (model, method, bits, seed, metric); compare results of "
-            "the same matrix, e.g. results/default from two commits"
+            f"{a} and {b} share no cell (model, method, bits, seed, calib_seed, metric); compare results "
+            "of the same matrix, e.g. results/default from two commits"
         )
-    for col in PROTOCOL:
-        differ = both[both[f"{col}_a"] != both[f"{col}_b"]]
-        if len(differ):
-            r = differ.iloc[0]
-            cell = " ".join(str(r[k]) for k in KEY)
-            raise IncomparableError(
-                f"{len(differ)} cell(s) were measured differently in A and B ({col}: "
-                f"{r[f'{col}_a']} vs {r[f'{col}_b']}, e.g. {cell}); rerun one side with the other's "
-                "settings so that the numbers are comparable"
-            )
+    differ = both[both["protocol_a"] != both["protocol_b"]]
+    if len(differ):
+        r = differ.iloc[0]
+        cell = " ".join(str(r[k]) for k in KEY)
+        raise IncomparableError(
+            f"{len(differ)} cell(s) were measured differently in A and B (e.g. {cell}: "
+            f"{r['protocol_a']} vs {r['protocol_b']}); rerun one side with the other's settings so "
+            "that the numbers are comparable"
+        )
 
 
 def compare(
@@ -134,9 +118,14 @@ def compare(
     """One row per cell present in A or B: values, delta (B − A), its threshold, and whether it
     regressed.
 
+    A gated cell regresses when B is worse than A by more than its threshold *plus* the
+    combined half-width of the two values' 95 % intervals (√(h_A² + h_B²), the interval of a
+    difference of independent estimates): a move inside the noise is listed, never flagged.
+
     Args:
         threshold: for quality cells without a metric of their own in ``limits``.
-        limits: per-metric thresholds; a cost metric named here is gated too.
+        limits: per-metric thresholds; a cost metric named here is gated too (within one
+            machine: a cost cell measured on different machines is listed, not compared).
 
     Raises:
         IncomparableError: no shared cell, or a shared cell measured differently.
@@ -153,6 +142,7 @@ def compare(
         limit = limits.get(r["metric"], threshold if kind != "cost" else None)
         gated = limit is not None
         delta = r["value_b"] - r["value_a"] if r["status_a"] == r["status_b"] == "ok" else math.nan
+        noise = math.nan
         if r["_merge"] != "both":
             note = "only in A" if r["_merge"] == "left_only" else "only in B"
             regressed = gated and r["_merge"] == "left_only"
@@ -160,24 +150,30 @@ def compare(
             note, regressed = f"{r['status_b']} in B: {r['error_b']}", gated
         elif r["status_a"] != "ok":
             note, regressed = f"{r['status_a']} in A", False
+        elif kind == "cost" and r["machine_a"] != r["machine_b"]:
+            note, regressed = "other machine: not compared", False
         else:
             worse_by = -delta if higher else delta
-            regressed = gated and not limit.allows(worse_by, r["value_a"])
-            note = "worse" if worse_by > 0 else "better" if worse_by < 0 else "same"
+            noise = math.hypot(r["half_width_a"], r["half_width_b"])
+            regressed = gated and not limit.allows(worse_by - noise, r["value_a"])
+            within = abs(delta) <= noise
+            note = (
+                "same" if delta == 0 else "within noise" if within else "worse" if worse_by > 0 else "better"
+            )
         records.append({**{k: r[k] for k in KEY}, "a": r["value_a"], "b": r["value_b"], "delta": delta,
-                        "limit": "—" if limit is None else str(limit), "note": note,
+                        "noise": noise, "limit": "—" if limit is None else str(limit), "note": note,
                         "regressed": regressed})  # fmt: skip
-    columns = [*KEY, "a", "b", "delta", "limit", "note", "regressed"]
+    columns = [*KEY, "a", "b", "delta", "noise", "limit", "note", "regressed"]
     return pd.DataFrame.from_records(records, columns=columns)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
     """The cells that moved (changed value or status, or present on one side only), regressions
     flagged, and a one-line verdict."""
-    moved = table[table["note"] != "same"]
+    moved = table[~table["note"].isin(["same", "within noise"])]
     lines = [
-        f"| {' | '.join(KEY)} | A | B | Δ (B − A) | allowed | note |",
-        "|" + "---|" * (len(KEY) + 5),
+        f"| {' | '.join(KEY)} | A | B | Δ (B − A) | noise (±) | allowed | note |",
+        "|" + "---|" * (len(KEY) + 6),
     ]
     for r in moved.itertuples():
         flag = " **REGRESSION**" if r.regressed else ""
@@ -185,6 +181,7 @@ def to_markdown(table: pd.DataFrame) -> str:
             _num(r.a),
             _num(r.b),
             _num(r.delta),
+            _num(r.noise),
             r.limit,
             r.note + flag,
         ]
@@ -192,8 +189,10 @@ def to_markdown(table: pd.DataFrame) -> str:
     n = int(table["regressed"].sum())
     gated = int((table["limit"] != "—").sum())
     lines.append(
-        f"\n{len(moved)} of {len(table)} cells moved; {n} regression(s) among {gated} gated cells "
-        "(quality cells, and cost metrics given a --max-regression)."
+        f"\n{len(moved)} of {len(table)} cells moved beyond their noise "
+        f"({int((table['note'] == 'within noise').sum())} moved within it); {n} regression(s) among {gated} "
+        "gated cells (quality cells, and cost metrics given a --max-regression); a cell regresses when "
+        "it is worse by more than its threshold plus the combined 95 % interval of A and B."
     )
     return "\n".join(lines)
 

@@ -9,13 +9,18 @@ cell) and ``history.html`` (one plot per model and metric, a line per method and
 
 from __future__ import annotations
 
+import hashlib
 import html
 from pathlib import Path
 
 import pandas as pd
 
-from bench.report import CSS, _png, method_labels
+from bench.report import CSS, _png, method_labels, protocol
 from bench.store import StoreError, load
+
+
+# A history line: one cell measured one way (``settings``: sample count and a hash of the rest).
+CELL = ["matrix", "model", "method", "bits", "metric", "settings"]
 
 
 def history(root: str | Path) -> pd.DataFrame:
@@ -31,13 +36,19 @@ def history(root: str | Path) -> pd.DataFrame:
         if df.empty:
             continue
         df = df.assign(method=method_labels(df), matrix=folder.name, commit=df["git_sha"].str[:8])
+        # Rows measured under different settings (samples, sampling, budget, evaluation) are
+        # different lines, never one averaged value.
+        df["settings"] = [
+            f"n={n} #{hashlib.sha256(p.encode()).hexdigest()[:6]}"
+            for n, p in zip(df["n_samples"], protocol(df), strict=True)
+        ]
         # The newest row of each run and metric at each commit (a rerun at one commit supersedes).
         df = df.sort_values("started_at").groupby(["config_hash", "metric", "commit"], sort=False).tail(1)
         frames.append(df)
     if not frames:
         raise StoreError(f"no ok quality rows under {root}")
     df = pd.concat(frames)
-    cell = ["matrix", "model", "method", "bits", "metric"]
+    cell = CELL
     out = (
         df.groupby([*cell, "commit"], sort=False)
         .agg(value=("value", "mean"), date=("started_at", "min"), unit=("unit", "first"))
@@ -51,9 +62,9 @@ def history(root: str | Path) -> pd.DataFrame:
 def summary(hist: pd.DataFrame) -> pd.DataFrame:
     """Per cell: commits measured, first and latest value and commit, change."""
     rows = []
-    for key, g in hist.groupby(["matrix", "model", "method", "bits", "metric"], sort=False):
+    for key, g in hist.groupby(CELL, sort=False):
         first, last = g.iloc[0], g.iloc[-1]
-        rows.append({**dict(zip(["matrix", "model", "method", "bits", "metric"], key, strict=True)),
+        rows.append({**dict(zip(CELL, key, strict=True)),
                      "commits": len(g), "first": first["value"], "first_commit": first["commit"],
                      "latest": last["value"], "latest_commit": last["commit"],
                      "change": last["value"] - first["value"]})  # fmt: skip
@@ -72,8 +83,8 @@ def plots(hist: pd.DataFrame) -> list[tuple[str, str]]:
     out = []
     for (matrix, model, metric), g in hist.groupby(["matrix", "model", "metric"], sort=False):
         fig, ax = plt.subplots(figsize=(7, 3.8))
-        for (method, bits), line in g.groupby(["method", "bits"], sort=False):
-            ax.plot(line["order"], line["value"], marker="o", label=f"{method} {bits}")
+        for (method, bits, settings), line in g.groupby(["method", "bits", "settings"], sort=False):
+            ax.plot(line["order"], line["value"], marker="o", label=f"{method} {bits} {settings}")
         ax.set_xticks(range(len(labels)), labels, fontsize=6)
         ax.set_ylabel(f"{metric} ({g['unit'].iloc[0]})")
         ax.set_title(f"{matrix} / {model}: {metric} over commits")
@@ -87,18 +98,18 @@ def write(root: str | Path, out: str | Path | None = None) -> tuple[Path, Path, 
     """Write ``history.md`` and ``history.html`` into ``out`` (default: the results root)."""
     hist = history(root)
     table = summary(hist)
-    head = "| matrix | model | method | bits | metric | commits | first | latest | change |"
+    head = "| matrix | model | method | bits | metric | settings | commits | first | latest | change |"
     lines = [
         f"# Quality over commits: {root}",
         "",
         "First and latest value of every quality cell (mean over seeds); plots in history.html.",
         "",
         head,
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table.itertuples():
         lines.append(
-            f"| {r.matrix} | {r.model} | {r.method} | {r.bits} | {r.metric} | {r.commits} | "
+            f"| {r.matrix} | {r.model} | {r.method} | {r.bits} | {r.metric} | {r.settings} | {r.commits} | "
             f"{r.first:.4g} ({r.first_commit}) | {r.latest:.4g} ({r.latest_commit}) | {r.change:+.3g} |"
         )
     markdown = "\n".join(lines) + "\n"

@@ -52,8 +52,27 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {threads} thread{'s' * (threads != 1)})"
 
 
+# The vector-ISA flags that decide CPU kernel speed and numerics (recorded with every row).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
+
+
+@cache
+def cpu_info() -> tuple[str, str]:
+    """The CPU's model name and which of :data:`CPU_FLAGS` it has (Linux; else ``platform``)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine(), ""
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    return model or platform.machine(), " ".join(f for f in CPU_FLAGS if f in flags)
+
+
 def environment(device: torch.device) -> dict[str, str]:
+    model, flags = cpu_info()
     return {
+        "cpu_model": model,
+        "cpu_flags": flags,
         "device": device_name(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",

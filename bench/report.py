@@ -12,12 +12,15 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from bench import stats
 from bench.store import ResultStore, load
 
 FP = "fp"
@@ -38,14 +41,78 @@ def method_labels(df: pd.DataFrame) -> list[str]:
     return [m if b in (None, "fake") else f"{m} [{b}]" for m, b in zip(df["method"], backends, strict=True)]
 
 
+# What must be equal for rows to be averaged into one cell or compared across folders: sample
+# count, sampling, the quantization budget (the calibration seed aside: it is an axis), the
+# evaluation settings the metric reads — and, for cost cells, the machine.
+MACHINE = ("device", "cpu_model", "cpu_capability")
+
+
+def protocol(df: pd.DataFrame) -> list[str]:
+    """Each row's measurement protocol as canonical text (see the comment above)."""
+    from bench.registry import METRICS, UnknownNameError
+
+    def settings(metric: str) -> tuple[str, ...] | None:
+        try:
+            return METRICS.get(metric).settings
+        except UnknownNameError:  # a metric since renamed or removed: all its settings count
+            return None
+
+    def one(r: dict) -> str:
+        sampling = r.get("sampling") if isinstance(r.get("sampling"), dict) else {}
+        sampling = {k: v for k, v in sampling.items() if (k, v) != ("dtype", "float32")}
+        budget = r.get("budget") if isinstance(r.get("budget"), dict) else None
+        if budget is not None:
+            budget = {k: v for k, v in budget.items() if k not in ("calib_seed", "backend")}
+        evaluation = r.get("evaluation") if isinstance(r.get("evaluation"), dict) else {}
+        used = settings(r["metric"])
+        if used is not None:
+            evaluation = {k: v for k, v in evaluation.items() if k in used}
+        key = {"n": r.get("n_samples"), "sampling": sampling, "budget": budget, "evaluation": evaluation}
+        if r.get("kind") == "cost":
+            key["machine"] = [r.get(c) for c in MACHINE]
+        return json.dumps(key, sort_keys=True, default=str)
+
+    return [one(r) for r in df.to_dict("records")]
+
+
+CELL = ["model", "method", "bits", "metric"]
+
+
+def _interval(values: pd.Series, boots: pd.Series) -> tuple[float, float, float]:
+    """Mean and two-level bootstrap interval of a cell's runs; NaN bounds when a run has no
+    replicates (rows written before intervals existed)."""
+    values = values.astype(float)
+    if not len(values):
+        return math.nan, math.nan, math.nan
+    if any(not isinstance(b, list) or not b for b in boots):
+        return float(values.mean()), math.nan, math.nan
+    ci = stats.combine(list(values), list(boots))
+    return ci.estimate, ci.low, ci.high
+
+
 def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     """Aggregate the latest rows over seeds: one row per (model, method, bits, metric).
 
-    Columns: value (mean), sd, seeds, delta (mean paired delta to FP), status (``ok`` only if
-    every seed is), error, unit, higher_is_better, kind, extras of the FP row (e.g. ``floor``).
+    A cell averages its runs (sampling seeds × calibration seeds) measured alike: where rows
+    of one cell were measured under different protocols (another sample count, budget,
+    sampling, evaluation setting or, for cost, machine), only the newest protocol's rows
+    count and the others are counted in ``set_aside``. Columns: value (mean), low/high (its
+    95 % interval), sd, seeds (runs), delta (mean paired difference to FP) and
+    delta_low/delta_high, within_noise (the delta's interval holds 0), rank (ties where
+    intervals overlap), status, error, unit, higher_is_better, kind, extras of the FP row.
     """
     df = df.copy()
     df["method"] = method_labels(df)
+    df["protocol"] = protocol(df)
+    newest = df.sort_values("started_at").groupby(CELL, sort=False)["protocol"].last()
+    current = [
+        newest[tuple(k)] == p for k, p in zip(df[CELL].itertuples(index=False), df["protocol"], strict=True)
+    ]
+    set_aside = df[[not c for c in current]].groupby(CELL, sort=False).size()
+    df = df[current]
+    for col in ("boot", "delta_boot", "delta", "floor", "floor_sd"):
+        if col not in df:
+            df[col] = None
     ok = df[df["status"] == "ok"]
     fp_value = {(r.config_hash, r.metric): r.value for r in ok.itertuples() if r.method == FP}
     paired = [
@@ -54,26 +121,40 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
         else math.nan
         for r in df.itertuples()
     ]
-    df["delta"] = df["value"].astype(float) - paired
+    # Rows that measured their own paired delta (same resampled images) keep it.
+    own = [isinstance(d, int | float) and not pd.isna(d) for d in df["delta"]]
+    values = df["value"].astype(float)
+    df["delta"] = [d if o else v - p for d, o, v, p in zip(df["delta"], own, values, paired, strict=True)]
     df["ratio"] = df["value"].astype(float) / paired
     # Columns from least to most aggressive: W8A8, W4A32, W4A8, ...
     precision = {r.bits: (-(r.w_bits or 32), -(r.a_bits or 32)) for r in df.itertuples() if r.bits != "FP"}
     bits_order = ["FP", *sorted(precision, key=precision.get)]
     records = []
-    for (model, method, bits, metric), g in df.groupby(["model", "method", "bits", "metric"], sort=False):
+    for (model, method, bits, metric), g in df.groupby(CELL, sort=False):
         good = g[g["status"] == "ok"]
         bad = g[g["status"] != "ok"]
         first = g.iloc[0]
+        value, low, high = _interval(good["value"], good["boot"])
+        if method != FP and good["delta_boot"].map(lambda b: isinstance(b, list)).all() and len(good):
+            delta, d_low, d_high = _interval(good["delta"], good["delta_boot"])
+        else:
+            delta = good["delta"].astype(float).mean() if len(good) else math.nan
+            d_low = d_high = math.nan
         records.append(
             {
                 "model": model,
                 "method": method,
                 "bits": bits,
                 "metric": metric,
-                "value": good["value"].astype(float).mean() if len(good) else math.nan,
+                "value": value,
+                "low": low,
+                "high": high,
                 "sd": good["value"].astype(float).std() if len(good) > 1 else math.nan,
                 "seeds": len(good),
-                "delta": good["delta"].mean() if len(good) else math.nan,
+                "delta": delta,
+                "delta_low": d_low,
+                "delta_high": d_high,
+                "within_noise": bool(d_low <= 0 <= d_high) if not math.isnan(d_low) else False,
                 "ratio": good["ratio"].mean() if len(good) else math.nan,
                 "status": bad.iloc[-1]["status"] if len(bad) else "ok",
                 "error": bad.iloc[-1]["error"] if len(bad) else None,
@@ -81,16 +162,36 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
                 "higher_is_better": bool(first["higher_is_better"]),
                 "kind": first.get("kind", "quality") if isinstance(first.get("kind"), str) else "quality",
                 "weights_from": _first(good, "weights_from"),
-                "floor": good["floor"].mean()
-                if "floor" in good and good["floor"].notna().any()
-                else math.nan,
-                "floor_sd": good["floor_sd"].mean()
-                if "floor_sd" in good and good["floor_sd"].notna().any()
+                "floor": good["floor"].astype(float).mean() if good["floor"].notna().any() else math.nan,
+                "floor_sd": good["floor_sd"].astype(float).mean()
+                if good["floor_sd"].notna().any()
                 else math.nan,
                 "bits_rank": bits_order.index(bits),
+                "set_aside": int(set_aside.get((model, method, bits, metric), 0)),
             }
         )
-    return pd.DataFrame.from_records(records)
+    cells = pd.DataFrame.from_records(records)
+    cells["rank"] = _ranks(cells)
+    return cells
+
+
+def _ranks(cells: pd.DataFrame) -> list[float]:
+    """Rank of each quantized quality cell among the methods of its (model, bits, metric),
+    tied where intervals overlap: by the paired delta's interval where every method has one
+    (the FP run's own noise is common to all), else by the value's."""
+    ranks = pd.Series(math.nan, index=cells.index)
+    quality = cells[(cells["method"] != FP) & (cells["kind"] == "quality") & (cells["status"] == "ok")]
+    for _, g in quality.groupby(["model", "bits", "metric"], sort=False):
+        if len(g) < 2:
+            continue
+        cols = (
+            ("delta", "delta_low", "delta_high") if g["delta_low"].notna().all() else ("value", "low", "high")
+        )
+        if g[cols[1]].isna().any():
+            continue
+        intervals = list(zip(*(g[c] for c in cols), strict=True))
+        ranks[g.index] = stats.tie_ranks(intervals, bool(g["higher_is_better"].iloc[0]))
+    return list(ranks)
 
 
 def _first(rows: pd.DataFrame, column: str):
@@ -134,10 +235,16 @@ def boards(cells: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 
 def _best(quant: pd.DataFrame) -> set[tuple[str, str, str, str]]:
+    """Per (model, bits, metric): quality cells ranked first where the ranks separate at least
+    two groups (all tied: nothing is best); cost cells with the best value."""
     best = set()
     for (model, bits, metric), g in quant[quant["status"] == "ok"].groupby(["model", "bits", "metric"]):
         g = g.dropna(subset=["value"])
         if len(g) < 2:
+            continue
+        if g["kind"].iloc[0] == "quality":
+            if g["rank"].notna().all() and g["rank"].max() > 1:
+                best.update((model, bits, metric, m) for m in g[g["rank"] == 1]["method"])
             continue
         pick = g["value"].idxmax() if g["higher_is_better"].iloc[0] else g["value"].idxmin()
         best.add((model, bits, metric, g.loc[pick, "method"]))
@@ -153,20 +260,44 @@ def _fmt(v: float, like: float | None = None) -> str:
     return f"{v:.1f}" if a >= 100 else f"{v:.2f}" if a >= 1 else f"{v:.3g}" if like is None else f"{v:.3f}"
 
 
+def _signed(v: float, like: float) -> str:
+    return f"{'+' if v >= 0 else '−'}{_fmt(abs(v), like)}"
+
+
 def _cell_text(c, is_best: bool) -> str:
+    """Quality: ``mean ± half-width (Δ ± half-width vs FP) #rank``, ``≈FP`` when the paired
+    Δ's interval holds 0; cost: the value and its ratio to FP."""
     if c.status != "ok":
         return f"{c.status}: {c.error}"
     text = _fmt(c.value)
-    if c.seeds > 1:
-        text += f" ± {_fmt(c.sd, c.value)}"
+    if not math.isnan(c.low):
+        text += f" ± {_fmt((c.high - c.low) / 2, c.value)}"
+    elif c.seeds > 1:
+        text += f" (sd {_fmt(c.sd, c.value)})"
     if c.method != FP and c.kind == "cost" and c.ratio > 0:
         # Cost reads as a ratio to the paired FP run: speedup for times, a fraction for sizes.
         text += f" (speedup {1 / c.ratio:.2f}×)" if c.unit in TIME_UNITS else f" ({c.ratio:.2f}× FP)"
     elif c.method != FP and not math.isnan(c.delta):
-        text += f" ({'+' if c.delta >= 0 else '−'}{_fmt(abs(c.delta), c.value)})"
+        delta = _signed(c.delta, c.value)
+        if not math.isnan(c.delta_low):
+            delta += f" ± {_fmt((c.delta_high - c.delta_low) / 2, c.value)}"
+        text += f" ({delta}{', ≈FP' if c.within_noise else ''})"
+    if c.method != FP and c.kind == "quality" and not math.isnan(c.rank):
+        text += f" #{int(c.rank)}"
     if c.metric in SHARED_WITH_WEIGHTS_SOURCE and isinstance(c.weights_from, str):
         text += f" (shared with {c.weights_from})"
+    if c.set_aside:
+        text += f" [{c.set_aside} older row(s) with other settings not averaged in]"
     return f"**{text}**" if is_best else text
+
+
+CELLS_LEGEND = (
+    "Quality cells: mean ± 95 % interval half-width over the cell's runs (sampling seeds × "
+    "calibration seeds; bootstrap over images and runs), then the paired Δ to the FP run from "
+    "the same noise ± its half-width, '≈FP' where that interval holds 0, and the rank among the "
+    "column's methods, tied where intervals overlap (#1 in bold where the ranks separate). "
+    "Cost cells: the value and its ratio to FP."
+)
 
 
 def _invocation_text(inv: dict) -> str:
@@ -239,8 +370,8 @@ def _metric_legend(cells: pd.DataFrame) -> list[str]:
 def _floors(cells: pd.DataFrame) -> list[str]:
     fp = cells[(cells["method"] == FP) & cells["floor"].notna()]
     return [
-        f"{r.model} `{r.metric}`: real-vs-real floor {_fmt(r.floor)} ± {_fmt(r.floor_sd, r.floor)} "
-        "at the same sample count"
+        f"{r.model} `{r.metric}`: floor {_fmt(r.floor)} ± {_fmt(r.floor_sd, r.floor)} at the same sample "
+        "count (what a perfect model of the training data scores)"
         for r in fp.itertuples()
     ]
 
@@ -250,7 +381,7 @@ def to_markdown(
     title: str,
 ) -> str:  # fmt: skip
     notes: list[str] = []
-    lines = [f"# {title}", "", "Cells: value (Δ vs the paired FP run); best per column in bold.", ""]
+    lines = [f"# {title}", "", CELLS_LEGEND, ""]
     lines.append("Metrics: " + "; ".join(_metric_legend(cells)) + ".")
     lines.extend(["", *[f"- {f}" for f in _floors(cells)]])
     for heading, board in tables:
@@ -314,9 +445,11 @@ def plots(cells: pd.DataFrame) -> list[tuple[str, str]]:
         labels = list(dict.fromkeys(quant["bits"]))
         for metric, g in quant[quant["kind"] == "quality"].groupby("metric", sort=False):
             fig, ax = plt.subplots(figsize=(6, 3.6))
-            for method, mg in g.groupby("method", sort=False):
-                xs = [labels.index(b) for b in mg["bits"]]
-                ax.plot(xs, mg["value"], marker="o", label=method)
+            for i, (method, mg) in enumerate(g.groupby("method", sort=False)):
+                # Methods side by side within a bit width, so their intervals do not overlap.
+                xs = [labels.index(b) + 0.06 * (i - len(g["method"].unique()) / 2) for b in mg["bits"]]
+                err = [mg["value"] - mg["low"], mg["high"] - mg["value"]] if mg["low"].notna().all() else None
+                ax.errorbar(xs, mg["value"], yerr=err, marker="o", capsize=2, label=method)
             fp = mcells[(mcells["method"] == FP) & (mcells["metric"] == metric)]
             if len(fp):
                 ax.axhline(fp["value"].iloc[0], color="black", ls="--", lw=1, label="fp")
@@ -349,6 +482,35 @@ def plots(cells: pd.DataFrame) -> list[tuple[str, str]]:
                 ax.set_title(f"{model}: {quality} vs {cost} (red: Pareto front)")
                 out.append((f"{model}: {quality} vs {cost}", _png(fig)))
                 plt.close(fig)
+    return out
+
+
+def eps_plots(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """(caption, base64 PNG): per model and bit width, each method's ε error against FP per
+    sampler step (``eps_mse`` rows, mean over runs): where along the trajectory a method loses
+    accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if "per_step" not in df:
+        return []
+    rows = df[(df["metric"] == "eps_mse") & (df["status"] == "ok") & df["per_step"].notna()]
+    out = []
+    for (model, bits), g in rows.assign(method=method_labels(rows)).groupby(["model", "bits"], sort=False):
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for method, mg in g.groupby("method", sort=False):
+            curve = np.mean([np.asarray(p, dtype=float) for p in mg["per_step"]], axis=0)
+            ax.plot(mg["timesteps"].iloc[0], curve, marker=".", label=f"{method} ({len(mg)} run(s))")
+        ax.set_yscale("log")
+        ax.set_xlabel("timestep t (sampling runs from right to left)")
+        ax.set_ylabel("ε MSE vs FP")
+        ax.invert_xaxis()
+        ax.set_title(f"{model} {bits}: noise-prediction error along the trajectory")
+        ax.legend(fontsize=7)
+        out.append((f"{model} {bits}: ε error per sampler step (held-out FP trajectories)", _png(fig)))
+        plt.close(fig)
     return out
 
 
@@ -406,7 +568,7 @@ def to_html(
     note_list = "".join(f"<li>{esc(n)}</li>" for n in notes)
     figures = "".join(
         f'<h3>{esc(cap)}</h3><img alt="{esc(cap)}" src="data:image/png;base64,{b64}">'
-        for cap, b64 in plots(cells)
+        for cap, b64 in [*plots(cells), *eps_plots(df)]
     )
     prov = "".join(
         f"<tr><th>{esc(k)}</th><td class='name'>{esc(v)}</td></tr>" for k, v in _provenance(df, invocations)
@@ -423,8 +585,8 @@ def to_html(
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style>"
-        f"</head><body><h1>{esc(title)}</h1><p>Cells: value (Δ vs the paired FP run); best per column "
-        f"highlighted. Metrics: {esc(legend)}.</p><ul>{floors}</ul>"
+        f"</head><body><h1>{esc(title)}</h1><p>{esc(CELLS_LEGEND)} Metrics: {esc(legend)}.</p>"
+        f"<ul>{floors}</ul>"
         f"{''.join(sections)}<ol>{note_list}</ol>"
         f"<h2>Plots</h2>{figures or '<p>No ok quality cells to plot.</p>'}{times}"
         f"<h2>Over commits</h2><p>{TRENDS_HTML}</p>"
