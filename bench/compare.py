@@ -3,8 +3,9 @@
 Cells are matched by (model, method — with its backend when not ``fake`` —, bits, seed,
 calibration seed, metric) on the latest row of each. A gated cell regresses when B is worse than
 A (in the metric's own direction, ``higher_is_better``) by more than its threshold plus the two
-values' combined 95 % interval, or when it was ok in A and is not ok in B. Quality cells are gated; cost cells (latencies, memory) are noisy and belong to asv
-(``benchmarks/``), so they are gated only when a per-metric threshold names them.
+values' combined 95 % interval, or when it was ok in A and is not ok in B. Quality cells are
+gated; cost cells (latencies, memory) are noisy and belong to asv (``benchmarks/``), so they are
+gated only when a per-metric threshold names them, and only within one machine.
 
 Two numbers are compared only if they were measured alike: a cell whose sample count, sampling
 settings, quantization budget or evaluation settings (FID backend, extractor, reference, ...)

@@ -18,7 +18,6 @@ import pandas as pd
 from bench.report import CSS, _png, method_labels, protocol
 from bench.store import StoreError, load
 
-
 # A history line: one cell measured one way (``settings``: sample count and a hash of the rest).
 CELL = ["matrix", "model", "method", "bits", "metric", "settings"]
 
