@@ -104,6 +104,11 @@ class ProcessExecutor:
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
+    # numpy's BLAS too (the metrics' bootstrap): workers side by side that each spin up one BLAS
+    # thread per core made 64×64 eigendecompositions 20× slower.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)
     if sys.platform == "linux":
         # Die with the parent: a killed matrix must not leave runs computing in the background.
         import ctypes
