@@ -178,7 +178,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     ]
     for r in moved.itertuples():
         flag = " **REGRESSION**" if r.regressed else ""
-        cells = [str(getattr(r, k)) for k in KEY] + [
+        cells = ["—" if getattr(r, k) is None else str(getattr(r, k)) for k in KEY] + [
             _num(r.a),
             _num(r.b),
             _num(r.delta),

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -437,6 +438,8 @@ def _settings(path: Path, where: str, values: dict[str, Any], base: tuple[Sampli
             )
         if key in choices and value not in choices[key]:
             raise MatrixError(f"{path}: {where}: {key}={value!r}; choose one of {', '.join(choices[key])}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MatrixError(f"{path}: {where}: setting {key}={value!r} must be a finite number")
         numeric = isinstance(default, int | float) and not isinstance(default, bool) and key != "eta"
         if numeric and (value < 0 or (value == 0 and key not in NON_NEGATIVE)):
             bound = ">= 0" if key in NON_NEGATIVE else "> 0"

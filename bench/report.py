@@ -257,7 +257,12 @@ def _fmt(v: float, like: float | None = None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
     a = abs(v if like is None else like)
-    return f"{v:.1f}" if a >= 100 else f"{v:.2f}" if a >= 1 else f"{v:.3g}" if like is None else f"{v:.3f}"
+    if a >= 100:
+        return f"{v:.1f}"
+    if a >= 1 or a == 0:
+        return f"{v:.2f}"
+    # Below 1: three significant digits of ``like``, and ``v`` at the same decimals.
+    return f"{v:.{2 - math.floor(math.log10(a))}f}"
 
 
 def _signed(v: float, like: float) -> str:
@@ -272,7 +277,7 @@ def _cell_text(c, is_best: bool) -> str:
     text = _fmt(c.value)
     if not math.isnan(c.low):
         text += f" ± {_fmt((c.high - c.low) / 2, c.value)}"
-    elif c.seeds > 1:
+    elif c.seeds > 1 and c.sd > 0:
         text += f" (sd {_fmt(c.sd, c.value)})"
     if c.method != FP and c.kind == "cost" and c.ratio > 0:
         # Cost reads as a ratio to the paired FP run: speedup for times, a fraction for sizes.
@@ -454,7 +459,7 @@ def plots(cells: pd.DataFrame) -> list[tuple[str, str]]:
             if len(fp):
                 ax.axhline(fp["value"].iloc[0], color="black", ls="--", lw=1, label="fp")
                 if fp["floor"].notna().any():
-                    ax.axhline(fp["floor"].iloc[0], color="grey", ls=":", lw=1, label="real-data floor")
+                    ax.axhline(fp["floor"].iloc[0], color="grey", ls=":", lw=1, label="floor")
             ax.set_xticks(range(len(labels)), labels)
             ax.set_ylabel(f"{metric} ({g['unit'].iloc[0]})")
             ax.set_title(f"{model}: {metric} vs bit width")

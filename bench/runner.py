@@ -330,7 +330,9 @@ def _evaluate(
 
         @cache
         def deployable() -> torch.nn.Module:
-            return method.deploy(ckpt["model"].to(adapter.device), spec.budget.backend).to(dtype)
+            deployed = method.deploy(ckpt["model"].to(adapter.device), spec.budget.backend)
+            # Cast only when asked: diffusers warns on every ``.to(dtype)`` of a UNet.
+            return deployed if dtype == torch.float32 else deployed.to(dtype)
 
         images = sample_s = sampled_peak = None
         if sampled:

@@ -230,7 +230,11 @@ class _Split:
 
 
 def _split(data: CalibData, holdout: float, generator: torch.Generator) -> _Split:
-    timesteps, group = torch.unique(data.t.cpu(), return_inverse=True)
+    # Rows, so that a unit calibrated on other per-sample conditioning (e.g. a block's time
+    # embedding) splits by it too.
+    t = data.t.cpu()
+    values, group = torch.unique(t.reshape(len(t), -1), dim=0, return_inverse=True)
+    timesteps = values[:, 0] if t.ndim == 1 else torch.arange(len(values))
     train, held = [], []
     for g in range(len(timesteps)):
         idx = (group == g).nonzero().flatten()
@@ -351,11 +355,12 @@ def reconstruct(
     has_weight = any(m.has_weight_quant for _, m in _quant_in(model))
     has_act = any(m.has_act_quant for _, m in _quant_in(model))
     phases = [("weight", has_weight and config.weight_iters > 0), ("act", has_act and config.act_iters > 0)]
-    check = data.select(split.held if len(split.held) else split.train)
+    check_idx = split.held if len(split.held) else split.train
+    check = (*data.select(check_idx), split.group[check_idx])
     # The FP targets of a unit are the same in both phases: keep them for the second phase
     # while they fit in TARGET_CACHE_BYTES (one capture pass per unit saved).
     targets: dict[str, torch.Tensor] = {}
-    eps_before = _eps_error(model, check, batch_size, split.timesteps)
+    eps_before = _eps_error(model, check, batch_size, len(split.timesteps))
     try:
         for phase, enabled in phases:
             if not enabled:
@@ -385,15 +390,15 @@ def reconstruct(
         for p, flag in grad_state.items():
             p.requires_grad_(flag)
         set_quant_state(model, weight=True, act=True)
-    eps_after = _eps_error(model, check, batch_size, split.timesteps)
+    eps_after = _eps_error(model, check, batch_size, len(split.timesteps))
     return ReconResult(tuple(reports), tuple(split.timesteps), tuple(eps_before), tuple(eps_after))
 
 
 @torch.no_grad()
-def _eps_error(model: nn.Module, data: tuple, batch_size: int, timesteps: list[int]) -> list[float]:
+def _eps_error(model: nn.Module, data: tuple, batch_size: int, groups: int) -> list[float]:
     """Mean squared error of the quantized model's output against the FP model's (the same
-    model with quantization off), per timestep, on ``data``."""
-    x, t, cond = data
+    model with quantization off), per timestep group, on ``data`` = ``(x, t, cond, group)``."""
+    x, t, cond, group = data
     errors = []
     for i in range(0, len(x), batch_size):
         batch = (
@@ -406,8 +411,7 @@ def _eps_error(model: nn.Module, data: tuple, batch_size: int, timesteps: list[i
         set_quant_state(model, weight=True, act=True)
         errors.append((_as_tensor(run_model(model, batch)) - ref).pow(2).flatten(1).mean(1))
     err = torch.cat(errors).cpu()
-    tt = t.cpu()
-    return [err[tt == step].mean().item() for step in timesteps]
+    return [err[group == g].mean().item() for g in range(groups)]
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ def test_validate_run_resume_report_and_compare_via_subprocess(tmp_path):
     results = tmp_path / "results"
     out = cli("validate", matrix, "--results", results)
     assert out.returncode == 0, out.stderr
-    assert "3 runs (3 to run)" in out.stdout and "embedded-digits linear W4A32 seed=0" in out.stdout
+    assert "3 runs (3 to run)" in out.stdout and "embedded-digits linear W4A32 seed=0 calib=0" in out.stdout
 
     out = cli("run", matrix, "--results", results, "--workers", "2", "--threads", "1", "--no-progress")
     assert out.returncode == 0, out.stderr
@@ -54,7 +54,7 @@ def test_compare_exits_non_zero_past_the_threshold(tmp_path, capsys):
     a = fixture_store(tmp_path / "a")
     b = fixture_store(tmp_path / "b", qdiff_w4=23.0)
     assert main(["compare", str(a), str(b), "--threshold", "5%"]) == 1
-    assert "qdiff | W4A8 | 0 | digits_fd | 20 | 23 | 3 | 5% | worse **REGRESSION**" in capsys.readouterr().out
+    assert "qdiff | W4A8 | 0 | — | digits_fd | 20 | 23 | 3 | 0 | 5% | worse **REGRESSION**" in capsys.readouterr().out
     assert main(["compare", str(a), str(b), "--threshold", "20%"]) == 0
     # A per-metric limit overrides the global one; noise within it passes.
     assert main(["compare", str(a), str(b), "--max-regression", "digits_fd=3"]) == 0

@@ -105,22 +105,44 @@ def test_shipped_matrices_are_valid():
     for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
         assert load_matrix(path).expand(), path
     default = load_matrix(REPO_ROOT / "configs" / "default.yaml")
-    methods = {r.method for r in default.expand()}
-    # Every registered baseline except the CUDA-only torchao preset; the ablations have their own.
-    assert methods == {"fp", "qdiff", *BASELINES} - {"torchao-int4wo"}
-    assert {r.bits_label for r in default.expand()} == {"FP", "W8A8", "W8A32", "W4A8", "W4A4", "W4A32"}
+    assert {r.method for r in default.expand()} == {"fp", "linear", "qdiff", "qdiff-no-recon"}
+    assert {r.calib_seed for r in default.expand() if not r.is_fp} == {0, 1}
     ablations = load_matrix(REPO_ROOT / "configs" / "ablations.yaml")
     assert {r.method for r in ablations.expand()} == {
         "fp",
         "qdiff",
         "qdiff-no-calib",
         "qdiff-no-split",
-        "qdiff-no-recon",
+        "qdiff-asym",
     }
+    # The ablations share the default's qdiff W4A8 runs (same hashes: same cache, same numbers).
+    shared = {r.hash for r in default.expand()} & {r.hash for r in ablations.expand()}
+    assert len(shared) == 3  # FP and qdiff W4A8 at both calibration seeds
+    full = load_matrix(REPO_ROOT / "configs" / "full.yaml")
+    # Every registered baseline except the CUDA-only torchao preset.
+    assert {r.method for r in full.expand()} >= {"fp", "qdiff", *BASELINES} - {"torchao-int4wo"}
+    assert {r.bits_label for r in full.expand()} == {"FP", "W8A8", "W8A32", "W4A8", "W4A4", "W4A32"}
     paper = load_matrix(REPO_ROOT / "configs" / "paper-cifar10.yaml")
-    assert {r.method for r in paper.expand()} == {r.method for r in default.expand()} | {
-        r.method for r in ablations.expand()
-    } | {"torchao-int4wo"}
+    assert {r.method for r in paper.expand()} >= {r.method for r in full.expand()} - {"qdiff-asym"}
+
+
+def test_calibration_seeds_are_an_axis_of_quantized_runs(tmp_path):
+    m = load_matrix(
+        write(tmp_path, "models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\nseeds: [0, 1]\n"
+              "calib_seeds: [0, 5]\nexclude: [{calib_seed: 5, seed: 1}]\n")
+    )  # fmt: skip
+    cells = sorted((r.method, r.seed, r.calib_seed) for r in m.expand())
+    assert cells == [("fp", 0, None), ("fp", 1, None), ("qdiff", 0, 0), ("qdiff", 0, 5), ("qdiff", 1, 0)]
+    runs = {(r.seed, r.calib_seed): r for r in m.expand() if not r.is_fp}
+    # Distinct runs, each paired with the FP run of its sampling seed.
+    assert len({r.hash for r in runs.values()}) == 3
+    assert runs[(0, 0)].fp_reference() == runs[(0, 5)].fp_reference()
+    from bench.methods import QDIFFUSION, Bits
+
+    configs = {c: QDIFFUSION.configure(Bits(4, 8), runs[(0, c)].budget) for c in (0, 5)}
+    assert configs[5].calib.seed == configs[0].calib.seed + 5 and configs[5].recon.seed == 5
+    with pytest.raises(MatrixError, match="'calib_seeds' lists a seed twice"):
+        load_matrix(write(tmp_path, OK + "calib_seeds: [1, 1]\n", "d.yaml"))
 
 
 OK = "models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n"
@@ -175,7 +197,7 @@ OK = "models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n"
         (OK + "settings: {dtype: half}", "dtype='half'; choose one of float32, float16, bfloat16"),
         (
             OK.replace("W4A8", "W4A32") + "settings: {backend: x86, device: cpu}",
-            "qdiff [x86] W4A32 seed=0: backend x86 needs quantized activations (WxA8 or narrower), "
+            "qdiff [x86] W4A32 seed=0 calib=0: backend x86 needs quantized activations (WxA8 or narrower), "
             "not WxA32; choose another backend",
         ),
         (
@@ -227,19 +249,19 @@ def test_backends_axis_deploys_each_quantized_run_on_each_backend(tmp_path):
     labels = {r.label for r in runs}
     assert labels == {
         "embedded-digits fp FP seed=0",
-        "embedded-digits linear W8A8 seed=0",
-        "embedded-digits linear [x86] W8A8 seed=0",
-        "embedded-digits linear W4A32 seed=0",
-        "embedded-digits linear [x86] W4A8 seed=0",  # the include names its backend
-        "embedded-digits qdiff [x86] W8A8 seed=0",  # the method entry's own backend wins
-        "embedded-digits torchao-int8dq W8A8 seed=0",  # deploys itself: one run
+        "embedded-digits linear W8A8 seed=0 calib=0",
+        "embedded-digits linear [x86] W8A8 seed=0 calib=0",
+        "embedded-digits linear W4A32 seed=0 calib=0",
+        "embedded-digits linear [x86] W4A8 seed=0 calib=0",  # the include names its backend
+        "embedded-digits qdiff [x86] W8A8 seed=0 calib=0",  # the method entry's own backend wins
+        "embedded-digits torchao-int8dq W8A8 seed=0 calib=0",  # deploys itself: one run
     }
     assert all(r.metrics == ("latency_step",) for r in runs)  # the model's own metric list
     by_label = {r.label: r for r in runs}
     # One calibrated model, two deployments: the runs differ by their backend only.
     fake, x86 = (
-        by_label["embedded-digits linear W8A8 seed=0"],
-        by_label["embedded-digits linear [x86] W8A8 seed=0"],
+        by_label["embedded-digits linear W8A8 seed=0 calib=0"],
+        by_label["embedded-digits linear [x86] W8A8 seed=0 calib=0"],
     )
     assert fake.hash != x86.hash and dataclasses.replace(x86.budget, backend="fake") == fake.budget
     assert x86.matches({"backend": ("x86",)}) and not fake.matches({"backend": ("x86",)})
@@ -249,7 +271,7 @@ def test_only_rules():
     assert parse_rules(["method=qdiff*", "bits=W4A8,W4A32", "method=fp"]) == {
         "method": ("qdiff*", "fp"), "bits": ("W4A8", "W4A32")
     }  # fmt: skip
-    with pytest.raises(MatrixError, match="keys: model, method, bits, seed"):
+    with pytest.raises(MatrixError, match="keys: model, method, bits, seed, calib_seed"):
         parse_rules(["methods=qdiff"])
 
 

@@ -1,7 +1,9 @@
 """Leaderboards and comparisons from a hand-made fixture store (every number known)."""
 
+import math
 import re
 
+import numpy as np
 import pytest
 from helpers import fixture_store
 
@@ -14,13 +16,15 @@ def test_leaderboard_cells_deltas_best_and_errors(tmp_path):
     built = report.build(fixture_store(tmp_path / "r"))
     board = report.leaderboard(built.cells)
     assert list(board.columns.get_level_values(0).unique()) == ["W8A8", "W4A8"]
-    # mean ± sd over two seeds, and the mean paired delta to FP of the same seed
-    assert board.loc[("embedded-digits", "qdiff"), ("W8A8", "digits_fd")] == "**15.50 ± 0.71 (+0.50)**"
-    assert board.loc[("embedded-digits", "linear"), ("W8A8", "digits_fd")] == "40.50 ± 0.71 (+25.50)"
-    assert board.loc[("embedded-digits", "qdiff"), ("W8A8", "psnr_vs_fp")].startswith(
-        "**30.00"
-    )  # higher wins
-    assert board.loc[("embedded-digits", "fp"), ("W4A8", "digits_fd")] == "15.00 ± 1.41"  # FP in every column
+    # Rows without bootstrap replicates (written before intervals existed): mean (sd over seeds)
+    # and the mean paired delta to FP of the same seed, no interval and so no rank.
+    assert board.loc[("embedded-digits", "qdiff"), ("W8A8", "digits_fd")] == "15.50 (sd 0.71) (+0.50)"
+    assert board.loc[("embedded-digits", "linear"), ("W8A8", "digits_fd")] == "40.50 (sd 0.71) (+25.50)"
+    assert (
+        board.loc[("embedded-digits", "fp"), ("W4A8", "digits_fd")] == "15.00 (sd 1.41)"
+    )  # FP in every column
+    # Cost cells: the best value is highlighted.
+    assert board.loc[("embedded-digits", "linear"), ("W8A8", "quantize_time")].startswith("**0.50")
     assert board.loc[("embedded-digits", "linear"), ("W4A8", "digits_fd")] == "error: RuntimeError: boom"
     md = built.markdown
     assert (
@@ -28,7 +32,7 @@ def test_leaderboard_cells_deltas_best_and_errors(tmp_path):
         and "error [1]" in md
         and "[1] embedded-digits linear: error: RuntimeError: boom" in md
     )
-    assert "real-vs-real floor 10.00 ± 1.00" in md and "| git commit | abc123 |" in md
+    assert "floor 10.00 ± 1.00 at the same sample count" in md and "| git commit | abc123 |" in md
 
 
 def test_html_is_self_contained_with_plots_and_hover_errors(tmp_path):
@@ -71,8 +75,8 @@ def test_quality_gate_fails_on_a_planted_regression_and_passes_noise(tmp_path):
     assert table["regressed"].sum() == 2  # qdiff W4A8 at both seeds
     text = to_markdown(table)
     assert (
-        "| embedded-digits | qdiff | W4A8 | 0 | digits_fd | 20 | 26 | 6 | 0.5 | worse **REGRESSION** |"
-        in text
+        "| embedded-digits | qdiff | W4A8 | 0 | — | digits_fd | 20 | 26 | 6 | 0 | 0.5 | "
+        "worse **REGRESSION** |" in text
     )
     assert "2 regression(s)" in text and "W8A8" not in text  # only the cells that moved are listed
 
@@ -94,7 +98,7 @@ def test_cost_cells_are_gated_only_when_named(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"n_samples": 50}, "n_samples: 100 vs 50"),
+        ({"n_samples": 50}, '"n": 100.* vs .*"n": 50'),
         ({"evaluation": {"fid_backend": "clean-fid"}}, "evaluation"),
     ],
 )
@@ -162,10 +166,96 @@ def test_history_follows_each_quality_cell_over_commits(tmp_path):
     (cell,) = history.summary(hist).itertuples()
     assert (cell.commits, cell.first, cell.latest, cell.change) == (3, 20.5, 21.5, 1.0)
     _, page, text = history.write(tmp_path / "results")
-    assert (
-        "| default | embedded-digits | qdiff | W4A8 | digits_fd | 3 | 20.5 (aaaa1111) | 21.5 (cccc3333) |"
-        in text
+    assert re.search(
+        r"\| default \| embedded-digits \| qdiff \| W4A8 \| digits_fd \| n=100 #\w{6} \| 3 \| "
+        r"20\.5 \(aaaa1111\) \| 21\.5 \(cccc3333\) \|",
+        text,
     )
     assert page.read_text().count("data:image/png;base64,") == 1
     with pytest.raises(StoreError, match="no results under"):
         history.history(tmp_path / "empty")
+
+
+def _with_interval(value, half, delta=None, delta_half=None):
+    """Row extras of a measurement with a (symmetric) interval and replicates that match it."""
+    z = 1.959963984540054
+    boot = list(value + np.linspace(-1, 1, 201) * half / z / np.std(np.linspace(-1, 1, 201), ddof=1))
+    extra = {"ci_low": value - half, "ci_high": value + half, "boot": boot}
+    if delta is not None:
+        dboot = list(
+            delta + np.linspace(-1, 1, 201) * delta_half / z / np.std(np.linspace(-1, 1, 201), ddof=1)
+        )
+        extra.update({"delta": delta, "delta_ci_low": delta - delta_half, "delta_ci_high": delta + delta_half,
+                      "delta_boot": dboot})  # fmt: skip
+    return extra
+
+
+def test_cells_show_intervals_within_noise_and_tied_ranks(tmp_path):
+    from helpers import row
+
+    from bench.store import ResultStore
+
+    store = ResultStore(tmp_path / "r")
+    store.append([row("fp", "FP", "digits_fd", 14.0, **_with_interval(14.0, 2.0))])
+    store.append([row("linear", "W8A8", "digits_fd", 40.0, **_with_interval(40.0, 4.0, 26.0, 3.0))])
+    store.append([row("qdiff", "W8A8", "digits_fd", 15.0, **_with_interval(15.0, 2.0, 1.0, 1.5))])
+    store.append([row("smoothquant", "W8A8", "digits_fd", 16.0, **_with_interval(16.0, 2.0, 2.0, 1.5))])
+    board = report.leaderboard(report.build(store.root).cells)
+    cell = lambda method: board.loc[("embedded-digits", method), ("W8A8", "digits_fd")]  # noqa: E731
+    assert cell("fp") == "14.00 ± 2.00"
+    # qdiff and smoothquant overlap: tied first (bold), both within noise of FP or not by their Δ.
+    assert cell("qdiff") == "**15.00 ± 2.00 (+1.00 ± 1.50, ≈FP) #1**"
+    assert cell("smoothquant") == "**16.00 ± 2.00 (+2.00 ± 1.50) #1**"
+    assert cell("linear") == "40.00 ± 4.00 (+26.00 ± 3.00) #3"
+
+
+def test_report_never_averages_rows_measured_with_other_settings(tmp_path):
+    from helpers import row
+
+    from bench.store import ResultStore
+
+    store = ResultStore(tmp_path / "r")
+    # A killed 500-sample run left rows beside the newer 100-sample ones.
+    store.append([row("fp", "FP", "digits_fd", 60.0, n_samples=500, started_at="2026-01-01T00:00:00")])
+    store.append([row("fp", "FP", "digits_fd", 14.0, seed=1, started_at="2026-01-02T00:00:00")])
+    cells = report.build(store.root).cells
+    (fp,) = cells.itertuples()
+    assert fp.value == 14.0 and fp.seeds == 1 and fp.set_aside == 1
+    text = report.leaderboard(cells).iloc[0, 0]
+    assert "14.00" in text and "1 older row(s) with other settings not averaged in" in text
+
+
+def test_compare_gates_beyond_the_combined_interval(tmp_path):
+    from helpers import row
+
+    from bench.store import ResultStore
+
+    def store(name, value, half):
+        s = ResultStore(tmp_path / name)
+        s.append([row("qdiff", "W4A8", "digits_fd", value, **_with_interval(value, half))])
+        return s.root
+
+    a = store("a", 20.0, 3.0)
+    noise = store("noise", 24.0, 3.0)  # 4 worse, inside √(3² + 3²) = 4.24
+    planted = store("planted", 29.0, 3.0)  # 9 worse: beyond the noise and a threshold of 1
+    assert not compare(a, noise, Threshold.parse("0"))["regressed"].any()
+    assert compare(a, noise, Threshold.parse("0"))["note"].tolist() == ["within noise"]
+    table = compare(a, planted, Threshold.parse("1"))
+    assert table["regressed"].tolist() == [True]
+    assert table["noise"].iloc[0] == pytest.approx(math.hypot(3.0, 3.0))
+    assert not compare(a, planted, Threshold.parse("5"))["regressed"].any()  # 9 <= 5 + 4.24
+
+
+def test_history_keeps_rows_measured_differently_on_separate_lines(tmp_path):
+    from helpers import row
+
+    from bench import history
+    from bench.store import ResultStore
+
+    store = ResultStore(tmp_path / "results" / "default")
+    store.append([row("qdiff", "W4A8", "digits_fd", 40.0, n_samples=250, run_id="a", git_sha="aaaa1111")])
+    store.append([row("qdiff", "W4A8", "digits_fd", 20.0, n_samples=1000, run_id="b", git_sha="bbbb2222",
+                      started_at="2026-01-02T00:00:00")])  # fmt: skip
+    hist = history.history(tmp_path / "results")
+    assert sorted(hist["value"]) == [20.0, 40.0] and hist["settings"].nunique() == 2
+    assert len(history.summary(hist)) == 2  # two cells, never one "changed by −20" line

@@ -36,12 +36,32 @@ def test_rows_are_complete_paired_and_reproducible(tmp_path):
     # 8-bit linear quantization stays closer to FP images than 4-bit weights (paired PSNR).
     psnr = {(r["method"], r["bits"]): r["value"] for r in quant if r["metric"] == "psnr_vs_fp"}
     assert psnr[("linear", "W8A8")] > psnr[("linear", "W4A8")]
-    assert (tmp_path / "results" / "tiny" / "samples" / "embedded-digits-qdiff-W4A8-s0.png").is_file()
+    assert (tmp_path / "results" / "tiny" / "samples" / "embedded-digits-qdiff-W4A8-s0c0.png").is_file()
+    # Quality rows carry their interval, and quantized ones the paired delta with its own.
+    fd = q[("qdiff", "W4A8")]
+    assert fd["ci_low"] < fd["value"] < fd["ci_high"] and len(fd["boot"]) == fd["n_resamples"]
+    assert fd["delta"] == pytest.approx(fd["value"] - fp[0]["value"])
+    assert fd["delta_ci_low"] < fd["delta"] < fd["delta_ci_high"]
+    # Reconstruction's record travels with the run: held-out eps error per timestep, reverts.
+    recon = q[("qdiff", "W4A8")]["recon"]
+    assert len(recon["eps_before"]) == len(recon["timesteps"]) and recon["units"] > 0
+    assert q[("linear", "W4A8")]["recon"] is None
 
     # A rerun adds nothing; --force recomputes from the caches and reproduces every value.
     assert run(matrix, tmp_path / "results") == []
     again = run(matrix, tmp_path / "results", force=True)
     assert values(again) == values(rows)
+
+
+def test_eps_error_is_measured_per_sampler_step(tmp_path):
+    matrix = load_matrix(tiny_matrix(tmp_path, methods="[linear]", bits="[W4A8]", metrics="[eps_mse]"))
+    (row,) = [r for r in run(matrix, tmp_path / "results") if r["method"] != "fp"]
+    steps = matrix.expand()[-1].sampling.steps
+    assert (
+        len(row["timesteps"]) == len(row["per_step"]) == steps and row["timesteps"][0] > row["timesteps"][-1]
+    )
+    assert row["value"] == pytest.approx(sum(row["per_step"]) / steps, rel=1e-4) and row["value"] > 0
+    assert row["ci_low"] < row["value"] < row["ci_high"]
 
 
 def values(rows):
