@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report import MACHINE, method_labels, protocol
+from bench.report import MACHINE, cell_table, method_labels, protocol
 from bench.store import load
 
-KEY = ["model", "method", "bits", "seed", "calib_seed", "metric"]
+KEY = ["model", "method", "bits", "metric"]
 
 
 class ThresholdError(ValueError):
@@ -78,29 +78,29 @@ def parse_limits(items: list[str]) -> dict[str, Threshold]:
 
 
 def _cells(path: str | Path) -> pd.DataFrame:
+    """The leaderboard's cells of one folder (:func:`bench.report.cell_table`: runs averaged over
+    sampling and calibration seeds, with the two-level interval), plus each cell's protocol
+    without the machine and its machine."""
     df = load(path)
+    cells = cell_table(df)
     df["method"] = method_labels(df)
-    if "calib_seed" not in df:  # rows from before calibration seeds were an axis
-        df["calib_seed"] = None
-    df["calib_seed"] = [None if pd.isna(c) else int(c) for c in df["calib_seed"]]
     # The protocol without the machine: a cost cell measured on another machine is listed,
     # never compared; a quality cell must reproduce across machines.
     df["protocol"] = protocol(df.assign(kind="quality"))
     df["machine"] = [json.dumps([r.get(c) for c in MACHINE], default=str) for r in df.to_dict("records")]
-    for col in ("ci_low", "ci_high"):
-        if col not in df:
-            df[col] = math.nan
-    df["half_width"] = ((df["ci_high"].astype(float) - df["ci_low"].astype(float)) / 2).fillna(0.0)
-    return df[[*KEY, "value", "half_width", "status", "error", "higher_is_better", "kind", "protocol",
-               "machine"]]  # fmt: skip
+    newest = df.sort_values("started_at").groupby(KEY, sort=False)[["protocol", "machine"]].last()
+    cells = cells.merge(newest, left_on=KEY, right_index=True, how="left")
+    cells["half_width"] = ((cells["high"] - cells["low"]) / 2).fillna(0.0)
+    return cells[[*KEY, "value", "half_width", "seeds", "status", "error", "higher_is_better", "kind",
+                  "protocol", "machine"]]  # fmt: skip
 
 
 def _check_comparable(merged: pd.DataFrame, a: Path, b: Path) -> None:
     both = merged[merged["_merge"] == "both"]
     if both.empty:
         raise IncomparableError(
-            f"{a} and {b} share no cell (model, method, bits, seed, calib_seed, metric); compare results "
-            "of the same matrix, e.g. results/default from two commits"
+            f"{a} and {b} share no cell (model, method, bits, metric); compare results of the same "
+            "matrix, e.g. results/default from two commits"
         )
     differ = both[both["protocol_a"] != both["protocol_b"]]
     if len(differ):
@@ -189,11 +189,15 @@ def to_markdown(table: pd.DataFrame) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     n = int(table["regressed"].sum())
     gated = int((table["limit"] != "—").sum())
+    beyond = int(table["note"].isin(["worse", "better"]).sum())
+    within = int((table["note"] == "within noise").sum())
+    elsewhere = int((table["note"] == "other machine: not compared").sum())
     lines.append(
-        f"\n{len(moved)} of {len(table)} cells moved beyond their noise "
-        f"({int((table['note'] == 'within noise').sum())} moved within it); {n} regression(s) among {gated} "
-        "gated cells (quality cells, and cost metrics given a --max-regression); a cell regresses when "
-        "it is worse by more than its threshold plus the combined 95 % interval of A and B."
+        f"\n{len(table)} cells: {beyond} moved beyond their noise, {within} within it"
+        + (f", {elsewhere} cost cells measured on another machine not compared" if elsewhere else "")
+        + f"; {n} regression(s) among {gated} gated cells (quality cells, and cost metrics given a "
+        "--max-regression). A cell regresses when it is worse by more than its threshold plus the "
+        "combined 95 % interval of A and B."
     )
     return "\n".join(lines)
 

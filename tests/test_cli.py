@@ -54,7 +54,10 @@ def test_compare_exits_non_zero_past_the_threshold(tmp_path, capsys):
     a = fixture_store(tmp_path / "a")
     b = fixture_store(tmp_path / "b", qdiff_w4=23.0)
     assert main(["compare", str(a), str(b), "--threshold", "5%"]) == 1
-    assert "qdiff | W4A8 | 0 | — | digits_fd | 20 | 23 | 3 | 0 | 5% | worse **REGRESSION**" in capsys.readouterr().out
+    assert (
+        "qdiff | W4A8 | digits_fd | 20.5 | 23.5 | 3 | 0 | 5% | worse **REGRESSION**"
+        in capsys.readouterr().out
+    )
     assert main(["compare", str(a), str(b), "--threshold", "20%"]) == 0
     # A per-metric limit overrides the global one; noise within it passes.
     assert main(["compare", str(a), str(b), "--max-regression", "digits_fd=3"]) == 0
