@@ -461,6 +461,7 @@ def plots(cells: pd.DataFrame) -> list[tuple[str, str]]:
                 if fp["floor"].notna().any():
                     ax.axhline(fp["floor"].iloc[0], color="grey", ls=":", lw=1, label="floor")
             ax.set_xticks(range(len(labels)), labels)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
             ax.set_ylabel(f"{metric} ({g['unit'].iloc[0]})")
             ax.set_title(f"{model}: {metric} vs bit width")
             ax.legend(fontsize=7)
