@@ -326,6 +326,10 @@ def _provenance(df: pd.DataFrame, invocations: list[dict]) -> list[tuple[str, st
         ("runs", f"{df['config_hash'].nunique()} ({len(df)} rows)"),
         ("git commit", values("git_sha")),
         ("device", values("device")),
+        (
+            "CPU (vector ISA flags; torch's kernels)",
+            f"{values('cpu_model')} ({values('cpu_flags')}; {values('cpu_capability')})",
+        ),
         ("torch / CUDA", f"{values('torch')} / {values('cuda')}"),
         ("diffusers", values("diffusers")),
         ("python", values("python")),
