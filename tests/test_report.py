@@ -259,3 +259,24 @@ def test_history_keeps_rows_measured_differently_on_separate_lines(tmp_path):
     hist = history.history(tmp_path / "results")
     assert sorted(hist["value"]) == [20.0, 40.0] and hist["settings"].nunique() == 2
     assert len(history.summary(hist)) == 2  # two cells, never one "changed by −20" line
+
+
+def test_compare_judges_cells_so_a_run_that_landed_elsewhere_is_not_a_regression(tmp_path):
+    """Float rounding on another CPU can send one calibration seed's reconstruction elsewhere;
+    the cell (mean over calibration seeds, interval with their spread) is what must hold."""
+    from helpers import row
+
+    from bench.store import ResultStore
+
+    def store(name, values):
+        s = ResultStore(tmp_path / name)
+        for calib, v in enumerate(values):
+            s.append([row("qdiff", "W4A8", "eps_mse", v, calib_seed=calib, run_id=f"{name}{calib}",
+                          config_hash=f"q{calib}", **_with_interval(v, 0.02))])  # fmt: skip
+        return s.root
+
+    a = store("a", [1.60, 1.70])
+    moved = store("moved", [1.75, 1.62])  # one run 0.15 worse: far outside its own ±0.02
+    assert compare(a, moved, Threshold.parse("0"))["note"].tolist() == ["within noise"]
+    worse = store("worse", [1.90, 2.00])  # both runs worse: the cell moved
+    assert compare(a, worse, Threshold.parse("0"))["regressed"].tolist() == [True]
