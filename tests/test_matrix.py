@@ -118,6 +118,10 @@ def test_shipped_matrices_are_valid():
     # The ablations share the default's qdiff W4A8 runs (same hashes: same cache, same numbers).
     shared = {r.hash for r in default.expand()} & {r.hash for r in ablations.expand()}
     assert len(shared) == 3  # FP and qdiff W4A8 at both calibration seeds
+    baselines = load_matrix(REPO_ROOT / "configs" / "baselines.yaml")
+    assert {
+        r.hash for r in default.expand() if r.method in ("fp", "qdiff") and r.bits_label in ("FP", "W4A8")
+    } <= {r.hash for r in baselines.expand()}
     full = load_matrix(REPO_ROOT / "configs" / "full.yaml")
     # Every registered baseline except the CUDA-only torchao preset.
     assert {r.method for r in full.expand()} >= {"fp", "qdiff", *BASELINES} - {"torchao-int4wo"}
