@@ -1,9 +1,13 @@
 """Per-cell comparison of two results folders (e.g. two commits): the quality gate.
 
-Cells are matched by (model, method — with its backend when not ``fake`` —, bits, seed,
-calibration seed, metric) on the latest row of each. A gated cell regresses when B is worse than
-A (in the metric's own direction, ``higher_is_better``) by more than its threshold plus the two
-values' combined 95 % interval, or when it was ok in A and is not ok in B. Quality cells are
+Cells are the leaderboard's (:func:`bench.report.cell_table`): (model, method — with its
+backend when not ``fake`` —, bits, metric), the latest row of each run averaged over sampling
+and calibration seeds, with the two-level bootstrap interval that includes the runs' spread, so
+a method whose result moves with float rounding on another machine (a reconstruction landing on
+other roundings) carries that in its interval, given at least two calibration seeds. A gated
+cell regresses when B is worse than A (in the metric's own direction, ``higher_is_better``) by
+more than its threshold plus the two values' combined 95 % interval, or when it was ok in A and
+is not ok in B. Quality cells are
 gated; cost cells (latencies, memory) are noisy and belong to asv (``benchmarks/``), so they are
 gated only when a per-metric threshold names them, and only within one machine.
 
@@ -86,7 +90,7 @@ def _cells(path: str | Path) -> pd.DataFrame:
     df["method"] = method_labels(df)
     # The protocol without the machine: a cost cell measured on another machine is listed,
     # never compared; a quality cell must reproduce across machines.
-    df["protocol"] = protocol(df.assign(kind="quality"))
+    df["protocol"] = protocol(df, with_machine=False)
     df["machine"] = [json.dumps([r.get(c) for c in MACHINE], default=str) for r in df.to_dict("records")]
     newest = df.sort_values("started_at").groupby(KEY, sort=False)[["protocol", "machine"]].last()
     cells = cells.merge(newest, left_on=KEY, right_index=True, how="left")

@@ -47,8 +47,9 @@ def method_labels(df: pd.DataFrame) -> list[str]:
 MACHINE = ("device", "cpu_model", "cpu_capability")
 
 
-def protocol(df: pd.DataFrame) -> list[str]:
-    """Each row's measurement protocol as canonical text (see the comment above)."""
+def protocol(df: pd.DataFrame, with_machine: bool = True) -> list[str]:
+    """Each row's measurement protocol as canonical text (see the comment above); without the
+    machine for comparing folders, where a cost cell's machine is checked on its own."""
     from bench.registry import METRICS, UnknownNameError
 
     def settings(metric: str) -> tuple[str, ...] | None:
@@ -68,7 +69,7 @@ def protocol(df: pd.DataFrame) -> list[str]:
         if used is not None:
             evaluation = {k: v for k, v in evaluation.items() if k in used}
         key = {"n": r.get("n_samples"), "sampling": sampling, "budget": budget, "evaluation": evaluation}
-        if r.get("kind") == "cost":
+        if with_machine and r.get("kind") == "cost":
             key["machine"] = [r.get(c) for c in MACHINE]
         return json.dumps(key, sort_keys=True, default=str)
 

@@ -80,9 +80,14 @@ def bootstrap(
     seed: int = 0,
 ) -> Interval:
     """Bootstrap ``statistic(indices)`` over ``n`` items: the estimate uses all items once."""
-    estimate = float(statistic(np.arange(n)))
-    reps = np.array([statistic(idx) for idx in resample_indices(n, n_resamples, seed)], dtype=np.float64)
-    return Interval(estimate, *normal_interval(estimate, reps, level), reps)
+    reps = [statistic(idx) for idx in resample_indices(n, n_resamples, seed)]
+    return from_replicates(statistic(np.arange(n)), reps, level)
+
+
+def from_replicates(estimate: float, replicates, level: float = LEVEL) -> Interval:
+    """The interval of ``estimate`` given its bootstrap replicates."""
+    reps = np.asarray(replicates, dtype=np.float64)
+    return Interval(float(estimate), *normal_interval(float(estimate), reps, level), reps)
 
 
 def combine(
@@ -102,19 +107,14 @@ def combine(
     estimate = float(points.mean())
     k = len(points)
     if k == 1:
-        reps = points[0] + deviations[0]
-        return Interval(estimate, *normal_interval(estimate, reps, level), reps)
+        return from_replicates(estimate, points[0] + deviations[0], level)
     rng = np.random.default_rng(seed)
     b = min(len(d) for d in deviations)
     runs = rng.integers(0, k, size=(b, k))
     picks = rng.integers(0, b, size=(b, k))
-    reps = np.array(
-        [
-            np.mean([points[r] + deviations[r][p] for r, p in zip(runs[i], picks[i], strict=True)])
-            for i in range(b)
-        ]
-    )
-    return Interval(estimate, *normal_interval(estimate, reps, level), reps)
+    reps = [np.mean([points[r] + deviations[r][p] for r, p in zip(runs[i], picks[i], strict=True)])
+            for i in range(b)]  # fmt: skip
+    return from_replicates(estimate, reps, level)
 
 
 def tie_ranks(intervals: Sequence[tuple[float, float, float]], higher_is_better: bool) -> list[int]:

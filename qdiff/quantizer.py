@@ -210,10 +210,14 @@ class AdaRoundQuantizer(nn.Module):
         # reverts to when its learned rounding does worse (``reset``).
         self._alpha0 = self.alpha.detach().clone()
 
+    def soft_rounding(self) -> torch.Tensor:
+        """h(α), the rectified sigmoid."""
+        return (torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
     def rounding(self) -> torch.Tensor:
         if self.hard:
             return (self.alpha >= 0).to(self.alpha.dtype)
-        return (torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+        return self.soft_rounding()
 
     def regularizer(self, beta: float) -> torch.Tensor:
         """Σ 1 − |2h − 1|^β: pushes every h to 0 or 1 as β is annealed down."""
@@ -223,7 +227,7 @@ class AdaRoundQuantizer(nn.Module):
         """``(undecided, total)``: roundings whose soft value h lies strictly inside (0, 1), i.e.
         |α| below ≈ 2.4, which hardening would decide by the sign of α alone."""
         with torch.no_grad():
-            h = (torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+            h = self.soft_rounding()
             return int(((h > 0) & (h < 1)).sum()), h.numel()
 
     def harden(self) -> None:

@@ -247,6 +247,13 @@ def _split(data: CalibData, holdout: float, generator: torch.Generator) -> _Spli
                   [int(t) for t in timesteps])  # fmt: skip
 
 
+def _group_means(values: torch.Tensor, groups: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``values`` per group (0 where a group is empty) and each group's count."""
+    sums = torch.zeros(n, device=values.device, dtype=values.dtype).index_add_(0, groups, values)
+    counts = torch.bincount(groups, minlength=n)
+    return sums / counts.clamp(min=1), counts
+
+
 class _Objective:
     """A unit's loss: per-input squared error, weighted per timestep (see ``balance``)."""
 
@@ -255,11 +262,9 @@ class _Objective:
         device = target.device
         self.group = split.group.to(device)
         start = self.losses(split.train)
-        groups = self.group[split.train.to(device)]
         n = len(split.timesteps)
-        per_t = torch.zeros(n, device=device).index_add_(0, groups, start)
-        counts = torch.bincount(groups, minlength=n).clamp(min=1)
-        per_t = (per_t / counts).clamp(min=torch.finfo(torch.float32).tiny)
+        per_t, _ = _group_means(start, self.group[split.train.to(device)], n)
+        per_t = per_t.clamp(min=torch.finfo(torch.float32).tiny)
         pooled = start.mean()
         # Weights keep the pooled loss's scale at the start (so the AdaRound regulariser's λ
         # weighs as in the reference), but give every timestep the same share.
@@ -287,12 +292,8 @@ class _Objective:
         per = self.losses(idx) * self.weight_t[self.group[idx]]
         if not self.cfg.balance:
             return per.mean().item()
-        groups = self.group[idx]
-        n = len(self.split.timesteps)
-        sums = torch.zeros(n, device=per.device).index_add_(0, groups, per)
-        counts = torch.bincount(groups, minlength=n)
-        present = counts > 0
-        return (sums[present] / counts[present]).mean().item()
+        means, counts = _group_means(per, self.group[idx], len(self.split.timesteps))
+        return means[counts > 0].mean().item()
 
 
 def _optimise(
@@ -356,11 +357,11 @@ def reconstruct(
     has_act = any(m.has_act_quant for _, m in _quant_in(model))
     phases = [("weight", has_weight and config.weight_iters > 0), ("act", has_act and config.act_iters > 0)]
     check_idx = split.held if len(split.held) else split.train
-    check = (*data.select(check_idx), split.group[check_idx])
+    check = CalibData(*data.select(check_idx))
     # The FP targets of a unit are the same in both phases: keep them for the second phase
     # while they fit in TARGET_CACHE_BYTES (one capture pass per unit saved).
     targets: dict[str, torch.Tensor] = {}
-    eps_before = _eps_error(model, check, batch_size, len(split.timesteps))
+    eps_before = _eps_error(model, check, split.group[check_idx], len(split.timesteps), batch_size)
     try:
         for phase, enabled in phases:
             if not enabled:
@@ -390,28 +391,24 @@ def reconstruct(
         for p, flag in grad_state.items():
             p.requires_grad_(flag)
         set_quant_state(model, weight=True, act=True)
-    eps_after = _eps_error(model, check, batch_size, len(split.timesteps))
+    eps_after = _eps_error(model, check, split.group[check_idx], len(split.timesteps), batch_size)
     return ReconResult(tuple(reports), tuple(split.timesteps), tuple(eps_before), tuple(eps_after))
 
 
 @torch.no_grad()
-def _eps_error(model: nn.Module, data: tuple, batch_size: int, groups: int) -> list[float]:
+def _eps_error(
+    model: nn.Module, data: CalibData, group: torch.Tensor, groups: int, batch_size: int
+) -> list[float]:
     """Mean squared error of the quantized model's output against the FP model's (the same
-    model with quantization off), per timestep group, on ``data`` = ``(x, t, cond, group)``."""
-    x, t, cond, group = data
+    model with quantization off), per timestep group (``group`` of each input of ``data``)."""
     errors = []
-    for i in range(0, len(x), batch_size):
-        batch = (
-            x[i : i + batch_size],
-            t[i : i + batch_size],
-            {k: v[i : i + batch_size] for k, v in cond.items()},
-        )
+    for batch in data.batches(batch_size):
         set_quant_state(model, weight=False, act=False)
         ref = _as_tensor(run_model(model, batch))
         set_quant_state(model, weight=True, act=True)
         errors.append((_as_tensor(run_model(model, batch)) - ref).pow(2).flatten(1).mean(1))
-    err = torch.cat(errors).cpu()
-    return [err[group == g].mean().item() for g in range(groups)]
+    means, _ = _group_means(torch.cat(errors).cpu(), group, groups)
+    return means.tolist()
 
 
 @torch.no_grad()

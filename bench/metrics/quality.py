@@ -71,11 +71,16 @@ def with_intervals(
     ``statistic(indices, None)`` is the run's value on those images, ``statistic(None, indices)``
     the FP run's (see :mod:`bench.stats`).
     """
-    value = stats.bootstrap(lambda idx: statistic(idx, None), n)
+    draws = stats.resample_indices(n)
+    whole = np.arange(n)
+    # Each resample's statistic once; the paired delta reuses it on the same indices.
+    reps = np.array([statistic(idx, None) for idx in draws])
+    value = stats.from_replicates(statistic(whole, None), reps)
     out = {**(extra or {}), **value.row(), "n_resamples": stats.N_RESAMPLES, "ci_level": stats.LEVEL,
            "ci_method": stats.METHOD}  # fmt: skip
     if paired:
-        delta = stats.bootstrap(lambda idx: statistic(idx, None) - statistic(None, idx), n)
+        fp_reps = np.array([statistic(None, idx) for idx in draws])
+        delta = stats.from_replicates(value.estimate - statistic(None, whole), reps - fp_reps)
         out.update({"delta": delta.estimate, **delta.row("delta_")})
     return Measurement(value.estimate, out)
 
