@@ -9,7 +9,8 @@ method's choices.
 from __future__ import annotations
 
 import qdiff
-from bench.methods import Bits, RecipeMethod, grids
+from bench.methods import RecipeMethod, grids
+from bench.spec import Bits
 
 
 def recipe(bits: Bits) -> qdiff.QConfig:

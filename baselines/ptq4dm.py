@@ -27,7 +27,8 @@ sampling noise. The paper's μ and σ were chosen on its own models; they are
 from __future__ import annotations
 
 import qdiff
-from bench.methods import Bits, RecipeMethod, grids
+from bench.methods import RecipeMethod, grids
+from bench.spec import Bits
 
 NORMAL_MEAN = 0.75  # denoising progress: the last quarter of the trajectory, t ≈ T/4
 NORMAL_STD = 0.15

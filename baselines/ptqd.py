@@ -49,7 +49,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 import qdiff
-from bench.methods import Bits, Calibration, RecipeMethod, qdiffusion_recipe
+from bench.methods import Calibration, RecipeMethod, qdiffusion_recipe
+from bench.spec import Bits
 
 FIT_BATCH = 64
 LOW_BITS = 4  # the low activation bit width of step-aware mixed precision

@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 
 import qdiff
-from bench.methods import Bits, RecipeMethod, grids
+from bench.methods import RecipeMethod, grids
+from bench.spec import Bits
 
 ALPHA = 0.5
 

@@ -24,7 +24,8 @@ import dataclasses
 
 import qdiff
 from baselines import smoothquant
-from bench.methods import Bits, RecipeMethod
+from bench.methods import RecipeMethod
+from bench.spec import Bits
 
 RANK = 32
 

@@ -33,8 +33,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bench.methods import Bits, Calibration
-from bench.models.base import AvailabilityError
+from bench.errors import AvailabilityError
+from bench.methods import Calibration
+from bench.spec import Bits
 
 
 @dataclass(frozen=True)

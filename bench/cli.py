@@ -18,14 +18,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.cache import cache_dir
-from bench.compare import IncomparableError, ThresholdError
-from bench.embedded.model import AssetError
-from bench.images import ImageError
-from bench.matrix import CLEANFID_MODES, FID_BACKENDS, MatrixError
-from bench.methods import BitsError
+from bench.errors import (
+    AssetError,
+    BitsError,
+    ImageError,
+    IncomparableError,
+    MatrixError,
+    StoreError,
+    ThresholdError,
+    UnknownNameError,
+)
 from bench.provenance import REPO_ROOT
-from bench.registry import METHODS, METRICS, MODELS, UnknownNameError
-from bench.store import StoreError
+from bench.registry import METHODS, METRICS, MODELS
+from bench.spec import CLEANFID_MODES, FID_BACKENDS
 from qdiff.config import ConfigError
 
 CONFIGS = REPO_ROOT / "configs"
@@ -291,9 +296,9 @@ def _invocation(matrix, rows, started, wall_s: float, workers: int, threads: int
 def _fid(args: argparse.Namespace) -> int:
     import json
 
-    from bench.matrix import Evaluation
+    from bench.errors import AvailabilityError
     from bench.metrics import fid
-    from bench.models.base import AvailabilityError, resolve_device
+    from bench.spec import Evaluation, resolve_device
 
     if args.isc and args.backend != "torch-fidelity":
         raise ImageError("--isc needs --backend torch-fidelity (clean-fid has no Inception Score)")

@@ -25,18 +25,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.errors import IncomparableError, ThresholdError
 from bench.report import MACHINE, cell_table, method_labels, protocol
 from bench.store import load
 
 KEY = ["model", "method", "bits", "metric"]
-
-
-class ThresholdError(ValueError):
-    """A threshold that is neither a number nor a percentage."""
-
-
-class IncomparableError(ValueError):
-    """Two results folders whose cells cannot be compared."""
 
 
 @dataclass(frozen=True)

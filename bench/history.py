@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.errors import StoreError
 from bench.report import CSS, _png, method_labels, protocol
-from bench.store import StoreError, load
+from bench.store import load
 
 # A history line: one cell measured one way (``settings``: sample count and a hash of the rest).
 CELL = ["matrix", "model", "method", "bits", "metric", "settings"]

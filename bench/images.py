@@ -7,10 +7,6 @@ from pathlib import Path
 import torch
 
 
-class ImageError(ValueError):
-    """Images or an image folder that cannot be measured; the message says what is expected."""
-
-
 def save_grid(images: torch.Tensor, path: Path, columns: int = 16, scale: int = 3) -> Path:
     """Save uint8 images (N, C, H, W) as one PNG grid; small images are ``scale``× enlarged."""
     from PIL import Image

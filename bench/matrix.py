@@ -30,23 +30,36 @@ paired reference.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from bench.methods import Bits, BitsError
-from bench.provenance import config_hash
-from bench.registry import METHODS, METRICS, MODELS, UnknownNameError
+from bench.errors import BitsError, MatrixError, UnknownNameError
+from bench.registry import METHODS, METRICS, MODELS
+from bench.spec import (
+    BUDGET_KEYS,
+    CLEANFID_MODES,
+    COMPILE_BACKENDS,
+    DTYPES,
+    FID_BACKENDS,
+    FP_METHOD,
+    RULE_KEYS,
+    SAMPLING_KEYS,
+    SETTING_KEYS,
+    Bits,
+    Budget,
+    Evaluation,
+    MatrixSpec,
+    RunSpec,
+    Sampling,
+)
 from qdiff.backends import BACKENDS, get_backend
 
-FP_METHOD = "fp"
 MATRIX_KEYS = (
     "name",
     "description",
@@ -62,144 +75,7 @@ MATRIX_KEYS = (
     "exclude",
     "include",
 )
-RULE_KEYS = ("model", "method", "bits", "seed", "calib_seed", "backend")
-
-
-class MatrixError(ValueError):
-    """A matrix file that cannot be expanded; the message names the file and the fix."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How images are generated and evaluated; shared by a quantized run and its FP reference.
-
-    Args:
-        samples: images per run (the metrics' sample count).
-        steps: sampler steps.
-        batch_size: images per sampler batch.
-        eta: DDIM eta (0 = deterministic given the initial noise).
-        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
-        dtype: what the evaluated denoisers compute in: ``float32``, ``float16`` or ``bfloat16``
-            (quantization always calibrates the float32 model; the FP run and each deployable
-            are cast after). The sampler's state stays float32.
-    """
-
-    samples: int = 500
-    steps: int = 25
-    batch_size: int = 250
-    eta: float = 0.0
-    device: str = "auto"
-    dtype: str = "float32"
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Calibration size, reconstruction schedule and backend, applied to every method's recipe
-    so that methods are compared at equal cost, and the run's calibration seed.
-
-    Args:
-        calib_timesteps / calib_samples: K timesteps × N trajectories of calibration inputs
-            (the paper: 20 × 256).
-        weight_iters / act_iters: reconstruction steps per unit, for methods that reconstruct
-            (the paper: 20,000 / 5,000).
-        weight_lr: AdaRound learning rate, constant (the paper: 1e-3 at 20k steps; a short
-            schedule needs ``weight_lr × weight_iters × 0.8`` well above 2.4 to decide its
-            roundings — the paper's is 16).
-        act_lr: learning rate of the log step sizes (see :class:`qdiff.ReconConfig`).
-        backend: what :func:`qdiff.convert` builds for evaluation (``fake`` for quality).
-        calib_seed: which calibration trajectories (their noise) and which minibatch order —
-            an axis of the matrix (``calib_seeds``), not a setting.
-    """
-
-    calib_timesteps: int = 20
-    calib_samples: int = 256
-    weight_iters: int = 20000
-    act_iters: int = 5000
-    weight_lr: float = 1e-3
-    act_lr: float = 1e-3
-    backend: str = "fake"
-    calib_seed: int = 0
-
-    def apply(self, qconfig):
-        """``qconfig`` with this budget's calibration size and seed and (if it reconstructs)
-        schedule."""
-        calib = dataclasses.replace(
-            qconfig.calib,
-            num_timesteps=self.calib_timesteps,
-            samples_per_timestep=self.calib_samples,
-            seed=CALIB_SEED_BASE + self.calib_seed,
-        )
-        recon = qconfig.recon
-        if recon.method != "none":
-            recon = dataclasses.replace(
-                recon,
-                weight_iters=self.weight_iters,
-                act_iters=self.act_iters,
-                weight_lr=self.weight_lr,
-                act_lr=self.act_lr,
-                seed=self.calib_seed,
-            )
-        return dataclasses.replace(qconfig, calib=calib, recon=recon)
-
-
-# Calibration trajectories draw their noise from seed CALIB_SEED_BASE + calib_seed, far from
-# the sampling seeds (0, 1, ...) that the evaluated images use.
-CALIB_SEED_BASE = 1000
-
-
-DTYPES = ("float32", "float16", "bfloat16")
-FID_BACKENDS = ("torch-fidelity", "clean-fid")
-CLEANFID_MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
-COMPILE_BACKENDS = ("off", "inductor", "eager")
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """How the metrics are computed: FID library and weights, CLIP model, latency protocol.
-
-    Only the fields a run's metrics use enter its hash (:meth:`RunSpec.hash`), so e.g. a new
-    CLIP model re-measures text-to-image runs and nothing else.
-
-    Args:
-        fid_backend: ``torch-fidelity`` (Inception-v3 "compat", as Q-Diffusion reported) or
-            ``clean-fid``.
-        fid_mode: clean-fid's resizing mode: ``clean``, ``legacy_pytorch`` or
-            ``legacy_tensorflow`` (torch-fidelity has one protocol; the field is unused there).
-        fid_extractor: ``inception`` (the library's Inception-v3), another torch-fidelity
-            extractor name (e.g. ``clip-vit-b-32``), or ``module:attr`` of a custom extractor
-            (a torch-fidelity ``FeatureExtractorBase`` subclass, or for clean-fid a callable
-            that builds a module mapping NCHW 0–255 images at 299² to features).
-        fid_reference: real images FID is measured against: a folder of images, or a
-            torch-fidelity registered input such as ``cifar10-train``; empty: the model's own
-            default data set.
-        inception_weights: a local file with the backend's Inception weights, for machines
-            without network; empty: the library's normal download. It locates the standard
-            weights, so it is not hashed.
-        clip_model / clip_pretrained: open_clip architecture and pretrained tag or local
-            checkpoint for CLIP score (default ViT-L/14 OpenAI, the torchmetrics default).
-        latency_warmup / latency_repeats: untimed and timed repetitions of each latency
-            measurement (median and interquartile range over the timed ones).
-        compile: ``off``, or the ``torch.compile`` backend to time the denoiser with.
-    """
-
-    fid_backend: str = "torch-fidelity"
-    fid_mode: str = "clean"
-    fid_extractor: str = "inception"
-    fid_reference: str = ""
-    inception_weights: str = ""
-    clip_model: str = "ViT-L-14"
-    clip_pretrained: str = "openai"
-    latency_warmup: int = 2
-    latency_repeats: int = 10
-    compile: str = "off"
-
-
-SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(Sampling))
-BUDGET_KEYS = tuple(f.name for f in dataclasses.fields(Budget) if f.name != "calib_seed")
-EVALUATION_KEYS = tuple(f.name for f in dataclasses.fields(Evaluation))
-SETTING_KEYS = SAMPLING_KEYS + BUDGET_KEYS + EVALUATION_KEYS
-UNHASHED_SETTINGS = ("inception_weights",)
-NON_NEGATIVE = ("latency_warmup",)
+NON_NEGATIVE = ("latency_warmup",)  # settings that may be 0 (every other number must be > 0)
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
@@ -211,141 +87,6 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "fid_mode": CLEANFID_MODES,
         "compile": COMPILE_BACKENDS,
     }
-
-
-def _sampling_identity(sampling: Sampling) -> dict[str, Any]:
-    """The sampling settings as hashed: ``dtype`` only when it is not float32, so that runs
-    recorded before the setting existed keep their identity."""
-    fields = dataclasses.asdict(sampling)
-    if fields["dtype"] == "float32":
-        del fields["dtype"]
-    return {"__type__": "Sampling", **fields}
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One cell of a matrix: everything that determines its results, and nothing else.
-
-    ``hash`` is stable across processes and machines: it is the identity used for resuming,
-    caching and pairing rows. The matrix name is not part of it (the same run in two matrices
-    is the same run).
-    """
-
-    model: str
-    method: str
-    w_bits: int | None
-    a_bits: int | None
-    seed: int
-    sampling: Sampling
-    budget: Budget | None  # None for the FP reference
-    metrics: tuple[str, ...]
-    model_args: tuple[tuple[str, Any], ...] = ()
-    evaluation: Evaluation = Evaluation()
-
-    @property
-    def is_fp(self) -> bool:
-        return self.method == FP_METHOD
-
-    @property
-    def bits_label(self) -> str:
-        return "FP" if self.is_fp else Bits(self.w_bits, self.a_bits).label
-
-    @property
-    def real_backend(self) -> str | None:
-        """The real-kernel backend the run deploys on; None for FP and simulated (``fake``) runs."""
-        return None if self.budget is None or self.budget.backend == "fake" else self.budget.backend
-
-    @property
-    def calib_seed(self) -> int | None:
-        """The calibration seed (None for the FP reference, which calibrates nothing)."""
-        return None if self.budget is None else self.budget.calib_seed
-
-    @property
-    def label(self) -> str:
-        on = "" if self.real_backend is None else f" [{self.real_backend}]"
-        calib = "" if self.budget is None else f" calib={self.calib_seed}"
-        return f"{self.model} {self.method}{on} {self.bits_label} seed={self.seed}{calib}"
-
-    def on_backend(self, backend: str) -> RunSpec:
-        """This quantized run deployed on ``backend``."""
-        return dataclasses.replace(self, budget=dataclasses.replace(self.budget, backend=backend))
-
-    @property
-    def hash(self) -> str:
-        return config_hash(
-            "run",
-            self.model,
-            dict(self.model_args),
-            self.method,
-            self.w_bits,
-            self.a_bits,
-            self.seed,
-            _sampling_identity(self.sampling),
-            self.budget,
-            self.evaluation_used(),
-        )
-
-    def evaluation_used(self) -> dict[str, Any]:
-        """The evaluation settings this run's metrics depend on (what the hash includes)."""
-        used = {s for m in self.metrics for s in METRICS.get(m).settings}
-        return {k: v for k, v in dataclasses.asdict(self.evaluation).items()
-                if k in used and k not in UNHASHED_SETTINGS}  # fmt: skip
-
-    def fp_reference(self) -> RunSpec:
-        """The FP run this run is paired with: same model, arguments, seed and sampling, and
-        the metrics that apply to an unquantized model."""
-        metrics = tuple(m for m in self.metrics if not METRICS.get(m).quantized_only)
-        return dataclasses.replace(
-            self, method=FP_METHOD, w_bits=None, a_bits=None, budget=None, metrics=metrics
-        )
-
-    def fields(self) -> dict[str, Any]:
-        """The row columns that identify this run."""
-        return {
-            "model": self.model,
-            "method": self.method,
-            "w_bits": self.w_bits,
-            "a_bits": self.a_bits,
-            "bits": self.bits_label,
-            "seed": self.seed,
-            "calib_seed": self.calib_seed,
-            "config_hash": self.hash,
-            "n_samples": self.sampling.samples,
-            "sampling": dataclasses.asdict(self.sampling),
-            "budget": None if self.budget is None else dataclasses.asdict(self.budget),
-            "model_args": dict(self.model_args),
-            "evaluation": self.evaluation_used(),
-        }
-
-    def matches(self, rules: dict[str, tuple[str, ...]]) -> bool:
-        """Whether every ``key: patterns`` rule matches (shell-style patterns, e.g. ``W4*``)."""
-        backend = "fp" if self.budget is None else self.budget.backend
-        values = {"model": self.model, "method": self.method, "bits": self.bits_label, "seed": str(self.seed),
-                  "calib_seed": str(self.calib_seed), "backend": backend}  # fmt: skip
-        return all(
-            any(fnmatch.fnmatch(values[k].lower(), p.lower()) for p in pats) for k, pats in rules.items()
-        )
-
-
-@dataclass(frozen=True)
-class MatrixSpec:
-    """A parsed, validated matrix; :meth:`expand` gives its runs."""
-
-    name: str
-    path: str
-    runs: tuple[RunSpec, ...] = field(repr=False)
-    description: str = ""
-
-    def expand(self) -> list[RunSpec]:
-        return list(self.runs)
-
-    def with_evaluation(self, **overrides: Any) -> MatrixSpec:
-        """This matrix with evaluation settings overridden in every run (command-line flags)."""
-        runs = tuple(
-            dataclasses.replace(run, evaluation=dataclasses.replace(run.evaluation, **overrides))
-            for run in self.runs
-        )
-        return dataclasses.replace(self, runs=runs)
 
 
 def parse_rules(items: list[str] | tuple[str, ...]) -> dict[str, tuple[str, ...]]:

@@ -7,52 +7,14 @@ choice in the recipe, run by the same ``qdiff.quantize``.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from torch import nn
 
 import qdiff
-
-if TYPE_CHECKING:  # bench.matrix imports this module
-    from bench.matrix import Budget
-
-FP_BITS = 32  # "A32" / "W32": leave that tensor kind in floating point
-_BITS_RE = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
-
-
-class BitsError(ValueError):
-    """A bit-width label that cannot be parsed or is out of range."""
-
-
-@dataclass(frozen=True)
-class Bits:
-    """Weight and activation bit widths; ``None`` means full precision."""
-
-    w: int | None
-    a: int | None
-
-    @classmethod
-    def parse(cls, label: str) -> Bits:
-        m = _BITS_RE.match(label.strip())
-        if not m:
-            raise BitsError(f"bit width {label!r} is not of the form W<bits>A<bits>, e.g. W4A8 or W4A32")
-        w, a = (int(g) for g in m.groups())
-        for kind, value in (("weight", w), ("activation", a)):
-            if value != FP_BITS and not qdiff.config.MIN_BITS <= value <= qdiff.config.MAX_BITS:
-                raise BitsError(
-                    f"bit width {label!r}: {kind} bits {value} are out of range; use "
-                    f"{qdiff.config.MIN_BITS}–{qdiff.config.MAX_BITS}, or {FP_BITS} for full precision"
-                )
-        if w == FP_BITS and a == FP_BITS:
-            raise BitsError(f"bit width {label!r} quantizes nothing; the FP reference is always run")
-        return cls(None if w == FP_BITS else w, None if a == FP_BITS else a)
-
-    @property
-    def label(self) -> str:
-        return f"W{self.w or FP_BITS}A{self.a or FP_BITS}"
+from bench.spec import Bits, Budget
 
 
 class MethodConfig(Protocol):

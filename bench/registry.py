@@ -7,13 +7,7 @@ import importlib
 from typing import Any
 
 from baselines import BASELINES
-
-
-class UnknownNameError(KeyError):
-    """A registry lookup with a name that is not registered."""
-
-    def __str__(self) -> str:  # KeyError would quote the whole message
-        return str(self.args[0])
+from bench.errors import UnknownNameError
 
 
 class Registry:

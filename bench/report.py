@@ -50,7 +50,8 @@ MACHINE = ("device", "cpu_model", "cpu_capability")
 def protocol(df: pd.DataFrame, with_machine: bool = True) -> list[str]:
     """Each row's measurement protocol as canonical text (see the comment above); without the
     machine for comparing folders, where a cost cell's machine is checked on its own."""
-    from bench.registry import METRICS, UnknownNameError
+    from bench.errors import UnknownNameError
+    from bench.registry import METRICS
 
     def settings(metric: str) -> tuple[str, ...] | None:
         try:

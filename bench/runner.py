@@ -32,14 +32,13 @@ from tqdm.auto import tqdm
 
 import qdiff
 from bench.cache import cached_module, cached_tensors, load_module, store_module
+from bench.errors import AvailabilityError
 from bench.images import save_grid
-from bench.matrix import MatrixSpec, RunSpec
-from bench.methods import Bits
 from bench.metrics.cost import PeakWindow, peak_while_sampling
 from bench.metrics.quality import EvalContext
-from bench.models.base import AvailabilityError, resolve_device
 from bench.provenance import code_hash, config_hash, environment, model_hash
 from bench.registry import METHODS, METRICS, MODELS
+from bench.spec import Bits, MatrixSpec, RunSpec, resolve_device
 from bench.store import ResultStore
 
 Log = Callable[[str], None]

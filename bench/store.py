@@ -16,6 +16,8 @@ from typing import Any
 
 import pandas as pd
 
+from bench.errors import StoreError
+
 # The schema every row has (DESIGN.md), in report order; runs add descriptive extras after it.
 COLUMNS = (
     "run_id",
@@ -59,10 +61,6 @@ def _write_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-
-
-class StoreError(ValueError):
-    """The results path cannot be written, or a results file is not valid."""
 
 
 class ResultStore:

@@ -16,9 +16,8 @@ SAMPLES, STEPS = 64, 10
 
 def _fd_deltas(cells: list[tuple[str, str]]) -> dict[str, float]:
     """``{"method bits": FD(quantized) − FD(FP)}``, the FP samples drawn once."""
-    from bench.matrix import Budget
-    from bench.methods import Bits
     from bench.registry import METHODS
+    from bench.spec import Bits, Budget
     from benchmarks.common import adapter
 
     a = adapter("embedded", batch_size=SAMPLES, steps=STEPS)

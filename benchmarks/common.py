@@ -19,7 +19,7 @@ GPU_BACKENDS = ("triton-int8", "fp8", "w4a16")
 
 
 def sampling(batch_size: int, steps: int = 10, samples: int | None = None, device: str = "cpu"):
-    from bench.matrix import Sampling
+    from bench.spec import Sampling
 
     return Sampling(samples=samples or batch_size, steps=steps, batch_size=batch_size, device=device)
 

@@ -16,10 +16,12 @@ from torch import nn
 
 import qdiff
 from baselines import BASELINES
-from bench.matrix import MatrixError, load_matrix
-from bench.methods import QDIFFUSION, Bits
+from bench.errors import MatrixError
+from bench.matrix import load_matrix
+from bench.methods import QDIFFUSION
 from bench.registry import METHODS
 from bench.runner import run_matrix
+from bench.spec import Bits
 
 
 def test_ptq4dm_calibrates_on_its_normal_timestep_distribution():
@@ -252,8 +254,8 @@ def test_ptqd_samples_with_a_stochastic_sampler(tmp_path):
 
 
 def test_torchao_int8_dynamic_quantizes_the_linear_layers_and_stays_close_to_fp():
-    from bench.matrix import Budget
     from bench.models.embedded import EmbeddedDigits
+    from bench.spec import Budget
 
     method = METHODS.get("torchao-int8dq")
     fp = EmbeddedDigits(_cpu_sampling()).denoiser().eval()
@@ -276,7 +278,7 @@ def test_torchao_int8_dynamic_quantizes_the_linear_layers_and_stays_close_to_fp(
 
 
 def _cpu_sampling():
-    from bench.matrix import Sampling
+    from bench.spec import Sampling
 
     return Sampling(device="cpu", steps=4)
 

@@ -9,7 +9,8 @@ import pytest
 from helpers import fixture_store, tiny_matrix
 
 from bench.cli import main
-from bench.methods import Bits, BitsError
+from bench.errors import BitsError
+from bench.spec import Bits
 from bench.store import ResultStore
 
 

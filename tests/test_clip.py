@@ -6,9 +6,9 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from bench.matrix import Evaluation
+from bench.errors import AvailabilityError
 from bench.metrics.clip import CLIP_SCORE, clip_scores, load_clip
-from bench.models.base import AvailabilityError
+from bench.spec import Evaluation
 
 
 @pytest.fixture

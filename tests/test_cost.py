@@ -147,9 +147,9 @@ def test_peak_memory_reuses_the_runs_own_sampling_when_it_is_one_fresh_batch(tmp
 
 
 def test_storage_of_a_quantized_unet_with_attention_matmuls():
-    from bench.matrix import Sampling
-    from bench.methods import QDIFFUSION, Bits
+    from bench.methods import QDIFFUSION
     from bench.models.embedded import EmbeddedDigits
+    from bench.spec import Bits, Sampling
 
     q = qdiff.prepare(EmbeddedDigits(Sampling(device="cpu")).denoiser(), QDIFFUSION.qconfig(Bits(4, 8)))
     qdiff.set_quant_state(q, weight=True, act=True)

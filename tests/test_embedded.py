@@ -7,9 +7,10 @@ import torch
 
 import qdiff
 from bench.embedded.data import load_digits_images, reference_split
-from bench.embedded.model import ASSETS, AssetError, load_classifier, load_unet
-from bench.matrix import Sampling
+from bench.embedded.model import ASSETS, load_classifier, load_unet
+from bench.errors import AssetError
 from bench.models.embedded import EmbeddedDigits
+from bench.spec import Sampling
 
 
 def test_assets_are_small_and_documented():

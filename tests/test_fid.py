@@ -13,11 +13,10 @@ import torch
 from PIL import Image
 
 from bench import cli
-from bench.images import ImageError
-from bench.matrix import Evaluation
+from bench.errors import AvailabilityError, ImageError
+from bench.frechet import feature_stats, frechet_distance
 from bench.metrics import fid
-from bench.metrics.frechet import feature_stats, frechet_distance
-from bench.models.base import AvailabilityError
+from bench.spec import Evaluation
 
 TF_EXTRACTOR = "fid_extractors:TinyTorchFidelity"
 CF_EXTRACTOR = "fid_extractors:TinyCleanFID"

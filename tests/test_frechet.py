@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from bench.metrics.frechet import feature_stats, frechet_distance
+from bench.frechet import feature_stats, frechet_distance
 
 
 def scipy_reference(mu1, s1, mu2, s2):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from baselines import BASELINES
-from bench.matrix import MatrixError, load_matrix, parse_rules
+from bench.errors import MatrixError
+from bench.matrix import load_matrix, parse_rules
 from bench.provenance import REPO_ROOT
 
 
@@ -141,7 +142,8 @@ def test_calibration_seeds_are_an_axis_of_quantized_runs(tmp_path):
     # Distinct runs, each paired with the FP run of its sampling seed.
     assert len({r.hash for r in runs.values()}) == 3
     assert runs[(0, 0)].fp_reference() == runs[(0, 5)].fp_reference()
-    from bench.methods import QDIFFUSION, Bits
+    from bench.methods import QDIFFUSION
+    from bench.spec import Bits
 
     configs = {c: QDIFFUSION.configure(Bits(4, 8), runs[(0, c)].budget) for c in (0, 5)}
     assert configs[5].calib.seed == configs[0].calib.seed + 5 and configs[5].recon.seed == 5

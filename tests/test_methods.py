@@ -2,9 +2,9 @@
 
 import pytest
 
-from bench.matrix import Budget
-from bench.methods import Bits
-from bench.registry import METHODS, Registry, UnknownNameError
+from bench.errors import UnknownNameError
+from bench.registry import METHODS, Registry
+from bench.spec import Bits, Budget
 
 
 def test_qdiffusion_and_linear_recipes():

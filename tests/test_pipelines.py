@@ -7,10 +7,11 @@ import torch
 from helpers import TINY_SETTINGS
 
 import qdiff
-from bench.matrix import Sampling, load_matrix
-from bench.models.base import AvailabilityError
+from bench.errors import AvailabilityError
+from bench.matrix import load_matrix
 from bench.registry import MODELS
 from bench.runner import run_matrix
+from bench.spec import Sampling
 
 SAMPLING = Sampling(samples=4, steps=3, batch_size=4, device="cpu")
 SHAPES = {"ddim-cifar10": (3, 8, 8), "ldm-celebahq": (3, 16, 16), "sd-1.5": (3, 16, 16)}
@@ -105,8 +106,8 @@ def test_quantized_stable_diffusion_end_to_end(tiny_pipelines, tiny_clip, refere
 
 
 def test_random_init_builds_the_published_architecture_with_seeded_weights():
-    from bench.matrix import Sampling
     from bench.models.pipelines import DDIMCifar10
+    from bench.spec import Sampling
 
     sampling = Sampling(device="cpu", steps=2, batch_size=2, samples=2)
     a, b = (DDIMCifar10(sampling, init="random").denoiser() for _ in range(2))
@@ -122,8 +123,8 @@ def test_shipped_sd15_config_is_sd15s_unet_and_needs_no_text_encoder():
 
     import diffusers
 
-    from bench.matrix import Sampling
     from bench.models.pipelines import StableDiffusion15
+    from bench.spec import Sampling
 
     config = json.loads(resources.files("bench.models.configs").joinpath("sd-1.5.json").read_text())
     with torch.device("meta"):
@@ -138,8 +139,8 @@ def test_shipped_sd15_config_is_sd15s_unet_and_needs_no_text_encoder():
 
 
 def test_unknown_init_is_one_clear_error():
-    from bench.matrix import Sampling
     from bench.models.pipelines import DDIMCifar10
+    from bench.spec import Sampling
 
     with pytest.raises(ValueError, match="init='randn'; choose pretrained or random"):
         _ = DDIMCifar10(Sampling(device="cpu"), init="randn").pipeline

@@ -8,8 +8,8 @@ import pytest
 from helpers import fixture_store
 
 from bench import report
-from bench.compare import IncomparableError, Threshold, ThresholdError, compare, parse_limits, to_markdown
-from bench.store import StoreError
+from bench.compare import Threshold, compare, parse_limits, to_markdown
+from bench.errors import IncomparableError, StoreError, ThresholdError
 
 
 def test_leaderboard_cells_deltas_best_and_errors(tmp_path):

@@ -5,7 +5,8 @@ import json
 import pandas as pd
 import pytest
 
-from bench.store import COLUMNS, ResultStore, StoreError, load
+from bench.errors import StoreError
+from bench.store import COLUMNS, ResultStore, load
 
 
 def row(config_hash="h1", metric="m", value=1.0, status="ok", started="2026-01-01T00:00:00", run_id="r1"):

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.errors import AssetError
+
 ASSETS = Path(__file__).parent / "assets"
 
 # Three resolutions (16, 8, 4): every up block concatenates skip features, and the 4×4 level
@@ -55,10 +57,6 @@ class DigitClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
-
-
-class AssetError(RuntimeError):
-    """A committed checkpoint is missing or unreadable."""
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:

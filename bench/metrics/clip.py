@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 import torchvision.transforms.functional as TF
 
+from bench.errors import AvailabilityError
 from bench.metrics.quality import EvalContext, Measurement, Metric, with_intervals
-from bench.models.base import AvailabilityError, resolve_device
+from bench.spec import resolve_device
 
 SCALE = "100 * cosine(image, text), clipped at 0 (torchmetrics CLIPScore)"
 

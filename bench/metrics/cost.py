@@ -24,8 +24,9 @@ from torch import nn
 
 import qdiff
 from bench.metrics.quality import CostMetric, EvalContext, Measurement
-from bench.models.base import in_dtype, model_dtype, resolve_device
+from bench.models.base import in_dtype, model_dtype
 from bench.registry import METHODS
+from bench.spec import resolve_device
 from qdiff.backends import layer_report
 
 MIB = 2**20

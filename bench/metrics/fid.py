@@ -28,10 +28,10 @@ import torch
 from torch.utils.data import Dataset
 
 from bench.cache import cache_dir, cached_tensors
-from bench.images import ImageError
+from bench.errors import AvailabilityError, ImageError
 from bench.metrics.quality import EvalContext, Measurement, Metric
-from bench.models.base import AvailabilityError, resolve_device
 from bench.provenance import config_hash
+from bench.spec import resolve_device
 
 Images = torch.Tensor | str  # uint8 (N, C, H, W), or a folder of image files
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")

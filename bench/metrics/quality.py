@@ -3,7 +3,7 @@
 A metric is called with an :class:`EvalContext` (the run, its images, the paired FP images, the
 model that made them) and returns a :class:`Measurement`, or ``None`` where it does not apply
 (e.g. a paired metric on the FP run itself). It raises
-:class:`bench.models.base.AvailabilityError` when this machine lacks what it needs (weights
+:class:`bench.errors.AvailabilityError` when this machine lacks what it needs (weights
 offline): that metric's row is then ``skipped`` and the run's other metrics still count.
 Metrics register in ``bench.registry.METRICS``; FID-family metrics live in
 :mod:`bench.metrics.fid`, CLIP score in :mod:`bench.metrics.clip`, cost in :mod:`bench.metrics.cost`.
@@ -29,7 +29,7 @@ class EvalContext:
     """What a metric may look at for one run.
 
     Args:
-        spec: the run (a :class:`bench.matrix.RunSpec`).
+        spec: the run (a :class:`bench.spec.RunSpec`).
         adapter: the model adapter that produced the images.
         images: uint8 NCHW samples of this run (``None`` when no metric of the run needs them).
         fp_images: the paired FP samples (same seeds, prompts, sampler); ``None`` for the FP run.

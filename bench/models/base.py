@@ -16,22 +16,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import qdiff
-from bench.matrix import Sampling
+from bench.spec import Sampling, resolve_device
 
 # What every model measures about cost (bench.metrics.cost, and the method's own time).
 COST_METRICS = ("quantize_time", "latency_step", "latency_e2e", "peak_memory", "weight_bytes")
-
-
-class AvailabilityError(RuntimeError):
-    """The run cannot happen on this machine (weights absent offline, no CUDA): a skipped row."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise AvailabilityError("device 'cuda' was requested but no CUDA device is available here")
-    return torch.device(name)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

@@ -15,7 +15,7 @@ from torch import nn
 
 from bench.embedded.data import reference_split
 from bench.embedded.model import SCHEDULER_CONFIG, UNET_CONFIG, load_classifier, load_unet
-from bench.metrics.frechet import feature_stats, frechet_distance
+from bench.frechet import feature_stats, frechet_distance
 from bench.models.base import DiffusionAdapter
 
 

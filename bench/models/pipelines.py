@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bench.models.base import COST_METRICS, AvailabilityError, DiffusionAdapter
+from bench.errors import AvailabilityError
+from bench.models.base import COST_METRICS, DiffusionAdapter
 
 BUILTIN_PROMPTS = "bench.prompts", "smoke.txt"
 

@@ -1,0 +1,48 @@
+"""Every error the harness raises on purpose, in one place.
+
+Each names the problem and the fix in its message; the command line prints that one line
+(``bench.cli``) instead of a traceback. ``AvailabilityError`` is special: it is not a mistake
+but this machine lacking something (weights offline, no CUDA), and the run's rows become
+``skipped`` instead of ``error``.
+"""
+
+from __future__ import annotations
+
+
+class AvailabilityError(RuntimeError):
+    """The run cannot happen on this machine (weights absent offline, no CUDA): a skipped row."""
+
+
+class UnknownNameError(KeyError):
+    """A registry lookup with a name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+class BitsError(ValueError):
+    """A bit-width label that cannot be parsed or is out of range."""
+
+
+class MatrixError(ValueError):
+    """A matrix file that cannot be expanded; the message names the file and the fix."""
+
+
+class StoreError(ValueError):
+    """The results path cannot be written, or a results file is not valid."""
+
+
+class ImageError(ValueError):
+    """Images or an image folder that cannot be measured; the message says what is expected."""
+
+
+class AssetError(RuntimeError):
+    """A committed checkpoint is missing or unreadable."""
+
+
+class ThresholdError(ValueError):
+    """A threshold that is neither a number nor a percentage."""
+
+
+class IncomparableError(ValueError):
+    """Two results folders whose cells cannot be compared."""
