@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -222,8 +221,6 @@ def choose_steps(
 @dataclass(frozen=True)
 class PTQD(RecipeMethod):
     """Q-Diffusion's quantized model followed by PTQD's noise correction."""
-
-    shares_weight_phase: ClassVar[bool] = False  # the correction is fitted to the W+A model
 
     def bases(self, bits: Bits) -> tuple[tuple[str, Bits], ...]:
         return (("qdiff", bits),)  # the same quantized model: the runner reuses qdiff's

@@ -98,7 +98,6 @@ class TorchaoPreset:
     cuda_only: str = ""
     bf16_weights: bool = False
 
-    shares_weight_phase: ClassVar[bool] = False
     checkpointable: ClassVar[bool] = False  # torchao's tensors do not pickle as whole modules
     backend: ClassVar[str] = "torchao"  # its own kernels deploy it, whatever Budget.backend says
 
@@ -119,7 +118,7 @@ class TorchaoPreset:
         config: TorchaoSettings,
         calibration: Calibration,
         progress: Callable[[str], None] | None = None,
-    ) -> nn.Module:
+    ) -> tuple[nn.Module, None]:
         device = next(denoiser.parameters()).device
         if self.cuda_only and device.type != "cuda":
             raise AvailabilityError(
@@ -131,7 +130,10 @@ class TorchaoPreset:
                 if isinstance(module, nn.Linear):
                     module.to(torch.bfloat16)
         _torchao().quantization.quantize_(model, self.build())
-        return model.eval()
+        return model.eval(), None
+
+    def refine(self, denoiser, bases, config, calibration, alphas_cumprod) -> nn.Module:
+        raise TypeError(f"{self.name} quantizes by itself (no bases): call quantize")
 
     def deploy(self, qmodel: nn.Module, backend: str) -> nn.Module:
         return qmodel  # torchao's kernels are the deployment; qdiff backends do not apply

@@ -328,10 +328,9 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
     def deployments(spec: RunSpec) -> list[RunSpec]:
         """The run on each backend of the ``backends`` axis (a method entry's own ``backend``
         and methods that deploy themselves keep theirs)."""
-        own = "backend" in method_overrides.get(spec.method, {}) or getattr(
-            METHODS.get(spec.method), "backend", None
-        )
-        if spec.is_fp or not backends or own:
+        if spec.is_fp or not backends:
+            return [spec]
+        if "backend" in method_overrides.get(spec.method, {}) or METHODS.get(spec.method).backend:
             return [spec]
         return [spec.on_backend(b) for b in backends]
 
@@ -388,8 +387,7 @@ def _included(path, i, rule, model_entries, method_overrides, seeds, calib_seeds
 
 
 def _with_fp_references(runs: list[RunSpec]) -> list[RunSpec]:
-    """Unique runs, each quantized run preceded (once) by its FP reference; within a method,
-    runs that quantize activations come before WxA32 so these can reuse their weight phase.
+    """Unique runs: the FP references first, then the quantized runs grouped by method.
 
     An FP reference with no applicable metric is left out: the quantized runs still compute
     (and cache) its samples for their paired metrics.
@@ -405,7 +403,7 @@ def _with_fp_references(runs: list[RunSpec]) -> list[RunSpec]:
     fps = [r for r in ordered.values() if r.is_fp]
     quant = [r for r in ordered.values() if not r.is_fp]
     methods = list(dict.fromkeys(r.method for r in quant))
-    quant.sort(key=lambda r: (methods.index(r.method), r.a_bits is None))
+    quant.sort(key=lambda r: methods.index(r.method))
     return fps + quant
 
 
@@ -416,7 +414,7 @@ def _check_combination(path: Path, run: RunSpec) -> None:
         raise MatrixError(
             f"{path}: {run.label}: {reason}, or exclude {{method: {run.method}, bits: {run.bits_label}}}"
         )
-    if not run.is_fp and getattr(method, "backend", None) is None:  # torchao deploys itself
+    if not run.is_fp and method.backend is None:  # a method with its own backend deploys itself
         # The device the run asks for ("auto": this machine's); a CUDA run planned on a CPU
         # machine is checked against CUDA and skipped when it runs.
         device = run.sampling.device

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Protocol
 
+import torch
 from torch import nn
 
 import qdiff
@@ -27,42 +28,69 @@ class MethodConfig(Protocol):
 Calibration = Callable[[qdiff.CalibConfig], qdiff.CalibData]
 
 
-class Method(Protocol):
-    """What the runner needs from a PTQ method (registered in ``bench.registry.METHODS``).
+Progress = Callable[[str], None]
 
-    ``unsupported`` says why the method cannot run at a bit width (checked when a matrix
-    loads, so a bad cell fails at ``validate``, not midway). ``configure`` gives the settings
-    for a bit width under the matrix's budget. ``quantize`` returns the quantized denoiser,
-    leaving ``denoiser`` untouched; it asks ``calibration`` for calibration inputs (cached by
-    the runner) only if it uses any. ``deploy`` builds what is sampled and timed.
-    ``shares_weight_phase``: the WxA32 model is the WxAy model with activation quantization
-    off, so the runner may reuse it; ``checkpointable``: the quantized model pickles, so the
-    runner caches it. ``bases(bits)``: the ``(registered method, bits)`` whose quantized
-    models this method post-processes (the first with this method's own configuration); for
-    such a method the runner builds or reuses those checkpoints and calls ``refine`` instead of
-    ``quantize``. Empty for a method that quantizes by itself.
+
+class Method(Protocol):
+    """What the harness needs from a PTQ method (registered in ``bench.registry.METHODS``);
+    every member it reads is declared here. :class:`RecipeMethod` implements it for methods
+    that are a qdiff recipe; ``tests/test_contracts.py`` runs every registered method through it.
+
+    Attributes:
+        name / description: the registered name and one line for listings.
+        checkpointable: the quantized model pickles whole, so the runner caches it.
+        backend: ``None`` when :meth:`deploy` builds the run's ``Budget.backend``; else the name
+            of the kernels the method always deploys on (torchao presets: ``"torchao"``), so
+            the matrix's backend axis and checks do not apply to it.
     """
 
     name: str
     description: str
-    shares_weight_phase: bool
     checkpointable: bool
+    backend: str | None
 
-    def bases(self, bits: Bits) -> tuple[tuple[str, Bits], ...]: ...
+    def unsupported(self, bits: Bits) -> str | None:
+        """Why the method cannot run at ``bits`` (checked when a matrix loads), or None."""
+        ...
 
-    def unsupported(self, bits: Bits) -> str | None: ...
+    def configure(self, bits: Bits, budget: Budget) -> MethodConfig:
+        """The method's full settings for ``bits`` under the matrix's budget."""
+        ...
 
-    def configure(self, bits: Bits, budget: Budget) -> MethodConfig: ...
+    def bases(self, bits: Bits) -> tuple[tuple[str, Bits], ...]:
+        """The ``(registered method, bits)`` whose quantized models this method refines (the
+        first with this method's own configuration), or ``()`` for a method that quantizes by
+        itself. The one way a run reuses another's model: the runner builds (or takes from
+        the cache) the bases' checkpoints and calls :meth:`refine` instead of :meth:`quantize`,
+        and schedules the run after its bases' runs."""
+        ...
 
     def quantize(
         self,
         denoiser: nn.Module,
         config: MethodConfig,
         calibration: Calibration,
-        progress: Callable[[str], None] | None = None,
-    ) -> nn.Module: ...
+        progress: Progress | None = None,
+    ) -> tuple[nn.Module, dict[str, Any] | None]:
+        """The quantized denoiser (``denoiser`` untouched) and what the method reports about
+        its own work (the rows' ``recon`` column), or None. ``calibration`` gives calibration
+        inputs (cached by the runner); call it only if the method uses any."""
+        ...
 
-    def deploy(self, qmodel: nn.Module, backend: str) -> nn.Module: ...
+    def refine(
+        self,
+        denoiser: nn.Module,
+        bases: list[nn.Module],
+        config: MethodConfig,
+        calibration: Calibration,
+        alphas_cumprod: torch.Tensor,
+    ) -> nn.Module:
+        """For a method with :meth:`bases`: its model made from theirs (copies it may change)."""
+        ...
+
+    def deploy(self, qmodel: nn.Module, backend: str) -> nn.Module:
+        """What is sampled and timed: ``qmodel`` deployed on ``backend``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -75,10 +103,8 @@ class RecipeMethod:
     weight_only: bool = False  # rejects bit widths that quantize activations
     needs_act_quant: bool = False  # rejects WxA32 (e.g. SmoothQuant: it smooths activations)
 
-    # qdiff reconstructs weights with activations in FP, so a recipe's WxA32 model is its WxAy
-    # model with activation quantization off: the runner reuses that weight phase.
-    shares_weight_phase: ClassVar[bool] = True
     checkpointable: ClassVar[bool] = True
+    backend: ClassVar[str | None] = None
 
     def unsupported(self, bits: Bits) -> str | None:
         if self.weight_only and bits.a is not None:
@@ -99,13 +125,13 @@ class RecipeMethod:
         denoiser: nn.Module,
         config: qdiff.QConfig,
         calibration: Calibration,
-        progress: Callable[[str], None] | None = None,
-    ) -> nn.Module:
+        progress: Progress | None = None,
+    ) -> tuple[nn.Module, dict[str, Any] | None]:
         qmodel, result = qdiff.quantize(denoiser, config, calibration(config.calib), progress=progress)
-        if config.recon.method != "none":
-            # Travels with the checkpoint into every row of the run (``recon`` column).
-            qmodel.recon_summary = result.summary()
-        return qmodel
+        return qmodel, None if config.recon.method == "none" else result.summary()
+
+    def refine(self, denoiser, bases, config, calibration, alphas_cumprod) -> nn.Module:
+        raise TypeError(f"{self.name} quantizes by itself (no bases): call quantize")
 
     def bases(self, bits: Bits) -> tuple[tuple[str, Bits], ...]:
         return ()

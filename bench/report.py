@@ -225,8 +225,8 @@ def leaderboard(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 TIME_UNITS = ("ms", "s")
-# Costs a WxA32 run inherits from the run whose weight phase it reuses (``weights_from``).
-SHARED_WITH_WEIGHTS_SOURCE = ("quantize_time",)
+# Costs that include those of the models a method refines (its ``bases``, ``weights_from``).
+INCLUDES_BASES = ("quantize_time",)
 KINDS = (("quality", "Quality"), ("cost", "Cost"))
 
 
@@ -291,8 +291,8 @@ def _cell_text(c, is_best: bool) -> str:
         text += f" ({delta}{', ≈FP' if c.within_noise else ''})"
     if c.method != FP and c.kind == "quality" and not math.isnan(c.rank):
         text += f" #{int(c.rank)}"
-    if c.metric in SHARED_WITH_WEIGHTS_SOURCE and isinstance(c.weights_from, str):
-        text += f" (shared with {c.weights_from})"
+    if c.metric in INCLUDES_BASES and isinstance(c.weights_from, str):
+        text += f" (includes {c.weights_from})"
     if c.set_aside:
         text += f" [{c.set_aside} older row(s) with other settings not averaged in]"
     return f"**{text}**" if is_best else text

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 import qdiff
-from bench.cache import cached_module, cached_tensors, load_module, store_module
+from bench.cache import cached_module, cached_tensors
 from bench.errors import AvailabilityError
 from bench.images import save_grid
 from bench.metrics.cost import PeakWindow, peak_while_sampling
@@ -184,20 +184,14 @@ def run_matrix(
 
 def waves(specs: list[RunSpec]) -> list[list[RunSpec]]:
     """Runs in dependency order, as groups that may run concurrently: FP references first
-    (quantized runs pair with their cached samples), then quantized runs; a WxA32 run whose
-    recipe can reuse a WxAy run's weight phase from this matrix comes after that run, and a
-    run of a method with ``bases`` after its bases' runs."""
-    # A cell's seeds: the sampling seed and the calibration seed (what a weight phase and a
-    # base checkpoint are shared under).
+    (quantized runs pair with their cached samples), then quantized runs, and a run of a method
+    with ``bases`` after its bases' runs in this matrix (same model and seeds), whose
+    checkpoints it refines."""
     cells = {(s.model, s.method, s.w_bits, s.a_bits, (s.seed, s.calib_seed)) for s in specs}
 
     @cache
-    def depth(model: str, name: str, w: int | None, a: int | None, seed: tuple) -> int:
-        method = METHODS.get(name)
-        after = []
-        if a is None and method.shares_weight_phase:  # any WxAy run of the same recipe
-            after += [c for c in cells if c[:3] == (model, name, w) and c[3] is not None and c[4] == seed]
-        after += [(model, base, b.w, b.a, seed) for base, b in method.bases(Bits(w, a))]
+    def depth(model: str, name: str, w: int | None, a: int | None, seeds: tuple) -> int:
+        after = [(model, base, b.w, b.a, seeds) for base, b in METHODS.get(name).bases(Bits(w, a))]
         return 1 + max((depth(*cell) for cell in after if cell in cells), default=0)
 
     groups: dict[int, list[RunSpec]] = {}
@@ -321,15 +315,13 @@ def _evaluate(
     else:
         fp_images = fp_samples()[0]
         ckpt, cached = _quantized(adapter, fp32, fp_id, spec, code, progress)
-        key = config_hash(
-            "samples", code, fp_id, ckpt["key"], spec.budget.backend, adapter.identity(), n, seed
-        )
+        key = config_hash("samples", code, fp_id, ckpt.key, spec.budget.backend, adapter.identity(), n, seed)
 
         method = METHODS.get(spec.method)
 
         @cache
         def deployable() -> torch.nn.Module:
-            deployed = method.deploy(ckpt["model"].to(adapter.device), spec.budget.backend)
+            deployed = method.deploy(ckpt.model.to(adapter.device), spec.budget.backend)
             # Cast only when asked: diffusers warns on every ``.to(dtype)`` of a UNet.
             return deployed if dtype == torch.float32 else deployed.to(dtype)
 
@@ -337,9 +329,9 @@ def _evaluate(
         if sampled:
             sample = lambda: adapter.sample(deployable(), n, seed, progress=progress)  # noqa: E731
             images, sample_s, sampled_peak = _timed_samples(key, sample, peak, before=deployable)
-        ctx = EvalContext(spec, adapter, images, fp_images, deployable, ckpt["quantize_s"], cached)
-        extra = {"qconfig": ckpt["qconfig"], "weights_from": ckpt.get("weights_from"), "sample_s": sample_s,
-                 "recon": getattr(ckpt["model"], "recon_summary", None)}  # fmt: skip
+        ctx = EvalContext(spec, adapter, images, fp_images, deployable, ckpt.quantize_s, cached)
+        extra = {"qconfig": ckpt.qconfig, "weights_from": ckpt.weights_from, "sample_s": sample_s,
+                 "recon": ckpt.report}  # fmt: skip
     if sampled_peak is not None:
         ctx.memo["sampling_peak"] = sampled_peak
     if grids is not None and ctx.images is not None:
@@ -396,52 +388,60 @@ def _timed_samples(
     return tensors["images"], seconds, None if window is None else (window, [seconds])
 
 
-def _quantized(adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: bool) -> tuple[dict, bool]:
-    """The run's quantized checkpoint, from the cache or built (calibrate + quantize).
+@dataclasses.dataclass
+class Checkpoint:
+    """A quantized model as the runner caches and shares it.
 
-    A method that shares its weight phase reuses, for its WxA32 model, that of a WxAy model
-    of the same recipe when one is cached (``Method.shares_weight_phase``).
+    Args:
+        model: the quantized denoiser (what ``Method.deploy`` deploys).
+        key: its cache key (the method, its configuration, the FP weights and the code).
+        qconfig: the method's configuration, as the rows' ``qconfig`` column.
+        quantize_s: seconds the method took, its bases' included.
+        report: what the method reported about its work (the rows' ``recon`` column), or None.
+        weights_from: for a method with bases, the ``method bits`` it refined (``+``-joined).
     """
+
+    model: torch.nn.Module
+    key: str
+    qconfig: dict[str, Any]
+    quantize_s: float
+    report: dict[str, Any] | None = None
+    weights_from: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _quantized(adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: bool) -> tuple[Checkpoint, bool]:
+    """The run's quantized checkpoint, from the cache or built: quantized by the method, or,
+    for a method with ``bases``, refined from their checkpoints (built or cached)."""
     method = METHODS.get(spec.method)
-    config = method.configure(Bits(spec.w_bits, spec.a_bits), spec.budget)
+    bits = Bits(spec.w_bits, spec.a_bits)
+    config = method.configure(bits, spec.budget)
     key = config_hash("checkpoint", code, fp_id, spec.method, config)
-    weights_key = None
-    if method.shares_weight_phase and config.weight is not None:
-        weights_key = config_hash(
-            "weights", code, fp_id, spec.method, dataclasses.replace(config, act=None, attn_probs=None)
-        )
 
     def calibration(calib: qdiff.CalibConfig) -> qdiff.CalibData:
         return _calibration(adapter, fp, fp_id, calib, code).to(adapter.device)
 
-    def build() -> dict:
-        if weights_key is not None and config.act is None:
-            shared = load_module("weight-phase", weights_key)
-            source = shared and load_module("checkpoints", shared["checkpoint"])
-            if source is not None:
-                # Its cost is the source's: that run produced these weights.
-                qdiff.set_quant_state(source["model"], weight=True, act=False)
-                return {**source, "key": key, "qconfig": config.to_dict(), "weights_from": shared["source"]}
-        if method.bases(Bits(spec.w_bits, spec.a_bits)):
-            return _refined(adapter, fp, fp_id, spec, code, progress, method, config, calibration)
+    def build() -> Checkpoint:
+        if method.bases(bits):
+            return _refined(adapter, fp, fp_id, spec, code, progress, method, config, calibration, key)
         bar = tqdm(
             desc=f"quantize {spec.method} {spec.bits_label}", unit="unit", leave=False, disable=not progress
         )
         t = time.perf_counter()
-        model = method.quantize(fp, config, calibration, progress=lambda _: bar.update())
+        model, report = method.quantize(fp, config, calibration, progress=lambda _: bar.update())
         seconds = time.perf_counter() - t
         bar.close()
-        return {"model": model, "key": key, "qconfig": config.to_dict(), "quantize_s": seconds}
+        return Checkpoint(model, key, config.to_dict(), seconds, report)
 
     if not method.checkpointable:
         return build(), False
-    ckpt, cached = cached_module("checkpoints", key, build)
-    if weights_key is not None and config.act is not None:
-        store_module("weight-phase", weights_key, {"checkpoint": key, "source": spec.bits_label})
-    return ckpt, cached
+    stored, cached = cached_module("checkpoints", key, lambda: build().to_dict())
+    return Checkpoint(**stored), cached
 
 
-def _refined(adapter, fp, fp_id, spec, code, progress, method, config, calibration) -> dict:
+def _refined(adapter, fp, fp_id, spec, code, progress, method, config, calibration, key) -> Checkpoint:
     """The model of a method with ``bases``: their checkpoints (cached or built), refined. Its
     quantize time is theirs plus the refinement's."""
     bases = method.bases(Bits(spec.w_bits, spec.a_bits))
@@ -454,16 +454,13 @@ def _refined(adapter, fp, fp_id, spec, code, progress, method, config, calibrati
     for name, bits in bases:
         base_spec = dataclasses.replace(spec, method=name, w_bits=bits.w, a_bits=bits.a)
         base, _ = _quantized(adapter, fp, fp_id, base_spec, code, progress)
-        models.append(copy.deepcopy(base["model"]))
-        seconds += base["quantize_s"]
-        sources.append(f"{name} {base.get('weights_from') or bits.label}")
+        models.append(copy.deepcopy(base.model))
+        seconds += base.quantize_s
+        sources.append(f"{name} {base.weights_from or bits.label}")
     t = time.perf_counter()
-    schedule = adapter.scheduler().alphas_cumprod
-    model = method.refine(fp, models, config, calibration, schedule)
+    model = method.refine(fp, models, config, calibration, adapter.scheduler().alphas_cumprod)
     seconds += time.perf_counter() - t
-    key = config_hash("checkpoint", code, fp_id, spec.method, config)
-    return {"model": model, "key": key, "qconfig": config.to_dict(), "quantize_s": seconds,
-            "weights_from": " + ".join(sources)}  # fmt: skip
+    return Checkpoint(model, key, config.to_dict(), seconds, weights_from=" + ".join(sources))
 
 
 def _calibration(adapter, fp, fp_id: str, calib: qdiff.CalibConfig, code: str) -> qdiff.CalibData:

@@ -27,7 +27,7 @@ def _fd_deltas(cells: list[tuple[str, str]]) -> dict[str, float]:
     out = {}
     for name, bits in cells:
         method = METHODS.get(name)
-        qmodel = method.quantize(
+        qmodel, _ = method.quantize(
             fp, method.configure(Bits.parse(bits), budget), lambda c: a.calibration_data(fp, c)
         )
         out[f"{name} {bits}"] = a.frechet(a.sample(method.deploy(qmodel, "fake"), SAMPLES, 0)) - fp_fd

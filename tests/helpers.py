@@ -60,8 +60,8 @@ class FailingMethod:
     name = "boom"
     description = "fails with CUDA out of memory"
 
-    shares_weight_phase = False
     checkpointable = True
+    backend = None
 
     def unsupported(self, bits):
         return None
@@ -76,6 +76,12 @@ class FailingMethod:
 
     def quantize(self, denoiser, config, calibration, progress=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    def refine(self, denoiser, bases, config, calibration, alphas_cumprod):
+        raise TypeError("boom has no bases")
+
+    def deploy(self, qmodel, backend):
+        return qmodel
 
 
 class InterruptingMethod(FailingMethod):

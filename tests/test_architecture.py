@@ -15,8 +15,18 @@ PACKAGES = ("qdiff", "bench", "baselines")
 # Lowest first. A module may import its own layer or any below it, never one above.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("qdiff",),  # the library: knows nothing of the harness
-    ("bench.errors", "bench.fsio", "bench.stats", "bench.frechet", "bench.images", "bench.provenance",
-     "bench.cache", "bench.embedded.data", "bench.embedded.model", "baselines"),  # fmt: skip
+    (
+        "bench.errors",
+        "bench.fsio",
+        "bench.stats",
+        "bench.frechet",
+        "bench.images",
+        "bench.provenance",
+        "bench.cache",
+        "bench.embedded.data",
+        "bench.embedded.model",
+        "baselines",
+    ),
     ("bench.registry",),  # lazy "module:attr" names only
     ("bench.spec",),  # the run schema
     ("bench.models", "bench.methods", "baselines.", "bench.embedded.train"),
@@ -88,7 +98,7 @@ def test_no_import_cycles() -> None:
         for nxt in sorted(edges.get(node, ())):
             nxt = nxt if nxt in edges else nxt.rpartition(".")[0]  # "pkg.attr" → "pkg"
             if state.get(nxt) == 1:
-                pytest.fail("import cycle: " + " -> ".join([*path[path.index(nxt):], nxt]))
+                pytest.fail("import cycle: " + " -> ".join([*path[path.index(nxt) :], nxt]))
             if nxt in edges and not state.get(nxt):
                 visit(nxt, [*path, nxt])
         state[node] = 2

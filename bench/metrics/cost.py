@@ -69,9 +69,9 @@ def summarize(times: list[float], scale: float) -> tuple[float, dict[str, float]
 def deploy_backend(spec) -> str:
     """What runs the run's denoiser: ``fp``, the budget's qdiff backend, or a method's own
     deployment (torchao's presets run torchao's kernels whatever the budget says)."""
-    if spec.budget is None:
+    if spec.is_fp:
         return "fp"
-    return getattr(METHODS.get(spec.method), "backend", None) or spec.budget.backend
+    return METHODS.get(spec.method).backend or spec.budget.backend
 
 
 def _backend_layers(ctx: EvalContext) -> dict[str, int]:

@@ -172,8 +172,8 @@ class PSNRvsFP(Metric):
 class QuantizeTime(CostMetric):
     """Wall seconds the method took to produce the quantized model (calibration data excluded:
     it is shared between methods). A checkpoint from the cache reports its original time; a
-    WxA32 model that reuses a WxAy model's weight phase reports that model's time (the row's
-    ``weights_from`` names it)."""
+    method that refines other methods' models (``Method.bases``) reports their time plus its
+    own (the row's ``weights_from`` names them)."""
 
     name = "quantize_time"
     unit = "s"
