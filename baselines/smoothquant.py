@@ -1,10 +1,10 @@
 """SmoothQuant (Xiao et al., ICML 2023) applied to the denoiser: per-input-channel scale
 migration ``s_j = max|X_j|^α / max|W_{:,j}|^(1−α)`` on every Linear and 1×1 conv (attention
 projections, feed-forward, shortcuts), then round-to-nearest W/A quantization as in the paper
-(no reconstruction). See :mod:`qdiff.smooth` for the equations and the one deviation (the
+(no reconstruction). See :mod:`qdiff.transforms.smooth` for the equations and the one deviation (the
 division stays at the layer input instead of being folded into a preceding LayerNorm).
 
-Recipe: ``smooth_alpha`` = α (0.5, the paper's default; ``ALPHA`` below), min-max activation
+Recipe: ``Smooth(α)`` as the one transform, α (0.5, the paper's default; ``ALPHA`` below), min-max activation
 ranges (SmoothQuant's static per-tensor scales), MSE weight ranges as every method here,
 calibration on Q-Diffusion's uniform timesteps (the paper calibrates on generic text; a
 diffusion model's natural analogue is its whole trajectory), no split shortcut. SmoothQuant
@@ -29,7 +29,7 @@ def recipe(bits: Bits) -> qdiff.QConfig:
     return qdiff.QConfig(
         **specs,
         split_shortcut=False,
-        smooth_alpha=ALPHA if bits.a is not None else None,
+        transforms=(qdiff.Smooth(ALPHA),) if bits.a is not None else (),
         calib=qdiff.CalibConfig(strategy="uniform"),
         recon=qdiff.ReconConfig(method="none"),
     )

@@ -2,9 +2,9 @@
 Models", ICLR 2025), for W4A4 and other activation-quantized settings.
 
 Two steps on every Linear and 1×1 conv with quantized inputs: SmoothQuant-style migration of
-activation outliers into the weights (``X̂ = X / s``, ``Ŵ = W · s``, :mod:`qdiff.smooth`), then a
+activation outliers into the weights (``X̂ = X / s``, ``Ŵ = W · s``, :mod:`qdiff.transforms.smooth`), then a
 16-bit rank-r branch from the truncated SVD of ``Ŵ`` that absorbs the weight outliers, so only
-the residual ``R = Ŵ − L₁L₂`` and ``X̂`` are quantized (:mod:`qdiff.lowrank`, paper Eq. 7):
+the residual ``R = Ŵ − L₁L₂`` and ``X̂`` are quantized (:mod:`qdiff.transforms.lowrank`, paper Eq. 7):
 ``y = X̂ L₂ᵀ L₁ᵀ + Q(X̂) Q(R)ᵀ``. Round-to-nearest, no reconstruction, as in the paper.
 
 Settings: rank ``RANK`` = 32 (the paper's default); everything else is
@@ -32,7 +32,8 @@ RANK = 32
 
 def recipe(bits: Bits) -> qdiff.QConfig:
     """SmoothQuant's recipe (same α, grids, calibration) plus the low-rank branch."""
-    return dataclasses.replace(smoothquant.recipe(bits), low_rank=RANK)
+    recipe = smoothquant.recipe(bits)
+    return dataclasses.replace(recipe, transforms=(*recipe.transforms, qdiff.LowRank(RANK)))
 
 
 METHOD = RecipeMethod(

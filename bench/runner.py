@@ -418,7 +418,7 @@ def _quantized(adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: bool
     method = METHODS.get(spec.method)
     bits = Bits(spec.w_bits, spec.a_bits)
     config = method.configure(bits, spec.budget)
-    key = config_hash("checkpoint", code, fp_id, spec.method, config)
+    key = config_hash("checkpoint", code, fp_id, spec.method, config.to_dict())
 
     def calibration(calib: qdiff.CalibConfig) -> qdiff.CalibData:
         return _calibration(adapter, fp, fp_id, calib, code).to(adapter.device)

@@ -7,19 +7,20 @@ or :func:`quantize` for the first three in one call.
 from qdiff.api import convert, quantize
 from qdiff.calibration import CalibData, TrajectoryRecorder, calibrate, select_steps
 from qdiff.config import CalibConfig, ConfigError, QConfig, QuantSpec, ReconConfig
-from qdiff.lowrank import add_low_rank
 from qdiff.modules import QuantAttnProcessor, QuantConv2d, QuantLinear, QuantMatMul
 from qdiff.prepare import find_skip_concats, prepare, set_quant_state
 from qdiff.quantizer import AdaRoundQuantizer, UniformAffineQuantizer
 from qdiff.reconstruct import ReconResult, UnitReport, find_units, reconstruct
-from qdiff.smooth import smooth
 from qdiff.storage import storage_bytes
+from qdiff.transforms.lowrank import LowRank, add_low_rank
+from qdiff.transforms.smooth import Smooth, smooth
 
 __all__ = [
     "AdaRoundQuantizer",
     "CalibConfig",
     "CalibData",
     "ConfigError",
+    "LowRank",
     "QConfig",
     "QuantAttnProcessor",
     "QuantConv2d",
@@ -28,6 +29,7 @@ __all__ = [
     "QuantSpec",
     "ReconConfig",
     "ReconResult",
+    "Smooth",
     "TrajectoryRecorder",
     "UniformAffineQuantizer",
     "UnitReport",

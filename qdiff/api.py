@@ -10,10 +10,8 @@ from torch import nn
 from qdiff.backends import get_backend
 from qdiff.calibration import CalibData, calibrate
 from qdiff.config import QConfig
-from qdiff.lowrank import add_low_rank
 from qdiff.prepare import FilterFn, prepare, set_quant_state
 from qdiff.reconstruct import ReconResult, reconstruct
-from qdiff.smooth import smooth
 
 
 def quantize(
@@ -24,16 +22,14 @@ def quantize(
     batch_size: int = 64,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, ReconResult]:
-    """prepare → (smooth → low-rank branch) → calibrate → reconstruct, on a copy of ``model``.
+    """prepare → transforms (in order) → calibrate → reconstruct, on a copy of ``model``.
 
     Returns:
         The quantized model (fake quantization on) and what reconstruction did.
     """
     qmodel = prepare(copy.deepcopy(model), qconfig, filter_fn)
-    if qconfig.smooth_alpha is not None:
-        smooth(qmodel, calib_data, qconfig.smooth_alpha, batch_size=batch_size)
-    if qconfig.low_rank:
-        add_low_rank(qmodel, qconfig.low_rank)
+    for transform in qconfig.transforms:
+        transform.apply(qmodel, calib_data, batch_size)
     calibrate(qmodel, calib_data, batch_size=batch_size, seed=qconfig.calib.seed)
     result = reconstruct(qmodel, calib_data, qconfig.recon, batch_size=batch_size, progress=progress)
     set_quant_state(qmodel, weight=True, act=True)

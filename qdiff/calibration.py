@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from qdiff.config import CalibConfig
+from qdiff.hooks import installed
 from qdiff.prepare import quant_modules, set_quant_state
 from qdiff.quantizer import UniformAffineQuantizer
 
@@ -159,15 +160,10 @@ def calibrate(
     n_batches = math.ceil(len(data) / batch_size)
     quantizers = [q for _, m in quant_modules(model) for q in m.act_quantizers()]
     observers = [_RangeObserver(q, max(1, max_samples // n_batches), generator) for q in quantizers]
-    for q, obs in zip(quantizers, observers, strict=True):
-        q.observer = obs
     set_quant_state(model, weight=True, act=True)
-    try:
+    with installed(q.observe(obs) for q, obs in zip(quantizers, observers, strict=True)):
         for batch in data.batches(batch_size):
             run_model(model, batch)
-    finally:
-        for q in quantizers:
-            q.observer = None
     for obs in observers:
         obs.finish()
     return model

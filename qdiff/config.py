@@ -8,11 +8,12 @@ message that names the field, the bad value and the valid choices. ``QConfig.to_
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from qdiff import validate
 
 GRANULARITIES = ("tensor", "channel")
 SCALE_SEARCHES = ("minmax", "mse")
@@ -27,18 +28,15 @@ class ConfigError(ValueError):
 
 
 def _choice(owner: str, name: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ConfigError(f"{owner}.{name}={value!r} is not valid; choose one of {', '.join(valid)}")
+    problem = validate.choice(value, valid)
+    if problem:
+        raise ConfigError(f"{owner}.{name}={value!r} {problem}")
 
 
 def _positive(owner: str, name: str, value: float, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{owner}.{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(f"{owner}.{name}={value!r} must be a finite number")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{owner}.{name}={value!r} must be {bound}")
+    problem = validate.number(value, allow_zero=allow_zero)
+    if problem:
+        raise ConfigError(f"{owner}.{name}={value!r} {problem}")
 
 
 @dataclass(frozen=True)
@@ -197,11 +195,9 @@ class QConfig:
             the common PTQ practice of BRECQ/AdaRound that Q-Diffusion builds on: the UNet's
             ``conv_in`` sees the raw x_t and ``conv_out`` writes the predicted noise. None
             quantizes them like every other layer.
-        smooth_alpha: SmoothQuant's migration strength α for the inputs of Linear and 1×1 conv
-            layers (:func:`qdiff.smooth`), or None for no smoothing; layers whose inputs stay
-            in FP are not smoothed.
-        low_rank: rank of SVDQuant's 16-bit low-rank branch on the same layers
-            (:func:`qdiff.add_low_rank`); 0 for none.
+        transforms: algorithms that change what quantized layers compute, applied in order
+            after ``prepare`` and before calibration (:mod:`qdiff.transforms`): e.g.
+            ``(Smooth(0.5),)`` for SmoothQuant, ``(Smooth(0.5), LowRank(32))`` for SVDQuant.
         calib: calibration data recipe.
         recon: reconstruction recipe.
     """
@@ -214,8 +210,7 @@ class QConfig:
     split_shortcut: bool = True
     quantize_attention: bool = True
     first_last_bits: int | None = 8
-    smooth_alpha: float | None = None
-    low_rank: int = 0
+    transforms: tuple[Any, ...] = ()  # of qdiff.transforms.base.Transform
     calib: CalibConfig = field(default_factory=CalibConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
 
@@ -246,22 +241,24 @@ class QConfig:
             )
         if self.weight is None and self.act is None:
             raise ConfigError("QConfig quantizes nothing: set weight and/or act")
-        if self.smooth_alpha is not None:
-            if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, int | float):
-                raise ConfigError(
-                    f"QConfig.smooth_alpha={self.smooth_alpha!r} must be a number in [0, 1] or None"
-                )
-            if not 0.0 <= self.smooth_alpha <= 1.0:
-                raise ConfigError(f"QConfig.smooth_alpha={self.smooth_alpha} must be in [0, 1]")
-        if isinstance(self.low_rank, bool) or not isinstance(self.low_rank, int) or self.low_rank < 0:
-            raise ConfigError(f"QConfig.low_rank={self.low_rank!r} must be an integer >= 0 (0: no branch)")
+        if not isinstance(self.transforms, tuple) or not all(
+            callable(getattr(t, "apply", None)) and hasattr(t, "kind") for t in self.transforms
+        ):
+            raise ConfigError(
+                f"QConfig.transforms must be a tuple of qdiff transforms (e.g. (qdiff.Smooth(0.5),)), "
+                f"got {self.transforms!r}"
+            )
 
     @property
     def probs_spec(self) -> QuantSpec | None:
         return self.attn_probs if self.attn_probs is not None else self.act
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("weight", "act", "attn_probs", "calib", "recon"):
+            out[name] = None if out[name] is None else dataclasses.asdict(out[name])
+        out["transforms"] = [t.to_dict() for t in self.transforms]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QConfig:
@@ -278,6 +275,8 @@ class QConfig:
         for key, value in data.items():
             if key in kinds and isinstance(value, dict):
                 value = _build(kinds[key], value, prefix=f"QConfig.{key}")
+            if key == "transforms":
+                value = tuple(_transform(t, i) for i, t in enumerate(value or ()))
             kwargs[key] = value
         return _build(cls, kwargs, prefix="QConfig")
 
@@ -291,6 +290,20 @@ class QConfig:
         except yaml.YAMLError as exc:
             raise ConfigError(f"QConfig YAML does not parse: {exc}") from exc
         return cls.from_dict(data)
+
+
+def _transform(data: Any, i: int) -> Any:
+    """A transform from its ``{kind: ..., **fields}`` mapping."""
+    from qdiff.transforms.base import transform_class
+
+    if not isinstance(data, dict) or "kind" not in data:
+        raise ConfigError(f"QConfig.transforms[{i}] must be a mapping with 'kind', got {data!r}")
+    fields = dict(data)
+    try:
+        kind = transform_class(fields.pop("kind"))
+    except KeyError as exc:
+        raise ConfigError(f"QConfig.transforms[{i}]: {exc.args[0]}") from None
+    return _build(kind, fields, prefix=f"QConfig.transforms[{i}]")
 
 
 def _build(kind: type, data: dict[str, Any], prefix: str) -> Any:

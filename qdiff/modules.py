@@ -14,27 +14,7 @@ from torch import nn
 
 from qdiff.config import QuantSpec
 from qdiff.quantizer import AdaRoundQuantizer, UniformAffineQuantizer
-
-
-def smooth_input(x: torch.Tensor, scale: torch.Tensor | None, conv: bool) -> torch.Tensor:
-    """``x / s`` along input channels (dim 1 of a conv input, the last of a linear one)."""
-    if scale is None:
-        return x
-    shape = [1] * x.ndim
-    shape[1 if conv else -1] = -1
-    return x / scale.view(shape)
-
-
-def low_rank_branch(
-    x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, stride=None, padding=None
-) -> torch.Tensor:
-    """``x Vᵀ Uᵀ`` with SVDQuant's 16-bit factors, as two thin products (no bias); with
-    ``stride``/``padding`` given, ``x`` is a 1×1 conv's input and the factors are 1×1 convs."""
-    u, v = u.to(x.dtype), v.to(x.dtype)
-    if stride is not None:
-        h = F.conv2d(x, v[:, :, None, None], None, stride, padding)
-        return F.conv2d(h, u[:, :, None, None])
-    return F.linear(F.linear(x, v), u)
+from qdiff.transforms.base import LayerTransform, run_layer, transformed_weight
 
 
 class QuantModule(nn.Module):
@@ -97,13 +77,9 @@ class QuantLayer(QuantModule):
         self.act_quantizer = nn.ModuleList(
             [UniformAffineQuantizer(act) for _ in range(parts)] if act is not None else []
         )
-        # SmoothQuant's per-input-channel factors s (set by ``qdiff.smooth``): the layer then
-        # computes (x / s) · (W · s)ᵀ, the same function, quantizing x / s and W · s.
-        self.register_buffer("smooth_scale", None)
-        # SVDQuant's 16-bit low-rank branch (set by ``qdiff.add_low_rank``): W·s = U V + R, the
-        # layer computes (x/s) Vᵀ Uᵀ in 16 bits plus Q(x/s) Q(R)ᵀ, quantizing only the residual R.
-        self.register_buffer("lowrank_u", None)
-        self.register_buffer("lowrank_v", None)
+        # Algorithms that change what the layer computes (SmoothQuant, SVDQuant's branch), in the
+        # order they were applied (see qdiff.transforms).
+        self.transforms = nn.ModuleList()
         if weight is not None:
             for q, w in zip(self.weight_quantizer, self.weight_parts(), strict=True):
                 q.init_from(w)
@@ -119,28 +95,17 @@ class QuantLayer(QuantModule):
     def act_quantizers(self) -> list[UniformAffineQuantizer]:
         return list(self.act_quantizer)
 
-    def _channel_view(self, ndim: int, dim: int) -> torch.Tensor:
-        shape = [1] * ndim
-        shape[dim] = -1
-        return self.smooth_scale.view(shape)
-
     def effective_weight(self) -> torch.Tensor:
-        """The FP weight the quantized path multiplies with: ``W · s`` (along input channels)
-        when smoothed, minus the low-rank branch's ``U V`` when there is one."""
-        w = self.weight
-        if self.smooth_scale is not None:
-            w = w * self._channel_view(w.ndim, 1)
-        if self.lowrank_u is not None:
-            w = w - (self.lowrank_u.float() @ self.lowrank_v.float()).view_as(w)
-        return w
+        """The FP weight the quantized path multiplies with: the layer's weight after its
+        transforms (``W · s`` when smoothed, minus ``U V`` with a low-rank branch)."""
+        return transformed_weight(self.transforms, self.weight)
 
-    def low_rank_branch(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.weight.ndim == 4
-        stride, padding = (self.stride, self.padding) if conv else (None, None)
-        return low_rank_branch(x, self.lowrank_u, self.lowrank_v, stride, padding)
-
-    def smooth_input(self, x: torch.Tensor) -> torch.Tensor:
-        return smooth_input(x, self.smooth_scale, self.weight.ndim == 4)
+    def add_transform(self, transform: LayerTransform) -> None:
+        """Attach a transform's state to this layer and re-initialise the weight grids on the
+        weight it now quantizes."""
+        self.transforms.append(transform)
+        for q, part in zip(self.weight_quantizer, self.weight_parts(), strict=True):
+            q.init_from(part)
 
     def weight_parts(self) -> list[torch.Tensor]:
         w = self.effective_weight()
@@ -176,11 +141,11 @@ class QuantLayer(QuantModule):
         return self.compute(x, self.quantized_weight() if self.use_weight_quant else self.effective_weight())
 
     def compute(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """The layer on input ``x`` with (quantized) weight ``w``: smoothing, input quantization,
-        the op, and the low-rank branch where there is one."""
-        x = self.smooth_input(x)
-        y = self.op(self.quantize_input(x) if self.use_act_quant else x, w)
-        return y if self.lowrank_u is None else y + self.low_rank_branch(x)
+        """The layer on input ``x`` with (quantized) weight ``w``: input quantization and the op,
+        inside the layer's transforms."""
+        return run_layer(
+            self.transforms, x, lambda x: self.op(self.quantize_input(x) if self.use_act_quant else x, w)
+        )
 
     def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -131,9 +131,14 @@ class UniformAffineQuantizer(nn.Module):
         # of the optimiser then changes the scale by the same *relative* amount whatever its
         # magnitude, so one learning rate suits 4-bit and 8-bit grids and every layer alike.
         self.log_scale: nn.Parameter | None = None
-        # Set only by ``qdiff.calibrate``: while set, the quantizer reports its input to the
-        # observer and passes it through unchanged.
+        # Set only through ``observe`` (by ``qdiff.calibrate``): while set, the quantizer reports
+        # its input to the observer and passes it through unchanged.
         self.observer: Callable[[torch.Tensor], None] | None = None
+
+    def observe(self, observer: Callable[[torch.Tensor], None]) -> _Observing:
+        """Report inputs to ``observer`` (and pass them through) until the handle's ``remove``."""
+        self.observer = observer
+        return _Observing(self)
 
     def _shape(self, v: torch.Tensor) -> torch.Tensor:
         if self.channel_dim is None:
@@ -247,3 +252,13 @@ class AdaRoundQuantizer(nn.Module):
         b = self.base
         q = ((w / b.scale).floor() + self.rounding() + b.zero_point).clamp(b.qmin, b.qmax)
         return (q - b.zero_point) * b.scale
+
+
+class _Observing:
+    """The handle :meth:`UniformAffineQuantizer.observe` returns (as torch's hook handles)."""
+
+    def __init__(self, quantizer: UniformAffineQuantizer) -> None:
+        self.quantizer = quantizer
+
+    def remove(self) -> None:
+        self.quantizer.observer = None

@@ -37,8 +37,9 @@ from torch import nn
 
 from qdiff.calibration import CalibData, calibrate, run_model
 from qdiff.config import ReconConfig
+from qdiff.hooks import installed
 from qdiff.modules import QuantLayer, QuantModule
-from qdiff.prepare import set_quant_state
+from qdiff.prepare import quant_modules, set_quant_state
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +186,11 @@ def _capture(model: nn.Module, unit: nn.Module, data: CalibData, batch_size: int
         if what == "inputs"
         else unit.register_forward_hook(hook, with_kwargs=True)
     )
-    try:
+    with installed([handle]):
         for batch in data.batches(batch_size):
             current["n"] = len(batch[0])
             with contextlib.suppress(_Stop):
                 run_model(model, batch)
-    finally:
-        handle.remove()
     if what == "inputs":
         store.merge()
         return store
@@ -353,8 +352,8 @@ def reconstruct(
     model.requires_grad_(False)
     units = _in_execution_order(model, find_units(model, config.granularity, block_types), data)
     reports: list[UnitReport] = []
-    has_weight = any(m.has_weight_quant for _, m in _quant_in(model))
-    has_act = any(m.has_act_quant for _, m in _quant_in(model))
+    has_weight = any(m.has_weight_quant for _, m in quant_modules(model))
+    has_act = any(m.has_act_quant for _, m in quant_modules(model))
     phases = [("weight", has_weight and config.weight_iters > 0), ("act", has_act and config.act_iters > 0)]
     check_idx = split.held if len(split.held) else split.train
     check = CalibData(*data.select(check_idx))
@@ -423,21 +422,13 @@ def _in_execution_order(model, units, data: CalibData):
 
         return hook
 
-    hooks = [unit.register_forward_pre_hook(seen(name)) for name, unit in units]
-    try:
+    with installed(unit.register_forward_pre_hook(seen(name)) for name, unit in units):
         run_model(model, data.select(torch.arange(1)))
-    finally:
-        for h in hooks:
-            h.remove()
     return sorted(units, key=lambda nu: first_call.get(nu[0], len(units)))
 
 
-def _quant_in(module: nn.Module) -> list[tuple[str, QuantModule]]:
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, QuantModule)]
-
-
 def _reconstruct_unit(model, name, unit, data, split, config, phase, batch_size, generator, targets):
-    inner = [m for _, m in _quant_in(unit)]
+    inner = [m for _, m in quant_modules(unit)]
     if phase == "weight":
         layers = [m for m in inner if isinstance(m, QuantLayer) and m.has_weight_quant]
         if not layers:

@@ -22,8 +22,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from qdiff.backends import KernelLayer
-from qdiff.backends.fake import FrozenFakeQuantLayer
+from qdiff.backends.base import FrozenFakeQuantLayer, KernelLayer
 from qdiff.modules import QuantModule
 from qdiff.quantizer import AdaRoundQuantizer, UniformAffineQuantizer
 

@@ -96,13 +96,14 @@ def test_x86_matches_fake_quant_per_layer_and_whole_denoiser():
 def test_x86_runs_smoothed_and_low_rank_layers(tiny_unet):
     cfg = qdiff.QConfig(
         weight=qdiff.QuantSpec(8, True, "channel"), act=qdiff.QuantSpec(8),
-        recon=NO_RECON, smooth_alpha=0.5, low_rank=4,
+        recon=NO_RECON, transforms=(qdiff.Smooth(0.5), qdiff.LowRank(4)),
     )  # fmt: skip
     data = calib_for(tiny_unet, 16)
     qmodel, _ = qdiff.quantize(tiny_unet, cfg, data)
     fake, x86 = qdiff.convert(qmodel, "fake"), qdiff.convert(qmodel, "x86")
     layers = [m for m in x86.modules() if isinstance(m, KernelLayer)]
-    assert any(m.smooth_scale is not None for m in layers) and any(m.lowrank_u is not None for m in layers)
+    kinds = {type(t).__name__ for m in layers for t in m.transforms}
+    assert kinds == {"SmoothScale", "LowRankBranch"}
     per_layer = _per_layer_sqnr(fake, x86, data.x, data.t)
     assert min(per_layer.values()) >= 35
 
@@ -246,7 +247,7 @@ def test_fp8_backend_equals_an_e4m3_simulation(tiny_unet):
     checked = 0
     for name, (inp, _) in _layer_io(fake, x, t).items():
         layer = fp8.get_submodule(name)
-        if not isinstance(layer, Fp8Layer) or layer.split is not None or layer.smooth_scale is not None:
+        if not isinstance(layer, Fp8Layer) or layer.split is not None or len(layer.transforms):
             continue
         source = qmodel.get_submodule(name)
         w = source.effective_weight().float()

@@ -89,13 +89,15 @@ def test_smoothquant_keeps_the_fp_function_and_flattens_activation_ranges():
     qconfig = METHODS.get("smoothquant").qconfig(Bits(8, 8))
     qconfig = dataclasses.replace(qconfig, first_last_bits=None)
     q = qdiff.prepare(copy.deepcopy(_Wrap(model)), qconfig)
-    smoothed = qdiff.smooth(q, _calib(x), qconfig.smooth_alpha)
+    (transform,) = qconfig.transforms
+    smoothed = transform.apply(q, _calib(x), batch_size=64)
     assert smoothed == ["inner.0", "inner.2"]
     qdiff.set_quant_state(q, weight=False, act=False)
     with torch.no_grad():
         assert torch.allclose(q(x, None), model(x), rtol=1e-5, atol=1e-5)  # the same FP function
         layer = q.inner[0]
-        before, after = x.abs().amax(0), layer.smooth_input(x).abs().amax(0)
+        (scale,) = layer.transforms
+        before, after = x.abs().amax(0), scale.input(x).abs().amax(0)
     # alpha = 0.5 takes the square root of the spread across channels (79x -> 9x here)
     assert after.max() / after.min() < (before.max() / before.min()) / 5
 
@@ -107,7 +109,9 @@ def test_smoothquant_lowers_w8a8_error_on_outlier_activations():
     errors = {}
     for alpha in (None, 0.5):
         qconfig = dataclasses.replace(
-            METHODS.get("smoothquant").qconfig(Bits(8, 8)), first_last_bits=None, smooth_alpha=alpha
+            METHODS.get("smoothquant").qconfig(Bits(8, 8)),
+            first_last_bits=None,
+            transforms=() if alpha is None else (qdiff.Smooth(alpha),),
         )
         qmodel, _ = qdiff.quantize(_Wrap(model), qconfig, _calib(x))
         with torch.no_grad():
@@ -134,7 +138,8 @@ def wide_outlier_model_and_data(seed: int = 0):
 
 def _svdquant_config(rank: int):
     qconfig = METHODS.get("svdquant").qconfig(Bits(4, 4))
-    return dataclasses.replace(qconfig, first_last_bits=None, low_rank=rank)
+    branch = (qdiff.LowRank(rank),) if rank else ()
+    return dataclasses.replace(qconfig, first_last_bits=None, transforms=(qdiff.Smooth(0.5), *branch))
 
 
 def test_svdquant_branch_keeps_the_fp_function_and_is_stored_in_16_bits():
@@ -144,7 +149,8 @@ def test_svdquant_branch_keeps_the_fp_function_and_is_stored_in_16_bits():
     without = qdiff.storage_bytes(q)["other"]
     assert qdiff.add_low_rank(q, 8) == ["inner.0", "inner.2"]
     layer = q.inner[0]
-    assert layer.lowrank_u.shape == (64, 8) and layer.lowrank_v.dtype == torch.float16
+    _, branch = layer.transforms
+    assert branch.u.shape == (64, 8) and branch.v.dtype == torch.float16
     qdiff.set_quant_state(q, weight=False, act=False)
     with torch.no_grad():
         out, fp = q(x, None), model(x)

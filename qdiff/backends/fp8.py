@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdiff.backends import BackendError, KernelLayer, static_gemm
-from qdiff.backends.fake import deploy_layers
+from qdiff.backends.base import BackendError, KernelLayer, deploy_layers, static_gemm
 from qdiff.modules import QuantLayer
 
 E4M3 = torch.float8_e4m3fn

@@ -15,15 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qdiff.backends import (
-    BackendError,
+from qdiff.backends.base import (
     KernelLayer,
-    quantized_int,
+    deploy_layers,
+    integer_weights,
     require_kernel_device,
     static_gemm,
     uint8_grid,
 )
-from qdiff.backends.fake import deploy_layers
 from qdiff.backends.triton_kernels import implicit_gemm
 from qdiff.modules import QuantLayer
 
@@ -50,12 +49,10 @@ class TritonInt8Layer(KernelLayer):
         super().__init__(layer)
         self.kernel_size = tuple(layer.weight.shape[2:]) if self.conv else (1, 1)
         self.grids: list[tuple[float, int, int, int]] = []
-        parts = zip(quantized_int(layer), layer.act_quantizers(), strict=True)
-        for i, ((ints, scale), aq) in enumerate(parts):
-            if ints.min() < -128 or ints.max() > 127:
-                raise BackendError("backend triton-int8 stores int8 weights; this layer's grid is wider")
-            # [O, C, KH, KW] → [O, KH·KW·C]: the kernel's k = (kh·KW + kw)·C + c.
-            w = (ints.permute(0, 2, 3, 1) if self.conv else ints).reshape(ints.shape[0], -1)
+        parts = zip(
+            integer_weights(layer, "triton-int8", 8, gemm_layout=True), layer.act_quantizers(), strict=True
+        )
+        for i, ((w, scale), aq) in enumerate(parts):
             self.register_buffer(f"weight{i}", w.to(torch.int8).contiguous())
             self.register_buffer(f"w_sum{i}", w.sum(dim=1).to(torch.int32))
             self.register_buffer(f"w_scale{i}", scale.float())

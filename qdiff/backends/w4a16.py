@@ -12,15 +12,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qdiff.backends import (
-    BackendError,
+from qdiff.backends.base import (
     KernelLayer,
-    quantized_int,
+    deploy_layers,
+    integer_weights,
     require_kernel_device,
     ungrouped,
     weight_bits,
 )
-from qdiff.backends.fake import deploy_layers
 from qdiff.backends.triton_int8 import from_nhwc, to_nhwc
 from qdiff.backends.triton_kernels import implicit_gemm, pack_int4
 from qdiff.modules import QuantLayer
@@ -32,10 +31,7 @@ class W4A16Layer(KernelLayer):
     def __init__(self, layer: QuantLayer) -> None:
         super().__init__(layer)
         self.kernel_size = tuple(layer.weight.shape[2:]) if self.conv else (1, 1)
-        for i, (ints, scale) in enumerate(quantized_int(layer)):
-            if ints.min() < -8 or ints.max() > 7:
-                raise BackendError("backend w4a16 packs 4-bit weights; this layer's grid is wider")
-            w = (ints.permute(0, 2, 3, 1) if self.conv else ints).reshape(ints.shape[0], -1)
+        for i, (w, scale) in enumerate(integer_weights(layer, "w4a16", 4, gemm_layout=True)):
             self.register_buffer(f"weight{i}", pack_int4(w))
             self.register_buffer(f"w_scale{i}", scale.float()[:, None].contiguous())  # one group per row
 

@@ -31,8 +31,14 @@ import warnings
 import torch
 from torch import nn
 
-from qdiff.backends import BackendError, KernelLayer, quantized_int, static_int, uint8_grid
-from qdiff.backends.fake import deploy_layers
+from qdiff.backends.base import (
+    BackendError,
+    KernelLayer,
+    deploy_layers,
+    integer_weights,
+    static_int,
+    uint8_grid,
+)
 from qdiff.modules import QuantLayer
 
 # Whether this CPU's oneDNN int8 kernels are exact for full-range uint8 × int8 (module docstring).
@@ -67,10 +73,8 @@ class X86Int8Layer(KernelLayer):
         # rather than a buffer) and the input grid moved into the uint8 range.
         self.packed: list[torch.Tensor] = []
         self.grids: list[tuple[float, int, int, int]] = []
-        parts = zip(quantized_int(layer), layer.act_quantizers(), strict=True)
+        parts = zip(integer_weights(layer, "x86", 8), layer.act_quantizers(), strict=True)
         for i, ((ints, scale), aq) in enumerate(parts):
-            if ints.min() < -128 or ints.max() > 127:
-                raise BackendError("backend x86 stores int8 weights; this layer's grid is wider")
             grid = uint8_grid(aq)
             a_scale, a_zp = grid[:2]
             if not EXACT_INT8:  # 7-bit weights: no int16 pair sum can saturate (docstring)
