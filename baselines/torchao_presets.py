@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from bench.errors import AvailabilityError
 from bench.methods import Calibration
@@ -137,6 +138,16 @@ class TorchaoPreset:
 
     def deploy(self, qmodel: nn.Module, backend: str) -> nn.Module:
         return qmodel  # torchao's kernels are the deployment; qdiff backends do not apply
+
+    def kernels(self, deployed: nn.Module) -> dict[str, int]:
+        """Each quantized Linear by its weight's torchao tensor type (``torchao-Int8Tensor``)."""
+        counts: dict[str, int] = {}
+        for module in deployed.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, nn.Linear) and is_traceable_wrapper_subclass(weight):
+                kernel = f"torchao-{type(weight).__name__}"
+                counts[kernel] = counts.get(kernel, 0) + 1
+        return dict(sorted(counts.items()))
 
 
 INT8_DYNAMIC = TorchaoPreset(

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ from bench.spec import (
     RunSpec,
     Sampling,
 )
+from qdiff import validate
 from qdiff.backends import BACKENDS, get_backend
 
 MATRIX_KEYS = (
@@ -75,7 +75,7 @@ MATRIX_KEYS = (
     "exclude",
     "include",
 )
-NON_NEGATIVE = ("latency_warmup",)  # settings that may be 0 (every other number must be > 0)
+NON_NEGATIVE = ("latency_warmup", "eta")  # settings that may be 0 (every other number must be > 0)
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
@@ -171,24 +171,26 @@ def _settings(path: Path, where: str, values: dict[str, Any], base: tuple[Sampli
             raise MatrixError(f"{path}: {where}: unknown setting {key!r}; valid: {', '.join(SETTING_KEYS)}")
         i = 0 if key in SAMPLING_KEYS else 1 if key in BUDGET_KEYS else 2
         default = getattr(groups[i], key)
-        ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
-        if not ok or (isinstance(value, bool) and not isinstance(default, bool)):
-            raise MatrixError(
-                f"{path}: {where}: setting {key}={value!r} must be a {type(default).__name__} "
-                f"(default {default!r})"
-            )
-        if key in choices and value not in choices[key]:
-            raise MatrixError(f"{path}: {where}: {key}={value!r}; choose one of {', '.join(choices[key])}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise MatrixError(f"{path}: {where}: setting {key}={value!r} must be a finite number")
-        numeric = isinstance(default, int | float) and not isinstance(default, bool) and key != "eta"
-        if numeric and (value < 0 or (value == 0 and key not in NON_NEGATIVE)):
-            bound = ">= 0" if key in NON_NEGATIVE else "> 0"
-            raise MatrixError(f"{path}: {where}: setting {key}={value!r} must be {bound}")
+        problem = _setting_problem(key, value, default, choices.get(key))
+        if problem:
+            raise MatrixError(f"{path}: {where}: setting {key}={value!r} {problem}")
         if isinstance(default, float):
             value = float(value)
         groups[i] = dataclasses.replace(groups[i], **{key: value})
     return tuple(groups)
+
+
+def _setting_problem(key: str, value: Any, default: Any, choices: tuple[str, ...] | None) -> str | None:
+    """What is wrong with ``value`` for a setting whose default is ``default`` (its type is the
+    setting's type; numbers go through the library's own checks, :mod:`qdiff.validate`)."""
+    if isinstance(default, bool | str):
+        if not isinstance(value, type(default)):
+            kind = "true or false" if isinstance(default, bool) else "a string"
+            return f"must be {kind} (default {default!r})"
+        return None if choices is None else validate.choice(value, choices)
+    integer = isinstance(default, int)
+    problem = validate.number(value, allow_zero=key in NON_NEGATIVE, integer=integer)
+    return None if problem is None else f"{problem} (default {default!r})"
 
 
 def _entry(path: Path, axis: str, i: int, item: Any, registry) -> tuple[str, dict[str, Any]]:
@@ -429,10 +431,12 @@ def _check_combination(path: Path, run: RunSpec) -> None:
     adapter_cls = MODELS.get(run.model)
     for metric_name in run.metrics:
         metric = METRICS.get(metric_name)
-        if metric.models is not None and run.model not in metric.models:
+        missing = sorted(metric.requires - adapter_cls.CAPABILITIES)
+        if missing:
+            has = ", ".join(sorted(adapter_cls.CAPABILITIES)) or "none"
             raise MatrixError(
-                f"{path}: metric {metric_name} needs model {' or '.join(metric.models)}, not {run.model}; "
-                f"{run.model}'s metrics: {', '.join(adapter_cls.DEFAULT_METRICS)}"
+                f"{path}: metric {metric_name} needs a model with {', '.join(missing)}; {run.model} has "
+                f"{has} (its metrics: {', '.join(adapter_cls.DEFAULT_METRICS)})"
             )
         problem = metric.check(run.evaluation)
         if problem:

@@ -16,6 +16,7 @@ from torch import nn
 
 import qdiff
 from bench.spec import Bits, Budget
+from qdiff.backends import layer_report
 
 
 class MethodConfig(Protocol):
@@ -92,6 +93,11 @@ class Method(Protocol):
         """What is sampled and timed: ``qmodel`` deployed on ``backend``."""
         ...
 
+    def kernels(self, deployed: nn.Module) -> dict[str, int]:
+        """How the deployed model's quantized layers run, ``{kernel: count}`` (the cost rows'
+        ``backend_layers``); :func:`qdiff.backends.layer_report` for a qdiff-built model."""
+        ...
+
 
 @dataclass(frozen=True)
 class RecipeMethod:
@@ -132,6 +138,9 @@ class RecipeMethod:
 
     def refine(self, denoiser, bases, config, calibration, alphas_cumprod) -> nn.Module:
         raise TypeError(f"{self.name} quantizes by itself (no bases): call quantize")
+
+    def kernels(self, deployed: nn.Module) -> dict[str, int]:
+        return layer_report(deployed)
 
     def bases(self, bits: Bits) -> tuple[tuple[str, Bits], ...]:
         return ()

@@ -167,7 +167,7 @@ OK = "models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n"
         (OK.replace("embedded", "embeded"), "did you mean 'embedded-digits'?"),
         (OK.replace("W4A8", "W4"), "bits[0]: bit width 'W4' is not of the form"),
         (OK + "settings: {sample: 3}", "unknown setting 'sample'; valid: samples"),
-        (OK + "settings: {samples: many}", "samples='many' must be a int"),
+        (OK + "settings: {samples: many}", "samples='many' must be an integer"),
         (
             OK + "exclude: [{methods: x}]",
             "exclude[0]: a rule is a mapping with keys from model, method, bits",
@@ -179,26 +179,29 @@ OK = "models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n"
         (OK + "metrics: [fdi]", "metrics[0]: unknown metric 'fdi' (did you mean 'fid'?)"),
         (
             OK.replace("embedded-digits", "sd-1.5") + "metrics: [digits_fd]",
-            "digits_fd needs model embedded-digits",
+            "digits_fd needs a model with digit-features; sd-1.5 has text-to-image",
         ),
         (OK + "extends: me.yaml", "does not exist"),
         (OK + "extends: m.yaml", "'extends' forms a cycle"),
         (OK + "exclude: [{method: qdiff}]", "expands to no runs"),
-        (OK + "settings: {backend: int3}", "backend='int3'; choose one of fake"),
+        (OK + "settings: {backend: int3}", "backend='int3' is not valid; choose one of fake"),
         (OK.replace("[qdiff]", "[qdiff, {name: qdiff}]"), "'methods' lists qdiff more than once"),
         (
             OK + "settings: {fid_backend: pytorch-fid}",
-            "fid_backend='pytorch-fid'; choose one of torch-fidelity",
+            "fid_backend='pytorch-fid' is not valid; choose one of torch-fidelity",
         ),
         (
             OK + "settings: {fid_mode: tf}",
-            "fid_mode='tf'; choose one of clean, legacy_pytorch, legacy_tensorflow",
+            "fid_mode='tf' is not valid; choose one of clean, legacy_pytorch, legacy_tensorflow",
         ),
         (OK + "settings: {latency_repeats: 0}", "latency_repeats=0 must be > 0"),
         (OK + "settings: {latency_warmup: -1}", "latency_warmup=-1 must be >= 0"),
-        (OK + "settings: {compile: true}", "compile=True must be a str"),
+        (OK + "settings: {compile: true}", "compile=True must be a string"),
         (OK + "backends: [int3]", "backends[0]: unknown backend 'int3'; choose from fake, x86"),
-        (OK + "settings: {dtype: half}", "dtype='half'; choose one of float32, float16, bfloat16"),
+        (
+            OK + "settings: {dtype: half}",
+            "dtype='half' is not valid; choose one of float32, float16, bfloat16",
+        ),
         (
             OK.replace("W4A8", "W4A32") + "settings: {backend: x86, device: cpu}",
             "qdiff [x86] W4A32 seed=0 calib=0: backend x86 needs quantized activations (WxA8 or narrower), "

@@ -78,7 +78,7 @@ class CLIPScore(Metric):
     name = "clip_score"
     unit = "clip"
     higher_is_better = True
-    models = ("sd-1.5",)
+    requires = frozenset({"text-to-image"})
     settings = ("clip_model", "clip_pretrained")
 
     def check(self, evaluation) -> str | None:

@@ -77,7 +77,10 @@ def deploy_backend(spec) -> str:
 def _backend_layers(ctx: EvalContext) -> dict[str, int]:
     """Which kernel each quantized layer of the run's denoiser runs (once per run)."""
     if "backend_layers" not in ctx.memo:
-        ctx.memo["backend_layers"] = layer_report(ctx.denoiser)
+        denoiser = ctx.denoiser
+        ctx.memo["backend_layers"] = (
+            layer_report(denoiser) if ctx.spec.is_fp else METHODS.get(ctx.spec.method).kernels(denoiser)
+        )
     return ctx.memo["backend_layers"]
 
 

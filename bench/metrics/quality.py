@@ -91,7 +91,9 @@ class Metric:
     name: ClassVar[str]
     unit: ClassVar[str]
     higher_is_better: ClassVar[bool]
-    models: ClassVar[tuple[str, ...] | None] = None  # the models it works for; None: any
+    # What a model must offer for this metric (``DiffusionAdapter.CAPABILITIES``), e.g.
+    # ``text-to-image`` (prompts); empty: any model.
+    requires: ClassVar[frozenset[str]] = frozenset()
     kind: ClassVar[str] = "quality"  # "quality" (of the images) or "cost" (time, memory, size)
     quantized_only: ClassVar[bool] = False  # measures the quantization itself: no FP row
     settings: ClassVar[tuple[str, ...]] = ()  # the ``Evaluation`` fields it reads
@@ -127,7 +129,7 @@ class DigitsFD(Metric):
     name = "digits_fd"
     unit = "fd"
     higher_is_better = False
-    models = ("embedded-digits",)
+    requires = frozenset({"digit-features"})
 
     def __call__(self, ctx: EvalContext) -> Measurement:
         adapter = ctx.adapter

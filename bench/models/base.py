@@ -58,6 +58,10 @@ class DiffusionAdapter:
     name: ClassVar[str]
     ARGS: ClassVar[tuple[str, ...]] = ()
     DEFAULT_METRICS: ClassVar[tuple[str, ...]] = ("psnr_vs_fp", *COST_METRICS)
+    # What the model offers the metrics that need more than images (``Metric.requires``):
+    # ``text-to-image`` (prompts, :meth:`prompts`), ``digit-features`` (a digit classifier's
+    # features for a Fréchet distance, :class:`bench.models.embedded.EmbeddedDigits`).
+    CAPABILITIES: ClassVar[frozenset[str]] = frozenset()
     # The real data FID compares with unless the matrix sets ``fid_reference``: a
     # torch-fidelity registered input, or "" (none; the user supplies a folder).
     FID_REFERENCE: ClassVar[str] = ""

@@ -124,6 +124,7 @@ class TextToImageAdapter(PipelineAdapter):
 
     ARGS = ("source", "init", "prompts", "guidance_scale")
     LOAD_KWARGS: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
+    CAPABILITIES = frozenset({"text-to-image"})
     DEFAULT_METRICS = ("clip_score", "fid", "fid_vs_fp", "psnr_vs_fp", *COST_METRICS)
 
     @cached_property
