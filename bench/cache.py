@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from bench.fsio import atomic_path
 
 CACHE_ENV = "QDIFF_BENCH_CACHE"
 
@@ -34,14 +35,8 @@ def cached_tensors(
         except Exception:  # a damaged entry is only a cache miss
             path.unlink(missing_ok=True)
     tensors = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     return tensors, False
 
 
@@ -74,12 +69,5 @@ def load_module(kind: str, key: str) -> dict | None:
 
 
 def store_module(kind: str, key: str, value: dict) -> None:
-    path = cache_dir() / kind / f"{key}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(cache_dir() / kind / f"{key}.pt") as tmp:
         torch.save(value, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

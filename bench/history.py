@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.errors import StoreError
+from bench.fsio import write_atomic
 from bench.report import CSS, _png, method_labels, protocol
 from bench.store import load
 
@@ -126,6 +127,6 @@ def write(root: str | Path, out: str | Path | None = None) -> tuple[Path, Path, 
     out = Path(out or root)
     out.mkdir(parents=True, exist_ok=True)
     md, html_path = out / "history.md", out / "history.html"
-    md.write_text(markdown, encoding="utf-8")
-    html_path.write_text(page, encoding="utf-8")
+    write_atomic(md, markdown)
+    write_atomic(html_path, page)
     return md, html_path, markdown

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import platform
 import subprocess
@@ -85,15 +86,29 @@ def environment(device: torch.device) -> dict[str, str]:
     }
 
 
+# The distribution's packages (pyproject.toml's ``packages.find``): all the code a run executes
+# besides its dependencies, whose versions the rows record.
+PACKAGES = ("qdiff", "baselines", "bench")
+
+
 @cache
-def code_hash(*paths: str) -> str:
-    """Hash of the Python sources under ``paths`` (folders or files, relative to the repository)."""
+def code_hash() -> str:
+    """Hash of every Python source of :data:`PACKAGES` where they are imported from (a checkout
+    or site-packages). Cache keys include it, so a cached artefact is only reused by the code
+    that made it; deriving it from the packages leaves no list of files to forget one in (any
+    change to the suite's code re-computes, which is the safe side)."""
+    return packages_hash(PACKAGES)
+
+
+def packages_hash(packages: tuple[str, ...]) -> str:
+    """Hash of the paths and bytes of every ``.py`` file of importable ``packages``."""
     h = hashlib.sha256()
-    for name in paths:
-        root = REPO_ROOT / name
-        for path in [root] if root.is_file() else sorted(root.rglob("*.py")):
-            h.update(str(path.relative_to(REPO_ROOT)).encode())
-            h.update(path.read_bytes())
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        for root in map(Path, spec.submodule_search_locations):
+            for path in sorted(root.rglob("*.py")):
+                h.update(str(path.relative_to(root.parent)).encode())
+                h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from bench import stats
+from bench.fsio import write_atomic
 from bench.store import ResultStore, load
 
 FP = "fp"
@@ -626,6 +627,6 @@ def write(results: str | Path, out: str | Path | None = None) -> tuple[Path, Pat
     out = Path(out or results)
     out.mkdir(parents=True, exist_ok=True)
     md, page = out / "report.md", out / "report.html"
-    md.write_text(report.markdown, encoding="utf-8")
-    page.write_text(report.html, encoding="utf-8")
+    write_atomic(md, report.markdown)
+    write_atomic(page, report.html)
     return md, page, report

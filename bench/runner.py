@@ -44,9 +44,6 @@ from bench.store import ResultStore
 Log = Callable[[str], None]
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RunFn = Callable[[RunSpec], list[dict[str, Any]]]
-# Cache keys include the code that produces the cached artefacts, so a code change never
-# reuses a stale checkpoint or sample set.
-CODE_PATHS = ("qdiff", "baselines", "bench/models", "bench/embedded", "bench/methods.py")
 
 
 Outcome = list[dict[str, Any]] | Exception  # a run's rows, or why its worker could not return them
@@ -290,7 +287,7 @@ def _evaluate(
 ) -> list[dict[str, Any]]:
     adapter, fp32, fp_id = _load(spec.model, spec.model_args, spec.sampling)
     fp = fp32
-    code = code_hash(*CODE_PATHS)
+    code = code_hash()  # a code change never reuses a stale checkpoint or sample set
     n, seed = spec.sampling.samples, spec.seed
     # Cost-only runs (step latency, weight bytes) generate no images: a large random-weight
     # model's cost needs neither a sampler run nor a decoder.

@@ -9,7 +9,6 @@ modified; re-running a cell adds a new file, and readers take each (run, metric)
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import StoreError
+from bench.fsio import write_atomic
 
 # The schema every row has (DESIGN.md), in report order; runs add descriptive extras after it.
 COLUMNS = (
@@ -49,20 +49,6 @@ COLUMNS = (
 STATUSES = ("ok", "error", "skipped")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync, rename: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 class ResultStore:
     """Rows of one matrix under ``root`` (``<results>/<matrix>``)."""
 
@@ -90,14 +76,14 @@ class ResultStore:
         if missing:
             raise ValueError(f"rows lack schema columns: {', '.join(missing)}")
         path = self.runs / f"{rows[0]['config_hash']}-{rows[0]['run_id']}.jsonl"
-        _write_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
+        write_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
         return path
 
     def record_invocation(self, record: dict[str, Any]) -> Path:
         """Keep what one ``qdiff-bench run`` cost as a whole (wall time, peak memory, workers),
         next to the rows it wrote."""
         path = self.root / "invocations" / f"{record['started_at'].replace(':', '')}.json"
-        _write_atomic(path, json.dumps(record, allow_nan=False, indent=1) + "\n")
+        write_atomic(path, json.dumps(record, allow_nan=False, indent=1) + "\n")
         return path
 
     def invocations(self) -> list[dict[str, Any]]:

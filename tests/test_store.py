@@ -58,3 +58,20 @@ def test_unwritable_path_and_missing_results_are_clear(tmp_path):
         ResultStore(blocker / "m").check_writable()
     with pytest.raises(StoreError, match="no results at"):
         load(tmp_path / "nothing")
+
+
+def test_cache_keys_follow_every_source_file_of_the_packages(tmp_path, monkeypatch):
+    import importlib
+
+    from bench.provenance import packages_hash
+
+    package = tmp_path / "fakepkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    before = packages_hash(("fakepkg",))
+    (package / "sub" / "new_algorithm.py").write_text("X = 1\n")  # a file no list names
+    added = packages_hash(("fakepkg",))
+    (package / "sub" / "new_algorithm.py").write_text("X = 2\n")
+    assert len({before, added, packages_hash(("fakepkg",))}) == 3
