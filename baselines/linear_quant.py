@@ -9,13 +9,13 @@ method's choices.
 from __future__ import annotations
 
 import qdiff
-from bench.methods import RecipeMethod, grids
+from bench.methods import RecipeMethod, quant_specs
 from bench.spec import Bits
 
 
 def recipe(bits: Bits) -> qdiff.QConfig:
     return qdiff.QConfig(
-        **grids(bits, "minmax"),
+        **quant_specs(bits, "minmax"),
         split_shortcut=False,
         calib=qdiff.CalibConfig(strategy="final"),
         recon=qdiff.ReconConfig(method="none"),

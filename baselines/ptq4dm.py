@@ -27,7 +27,7 @@ sampling noise. The paper's μ and σ were chosen on its own models; they are
 from __future__ import annotations
 
 import qdiff
-from bench.methods import RecipeMethod, grids
+from bench.methods import RecipeMethod, quant_specs
 from bench.spec import Bits
 
 NORMAL_MEAN = 0.75  # denoising progress: the last quarter of the trajectory, t ≈ T/4
@@ -36,7 +36,7 @@ NORMAL_STD = 0.15
 
 def recipe(bits: Bits) -> qdiff.QConfig:
     return qdiff.QConfig(
-        **grids(bits, "mse"),
+        **quant_specs(bits, "mse"),
         split_shortcut=False,
         calib=qdiff.CalibConfig(strategy="normal", normal_mean=NORMAL_MEAN, normal_std=NORMAL_STD),
         recon=qdiff.ReconConfig(method="brecq"),

@@ -16,14 +16,14 @@ from __future__ import annotations
 import dataclasses
 
 import qdiff
-from bench.methods import RecipeMethod, grids
+from bench.methods import RecipeMethod, quant_specs
 from bench.spec import Bits
 
 ALPHA = 0.5
 
 
 def recipe(bits: Bits) -> qdiff.QConfig:
-    specs = grids(bits, "mse")
+    specs = quant_specs(bits, "mse")
     if specs["act"] is not None:
         specs["act"] = dataclasses.replace(specs["act"], scale_search="minmax")
     return qdiff.QConfig(

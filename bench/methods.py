@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ Calibration = Callable[[qdiff.CalibConfig], qdiff.CalibData]
 Progress = Callable[[str], None]
 
 
+@runtime_checkable
 class Method(Protocol):
     """What the harness needs from a PTQ method (registered in ``bench.registry.METHODS``);
     every member it reads is declared here. :class:`RecipeMethod` implements it for methods
@@ -154,7 +155,7 @@ class RecipeMethod:
 PROBS_BITS = 8
 
 
-def grids(bits: Bits, scale_search: str) -> dict[str, qdiff.QuantSpec | None]:
+def quant_specs(bits: Bits, scale_search: str) -> dict[str, qdiff.QuantSpec | None]:
     """``weight``/``act``/``attn_probs`` specs shared by the methods: per-output-channel weight
     grids, asymmetric per-tensor activation grids, softmax probabilities at ≥ 8 bits.
 
@@ -176,7 +177,7 @@ def qdiffusion_recipe(bits: Bits) -> qdiff.QConfig:
     """Q-Diffusion (Li et al., ICCV 2023): timestep-aware (uniform) calibration, split shortcut
     quantization, BRECQ with AdaRound weights and LSQ activation steps, MSE range search."""
     return qdiff.QConfig(
-        **grids(bits, "mse"),
+        **quant_specs(bits, "mse"),
         split_shortcut=True,
         calib=qdiff.CalibConfig(strategy="uniform"),
         recon=qdiff.ReconConfig(method="brecq"),

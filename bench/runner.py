@@ -161,7 +161,7 @@ def run_matrix(
     executor = executor or LocalExecutor()
     # Per-run progress bars only where runs share this process's terminal.
     run_progress = progress and isinstance(executor, LocalExecutor)
-    fn = partial(execute, matrix=matrix.name, grids=store.root / "samples", progress=run_progress)
+    fn = partial(execute, matrix=matrix.name, previews=store.root / "samples", progress=run_progress)
     new: list[dict[str, Any]] = []
     bar = tqdm(total=len(todo), desc=f"matrix {matrix.name}", unit="run", disable=not progress)
     for wave in waves(todo):
@@ -209,7 +209,7 @@ def _summary(spec: RunSpec, rows: list[dict[str, Any]]) -> str:
 
 
 def execute(
-    spec: RunSpec, matrix: str, grids: Path | None = None, progress: bool = False
+    spec: RunSpec, matrix: str, previews: Path | None = None, progress: bool = False
 ) -> list[dict[str, Any]]:
     """One run: its rows, one per metric. Failures become ``error`` rows (``skipped`` when the
     run cannot happen on this machine) with the message; this function does not raise for them.
@@ -219,7 +219,7 @@ def execute(
     device = torch.device("cpu")
     try:
         device = resolve_device(spec.sampling.device)
-        rows = _evaluate(spec, base, grids, progress)
+        rows = _evaluate(spec, base, previews, progress)
         duration = round(time.perf_counter() - t0, 3)
         return [{**environment(device), **row, "duration_s": duration} for row in rows]
     except Exception as exc:  # one failed run must not stop the matrix (CUDA OOM included)
@@ -283,7 +283,7 @@ def _load(model: str, model_args: tuple, sampling) -> tuple[Any, torch.nn.Module
 
 
 def _evaluate(
-    spec: RunSpec, base: dict[str, Any], grids: Path | None, progress: bool
+    spec: RunSpec, base: dict[str, Any], previews: Path | None, progress: bool
 ) -> list[dict[str, Any]]:
     adapter, fp32, fp_id = _load(spec.model, spec.model_args, spec.sampling)
     fp = fp32
@@ -331,12 +331,12 @@ def _evaluate(
                  "recon": ckpt.report}  # fmt: skip
     if sampled_peak is not None:
         ctx.memo["sampling_peak"] = sampled_peak
-    if grids is not None and ctx.images is not None:
+    if previews is not None and ctx.images is not None:
         count = 64 if ctx.images.shape[-1] < 64 else 8
         on = "" if spec.real_backend is None else f"-{spec.real_backend}"
         calib = "" if spec.is_fp else f"c{spec.calib_seed}"
         name = f"{spec.model}-{spec.method}{on}-{spec.bits_label}-s{seed}{calib}.png"
-        save_grid(ctx.images[:count], grids / name)
+        save_grid(ctx.images[:count], previews / name)
     rows = []
     for name in spec.metrics:
         metric = METRICS.get(name)

@@ -214,7 +214,7 @@ class RunSpec:
     a_bits: int | None
     seed: int
     sampling: Sampling
-    budget: Budget | None  # None for the FP reference
+    budget: Budget | None  # None exactly when ``is_fp`` (the FP reference quantizes nothing)
     metrics: tuple[str, ...]
     model_args: tuple[tuple[str, Any], ...] = ()
     evaluation: Evaluation = Evaluation()
@@ -230,17 +230,17 @@ class RunSpec:
     @property
     def real_backend(self) -> str | None:
         """The real-kernel backend the run deploys on; None for FP and simulated (``fake``) runs."""
-        return None if self.budget is None or self.budget.backend == "fake" else self.budget.backend
+        return None if self.is_fp or self.budget.backend == "fake" else self.budget.backend
 
     @property
     def calib_seed(self) -> int | None:
         """The calibration seed (None for the FP reference, which calibrates nothing)."""
-        return None if self.budget is None else self.budget.calib_seed
+        return None if self.is_fp else self.budget.calib_seed
 
     @property
     def label(self) -> str:
         on = "" if self.real_backend is None else f" [{self.real_backend}]"
-        calib = "" if self.budget is None else f" calib={self.calib_seed}"
+        calib = "" if self.is_fp else f" calib={self.calib_seed}"
         return f"{self.model} {self.method}{on} {self.bits_label} seed={self.seed}{calib}"
 
     def on_backend(self, backend: str) -> RunSpec:
@@ -289,14 +289,14 @@ class RunSpec:
             "config_hash": self.hash,
             "n_samples": self.sampling.samples,
             "sampling": dataclasses.asdict(self.sampling),
-            "budget": None if self.budget is None else dataclasses.asdict(self.budget),
+            "budget": None if self.is_fp else dataclasses.asdict(self.budget),
             "model_args": dict(self.model_args),
             "evaluation": self.evaluation_used(),
         }
 
     def matches(self, rules: dict[str, tuple[str, ...]]) -> bool:
         """Whether every ``key: patterns`` rule matches (shell-style patterns, e.g. ``W4*``)."""
-        backend = "fp" if self.budget is None else self.budget.backend
+        backend = "fp" if self.is_fp else self.budget.backend
         values = {"model": self.model, "method": self.method, "bits": self.bits_label, "seed": str(self.seed),
                   "calib_seed": str(self.calib_seed), "backend": backend}  # fmt: skip
         return all(
