@@ -336,14 +336,7 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
             return [spec]
         return [spec.on_backend(b) for b in backends]
 
-    quant_bits = bits or []
-    runs: list[RunSpec] = []
-    for model, method, seed in itertools.product(model_entries, method_overrides, seeds):
-        if method == FP_METHOD:
-            runs.append(make(model, method, None, seed))
-            continue
-        for b, c in itertools.product(quant_bits, calib_seeds):
-            runs.append(make(model, method, b, seed, c))
+    runs = _cells(model_entries, method_overrides, seeds, bits or [], calib_seeds, make)
     runs = [d for r in runs for d in deployments(r)]
     runs = [r for r in runs if not any(r.matches(rule) for rule in excludes)]
     for i, rule in enumerate(includes):
@@ -378,12 +371,17 @@ def _included(path, i, rule, model_entries, method_overrides, seeds, calib_seeds
     bits = _bits(path, list(rule.get("bits", ())))
     seeds_ = [int(s) for s in rule.get("seed", seeds)]
     calib_ = [int(s) for s in rule.get("calib_seed", calib_seeds)]
+    return _cells(models, methods, seeds_, bits, calib_, make)
+
+
+def _cells(models, methods, seeds, bits, calib_seeds, make) -> list[RunSpec]:
+    """Every model × method × seed, and for a quantized method × bit width × calibration seed."""
     out = []
-    for model, method, seed in itertools.product(models, methods, seeds_):
+    for model, method, seed in itertools.product(models, methods, seeds):
         if method == FP_METHOD:
             out.append(make(model, method, None, seed))
             continue
-        for b, c in itertools.product(bits, calib_):
+        for b, c in itertools.product(bits, calib_seeds):
             out.append(make(model, method, b, seed, c))
     return out
 
