@@ -1,16 +1,38 @@
-"""On-disk cache of expensive, deterministic artefacts (FP samples, calibration data), by content hash."""
+"""On-disk cache of expensive, deterministic artefacts (FP samples, calibration data, quantized
+checkpoints), by content hash.
+
+Nothing read from the cache is trusted: each entry has a SHA-256 of its bytes written beside it
+(``<key>.sha256``) and is checked against it and against what the caller expects (``check``:
+shapes, counts, dtypes) before use; a mismatch is rebuilt, with one warning line. Tensors are
+safetensors; checkpoints (whole quantized modules) are loaded with ``torch.load(weights_only=True)``
+and an allowlist of *classes* from the suite and its model libraries (:func:`load_module`), so a
+hostile file can name no function to call — not even with a valid checksum. Writing is
+best-effort: a cache that cannot be written (full, read-only) costs the reuse, never the run.
+"""
 
 from __future__ import annotations
 
+import copyreg
+import dataclasses
+import hashlib
+import importlib
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from bench.fsio import atomic_path
+from bench.fsio import atomic_path, write_atomic
 
 CACHE_ENV = "QDIFF_BENCH_CACHE"
+log = logging.getLogger("qdiff-bench")
+Check = Callable[[Any], str | None]  # what is wrong with a loaded entry, or None
+# Packages whose classes a checkpoint may instantiate (as torch's own pickles of modules do:
+# ``__new__`` and ``__setstate__``, no ``__init__``); no function is ever allowed.
+TRUSTED_PACKAGES = ("torch", "diffusers", "qdiff", "bench", "baselines", "collections")
 
 
 def cache_dir() -> Path:
@@ -18,56 +40,121 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "qdiff-bench")
 
 
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _verified(path: Path, load: Callable[[Path], Any], check: Check | None) -> Any | None:
+    """The entry at ``path`` if its checksum, loading and ``check`` all pass; else None (after
+    one warning line and removing it, when it existed)."""
+    if not path.is_file():
+        return None
+    sidecar = _sidecar(path)
+    try:
+        if not sidecar.is_file() or sidecar.read_text().strip() != _digest(path):
+            raise ValueError("its bytes do not match the checksum written with it")
+        value = load(path)
+        problem = check(value) if check is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
+    except Exception as exc:  # a damaged or tampered entry is only a cache miss
+        log.warning("cache entry %s is not usable (%s); rebuilding it", path, exc)
+        path.unlink(missing_ok=True)
+        sidecar.unlink(missing_ok=True)
+        return None
+
+
+def _store(path: Path, save: Callable[[Path], None]) -> None:
+    """Write an entry and then its checksum (an entry without one is never used)."""
+    try:
+        with atomic_path(path) as tmp:
+            save(tmp)
+        write_atomic(_sidecar(path), _digest(path) + "\n")
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
+        log.warning("could not write cache entry %s (%s); the run goes on without caching it", path, exc)
+        path.unlink(missing_ok=True)
+
+
 def cached_tensors(
-    kind: str, key: str, build: Callable[[], dict[str, torch.Tensor]]
+    kind: str, key: str, build: Callable[[], dict[str, torch.Tensor]], check: Check | None = None
 ) -> tuple[dict[str, torch.Tensor], bool]:
-    """Load ``kind/key.safetensors`` or build, store atomically, and return it.
+    """Load ``kind/key.safetensors`` (verified; ``check`` says what is wrong with the loaded
+    tensors, e.g. a sample count) or build and store it.
 
     Returns:
-        The tensors and whether they came from the cache. An unreadable cache file is rebuilt.
+        The tensors and whether they came from the cache.
     """
     from safetensors.torch import load_file, save_file
 
     path = cache_dir() / kind / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            return load_file(str(path)), True
-        except Exception:  # a damaged entry is only a cache miss
-            path.unlink(missing_ok=True)
+    tensors = _verified(path, lambda p: load_file(str(p)), check)
+    if tensors is not None:
+        return tensors, True
     tensors = build()
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    _store(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
     return tensors, False
 
 
 def cached_module(kind: str, key: str, build: Callable[[], dict]) -> tuple[dict, bool]:
-    """Like :func:`cached_tensors` for a dict holding whole modules (quantized checkpoints).
-
-    Stored with ``torch.save``; callers put a hash of the code that builds the modules into
-    ``key`` (:func:`bench.provenance.code_hash`), so a cached pickle is only ever loaded by the
-    code that wrote it.
-    """
-    value = load_module(kind, key)
+    """Like :func:`cached_tensors` for a dict holding whole modules (quantized checkpoints),
+    stored with ``torch.save`` and read back by :func:`load_module`."""
+    path = cache_dir() / kind / f"{key}.pt"
+    value = _verified(path, load_module, lambda v: None if isinstance(v, dict) else "not a checkpoint")
     if value is not None:
         return value, True
     value = build()
-    store_module(kind, key, value)
+    _store(path, lambda tmp: _save_module(value, tmp))
     return value, False
 
 
-def load_module(kind: str, key: str) -> dict | None:
-    """A checkpoint stored by :func:`store_module`, or ``None``."""
-    path = cache_dir() / kind / f"{key}.pt"
-    if not path.is_file():
-        return None
+def _save_module(value: dict, path: Path) -> None:
+    """``torch.save`` with diffusers' ``FrozenDict`` (every model's config) pickled as a call of
+    the class on a plain dict, the one form of a dict subclass the weights-only loader rebuilds."""
+    from diffusers.configuration_utils import FrozenDict
+
+    table = copyreg.dispatch_table
+    previous = table.get(FrozenDict)
+    table[FrozenDict] = lambda d: (FrozenDict, (dict(d),))
     try:
-        # Our own cache file, written by the same code version: full unpickling is safe.
-        return torch.load(path, weights_only=False, map_location="cpu")
-    except Exception:  # a damaged entry is only a cache miss
-        path.unlink(missing_ok=True)
-        return None
+        torch.save(value, path)
+    finally:
+        if previous is None:
+            del table[FrozenDict]
+        else:
+            table[FrozenDict] = previous
 
 
-def store_module(kind: str, key: str, value: dict) -> None:
-    with atomic_path(cache_dir() / kind / f"{key}.pt") as tmp:
-        torch.save(value, tmp)
+def load_module(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` that also rebuilds the suite's modules.
+
+    The file's globals must all be classes (``nn.Module`` subclasses, dataclasses, dicts) of
+    :data:`TRUSTED_PACKAGES`; anything else (a function such as ``os.system``, a class from
+    elsewhere) fails the load with ``UnpicklingError``, before anything is called.
+    """
+    allowed = [_trusted_class(name) for name in torch.serialization.get_unsafe_globals_in_checkpoint(path)]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _trusted_class(name: str) -> type:
+    module, _, attr = name.rpartition(".")
+    if module.split(".")[0] not in TRUSTED_PACKAGES:
+        raise torch.serialization.pickle.UnpicklingError(
+            f"checkpoint names {name}, outside the suite's packages"
+        )
+    obj = getattr(importlib.import_module(module), attr, None)
+    ok = isinstance(obj, type) and (issubclass(obj, nn.Module | dict) or dataclasses.is_dataclass(obj))
+    if not ok:
+        raise torch.serialization.pickle.UnpicklingError(
+            f"checkpoint names {name}, which is not a module class"
+        )
+    return obj

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from datetime import UTC, datetime
@@ -227,7 +228,15 @@ def _run(args: argparse.Namespace) -> int:
 
     from bench import report
     from bench.matrix import load_matrix, parse_rules
-    from bench.runner import LocalExecutor, ProcessExecutor, plan, run_matrix
+    from bench.runner import (
+        STOP,
+        Interrupted,
+        LocalExecutor,
+        ProcessExecutor,
+        handle_signal,
+        plan,
+        run_matrix,
+    )
     from bench.store import ResultStore
 
     matrix = load_matrix(args.matrix)
@@ -236,6 +245,11 @@ def _run(args: argparse.Namespace) -> int:
     only = parse_rules(args.only)
     force = args.force or not args.resume
     store = ResultStore(args.results / matrix.name)
+    if only and not plan(matrix, store, only, force):
+        asked = " ".join(f"--only {k}={','.join(v)}" for k, v in only.items())
+        raise MatrixError(
+            f"{asked} matches no run of {args.matrix}; see its runs with: qdiff-bench validate {args.matrix}"
+        )
     if args.dry_run:
         print(_plan_table(plan(matrix, store, only, force)))
         return 0
@@ -249,9 +263,18 @@ def _run(args: argparse.Namespace) -> int:
     cached_before = sum(1 for p in cache_dir().rglob("*") if p.is_file()) if cache_dir().is_dir() else 0
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log(f"{matrix.name}: {workers} worker(s) x {threads} torch thread(s)")
-    rows = run_matrix(
-        matrix, args.results, executor, only=only, force=force, progress=not args.no_progress, log=log
-    )
+    STOP.reset()
+    handlers = {sig: signal.signal(sig, handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rows = run_matrix(
+            matrix, args.results, executor, only=only, force=force, progress=not args.no_progress, log=log
+        )
+    except Interrupted as exc:
+        print(f"{matrix.name}: {exc}", file=sys.stderr)
+        return 143 if exc.terminated else 130
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if rows:
         store.record_invocation(
             _invocation(matrix, rows, started, time.time() - start, workers, threads, cached_before)

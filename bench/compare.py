@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.errors import IncomparableError, ThresholdError
+from bench.errors import IncomparableError, ThresholdError, UnknownNameError
+from bench.registry import METRICS
 from bench.report import MACHINE, cell_table, method_labels, protocol
 from bench.store import load
 
@@ -70,6 +71,10 @@ def parse_limits(items: list[str]) -> dict[str, Threshold]:
             raise ThresholdError(
                 f"--max-regression {item!r} is not METRIC=AMOUNT, e.g. digits_fd=2 or fid=5%"
             )
+        try:
+            METRICS.get(metric.strip())
+        except UnknownNameError as exc:
+            raise ThresholdError(f"--max-regression {item!r}: {exc}") from None
         limits[metric.strip()] = Threshold.parse(amount)
     return limits
 

@@ -9,6 +9,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary file beside ``path`` for the block to write; on success it is flushed to disk
@@ -18,6 +27,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from the group
     try:
         yield tmp
         with open(tmp, "rb+") as f:

@@ -18,7 +18,7 @@ import pandas as pd
 from bench.errors import StoreError
 from bench.fsio import write_atomic
 from bench.report import CSS, _png, method_labels, protocol
-from bench.store import load
+from bench.store import ResultStore, load
 
 # A history line: one cell measured one way (``settings``: sample count and a hash of the rest).
 CELL = ["matrix", "model", "method", "bits", "metric", "settings"]
@@ -31,8 +31,19 @@ def history(root: str | Path) -> pd.DataFrame:
     if not folders:
         raise StoreError(f"no results under {root} (expected {root}/<matrix>/runs/); run a matrix first")
     frames = []
+    failing: dict[tuple, str] = {}
     for folder in folders:
+        if not ResultStore(folder).rows():
+            continue  # a first run stopped before it finished: nothing to show yet
         df = load(folder, latest=False)
+        # A cell whose newest run failed must not show its last good value as current.
+        newest = load(folder)
+        newest = newest[(newest["kind"] == "quality") & (newest["status"] != "ok")]
+        labelled = newest.assign(method=method_labels(newest)) if len(newest) else newest
+        for r in labelled.itertuples():
+            failing[(folder.name, r.model, r.method, r.bits, r.metric)] = (
+                f"{r.status} at {str(r.git_sha)[:8]}"
+            )
         df = df[(df["status"] == "ok") & (df["kind"] == "quality")]
         if df.empty:
             continue
@@ -57,7 +68,9 @@ def history(root: str | Path) -> pd.DataFrame:
     )
     order = df.groupby("commit")["started_at"].min().sort_values()
     out["order"] = out["commit"].map({c: i for i, c in enumerate(order.index)})
-    return out.sort_values([*cell, "order"]).reset_index(drop=True)
+    out = out.sort_values([*cell, "order"]).reset_index(drop=True)
+    out.attrs["failing"] = failing  # (matrix, model, method, bits, metric) → "error at <commit>"
+    return out
 
 
 def summary(hist: pd.DataFrame) -> pd.DataFrame:
@@ -108,10 +121,13 @@ def write(root: str | Path, out: str | Path | None = None) -> tuple[Path, Path, 
         head,
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    failing = hist.attrs.get("failing", {})
     for r in table.itertuples():
+        newest = failing.get((r.matrix, r.model, r.method, r.bits, r.metric))
+        latest = f"{r.latest:.4g} ({r.latest_commit})" + (f"; **newest run: {newest}**" if newest else "")
         lines.append(
             f"| {r.matrix} | {r.model} | {r.method} | {r.bits} | {r.metric} | {r.settings} | {r.commits} | "
-            f"{r.first:.4g} ({r.first_commit}) | {r.latest:.4g} ({r.latest_commit}) | {r.change:+.3g} |"
+            f"{r.first:.4g} ({r.first_commit}) | {latest} | {r.change:+.3g} |"
         )
     markdown = "\n".join(lines) + "\n"
     esc = html.escape

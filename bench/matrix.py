@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -427,6 +429,9 @@ def _check_combination(path: Path, run: RunSpec) -> None:
                 f"or exclude {{method: {run.method}, bits: {run.bits_label}, backend: {run.budget.backend}}}"
             )
     adapter_cls = MODELS.get(run.model)
+    problem = _scale_problem(run, adapter_cls)
+    if problem:
+        raise MatrixError(f"{path}: {run.label}: {problem}")
     for metric_name in run.metrics:
         metric = METRICS.get(metric_name)
         missing = sorted(metric.requires - adapter_cls.CAPABILITIES)
@@ -439,3 +444,31 @@ def _check_combination(path: Path, run: RunSpec) -> None:
         problem = metric.check(run.evaluation)
         if problem:
             raise MatrixError(f"{path}: {run.label}: metric {metric_name}: {problem}")
+
+
+def _scale_problem(run: RunSpec, adapter_cls) -> str | None:
+    """Settings that are valid numbers but cannot work for this model or machine: found now,
+    not after an hour."""
+    s = run.sampling
+    if s.eta > 1:
+        return f"eta={s.eta} is outside DDIM's [0, 1] (0: deterministic, 1: DDPM-like)"
+    if s.steps > adapter_cls.TRAIN_TIMESTEPS:
+        trained = adapter_cls.TRAIN_TIMESTEPS
+        return f"steps={s.steps} exceeds the {trained} timesteps {run.model} was trained with"
+    if not run.is_fp and run.budget.calib_timesteps > s.steps:
+        k = run.budget.calib_timesteps
+        return f"calib_timesteps={k} exceeds steps={s.steps}: the sampler has no more steps to record"
+    pixels = math.prod(adapter_cls.IMAGE_SHAPE)
+    need = s.samples * pixels * 2 + min(s.batch_size, s.samples) * pixels * 4 * ACTIVATION_FACTOR
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        return (
+            f"samples={s.samples} and batch_size={s.batch_size} need at least {need / 2**30:,.0f} GiB of "
+            f"memory for {adapter_cls.IMAGE_SHAPE} images; this machine has {have / 2**30:,.0f} GiB"
+        )
+    return None
+
+
+# A lower bound on a denoiser's working memory per float32 value of its input batch (UNets hold
+# tens of feature maps per input value); only absurd batch sizes trip it.
+ACTIVATION_FACTOR = 16

@@ -20,7 +20,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
 from functools import cache, lru_cache, partial
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 import qdiff
 from bench.cache import cached_module, cached_tensors
-from bench.errors import AvailabilityError
+from bench.errors import AvailabilityError, StoreError
 from bench.images import save_grid
 from bench.metrics.cost import PeakWindow, peak_while_sampling
 from bench.metrics.quality import EvalContext
@@ -64,6 +64,8 @@ class LocalExecutor:
 
     def map(self, fn: RunFn, specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, Outcome]]:
         for spec in specs:
+            if STOP.level:  # Ctrl-C during the previous run: start no more
+                return
             yield spec, fn(spec)
 
 
@@ -73,8 +75,12 @@ class ProcessExecutor:
     On a CPU, small models leave threads idle (two threads ran the embedded model's
     reconstruction only 1.4× faster than one), so separate runs side by side use the cores
     better. Every run gets the same thread count, even in a wave with fewer runs than
-    workers, so that latencies in one matrix are measured alike. A worker that dies (killed,
-    out of memory) turns its run into an error row.
+    workers, so that latencies in one matrix are measured alike.
+
+    A worker that dies (killed, out of memory) breaks the whole pool, so every run then in
+    flight fails with it; those runs are retried one at a time in a fresh pool, and only the one
+    that dies again alone becomes an error. After a Ctrl-C (:data:`STOP`) no new run starts and
+    the in-flight ones finish (their rows are kept); a second one, or SIGTERM, kills them.
     """
 
     def __init__(self, workers: int, threads: int) -> None:
@@ -82,23 +88,72 @@ class ProcessExecutor:
         self.threads = threads
 
     def map(self, fn: RunFn, specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, Outcome]]:
-        workers = max(1, min(self.workers, len(specs)))
+        suspects: list[RunSpec] = []
+        yield from self._pool(fn, list(specs), max(1, min(self.workers, len(specs))), suspects)
+        for spec in list(suspects):  # alone, a run that kills its worker is the culprit
+            if STOP.level:
+                return
+            yield from self._pool(fn, [spec], 1, None)
+
+    def _pool(self, fn, specs, workers, suspects) -> Iterator[tuple[RunSpec, Outcome]]:
         context = multiprocessing.get_context("spawn")  # no forked torch/CUDA state
         pool = ProcessPoolExecutor(
             workers, mp_context=context, initializer=_init_worker, initargs=(self.threads,)
         )
+        futures = {pool.submit(fn, spec): spec for spec in specs}
+        pending = set(futures)
         try:
-            futures = {pool.submit(fn, spec): spec for spec in specs}
-            for future in as_completed(futures):
-                try:
-                    yield futures[future], future.result()
-                except BrokenProcessPool as exc:
-                    yield futures[future], exc
+            while pending:
+                if STOP.level:  # Ctrl-C: nothing new starts; what runs finishes and is kept
+                    pending -= {f for f in pending if f.cancel()}
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    try:
+                        yield futures[future], future.result()
+                    except BrokenProcessPool as exc:
+                        if suspects is None:
+                            yield futures[future], exc
+                        else:
+                            suspects.append(futures[future])
         finally:
+            if STOP.level >= 2 or pending:  # abandoned (second Ctrl-C, SIGTERM, or an error here)
+                for process in list((getattr(pool, "_processes", None) or {}).values()):
+                    process.kill()
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+class StopRequest:
+    """What the user asked by signal: 0 nothing, 1 stop after the runs in flight (Ctrl-C), 2 stop
+    now (a second Ctrl-C, or SIGTERM). :func:`handle_signal` sets it; executors poll it."""
+
+    level = 0
+
+    def reset(self) -> None:
+        self.level = 0
+
+
+STOP = StopRequest()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: stop now (in-flight runs are abandoned and resume next time)."""
+
+
+def handle_signal(signum: int, _frame) -> None:
+    """SIGINT once: finish what runs, start nothing new. Again, or SIGTERM: stop now."""
+    if signum == signal.SIGTERM:
+        STOP.level = 2
+        raise Terminated
+    STOP.level += 1
+    if STOP.level >= 2:
+        raise KeyboardInterrupt
+    print("\ninterrupted: finishing the run(s) in flight (their rows are kept) and starting no more; "
+          "Ctrl-C again to abandon them", file=sys.stderr, flush=True)  # fmt: skip
+
+
 def _init_worker(threads: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process decides what it means.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     # numpy's BLAS too (the metrics' bootstrap): workers side by side that each spin up one BLAS
     # thread per core made 64×64 eigendecompositions 20× slower.
@@ -157,26 +212,60 @@ def run_matrix(
     """
     store = ResultStore(results_root / matrix.name)
     store.check_writable()
-    todo = [p.spec for p in plan(matrix, store, only, force) if p.state != "done"]
+    todo = []
+    for spec in (p.spec for p in plan(matrix, store, only, force) if p.state != "done"):
+        holder = store.claim(spec.hash)
+        if holder is None:
+            todo.append(spec)
+        else:  # another runner on this results root computes it
+            log(f"{spec.label}: being run by {holder}; skipped here")
     executor = executor or LocalExecutor()
     # Per-run progress bars only where runs share this process's terminal.
     run_progress = progress and isinstance(executor, LocalExecutor)
     fn = partial(execute, matrix=matrix.name, previews=store.root / "samples", progress=run_progress)
     new: list[dict[str, Any]] = []
     bar = tqdm(total=len(todo), desc=f"matrix {matrix.name}", unit="run", disable=not progress)
-    for wave in waves(todo):
-        for spec, outcome in executor.map(fn, wave):
-            rows = outcome
-            if isinstance(outcome, Exception):
-                rows = failure_rows(
-                    spec, matrix.name, "error", f"worker died: {type(outcome).__name__}: {outcome}"
-                )
-            store.append(rows)
-            new.extend(rows)
-            bar.update()
-            log(_summary(spec, rows))
-    bar.close()
+    finished = 0
+    try:
+        for wave in waves(todo):
+            for spec, outcome in executor.map(fn, wave):
+                rows = outcome
+                if isinstance(outcome, Exception):
+                    rows = failure_rows(
+                        spec, matrix.name, "error", f"worker died: {type(outcome).__name__}: {outcome}"
+                    )
+                try:
+                    store.append(rows)
+                except OSError as exc:
+                    raise StoreError(
+                        f"cannot write rows to {store.runs} ({exc.strerror or exc}); the {finished} run(s) "
+                        "finished before are kept: free space and rerun to resume"
+                    ) from None
+                store.release(spec.hash)
+                finished += 1
+                new.extend(rows)
+                bar.update()
+                log(_summary(spec, rows))
+            if STOP.level:
+                break
+    except KeyboardInterrupt as exc:
+        raise Interrupted(finished, len(todo) - finished, isinstance(exc, Terminated)) from None
+    finally:
+        bar.close()
+        for spec in todo:  # runs not finished here (interrupted, failed writes) are free again
+            store.release(spec.hash)
+    if STOP.level:
+        raise Interrupted(finished, len(todo) - finished, terminated=False)
     return new
+
+
+class Interrupted(Exception):
+    """A matrix stopped by Ctrl-C or SIGTERM: ``finished`` runs were written, ``left`` resume."""
+
+    def __init__(self, finished: int, left: int, terminated: bool) -> None:
+        self.finished, self.left, self.terminated = finished, left, terminated
+        how = "terminated" if terminated else "interrupted"
+        super().__init__(f"{how}: {finished} run(s) finished and kept; {left} left, which a rerun resumes")
 
 
 def waves(specs: list[RunSpec]) -> list[list[RunSpec]]:
@@ -299,7 +388,7 @@ def _evaluate(
         if not sampled:
             return None, None, None
         return _timed_samples(
-            fp_key, lambda: adapter.sample(fp, n, seed, progress=progress), peak if spec.is_fp else None
+            fp_key, n, lambda: adapter.sample(fp, n, seed, progress=progress), peak if spec.is_fp else None
         )
 
     dtype = getattr(torch, spec.sampling.dtype)
@@ -325,7 +414,7 @@ def _evaluate(
         images = sample_s = sampled_peak = None
         if sampled:
             sample = lambda: adapter.sample(deployable(), n, seed, progress=progress)  # noqa: E731
-            images, sample_s, sampled_peak = _timed_samples(key, sample, peak, before=deployable)
+            images, sample_s, sampled_peak = _timed_samples(key, n, sample, peak, before=deployable)
         ctx = EvalContext(spec, adapter, images, fp_images, deployable, ckpt.quantize_s, cached)
         extra = {"qconfig": ckpt.qconfig, "weights_from": ckpt.weights_from, "sample_s": sample_s,
                  "recon": ckpt.report}  # fmt: skip
@@ -336,7 +425,13 @@ def _evaluate(
         on = "" if spec.real_backend is None else f"-{spec.real_backend}"
         calib = "" if spec.is_fp else f"c{spec.calib_seed}"
         name = f"{spec.model}-{spec.method}{on}-{spec.bits_label}-s{seed}{calib}.png"
-        save_grid(ctx.images[:count], previews / name)
+        try:
+            save_grid(ctx.images[:count], previews / name)
+        except OSError as exc:  # a picture for eyeballing: its loss must not cost the run's rows
+            print(
+                f"{spec.label}: preview {previews / name} not written ({exc.strerror or exc})",
+                file=sys.stderr,
+            )
     rows = []
     for name in spec.metrics:
         metric = METRICS.get(name)
@@ -358,6 +453,7 @@ def _evaluate(
 
 def _timed_samples(
     key: str,
+    n: int,
     sample: Callable[[], torch.Tensor],
     peak: torch.device | None = None,
     before: Callable[[], object] | None = None,
@@ -381,7 +477,7 @@ def _timed_samples(
         seconds = round(time.perf_counter() - t, 3)
         return {"images": images}
 
-    tensors, _ = cached_tensors("samples", key, build)
+    tensors, _ = cached_tensors("samples", key, build, check=partial(_images_problem, n))
     return tensors["images"], seconds, None if window is None else (window, [seconds])
 
 
@@ -460,7 +556,25 @@ def _refined(adapter, fp, fp_id, spec, code, progress, method, config, calibrati
     return Checkpoint(model, key, config.to_dict(), seconds, weights_from=" + ".join(sources))
 
 
+def _images_problem(n: int, tensors: dict[str, torch.Tensor]) -> str | None:
+    images = tensors.get("images")
+    if images is None or images.dtype != torch.uint8 or images.ndim != 4 or len(images) != n:
+        got = None if images is None else f"{images.dtype} {tuple(images.shape)}"
+        return f"expected {n} uint8 NCHW images, found {got}"
+    return None
+
+
 def _calibration(adapter, fp, fp_id: str, calib: qdiff.CalibConfig, code: str) -> qdiff.CalibData:
     key = config_hash("calib", code, fp_id, adapter.identity(), calib)
-    tensors, _ = cached_tensors("calibration", key, lambda: adapter.calibration_data(fp, calib).to_dict())
+    # K steps × N trajectories of inputs (twice that under classifier-free guidance).
+    size = len(qdiff.select_steps(calib, adapter.sampling.steps)) * calib.samples_per_timestep
+
+    def problem(t: dict[str, torch.Tensor]) -> str | None:
+        x, steps = t.get("x"), t.get("t")
+        if x is None or steps is None or len(x) != len(steps) or len(x) not in (size, 2 * size):
+            return f"expected {size} calibration inputs, found {None if x is None else len(x)}"
+        return None if x.is_floating_point() else f"calibration inputs are {x.dtype}, not floating point"
+
+    build = lambda: adapter.calibration_data(fp, calib).to_dict()  # noqa: E731
+    tensors, _ = cached_tensors("calibration", key, build, check=problem)
     return qdiff.CalibData.from_dict(tensors)

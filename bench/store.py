@@ -9,7 +9,10 @@ modified; re-running a cell adds a new file, and readers take each (run, metric)
 from __future__ import annotations
 
 import json
+import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,19 @@ COLUMNS = (
 STATUSES = ("ok", "error", "skipped")
 
 
+STALE_CLAIM_S = 7 * 24 * 3600  # a claim from another host that old is a dead runner's
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class ResultStore:
     """Rows of one matrix under ``root`` (``<results>/<matrix>``)."""
 
@@ -79,6 +95,36 @@ class ResultStore:
         write_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
         return path
 
+    def claim(self, config_hash: str) -> str | None:
+        """Claim a run for this process, so that a second runner on the same results root does
+        not compute it too. Returns None when claimed, else who holds it. A claim whose process
+        is gone (same host) or that is older than :data:`STALE_CLAIM_S` is recovered."""
+        path = self.runs / ".claims" / f"{config_hash}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    held = json.loads(path.read_text(encoding="utf-8"))
+                    stale = time.time() - held["time"] > STALE_CLAIM_S or (
+                        held["host"] == me["host"] and not _alive(held["pid"])
+                    )
+                except (OSError, ValueError, KeyError, TypeError):
+                    held, stale = {}, True  # unreadable: its writer died mid-write
+                if not stale:
+                    return f"pid {held['pid']} on {held['host']}"
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(me, f)
+            return None
+        return "another runner (claimed while recovering a stale claim)"
+
+    def release(self, config_hash: str) -> None:
+        (self.runs / ".claims" / f"{config_hash}.json").unlink(missing_ok=True)
+
     def record_invocation(self, record: dict[str, Any]) -> Path:
         """Keep what one ``qdiff-bench run`` cost as a whole (wall time, peak memory, workers),
         next to the rows it wrote."""
@@ -102,6 +148,9 @@ class ResultStore:
                     row = json.loads(line)
                     if not isinstance(row, dict) or row.get("status") not in STATUSES:
                         raise ValueError("not a results row")
+                    missing = [c for c in COLUMNS if c not in row]
+                    if missing:
+                        raise ValueError(f"it lacks the schema column(s) {', '.join(missing)}")
                 except ValueError as exc:
                     raise StoreError(
                         f"{path}:{i}: corrupt results row ({exc}); move that file out of {self.runs} "
@@ -138,6 +187,9 @@ def load(path: str | Path, latest: bool = True) -> pd.DataFrame:
     if not store.runs.is_dir():
         raise StoreError(f"no results at {path} (expected {store.runs}); run a matrix first: qdiff-bench run")
     rows = store.latest() if latest else store.rows()
+    if not rows:
+        raise StoreError(f"no rows yet in {store.runs} (a first run was stopped before it finished); "
+                         "run the matrix: qdiff-bench run")  # fmt: skip
     df = pd.DataFrame(rows)
     extras = [c for c in df.columns if c not in COLUMNS]
     return df.reindex(columns=[*COLUMNS, *extras])

@@ -94,10 +94,14 @@ def one_line_error(capsys, *needles):
         (["compare", "{dir}", "{dir}", "--threshold", "x"], ["not a number or a percentage"]),
         (["compare", "{dir}", "{dir}", "--max-regression", "fid"], ["is not METRIC=AMOUNT"]),
         (["report", "{dir}/empty"], ["no results at", "run a matrix first"]),
+        (["run", "{matrix}", "--only", "method=lineer"], ["--only method=lineer matches no run of"]),
+        (["compare", "{dir}", "{dir}", "--max-regression", "fdi=1"], ["unknown metric 'fdi'"]),
+        (["report", "{dir}/started"], ["no rows yet in", "run the matrix"]),
     ],
 )
 def test_bad_arguments_are_one_clear_line(argv, needles, tmp_path, capsys):
     matrix = tiny_matrix(tmp_path)
+    (tmp_path / "started" / "runs").mkdir(parents=True)  # killed during its first run
     argv = [a.format(dir=tmp_path, matrix=matrix) for a in argv]
     assert main(argv) == 2
     one_line_error(capsys, *needles)
@@ -124,7 +128,9 @@ def test_unwritable_results_and_corrupt_store_keep_existing_results(tmp_path, ca
     (runs / "x-1.jsonl").write_text('{"status": "ok"}\nnot json\n')
     before = {p: p.read_bytes() for p in runs.iterdir()}
     assert main(["run", matrix, "--results", str(tmp_path / "results"), "--no-progress"]) == 2
-    one_line_error(capsys, "x-1.jsonl:2: corrupt results row", "move that file out")
+    one_line_error(
+        capsys, "x-1.jsonl:1: corrupt results row (it lacks the schema column(s) run_id", "move that file out"
+    )
     assert {p: p.read_bytes() for p in runs.iterdir()} == before
 
 

@@ -8,7 +8,7 @@ from helpers import tiny_matrix
 
 from bench.matrix import load_matrix
 from bench.registry import METHODS
-from bench.runner import LocalExecutor, ProcessExecutor, execute, plan, run_matrix, waves
+from bench.runner import Interrupted, LocalExecutor, ProcessExecutor, execute, plan, run_matrix, waves
 from bench.store import COLUMNS, ResultStore, load
 
 
@@ -93,9 +93,10 @@ def test_missing_model_weights_are_a_skipped_row(tmp_path):
 def test_interrupted_matrix_resumes_without_lost_or_duplicated_rows(tmp_path, monkeypatch):
     monkeypatch.setitem(METHODS._entries, "interrupt", "helpers:INTERRUPT")
     path = tiny_matrix(tmp_path, methods="[linear, interrupt, qdiff-no-recon]", bits="[W8A8]")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match=r"2 run\(s\) finished and kept; 2 left"):
         run(load_matrix(path), tmp_path)
     store = ResultStore(tmp_path / "tiny")
+    assert not list((store.runs / ".claims").iterdir())  # the unfinished runs are free again
     first = store.rows()
     assert {r["method"] for r in first} == {"fp", "linear"}  # finished runs kept, nothing partial
     # The user fixes the method (here: drops it) and resumes: only the rest runs.

@@ -62,6 +62,10 @@ class DiffusionAdapter:
     # ``text-to-image`` (prompts, :meth:`prompts`), ``digit-features`` (a digit classifier's
     # features for a Fréchet distance, :class:`bench.models.embedded.EmbeddedDigits`).
     CAPABILITIES: ClassVar[frozenset[str]] = frozenset()
+    # Checked when a matrix loads: the sampler cannot take more steps than the model was trained
+    # with, and ``samples`` images of this shape must fit in memory (uint8, run + its FP pair).
+    TRAIN_TIMESTEPS: ClassVar[int] = 1000
+    IMAGE_SHAPE: ClassVar[tuple[int, int, int]] = (3, 512, 512)
     # The real data FID compares with unless the matrix sets ``fid_reference``: a
     # torch-fidelity registered input, or "" (none; the user supplies a folder).
     FID_REFERENCE: ClassVar[str] = ""

@@ -25,6 +25,7 @@ class EmbeddedDigits(DiffusionAdapter):
     name = "embedded-digits"
     # End-to-end latency is left out by default: one batch of 250 takes ~10 s on a CPU core.
     CAPABILITIES = frozenset({"digit-features"})
+    IMAGE_SHAPE = (1, 16, 16)
     DEFAULT_METRICS = (
         "digits_fd",
         "psnr_vs_fp",

@@ -58,6 +58,11 @@ class PipelineAdapter(DiffusionAdapter):
         except (OSError, ValueError) as exc:
             if Path(self.source).exists():
                 raise  # a local directory that does not load is an error, not an absence
+            if self.source.startswith(("/", ".", "~")) or self.source.count("/") != 1:
+                raise AvailabilityError(
+                    f"{self.name}: source {self.source!r} is not a folder here, nor a hub id (owner/name); "
+                    "give the folder written by save_pretrained, or a hub id"
+                ) from None
             raise AvailabilityError(
                 f"{self.name}: weights {self.source!r} are not available offline ({type(exc).__name__}); "
                 f"download them (huggingface-cli download {self.source}) or set source: /local/dir"
@@ -193,6 +198,8 @@ class TextToImageAdapter(PipelineAdapter):
 class DDIMCifar10(PipelineAdapter):
     """DDPM CIFAR-10 32×32 (Ho et al.) sampled with DDIM, Q-Diffusion's CIFAR-10 setting."""
 
+    IMAGE_SHAPE = (3, 32, 32)
+
     name = "ddim-cifar10"
     DEFAULT_SOURCE = "google/ddpm-cifar10-32"
     RANDOM_CONFIG = "ddpm-cifar10-32.json"
@@ -206,6 +213,8 @@ class LDMCelebAHQ(LatentPipelineAdapter):
     The latent-diffusion model published in diffusers format; the paper's LSUN LDMs load the
     same way from a converted local directory via ``source``.
     """
+
+    IMAGE_SHAPE = (3, 256, 256)
 
     name = "ldm-celebahq"
     DEFAULT_SOURCE = "CompVis/ldm-celebahq-256"

@@ -1,0 +1,304 @@
+"""Fault injection: a hostile and a tampered cache, a full disk, kill -9 of the runner and of a
+worker at random points, SIGINT/SIGTERM, and two runners on one results root. Each case ends by
+checking the store: no lost, duplicated, corrupt or silently wrong row (values are compared with
+an undisturbed run of the same matrix, which is deterministic)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_matrix
+
+from bench.cache import cache_dir
+from bench.errors import StoreError
+from bench.matrix import load_matrix
+from bench.runner import run_matrix
+from bench.store import ResultStore
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = "[linear, qdiff-no-recon]"
+
+
+def quiet(_msg):
+    pass
+
+
+def values(store: ResultStore) -> dict[tuple[str, str], float]:
+    """``(config_hash, metric) → value`` of every ok quality row (cost rows are wall-clock
+    times), after checking that no run's rows were written twice."""
+    rows = [r for r in store.rows() if r["status"] == "ok"]
+    keys = [(r["config_hash"], r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys)), "a run was written twice"
+    return {(r["config_hash"], r["metric"]): r["value"] for r in rows if r["kind"] == "quality"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The undisturbed rows of the matrix every in-process case uses (its own cache, results)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    path = tiny_matrix(tmp, methods=METHODS, bits="[W8A8, W4A8]")
+    before = os.environ.get("QDIFF_BENCH_CACHE")
+    os.environ["QDIFF_BENCH_CACHE"] = str(tmp / "cache")
+    try:
+        run_matrix(load_matrix(path), tmp / "results", progress=False, log=quiet)
+    finally:
+        os.environ["QDIFF_BENCH_CACHE"] = before or ""
+    return values(ResultStore(tmp / "results" / "tiny"))
+
+
+def checksum(path: Path) -> None:
+    """Write the checksum that matches ``path`` now (what an attacker with cache access does)."""
+    (path.parent / (path.name + ".sha256")).write_text(hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+@pytest.fixture(scope="module")
+def cli_reference(tmp_path_factory):
+    """The undisturbed rows of a ``qdiff-bench run`` of that matrix: every run on one torch
+    thread, as in the runs the cases below disturb (other thread counts round differently)."""
+    tmp = tmp_path_factory.mktemp("cli-reference")
+    path = tiny_matrix(tmp, methods=METHODS, bits="[W8A8, W4A8]")
+    proc = cli([path, "--results", str(tmp / "results"), "--workers", "1"], tmp / "cache")
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    return values(ResultStore(tmp / "results" / "tiny"))
+
+
+def cli(args: list[str], cache: Path) -> subprocess.Popen:
+    """``qdiff-bench run`` in a new process group, every run on one torch thread."""
+    env = {**os.environ, "QDIFF_BENCH_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "run", *args, "--threads", "1", "--no-progress", "--no-report"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def test_a_hostile_checkpoint_never_runs_and_is_rebuilt(tmp_path, reference, caplog):
+    path = tiny_matrix(tmp_path, methods=METHODS, bits="[W8A8, W4A8]")
+    run_matrix(load_matrix(path), tmp_path / "a", progress=False, log=quiet)
+    marker = tmp_path / "pwned"
+
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for ckpt in (cache_dir() / "checkpoints").glob("*.pt"):
+        torch.save({"model": Hostile()}, ckpt)  # what torch.load(weights_only=False) would run
+        checksum(ckpt)
+    for samples in (cache_dir() / "samples").glob("*.safetensors"):
+        samples.unlink()  # the quantized samples must be made again, from the checkpoints
+    run_matrix(load_matrix(path), tmp_path / "b", progress=False, log=quiet, force=True)
+    assert not marker.exists(), "a cached checkpoint executed code"
+    assert "is not usable" in caplog.text and "checkpoint names posix.system" in caplog.text
+    assert values(ResultStore(tmp_path / "b" / "tiny")) == reference
+
+
+def test_tampered_samples_are_detected_and_rebuilt(tmp_path, reference, caplog):
+    from safetensors.torch import load_file, save_file
+
+    path = tiny_matrix(tmp_path, methods=METHODS, bits="[W8A8, W4A8]")
+    run_matrix(load_matrix(path), tmp_path / "a", progress=False, log=quiet)
+    files = sorted((cache_dir() / "samples").glob("*.safetensors"))
+    flipped, truncated = files[0], files[1]
+    data = bytearray(flipped.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte inside the image data
+    flipped.write_bytes(bytes(data))
+    images = load_file(str(truncated))["images"][:3]  # a valid file with 3 of the images...
+    save_file({"images": images}, str(truncated))
+    import hashlib  # ...and a checksum that matches it
+
+    (truncated.parent / (truncated.name + ".sha256")).write_text(
+        hashlib.sha256(truncated.read_bytes()).hexdigest()
+    )
+    run_matrix(load_matrix(path), tmp_path / "b", progress=False, log=quiet, force=True)
+    assert (
+        "do not match the checksum" in caplog.text and "expected 24 uint8 NCHW images, found" in caplog.text
+    )
+    assert values(ResultStore(tmp_path / "b" / "tiny")) == reference
+
+
+def test_a_full_disk_keeps_finished_rows_and_a_full_cache_costs_only_the_reuse(
+    tmp_path, reference, monkeypatch
+):
+    import torch
+
+    import bench.store
+
+    path = tiny_matrix(tmp_path, methods=METHODS, bits="[W8A8, W4A8]")
+    # The cache's disk is full: every run still completes, uncached.
+    monkeypatch.setattr("bench.cache.torch.save", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")))  # fmt: skip
+    real_write = bench.store.write_atomic
+    calls = {"n": 0}
+
+    def full_after_two(p, text):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(p, text)
+
+    monkeypatch.setattr(bench.store, "write_atomic", full_after_two)
+    with pytest.raises(StoreError, match=r"No space left on device.*2 run\(s\) finished before are kept"):
+        run_matrix(load_matrix(path), tmp_path / "r", progress=False, log=quiet)
+    store = ResultStore(tmp_path / "r" / "tiny")
+    assert len({r["config_hash"] for r in store.rows()}) == 2
+    monkeypatch.setattr(bench.store, "write_atomic", real_write)  # space freed: resume
+    monkeypatch.setattr("bench.cache.torch.save", torch.save)
+    run_matrix(load_matrix(path), tmp_path / "r", progress=False, log=quiet)
+    assert values(store) == reference
+    assert not list(store.runs.glob(".*.tmp")), "a partial file was left"
+
+
+def test_a_report_that_cannot_be_written_leaves_the_old_one(tmp_path, monkeypatch):
+    from bench.fsio import write_atomic
+
+    target = tmp_path / "report.md"
+    target.write_text("old report")
+
+    def no_space(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", no_space)
+    with pytest.raises(OSError):
+        write_atomic(target, "new report")
+    monkeypatch.undo()
+    assert target.read_text() == "old report" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_kill_9_of_the_runner_at_random_points_then_resume(tmp_path, cli_reference):
+    path = tiny_matrix(tmp_path, methods=METHODS, bits="[W8A8, W4A8]")
+    results, cache = tmp_path / "results", tmp_path / "cache"
+    rng = random.Random(1234)
+    for _ in range(3):
+        proc = cli([path, "--results", str(results), "--workers", "2"], cache)
+        time.sleep(rng.uniform(4, 14))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        values(ResultStore(results / "tiny"))  # readable, nothing duplicated or partial
+    proc = cli([path, "--results", str(results), "--workers", "1"], cache)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    assert values(ResultStore(results / "tiny")) == cli_reference
+
+
+def test_a_killed_worker_costs_only_a_retry(tmp_path, cli_reference):
+    path = tiny_matrix(tmp_path, methods=METHODS, bits="[W8A8, W4A8]")
+    results = tmp_path / "results"
+    proc = cli([path, "--results", str(results), "--workers", "2"], tmp_path / "cache")
+    killed = False
+    deadline = time.time() + 120
+    while not killed and time.time() < deadline and proc.poll() is None:
+        children = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        workers = [
+            int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="ignore")
+        ]
+        if workers and list(ResultStore(results / "tiny").runs.glob("*.jsonl")):  # FP done, runs in flight
+            os.kill(workers[0], signal.SIGKILL)
+            killed = True
+        time.sleep(0.5)
+    assert killed, "no worker to kill"
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    store = ResultStore(results / "tiny")
+    assert {r["status"] for r in store.rows()} == {"ok"}  # retried alone, not an error
+    assert values(store) == cli_reference
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="ignore")
+    except OSError:
+        return ""
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_stop_cleanly_and_resume(tmp_path, cli_reference, sig, code):
+    path = tiny_matrix(tmp_path, methods=METHODS, bits="[W8A8, W4A8]")
+    results, cache = tmp_path / "results", tmp_path / "cache"
+    proc = cli([path, "--results", str(results), "--workers", "2"], cache)
+    deadline = time.time() + 120
+    while not list((results / "tiny" / "runs").glob("*.jsonl")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=300) == code
+    err = proc.stderr.read()
+    assert "Traceback" not in err and (
+        "interrupted:" in err if sig == signal.SIGINT else "terminated:" in err
+    )
+    kept = values(ResultStore(results / "tiny"))
+    assert kept and all(cli_reference[k] == v for k, v in kept.items())
+    proc = cli([path, "--results", str(results), "--workers", "1"], cache)
+    assert proc.wait(timeout=600) == 0
+    assert values(ResultStore(results / "tiny")) == cli_reference
+
+
+def test_two_runners_on_one_results_root_compute_each_run_once(tmp_path, cli_reference):
+    path = tiny_matrix(tmp_path, methods=METHODS, bits="[W8A8, W4A8]")
+    results, cache = tmp_path / "results", tmp_path / "cache"
+    a = cli([path, "--results", str(results), "--workers", "1"], cache)
+    b = cli([path, "--results", str(results), "--workers", "1"], cache)
+    assert a.wait(timeout=600) == 0 and b.wait(timeout=600) == 0
+    store = ResultStore(results / "tiny")
+    files = list(store.runs.glob("*.jsonl"))
+    assert len(files) == len({json.loads(f.read_text().splitlines()[0])["config_hash"] for f in files})
+    assert values(store) == cli_reference
+    assert "being run by pid" in a.stderr.read() + b.stderr.read()
+
+
+def test_history_shows_a_newer_failure_instead_of_the_last_good_value(tmp_path):
+    from helpers import row
+
+    from bench import history
+
+    store = ResultStore(tmp_path / "fixture")
+    store.append([row("fp", "FP", "digits_fd", 14.0, started_at="2026-01-01T00:00:00", git_sha="aaaa1111")])
+    good = row("qdiff", "W8A8", "digits_fd", 15.0, started_at="2026-01-01T00:00:01", git_sha="aaaa1111")
+    store.append([good])
+    failed = {**good, "run_id": "later", "value": None, "status": "error", "error": "RuntimeError: boom",
+              "started_at": "2026-01-02T00:00:00", "git_sha": "bbbb2222"}  # fmt: skip
+    store.append([failed])
+    _, _, markdown = history.write(tmp_path)
+    (line,) = [ln for ln in markdown.splitlines() if "| qdiff |" in ln]
+    assert "15 (aaaa1111); **newest run: error at bbbb2222**" in line
+
+
+def test_a_preview_that_cannot_be_written_costs_only_the_preview(tmp_path, monkeypatch, capsys):
+    def no_space(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("bench.runner.save_grid", no_space)
+    path = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]")
+    rows = run_matrix(load_matrix(path), tmp_path / "r", progress=False, log=quiet)
+    assert rows and {r["status"] for r in rows} == {"ok"}
+    assert "preview" in capsys.readouterr().err
+
+
+def test_rows_are_readable_by_the_group_and_a_local_source_gets_a_local_hint(tmp_path):
+    from bench.errors import AvailabilityError
+    from bench.registry import MODELS
+    from bench.spec import Sampling
+
+    store = ResultStore(tmp_path)
+    from helpers import row
+
+    path = store.append([row("fp", "FP", "digits_fd", 14.0)])
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    adapter = MODELS.get("sd-1.5")(Sampling(device="cpu"), source=str(tmp_path / "no-such-dir"))
+    with pytest.raises(AvailabilityError, match="is not a folder here, nor a hub id") as info:
+        adapter.pipeline  # noqa: B018
+    assert "huggingface-cli" not in str(info.value)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
