@@ -455,9 +455,6 @@ def _scale_problem(run: RunSpec, adapter_cls) -> str | None:
     if s.steps > adapter_cls.TRAIN_TIMESTEPS:
         trained = adapter_cls.TRAIN_TIMESTEPS
         return f"steps={s.steps} exceeds the {trained} timesteps {run.model} was trained with"
-    if not run.is_fp and run.budget.calib_timesteps > s.steps:
-        k = run.budget.calib_timesteps
-        return f"calib_timesteps={k} exceeds steps={s.steps}: the sampler has no more steps to record"
     pixels = math.prod(adapter_cls.IMAGE_SHAPE)
     need = s.samples * pixels * 2 + min(s.batch_size, s.samples) * pixels * 4 * ACTIVATION_FACTOR
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

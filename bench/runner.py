@@ -566,10 +566,9 @@ def _images_problem(n: int, tensors: dict[str, torch.Tensor]) -> str | None:
 
 def _calibration(adapter, fp, fp_id: str, calib: qdiff.CalibConfig, code: str) -> qdiff.CalibData:
     key = config_hash("calib", code, fp_id, adapter.identity(), calib)
-    # K steps × N trajectories of inputs (twice that under classifier-free guidance).
-    size = len(qdiff.select_steps(calib, adapter.sampling.steps)) * calib.samples_per_timestep
-
     def problem(t: dict[str, torch.Tensor]) -> str | None:
+        # K steps × N trajectories of inputs (twice that under classifier-free guidance).
+        size = len(qdiff.select_steps(calib, adapter.sampling.steps)) * calib.samples_per_timestep
         x, steps = t.get("x"), t.get("t")
         if x is None or steps is None or len(x) != len(steps) or len(x) not in (size, 2 * size):
             return f"expected {size} calibration inputs, found {None if x is None else len(x)}"
