@@ -566,6 +566,7 @@ def _images_problem(n: int, tensors: dict[str, torch.Tensor]) -> str | None:
 
 def _calibration(adapter, fp, fp_id: str, calib: qdiff.CalibConfig, code: str) -> qdiff.CalibData:
     key = config_hash("calib", code, fp_id, adapter.identity(), calib)
+
     def problem(t: dict[str, torch.Tensor]) -> str | None:
         # K steps × N trajectories of inputs (twice that under classifier-free guidance).
         size = len(qdiff.select_steps(calib, adapter.sampling.steps)) * calib.samples_per_timestep
