@@ -33,11 +33,11 @@ def history(root: str | Path) -> pd.DataFrame:
     frames = []
     failing: dict[tuple, str] = {}
     for folder in folders:
-        if not ResultStore(folder).rows():
+        if not any(ResultStore(folder).runs.glob("*.jsonl")):
             continue  # a first run stopped before it finished: nothing to show yet
-        df = load(folder, latest=False)
+        df = load(folder, latest=False)  # sorted by start time
         # A cell whose newest run failed must not show its last good value as current.
-        newest = load(folder)
+        newest = df.groupby(["config_hash", "metric"], sort=False).tail(1)
         newest = newest[(newest["kind"] == "quality") & (newest["status"] != "ok")]
         labelled = newest.assign(method=method_labels(newest)) if len(newest) else newest
         for r in labelled.itertuples():
