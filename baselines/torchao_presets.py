@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from bench.errors import AvailabilityError
-from bench.methods import Calibration
+from bench.methods import Calibration, Progress
 from bench.spec import Bits
 
 
@@ -118,7 +118,7 @@ class TorchaoPreset:
         denoiser: nn.Module,
         config: TorchaoSettings,
         calibration: Calibration,
-        progress: Callable[[str], None] | None = None,
+        progress: Progress | None = None,
     ) -> tuple[nn.Module, None]:
         device = next(denoiser.parameters()).device
         if self.cuda_only and device.type != "cuda":

@@ -2,10 +2,12 @@
 
 qdiff-bench ls                        registered models, methods, metrics; shipped matrices
 qdiff-bench validate configs/x.yaml   expand a matrix and report problems; runs nothing
-qdiff-bench run [configs/x.yaml]      run it (default: configs/default.yaml), resumable
+qdiff-bench run [configs/x.yaml]      run it here (default: configs/default.yaml), resumable, into
+                                      qdiff-results/, and check it against the committed reference
 qdiff-bench report results/<name>     Markdown + self-contained HTML leaderboard
 qdiff-bench report --history results/ quality of every cell over commits
-qdiff-bench compare A B               per-cell deltas; exit 1 when a gated cell regresses
+qdiff-bench compare A B               per-cell deltas; exit 1 when a gated cell regresses (A, B:
+                                      matrix folders such as results/default, or results roots)
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ from qdiff.config import ConfigError
 
 CONFIGS = REPO_ROOT / "configs"
 DEFAULT_MATRIX = CONFIGS / "default.yaml"
+# Where a run writes (yours, measured here) and what it is checked against (the committed rows,
+# measured on the machine their provenance names).
+RESULTS = Path(os.environ.get("QDIFF_BENCH_RESULTS", "qdiff-results"))
+REFERENCE = REPO_ROOT / "results"
 USER_ERRORS = (
     UnknownNameError,
     BitsError,
@@ -86,6 +92,21 @@ def _execution(matrix, workers: int | None, threads: int | None) -> tuple[int, i
     return workers, threads or max(1, _cores() // workers)
 
 
+def _execution_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workers",
+        type=_positive("--workers"),
+        help="runs side by side in worker processes (default: one per CPU core, up to 4, for CPU "
+        "matrices; 1 with CUDA)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive("--threads"),
+        help="torch CPU threads per worker (default: cores / workers; set explicitly, since "
+        "oversubscription is very slow)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qdiff-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -96,12 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="expand a matrix file and report problems; runs nothing")
     validate.add_argument("matrix", type=Path)
     validate.add_argument(
-        "--results", type=Path, default=Path("results"), help="results root (for run states)"
+        "--results", type=Path, default=RESULTS, help=f"results root (for run states; default: {RESULTS})"
     )
+    validate.add_argument("--no-estimate", action="store_true", help="skip timing the models for an estimate")
+    for parser_ in (validate,):
+        _execution_flags(parser_)
 
     run = sub.add_parser("run", help="run a matrix (default: the embedded CPU matrix), resuming by default")
     run.add_argument("matrix", type=Path, nargs="?", default=DEFAULT_MATRIX)
-    run.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results)")
+    run.add_argument(
+        "--results", type=Path, default=RESULTS,
+        help=f"results root (default: {RESULTS}, or $QDIFF_BENCH_RESULTS); the committed rows are in "
+        "results/",
+    )  # fmt: skip
+    run.add_argument(
+        "--reference", type=Path, default=REFERENCE,
+        help="results root to check this run against, cell by cell within the 95 %% intervals "
+        f"(default: the committed {REFERENCE.name}/, when it holds this matrix)",
+    )  # fmt: skip
+    run.add_argument("--no-check", action="store_true", help="do not check against the reference")
     run.add_argument(
         "--only",
         action="append",
@@ -119,24 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--no-report", action="store_true", help="do not write report.md/html afterwards")
-    run.add_argument(
-        "--workers",
-        type=_positive("--workers"),
-        help="runs side by side in worker processes (default: one per CPU core, up to 4, for CPU "
-        "matrices; 1 with CUDA)",
-    )
+    _execution_flags(run)
     run.add_argument(
         "--inception-weights",
         type=_existing_file("--inception-weights"),
         metavar="PATH",
         help="local Inception weights for FID (no download): torch-fidelity's "
         "weights-inception-2015-12-05-6726825d.pth or clean-fid's inception-2015-12-05.pt",
-    )
-    run.add_argument(
-        "--threads",
-        type=_positive("--threads"),
-        help="torch CPU threads per worker (default: cores / workers; set explicitly, since "
-        "oversubscription is very slow)",
     )
 
     fid = sub.add_parser("fid", help="FID (and KID, Inception Score) of a folder of images against another")
@@ -160,12 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
 
     compare = sub.add_parser("compare", help="per-cell deltas between two results folders")
-    compare.add_argument("a", type=Path, help="baseline results folder")
-    compare.add_argument("b", type=Path, help="candidate results folder")
+    compare.add_argument("a", type=Path, help="baseline: a matrix folder (results/default) or a results root")
+    compare.add_argument("b", type=Path, help="candidate: a matrix folder or a results root")
     compare.add_argument(
         "--threshold",
         default="0",
-        help="allowed worsening of a quality cell: absolute (0.5) or relative (5%%)",
+        help="allowed worsening of a quality cell beyond its noise (the combined 95 %% intervals, "
+        "at least 0.1 %% for float rounding): absolute (0.5) or relative (5%%); default 0",
     )
     compare.add_argument(
         "--max-regression", action="append", default=[], metavar="METRIC=AMOUNT",
@@ -218,13 +242,50 @@ def _validate(args: argparse.Namespace) -> int:
     matrix = load_matrix(args.matrix)
     planned = plan(matrix, ResultStore(args.results / matrix.name))
     print(_plan_table(planned))
-    todo = sum(p.state != "done" for p in planned)
-    print(f"\n{args.matrix}: valid; {len(planned)} runs ({todo} to run) -> {args.results / matrix.name}")
+    print("", *matrix.notes, sep="\n")
+    todo = [p.spec for p in planned if p.state != "done"]
+    print(f"\n{args.matrix}: valid; {len(planned)} runs ({len(todo)} to run) -> {args.results / matrix.name}")
+    if todo and not args.no_estimate:
+        print(_estimate_text(matrix, todo, args.workers, args.threads))
     return 0
+
+
+def _estimate_text(matrix, todo, workers: int | None, threads: int | None) -> str:
+    import torch
+
+    from bench.estimate import WARN_MINUTES, estimate
+
+    workers, threads = _execution(matrix, workers, threads)
+    torch.set_num_threads(threads)
+    found = estimate(todo, workers, log=lambda msg: print(msg, file=sys.stderr))
+    rates = ", ".join(f"{name}: {1000 * r:.3g} ms per image-step" for name, r in found.rates.items())
+    if found.seconds is None:
+        return f"estimated time: unknown ({', '.join(found.unknown)} could not be timed here)"
+    text = (
+        f"estimated time here: about {_duration(found.seconds)} with {workers} worker(s) × {threads} "
+        f"thread(s), empty cache ({rates}; a rough estimate: see bench/estimate.py)"
+    )
+    if found.unknown:
+        text += f"; not counted: the runs of {', '.join(found.unknown)}, which could not be timed here"
+    if found.seconds > 60 * WARN_MINUTES:
+        text += (
+            f"\nwarning: over {WARN_MINUTES} minutes. For a first look use 'preset: quick' and fewer "
+            "samples, or run part of it: qdiff-bench run FILE --only method=qdiff --only bits=W4A8"
+        )
+    return text
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 172800 else f"{seconds / 86400:.0f} days"
 
 
 def _run(args: argparse.Namespace) -> int:
     import torch
+    from tqdm.auto import tqdm
 
     from bench import report
     from bench.matrix import load_matrix, parse_rules
@@ -261,8 +322,8 @@ def _run(args: argparse.Namespace) -> int:
     started = datetime.now(UTC)
     start = time.time()
     cached_before = sum(1 for p in cache_dir().rglob("*") if p.is_file()) if cache_dir().is_dir() else 0
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    log(f"{matrix.name}: {workers} worker(s) x {threads} torch thread(s)")
+    log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731  (keeps the bar intact)
+    log(f"{matrix.name}: {workers} worker(s) x {threads} torch thread(s); {matrix.notes[-1]}")
     STOP.reset()
     handlers = {sig: signal.signal(sig, handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -279,13 +340,34 @@ def _run(args: argparse.Namespace) -> int:
         store.record_invocation(
             _invocation(matrix, rows, started, time.time() - start, workers, threads, cached_before)
         )
-    if not args.no_report:
-        md, page, built = report.write(store.root)
-        print(built.markdown)
-        print(f"report: {md} and {page}")
     runs = len({r["config_hash"] for r in rows})
     print(f"{runs} runs, {len(rows)} rows appended to {store.runs}; wall time {time.time() - start:.0f}s")
+    if not args.no_report:
+        md, page, built = report.write(store.root)
+        print(f"\n{report.summary_text(built.cells)}\nfull report: {md} and {page}")
+    if not args.no_check:
+        _check(store.root, args.reference / matrix.name)
     return 1 if any(r["status"] == "error" for r in rows) else 0
+
+
+def _check(mine: Path, reference: Path) -> None:
+    """The main job's verdict: this run's cells against the reference's, within their intervals."""
+    from bench.compare import Threshold, compare, machine_note, verdict
+
+    if not (reference / "runs").is_dir() or reference.resolve() == mine.resolve():
+        return
+    print(f"\ncheck against the reference {reference}:")
+    try:
+        table = compare(reference, mine, Threshold(0.0, relative=False))
+    except (IncomparableError, StoreError) as exc:
+        print(f"  not checked: {exc}")
+        return
+    note = machine_note(table, reference, mine)
+    print("\n".join(f"  {line}" for line in [*([note] if note else []), *verdict(table).splitlines()]))
+    print(
+        f"  (each interval is 95 %: among many cells about 1 in 20 may fall outside by chance; "
+        f"details: qdiff-bench compare {reference} {mine})"
+    )
 
 
 def _invocation(matrix, rows, started, wall_s: float, workers: int, threads: int, cached: int) -> dict:
@@ -352,17 +434,21 @@ def _report(args: argparse.Namespace) -> int:
         print(f"history: {md} and {page}")
         return 0
     md, page, built = report.write(args.results, args.out)
-    print(built.markdown)
-    print(f"report: {md} and {page}")
+    print(f"{report.summary_text(built.cells)}\nfull report: {md} and {page}")
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from bench.compare import Threshold, compare, parse_limits, to_markdown
+    from bench.compare import Threshold, compare, machine_note, matrix_folders, parse_limits, to_markdown
 
-    table = compare(args.a, args.b, Threshold.parse(args.threshold), parse_limits(args.max_regression))
-    print(to_markdown(table))
-    return 1 if table["regressed"].any() else 0
+    threshold, limits = Threshold.parse(args.threshold), parse_limits(args.max_regression)
+    regressed = False
+    for a, b in matrix_folders(args.a, args.b):
+        table = compare(a, b, threshold, limits)
+        note = machine_note(table, a, b)
+        print(f"## {a} → {b}\n" + (f"\n{note}\n" if note else "") + f"\n{to_markdown(table)}\n")
+        regressed |= bool(table["regressed"].any())
+    return 1 if regressed else 0
 
 
 COMMANDS = {

@@ -11,6 +11,10 @@ is not ok in B. Quality cells are
 gated; cost cells (latencies, memory) are noisy and belong to asv (``benchmarks/``), so they are
 gated only when a per-metric threshold names them, and only within one machine.
 
+A cell without an interval (a deterministic count such as ``weight_bytes``, rows from before
+intervals) still gets a noise floor: :data:`ROUNDING` of its value, so float rounding between
+two machines or library builds is "within noise", never a regression.
+
 Two numbers are compared only if they were measured alike: a cell whose sample count, sampling
 settings, quantization budget or evaluation settings (FID backend, extractor, reference, ...)
 differ between A and B is an error, as is a pair of folders that share no cell.
@@ -31,6 +35,47 @@ from bench.report import MACHINE, cell_table, method_labels, protocol
 from bench.store import load
 
 KEY = ["model", "method", "bits", "metric"]
+# The smallest noise any cell has: float rounding (another ISA, BLAS or library build) moves a
+# deterministic value by far less than 0.1 %, a real change of a method by far more.
+ROUNDING = 1e-3
+
+
+def matrix_folders(a: str | Path, b: str | Path) -> list[tuple[Path, Path]]:
+    """The pairs of matrix folders to compare: each side is a matrix folder (``results/default``,
+    holding ``runs/``) or a results root (``results``); a root is matched to the other side's
+    matrix by name, and two roots pair every matrix they share.
+
+    Raises:
+        IncomparableError: a side holds no results, or two roots share no matrix.
+    """
+    a, b = Path(a), Path(b)
+
+    def kind(p: Path) -> str:
+        if (p / "runs").is_dir():
+            return "folder"
+        if any(p.glob("*/runs")):
+            return "root"
+        raise IncomparableError(
+            f"no results at {p}: expected a matrix folder ({p}/runs/, e.g. results/default) or a "
+            f"results root ({p}/<matrix>/runs/, e.g. results)"
+        )
+
+    ka, kb = kind(a), kind(b)
+    if ka == kb == "folder":
+        return [(a, b)]
+    if ka == "folder" or kb == "folder":
+        folder, root = (a, b) if ka == "folder" else (b, a)
+        other = root / folder.name
+        if not (other / "runs").is_dir():
+            have = ", ".join(sorted(p.parent.name for p in root.glob("*/runs")))
+            raise IncomparableError(
+                f"{root} has no matrix {folder.name!r} to compare with {folder} (it has {have})"
+            )
+        return [(a, other)] if ka == "folder" else [(other, b)]
+    names = sorted({p.parent.name for p in a.glob("*/runs")} & {p.parent.name for p in b.glob("*/runs")})
+    if not names:
+        raise IncomparableError(f"{a} and {b} share no matrix folder; name two matrix folders instead")
+    return [(a / n, b / n) for n in names]
 
 
 @dataclass(frozen=True)
@@ -157,7 +202,7 @@ def compare(
             note, regressed = "other machine: not compared", False
         else:
             worse_by = -delta if higher else delta
-            noise = math.hypot(r["half_width_a"], r["half_width_b"])
+            noise = max(math.hypot(r["half_width_a"], r["half_width_b"]), ROUNDING * abs(r["value_a"]))
             regressed = gated and not limit.allows(worse_by - noise, r["value_a"])
             within = abs(delta) <= noise
             note = (
@@ -167,7 +212,30 @@ def compare(
                         "noise": noise, "limit": "—" if limit is None else str(limit), "note": note,
                         "regressed": regressed})  # fmt: skip
     columns = [*KEY, "a", "b", "delta", "noise", "limit", "note", "regressed"]
-    return pd.DataFrame.from_records(records, columns=columns)
+    table = pd.DataFrame.from_records(records, columns=columns)
+    table.attrs["machines"] = (_machines(merged, "a"), _machines(merged, "b"))
+    return table
+
+
+def _machines(merged: pd.DataFrame, side: str) -> list[str]:
+    """The machines one side's cells were measured on, as ``CPU model (ISA), device``."""
+    out = set()
+    for text in merged[f"machine_{side}"].dropna():
+        device, cpu, isa = json.loads(text)
+        out.add(f"{cpu} ({isa}), {device}")
+    return sorted(out)
+
+
+def machine_note(table: pd.DataFrame, a: str | Path, b: str | Path) -> str | None:
+    """A warning line when the two sides were measured on different machines (or None)."""
+    ma, mb = table.attrs.get("machines", ([], []))
+    if not ma or not mb or ma == mb:
+        return None
+    return (
+        f"note: {a} was measured on {'; '.join(ma)} and {b} on {'; '.join(mb)}: quality cells are "
+        "compared (they must reproduce on any machine), cost cells only where both sides share "
+        "a machine"
+    )
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -201,6 +269,29 @@ def to_markdown(table: pd.DataFrame) -> str:
         "--max-regression). A cell regresses when it is worse by more than its threshold plus the "
         "combined 95 % interval of A and B."
     )
+    return "\n".join(lines)
+
+
+def verdict(table: pd.DataFrame) -> str:
+    """A few lines: which quality cells reproduce within their intervals and which do not, which
+    failed on either side, and how the cost cells fared (compared only on the same machine)."""
+    quality = table[table["limit"] != "—"]
+    measured = quality["note"].isin(["same", "within noise", "worse", "better"])
+    shared = quality[measured]
+    same = shared["note"].isin(["same", "within noise"])
+    lines = [f"{int(same.sum())} of {len(shared)} quality cells reproduce within their 95 % intervals"]
+    for r in shared[~same].itertuples():
+        what = f"{r.note}: {_num(r.a)} → {_num(r.b)} (Δ {_num(r.delta)}, noise ± {_num(r.noise)})"
+        lines.append(f"  does not reproduce: {r.model} {r.method} {r.bits} {r.metric}: {what}")
+    for r in quality[~measured].itertuples():
+        lines.append(f"  not compared: {r.model} {r.method} {r.bits} {r.metric}: {r.note}")
+    cost = table[table["limit"] == "—"]
+    elsewhere = int((cost["note"] == "other machine: not compared").sum())
+    compared = cost[cost["note"].isin(["same", "within noise", "worse", "better"])]
+    if len(cost):
+        moved = int(compared["note"].isin(["worse", "better"]).sum())
+        text = f"cost cells: {len(compared)} compared on the same machine ({moved} moved beyond noise)"
+        lines.append(text + (f", {elsewhere} measured on another machine not compared" if elsewhere else ""))
     return "\n".join(lines)
 
 

@@ -41,3 +41,19 @@ def write_atomic(path: Path, text: str) -> None:
     """``path.write_text(text)`` through :func:`atomic_path`."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def missing_path(value: str, hub_ids: bool = False) -> str | None:
+    """What is wrong with a setting that names a local file or folder (None if nothing): it must
+    exist. With ``hub_ids``, a value shaped like a hub id (``owner/name``) is not a path, and
+    neither is a plain name without a ``/`` (a registered data set, ``cifar10-train``)."""
+    path = Path(value).expanduser()
+    if path.exists():
+        return None
+    local = value.startswith(("/", ".", "~")) or Path(value).suffix in CHECKPOINT_SUFFIXES
+    if not local and (value.count("/") == 1 if hub_ids else "/" not in value):
+        return None
+    return f"{value}: no such file or folder here"
+
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")

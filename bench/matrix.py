@@ -3,7 +3,8 @@
 A matrix file is YAML::
 
     name: default                      # results/<name>/ and the ``matrix`` column
-    extends: base.yaml                 # optional; this file's keys win, ``settings`` merge
+    extends: base.yaml                 # optional, relative to this file (see below)
+    preset: quick                      # optional: a named budget (bench.spec.PRESETS: quick, paper)
     models: [embedded-digits]          # or {name: sd-1.5, source: /local/dir, samples: 100,
                                        #      metrics: [clip_score]}  (this model's metrics)
     methods: [linear, qdiff]           # or {name: qdiff, weight_iters: 2000}
@@ -19,6 +20,15 @@ A matrix file is YAML::
     exclude: [{method: linear, bits: W4A32}]
     include: [{method: qdiff, bits: W2A8}]
 
+``extends`` names a file relative to the extending file's folder. The extending file's keys
+replace the parent's whole (``methods``, ``bits``, ``exclude``, ``include``, ...: a list is never
+merged), except ``settings``, which merges key by key (the extending file's values win);
+``validate`` lists what a file inherited. A budget comes from :class:`Budget`'s defaults (the
+paper's), then ``preset``, then ``settings``.
+
+Every problem of a file is reported at once, with a suggestion for a misspelt key or name; an
+``exclude`` rule that matches no run is a problem (a typo would otherwise exclude nothing).
+
 ``settings`` holds three typed groups: :class:`Sampling` (how images are made),
 :class:`Budget` (the quantization budget every method gets) and :class:`Evaluation` (how the
 metrics are computed). A model or method entry may be a mapping whose extra keys override
@@ -30,6 +40,7 @@ paired reference.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import math
 import os
@@ -49,6 +60,7 @@ from bench.spec import (
     DTYPES,
     FID_BACKENDS,
     FP_METHOD,
+    PRESETS,
     RULE_KEYS,
     SAMPLING_KEYS,
     SETTING_KEYS,
@@ -66,6 +78,7 @@ MATRIX_KEYS = (
     "name",
     "description",
     "extends",
+    "preset",
     "models",
     "methods",
     "bits",
@@ -110,11 +123,50 @@ def load_matrix(path: str | Path) -> MatrixSpec:
     """Read, merge (``extends``), validate and expand a matrix file.
 
     Raises:
-        MatrixError: with the file, the key and the fix for any problem.
+        MatrixError: with the file, the key and the fix for every problem found (one line
+            for one problem; a count and one line each for several).
     """
     path = Path(path)
-    data = _read_merged(path, ())
-    return _build(data, path)
+    inherited: dict[str, str] = {}
+    data = _read_merged(path, (), inherited)
+    problems = Problems(path)
+    spec = _build(data, path, problems)
+    problems.raise_any()
+    notes = [f"inherited from {parent}: {', '.join(keys)}" for parent, keys in _by_parent(inherited).items()]
+    return dataclasses.replace(spec, notes=(*notes, *spec.notes))
+
+
+class Problems:
+    """Every problem of one matrix file, raised together as one :class:`MatrixError`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.found = path, []
+
+    def add(self, message: str) -> None:
+        if message not in self.found:
+            self.found.append(message)
+
+    def attempt(self, fn: Callable, *args, default=None):
+        """``fn(*args)``, or ``default`` with its :class:`MatrixError` recorded."""
+        try:
+            return fn(*args)
+        except MatrixError as exc:
+            self.add(str(exc))
+            return default
+
+    def raise_any(self) -> None:
+        if len(self.found) == 1:
+            raise MatrixError(self.found[0])
+        if self.found:
+            lines = "\n".join(f"  - {p.removeprefix(f'{self.path}: ')}" for p in self.found)
+            raise MatrixError(f"{self.path}: {len(self.found)} problems:\n{lines}")
+
+
+def _by_parent(inherited: dict[str, str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for key, parent in inherited.items():
+        out.setdefault(parent, []).append(key)
+    return out
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -131,13 +183,22 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise MatrixError(f"{path}: a matrix file is a mapping with keys {', '.join(MATRIX_KEYS)}")
     unknown = sorted(set(data) - set(MATRIX_KEYS))
     if unknown:
-        raise MatrixError(
-            f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(MATRIX_KEYS)}"
-        )
+        raise MatrixError(f"{path}: {_unknown('key', unknown, MATRIX_KEYS)}")
     return data
 
 
-def _read_merged(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def _unknown(what: str, names: list[str], valid: tuple[str, ...]) -> str:
+    """``unknown key 'setings' (did you mean 'settings'?); valid: ...``."""
+    hints = []
+    for name in names:
+        close = difflib.get_close_matches(str(name), valid, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"unknown {what}{'s' if len(names) > 1 else ''} {', '.join(hints)}; valid: {', '.join(valid)}"
+
+
+def _read_merged(path: Path, seen: tuple[Path, ...], inherited: dict[str, str]) -> dict[str, Any]:
+    """The file with its ``extends`` chain merged; ``inherited`` receives each key (and
+    setting) that came from a parent, with the parent's path."""
     resolved = path.resolve()
     if resolved in seen:
         chain = " -> ".join(str(p) for p in (*seen, resolved))
@@ -148,7 +209,19 @@ def _read_merged(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         return data
     if not isinstance(parent_name, str):
         raise MatrixError(f"{path}: 'extends' must be a file path relative to {path.parent}")
-    parent = _read_merged(path.parent / parent_name, (*seen, resolved))
+    parent_path = path.parent / parent_name
+    if not parent_path.is_file():
+        raise MatrixError(
+            f"{path}: extends {parent_name!r}: {parent_path} does not exist ('extends' is relative to "
+            f"the extending file's folder, {path.parent})"
+        )
+    parent = _read_merged(parent_path, (*seen, resolved), inherited)
+    for key in parent:
+        if key not in data and key not in ("name", "description", "settings"):
+            inherited.setdefault(key, str(parent_path))
+    for key in parent.get("settings") or {}:
+        if key not in (data.get("settings") or {}):
+            inherited.setdefault(f"settings.{key}", str(parent_path))
     merged = {**parent, **data}
     merged["settings"] = {**(parent.get("settings") or {}), **(data.get("settings") or {})}
     return merged
@@ -164,22 +237,36 @@ def _as_list(path: Path, key: str, value: Any) -> list:
     raise MatrixError(f"{path}: '{key}' must be a list, got {type(value).__name__}")
 
 
-def _settings(path: Path, where: str, values: dict[str, Any], base: tuple[Sampling, Budget, Evaluation]):
-    """Apply setting overrides; each value is type-checked against the field's default."""
+def _settings(
+    path: Path,
+    where: str,
+    values: dict[str, Any],
+    base: tuple[Sampling, Budget, Evaluation],
+    problems: Problems | None = None,
+):
+    """Apply setting overrides; each value is type-checked against the field's default. A bad
+    one is recorded in ``problems`` and skipped (raised at once without ``problems``)."""
     groups = list(base)
     choices = _choices()
+    report = problems.add if problems is not None else _raise
     for key, value in values.items():
         if key not in SETTING_KEYS:
-            raise MatrixError(f"{path}: {where}: unknown setting {key!r}; valid: {', '.join(SETTING_KEYS)}")
+            report(f"{path}: {where}: {_unknown('setting', [key], SETTING_KEYS)}")
+            continue
         i = 0 if key in SAMPLING_KEYS else 1 if key in BUDGET_KEYS else 2
         default = getattr(groups[i], key)
         problem = _setting_problem(key, value, default, choices.get(key))
         if problem:
-            raise MatrixError(f"{path}: {where}: setting {key}={value!r} {problem}")
+            report(f"{path}: {where}: setting {key}={value!r} {problem}")
+            continue
         if isinstance(default, float):
             value = float(value)
         groups[i] = dataclasses.replace(groups[i], **{key: value})
     return tuple(groups)
+
+
+def _raise(message: str) -> None:
+    raise MatrixError(message)
 
 
 def _setting_problem(key: str, value: Any, default: Any, choices: tuple[str, ...] | None) -> str | None:
@@ -212,9 +299,9 @@ def _entry(path: Path, axis: str, i: int, item: Any, registry) -> tuple[str, dic
     return name, extra
 
 
-def _bits(path: Path, items: list) -> list[Bits]:
+def _bits(path: Path, items: list, first: int = 0) -> list[Bits]:
     out = []
-    for i, label in enumerate(items):
+    for i, label in enumerate(items, first):
         try:
             out.append(Bits.parse(str(label)))
         except BitsError as exc:
@@ -265,57 +352,78 @@ def _seeds(path: Path, key: str, items: list) -> list[int]:
     return items
 
 
-def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
+def _build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
     name = data.get("name") or path.stem
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
-        raise MatrixError(f"{path}: name={name!r} must be letters, digits, '-' or '_' (it names a folder)")
+        problems.add(f"{path}: name={name!r} must be letters, digits, '-' or '_' (it names a folder)")
+        name = path.stem
     settings = data.get("settings") or {}
     if not isinstance(settings, dict):
-        raise MatrixError(f"{path}: 'settings' must be a mapping of {', '.join(SETTING_KEYS)}")
-    base = _settings(path, "settings", settings, (Sampling(), Budget(), Evaluation()))
+        problems.add(f"{path}: 'settings' must be a mapping of {', '.join(SETTING_KEYS)}")
+        settings = {}
+    preset = data.get("preset")
+    if preset is not None and preset not in PRESETS:
+        problems.add(f"{path}: {_unknown('preset', [preset], tuple(PRESETS))}")
+        preset = None
+    defaults = _settings(
+        path, f"preset {preset}", PRESETS.get(preset, {}), (Sampling(), Budget(), Evaluation())
+    )
+    base = _settings(path, "settings", settings, defaults, problems)
+    attempt = problems.attempt
 
-    models = [
-        _entry(path, "models", i, m, MODELS)
-        for i, m in enumerate(_as_list(path, "models", data.get("models")))
-    ]
-    methods = [
-        _entry(path, "methods", i, m, METHODS)
-        for i, m in enumerate(_as_list(path, "methods", data.get("methods")))
-    ]
-    if not models or not methods:
-        raise MatrixError(
-            f"{path}: 'models' and 'methods' need at least one entry each (see `qdiff-bench ls`)"
-        )
-    bits = _bits(path, _as_list(path, "bits", data.get("bits")))
-    seeds = _seeds(path, "seeds", _as_list(path, "seeds", data.get("seeds", [0])))
-    calib_seeds = _seeds(path, "calib_seeds", _as_list(path, "calib_seeds", data.get("calib_seeds", [0])))
-    backends = _backends(path, _as_list(path, "backends", data.get("backends")), lambda i: f"backends[{i}]")
-    metrics = _metrics(path, "metrics", data.get("metrics"))
-    excludes = _rules(path, "exclude", _as_list(path, "exclude", data.get("exclude")))
-    includes = _rules(path, "include", _as_list(path, "include", data.get("include")))
+    def entries(axis: str, registry) -> list[tuple[str, dict[str, Any]]]:
+        items = attempt(_as_list, path, axis, data.get(axis), default=[])
+        return [e for i, m in enumerate(items) if (e := attempt(_entry, path, axis, i, m, registry))]
+
+    models, methods = entries("models", MODELS), entries("methods", METHODS)
+    if not data.get("models") or not data.get("methods"):
+        problems.add(f"{path}: 'models' and 'methods' need at least one entry each (see `qdiff-bench ls`)")
+    bits = [b for i, label in enumerate(attempt(_as_list, path, "bits", data.get("bits"), default=[]))
+            if (b := attempt(_bits, path, [label], i, default=[None])[0])]  # fmt: skip
+    seeds = attempt(_seeds, path, "seeds", _as_list(path, "seeds", data.get("seeds", [0])), default=[0])
+    calib_seeds = attempt(
+        _seeds, path, "calib_seeds", _as_list(path, "calib_seeds", data.get("calib_seeds", [0])), default=[0]
+    )
+    backends = attempt(
+        _backends, path, attempt(_as_list, path, "backends", data.get("backends"), default=[]),
+        lambda i: f"backends[{i}]", default=[],
+    )  # fmt: skip
+    metrics = attempt(_metrics, path, "metrics", data.get("metrics"), default=())
+    excludes = attempt(_rules, path, "exclude", _as_list(path, "exclude", data.get("exclude")), default=[])
+    includes = attempt(_rules, path, "include", _as_list(path, "include", data.get("include")), default=[])
 
     model_entries = {}
     model_metrics = {}
+    arg_problems: list[str] = []
     for i, (model, extra) in enumerate(models):
-        model_metrics[model] = _metrics(path, f"models[{i}].metrics", extra.pop("metrics", None))
+        model_metrics[model] = attempt(
+            _metrics, path, f"models[{i}].metrics", extra.pop("metrics", None), default=()
+        )
         overrides = {k: v for k, v in extra.items() if k in SETTING_KEYS}
         args = {k: v for k, v in extra.items() if k not in SETTING_KEYS}
         adapter_cls = MODELS.get(model)
         bad = sorted(set(args) - set(adapter_cls.ARGS))
         if bad:
-            valid = ", ".join([*adapter_cls.ARGS, "metrics", *SETTING_KEYS])
-            raise MatrixError(
-                f"{path}: models[{i}]: unknown key(s) {', '.join(bad)} for {model}; valid: {valid}"
-            )
-        model_entries[model] = (tuple(sorted(args.items())), _settings(path, f"models[{i}]", overrides, base))
-    for axis, entries in (("models", models), ("methods", methods)):
-        names = [name for name, _ in entries]
+            valid = (*adapter_cls.ARGS, "metrics", *SETTING_KEYS)
+            problems.add(f"{path}: models[{i}] ({model}): {_unknown('key', bad, valid)}")
+        args = {k: v for k, v in args.items() if k not in bad}
+        # Recorded after the expansion's checks: they do not stop the expansion.
+        arg_problems += [f"{path}: models[{i}] ({model}): {p}" for p in adapter_cls.arg_problems(args)]
+        model_entries[model] = (
+            tuple(sorted(args.items())), _settings(path, f"models[{i}]", overrides, base, problems)
+        )  # fmt: skip
+    for axis, axis_entries in (("models", models), ("methods", methods)):
+        names = [n for n, _ in axis_entries]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise MatrixError(
-                f"{path}: '{axis}' lists {', '.join(twice)} more than once; list each name once"
-            )
+            problems.add(f"{path}: '{axis}' lists {', '.join(twice)} more than once; list each name once")
     method_overrides = {m: extra for m, extra in methods}
+    for method, extra in method_overrides.items():
+        _settings(path, f"methods ({method})", extra, base, problems)
+    if problems.found:  # the axes are not all known: expanding would report knock-on problems
+        for problem in arg_problems:
+            problems.add(problem)
+        return MatrixSpec(name, str(path), ())
 
     def make(model: str, method: str, b: Bits | None, seed: int, calib_seed: int = 0) -> RunSpec:
         args, settings = model_entries[model]
@@ -338,23 +446,64 @@ def _build(data: dict[str, Any], path: Path) -> MatrixSpec:
             return [spec]
         return [spec.on_backend(b) for b in backends]
 
-    runs = _cells(model_entries, method_overrides, seeds, bits or [], calib_seeds, make)
+    runs = _cells(model_entries, method_overrides, seeds, bits, calib_seeds, make)
     runs = [d for r in runs for d in deployments(r)]
+    for i, rule in enumerate(excludes):
+        if not any(r.matches(rule) for r in runs):
+            shown = "{" + ", ".join(f"{k}: {', '.join(v)}" for k, v in rule.items()) + "}"
+            problems.add(
+                f"{path}: exclude[{i}] {shown} matches no run (a misspelt name or pattern, or a rule "
+                "inherited through 'extends': set 'exclude' in this file to replace it)"
+            )
     runs = [r for r in runs if not any(r.matches(rule) for rule in excludes)]
     for i, rule in enumerate(includes):
-        added = _included(path, i, rule, model_entries, method_overrides, seeds, calib_seeds, make)
+        added = attempt(_included, path, i, rule, model_entries, method_overrides, seeds, calib_seeds, make,
+                        default=[])  # fmt: skip
         if "backend" in rule:  # this rule's runs deploy on exactly the backends it names
-            named = _backends(path, rule["backend"], lambda _, i=i: f"include[{i}]")
+            named = attempt(_backends, path, rule["backend"], lambda _, i=i: f"include[{i}]", default=[])
             added = [r.on_backend(b) for r in added if not r.is_fp for b in named]
         else:
             added = [d for r in added for d in deployments(r)]
         runs.extend(added)
     runs = _with_fp_references(runs)
+    seen: dict[str, list[str]] = {}  # a problem shared by many runs is reported once
     for run in runs:
-        _check_combination(path, run)
+        try:
+            _check_combination(path, run)
+        except MatrixError as exc:
+            problem = str(exc).removeprefix(f"{path}: ").removeprefix(f"{run.label}: ")
+            seen.setdefault(problem, []).append(run.label)
+    for problem, labels in seen.items():
+        more = f" (and {len(labels) - 1} more run(s))" if len(labels) > 1 else ""
+        problems.add(f"{path}: {labels[0]}{more}: {problem}")
     if not runs:
-        raise MatrixError(f"{path}: the matrix expands to no runs (check 'bits' and 'exclude')")
-    return MatrixSpec(name, str(path), tuple(runs), str(data.get("description") or ""))
+        problems.add(f"{path}: the matrix expands to no runs (check 'bits' and 'exclude')")
+    for problem in arg_problems:
+        problems.add(problem)
+    return MatrixSpec(name, str(path), tuple(runs), str(data.get("description") or ""),
+                      (_budget_note(preset, settings, runs),))  # fmt: skip
+
+
+def _budget_note(preset: str | None, settings: dict[str, Any], runs: list[RunSpec]) -> str:
+    """Which quantization budget the matrix's runs get, in words (never silently the paper's)."""
+    quantized = [r for r in runs if not r.is_fp]
+    if not quantized:
+        return "budget: none needed (FP runs only)"
+    b = quantized[0].budget
+    what = (
+        f"{b.calib_timesteps} timesteps × {b.calib_samples} calibration trajectories, "
+        f"{b.weight_iters:,} AdaRound + {b.act_iters:,} LSQ iterations per block (methods that reconstruct)"
+    )
+    own = sorted(set(settings) & set(BUDGET_KEYS) - {"backend"})
+    if preset is not None:
+        return f"budget: preset {preset}{' with ' + ', '.join(own) + ' set' if own else ''}: {what}"
+    if own:
+        return f"budget: the paper's defaults with {', '.join(own)} set: {what}"
+    return (
+        f"budget: the paper's (no preset and no budget settings): {what}; hours per run on a GPU, "
+        "far longer on a CPU. Say so with 'preset: paper', or use 'preset: quick' (the CPU budget "
+        "of configs/default.yaml)"
+    )
 
 
 def _included(path, i, rule, model_entries, method_overrides, seeds, calib_seeds, make) -> list[RunSpec]:

@@ -29,7 +29,7 @@ class MethodConfig(Protocol):
 Calibration = Callable[[qdiff.CalibConfig], qdiff.CalibData]
 
 
-Progress = Callable[[str], None]
+Progress = Callable[[int, int], None]  # (units done, units in all), e.g. reconstruction blocks
 
 
 @runtime_checkable

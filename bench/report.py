@@ -299,6 +299,64 @@ def _cell_text(c, is_best: bool) -> str:
     return f"**{text}**" if is_best else text
 
 
+def summary_text(cells: pd.DataFrame, width: int = 100) -> str:
+    """The quality leaderboard for a terminal: per model and quality metric, method × bit width,
+    ``mean ± half-width (Δ to FP ± half-width) #rank``, bit-width columns wrapped to ``width``
+    characters. Cost and the rest are in the report files."""
+    quality = cells[cells["kind"] == "quality"]
+    out = []
+    for (model, metric), g in quality.groupby(["model", "metric"], sort=False):
+        quant = g[g["method"] != FP].sort_values("bits_rank")
+        bits = list(dict.fromkeys(quant["bits"])) or ["FP"]
+        methods = list(dict.fromkeys(g.sort_values("method", key=lambda m: m != FP)["method"]))
+        text = {}
+        for c in g.itertuples():
+            cell = _plain(c)
+            for b in bits if c.method == FP else [c.bits]:
+                text[(c.method, b)] = cell
+        name_w = max(len("method"), *map(len, methods))
+        col_w = max(len(b) for b in bits)
+        col_w = max([col_w, *(len(t) for t in text.values())])
+        per_line = max(1, (width - name_w) // (col_w + 2))
+        arrow = "higher" if g["higher_is_better"].iloc[0] else "lower"
+        out.append(f"{model}: {metric} ({g['unit'].iloc[0]}, {arrow} is better)")
+        for i in range(0, len(bits), per_line):
+            chunk = bits[i : i + per_line]
+            out.append(f"{'method':<{name_w}}" + "".join(f"  {b:<{col_w}}" for b in chunk).rstrip())
+            for m in methods:
+                row = "".join(f"  {text.get((m, b), '—'):<{col_w}}" for b in chunk)
+                out.append(f"{m:<{name_w}}{row}".rstrip())
+        out.append("")
+    failed = cells[cells["status"] != "ok"].drop_duplicates("error")
+    for c in failed.head(FAILURES_SHOWN).itertuples():
+        out.append(f"{c.status}: {c.model} {c.method} {c.bits}: {c.error}")  # whole: it says the fix
+    if len(failed) > FAILURES_SHOWN:
+        out.append(f"… and {len(failed) - FAILURES_SHOWN} more failure(s): see the report")
+    legend = "mean ± 95 % half-width (Δ to FP on the same noise ± half-width); #rank, tied within noise"
+    return "\n".join([legend, "", *out]).rstrip() + "\n"
+
+
+FAILURES_SHOWN = 5  # distinct failure messages under the terminal summary
+
+
+def _plain(c) -> str:
+    """A terminal cell: the value, its interval, the paired Δ and the rank; a failed cell says
+    its status only (the message is in the report)."""
+    if c.status != "ok":
+        return c.status
+    text = _fmt(c.value)
+    if not math.isnan(c.low):
+        text += f" ± {_fmt((c.high - c.low) / 2, c.value)}"
+    if c.method != FP and not math.isnan(c.delta):
+        delta = _signed(c.delta, c.value)
+        if not math.isnan(c.delta_low):
+            delta += f" ± {_fmt((c.delta_high - c.delta_low) / 2, c.value)}"
+        text += f" ({delta}{', ≈FP' if c.within_noise else ''})"
+    if c.method != FP and not math.isnan(c.rank):
+        text += f" #{int(c.rank)}"
+    return text
+
+
 CELLS_LEGEND = (
     "Quality cells: mean ± 95 % interval half-width over the cell's runs (sampling seeds × "
     "calibration seeds; bootstrap over images and runs), then the paired Δ to the FP run from "

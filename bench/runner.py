@@ -36,6 +36,7 @@ from bench.errors import AvailabilityError, StoreError
 from bench.images import save_grid
 from bench.metrics.cost import PeakWindow, peak_while_sampling
 from bench.metrics.quality import EvalContext
+from bench.progress import Tracker
 from bench.provenance import code_hash, config_hash, environment, model_hash
 from bench.registry import METHODS, METRICS, MODELS
 from bench.spec import Bits, MatrixSpec, RunSpec, resolve_device
@@ -220,8 +221,8 @@ def run_matrix(
         else:  # another runner on this results root computes it
             log(f"{spec.label}: being run by {holder}; skipped here")
     executor = executor or LocalExecutor()
-    # Per-run progress bars only where runs share this process's terminal.
-    run_progress = progress and isinstance(executor, LocalExecutor)
+    # Bars where runs share this process's terminal; throttled lines from worker processes.
+    run_progress = None if not progress else "bar" if isinstance(executor, LocalExecutor) else "lines"
     fn = partial(execute, matrix=matrix.name, previews=store.root / "samples", progress=run_progress)
     new: list[dict[str, Any]] = []
     bar = tqdm(total=len(todo), desc=f"matrix {matrix.name}", unit="run", disable=not progress)
@@ -298,17 +299,18 @@ def _summary(spec: RunSpec, rows: list[dict[str, Any]]) -> str:
 
 
 def execute(
-    spec: RunSpec, matrix: str, previews: Path | None = None, progress: bool = False
+    spec: RunSpec, matrix: str, previews: Path | None = None, progress: str | None = None
 ) -> list[dict[str, Any]]:
     """One run: its rows, one per metric. Failures become ``error`` rows (``skipped`` when the
     run cannot happen on this machine) with the message; this function does not raise for them.
+    ``progress`` is a :mod:`bench.progress` mode (``"bar"``, ``"lines"``) or None.
     """
     t0 = time.perf_counter()
     base = _base(spec, matrix, datetime.now(UTC))
     device = torch.device("cpu")
     try:
         device = resolve_device(spec.sampling.device)
-        rows = _evaluate(spec, base, previews, progress)
+        rows = _evaluate(spec, base, previews, Tracker(progress, spec.label))
         duration = round(time.perf_counter() - t0, 3)
         return [{**environment(device), **row, "duration_s": duration} for row in rows]
     except Exception as exc:  # one failed run must not stop the matrix (CUDA OOM included)
@@ -372,7 +374,7 @@ def _load(model: str, model_args: tuple, sampling) -> tuple[Any, torch.nn.Module
 
 
 def _evaluate(
-    spec: RunSpec, base: dict[str, Any], previews: Path | None, progress: bool
+    spec: RunSpec, base: dict[str, Any], previews: Path | None, progress: Tracker
 ) -> list[dict[str, Any]]:
     adapter, fp32, fp_id = _load(spec.model, spec.model_args, spec.sampling)
     fp = fp32
@@ -388,7 +390,10 @@ def _evaluate(
         if not sampled:
             return None, None, None
         return _timed_samples(
-            fp_key, n, lambda: adapter.sample(fp, n, seed, progress=progress), peak if spec.is_fp else None
+            fp_key,
+            n,
+            lambda: adapter.sample(fp, n, seed, progress=progress.phase("FP sampling", "steps")),
+            peak if spec.is_fp else None,
         )
 
     dtype = getattr(torch, spec.sampling.dtype)
@@ -413,7 +418,8 @@ def _evaluate(
 
         images = sample_s = sampled_peak = None
         if sampled:
-            sample = lambda: adapter.sample(deployable(), n, seed, progress=progress)  # noqa: E731
+            steps = progress.phase("sampling", "steps")
+            sample = lambda: adapter.sample(deployable(), n, seed, progress=steps)  # noqa: E731
             images, sample_s, sampled_peak = _timed_samples(key, n, sample, peak, before=deployable)
         ctx = EvalContext(spec, adapter, images, fp_images, deployable, ckpt.quantize_s, cached)
         extra = {"qconfig": ckpt.qconfig, "weights_from": ckpt.weights_from, "sample_s": sample_s,
@@ -505,7 +511,9 @@ class Checkpoint:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def _quantized(adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: bool) -> tuple[Checkpoint, bool]:
+def _quantized(
+    adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: Tracker
+) -> tuple[Checkpoint, bool]:
     """The run's quantized checkpoint, from the cache or built: quantized by the method, or,
     for a method with ``bases``, refined from their checkpoints (built or cached)."""
     method = METHODS.get(spec.method)
@@ -514,18 +522,15 @@ def _quantized(adapter, fp, fp_id: str, spec: RunSpec, code: str, progress: bool
     key = config_hash("checkpoint", code, fp_id, spec.method, config.to_dict())
 
     def calibration(calib: qdiff.CalibConfig) -> qdiff.CalibData:
-        return _calibration(adapter, fp, fp_id, calib, code).to(adapter.device)
+        return _calibration(adapter, fp, fp_id, calib, code, progress).to(adapter.device)
 
     def build() -> Checkpoint:
         if method.bases(bits):
             return _refined(adapter, fp, fp_id, spec, code, progress, method, config, calibration, key)
-        bar = tqdm(
-            desc=f"quantize {spec.method} {spec.bits_label}", unit="unit", leave=False, disable=not progress
-        )
+        units = progress.phase(f"quantize {spec.method} {spec.bits_label}", "units")
         t = time.perf_counter()
-        model, report = method.quantize(fp, config, calibration, progress=lambda _: bar.update())
+        model, report = method.quantize(fp, config, calibration, progress=units)
         seconds = time.perf_counter() - t
-        bar.close()
         return Checkpoint(model, key, config.to_dict(), seconds, report)
 
     if not method.checkpointable:
@@ -564,7 +569,9 @@ def _images_problem(n: int, tensors: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _calibration(adapter, fp, fp_id: str, calib: qdiff.CalibConfig, code: str) -> qdiff.CalibData:
+def _calibration(
+    adapter, fp, fp_id: str, calib: qdiff.CalibConfig, code: str, progress: Tracker
+) -> qdiff.CalibData:
     key = config_hash("calib", code, fp_id, adapter.identity(), calib)
 
     def problem(t: dict[str, torch.Tensor]) -> str | None:
@@ -575,6 +582,7 @@ def _calibration(adapter, fp, fp_id: str, calib: qdiff.CalibConfig, code: str) -
             return f"expected {size} calibration inputs, found {None if x is None else len(x)}"
         return None if x.is_floating_point() else f"calibration inputs are {x.dtype}, not floating point"
 
-    build = lambda: adapter.calibration_data(fp, calib).to_dict()  # noqa: E731
+    steps = progress.phase("calibration trajectories", "steps")
+    build = lambda: adapter.calibration_data(fp, calib, steps).to_dict()  # noqa: E731
     tensors, _ = cached_tensors("calibration", key, build, check=problem)
     return qdiff.CalibData.from_dict(tensors)

@@ -131,6 +131,26 @@ class Budget:
         return dataclasses.replace(qconfig, calib=calib, recon=recon)
 
 
+# Named quantization budgets (``preset:`` in a matrix file), applied under the matrix's own
+# ``settings``. Without a preset or budget settings a matrix gets :class:`Budget`'s defaults,
+# the paper's, and ``validate`` says so.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's: 20 timesteps × 256 trajectories, 20k AdaRound + 5k LSQ iterations per block
+    # (hours per run on a GPU for SD-sized models; days on a CPU).
+    "paper": {},
+    # The CPU budget of configs/default.yaml: 10 × 40 inputs, 100 + 20 iterations, with a
+    # constant AdaRound lr whose total movement (0.2 × 100 × 0.8 = 16) is the paper's.
+    "quick": {
+        "calib_timesteps": 10,
+        "calib_samples": 40,
+        "weight_iters": 100,
+        "act_iters": 20,
+        "weight_lr": 0.2,
+        "act_lr": 0.02,
+    },
+}
+
+
 # Calibration trajectories draw their noise from seed CALIB_SEED_BASE + calib_seed, far from
 # the sampling seeds (0, 1, ...) that the evaluated images use.
 CALIB_SEED_BASE = 1000
@@ -312,6 +332,7 @@ class MatrixSpec:
     path: str
     runs: tuple[RunSpec, ...] = field(repr=False)
     description: str = ""
+    notes: tuple[str, ...] = ()  # what the file leaves implicit: inherited keys, the budget it gets
 
     def expand(self) -> list[RunSpec]:
         return list(self.runs)

@@ -20,7 +20,7 @@ def quantize(
     calib_data: CalibData,
     filter_fn: FilterFn | None = None,
     batch_size: int = 64,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[nn.Module, ReconResult]:
     """prepare → transforms (in order) → calibrate → reconstruct, on a copy of ``model``.
 

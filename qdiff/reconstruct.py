@@ -329,7 +329,7 @@ def reconstruct(
     config: ReconConfig,
     batch_size: int = 64,
     block_types: tuple[str, ...] = DEFAULT_BLOCK_TYPES,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ReconResult:
     """Reconstruct a prepared, calibrated model unit by unit (see module docstring).
 
@@ -339,7 +339,7 @@ def reconstruct(
         config: iterations, learning rates, batch size, regulariser, balance and hold-out.
         batch_size: batch size of the full-model passes that capture unit inputs/outputs.
         block_types: class names reconstructed as one block.
-        progress: called with a short message after each unit.
+        progress: called with ``(units done, units in all)`` after each unit and phase.
 
     Returns:
         Per-unit reports and the model's per-timestep ε error before and after.
@@ -361,6 +361,7 @@ def reconstruct(
     # while they fit in TARGET_CACHE_BYTES (one capture pass per unit saved).
     targets: dict[str, torch.Tensor] = {}
     eps_before = _eps_error(model, check, split.group[check_idx], len(split.timesteps), batch_size)
+    done, total = 0, len(units) * sum(enabled for _, enabled in phases)
     try:
         for phase, enabled in phases:
             if not enabled:
@@ -373,23 +374,28 @@ def reconstruct(
                 report = _reconstruct_unit(
                     model, name, unit, data, split, config, phase, batch_size, generator, targets
                 )
+                done += 1
+                if progress is not None:
+                    progress(done, total)
                 if report is None:
                     continue
                 reports.append(report)
                 log.info("%s %s: %.4g -> %.4g%s", phase, name, report.loss_before, report.loss_after,
                          " (reverted)" if report.reverted else "")  # fmt: skip
-                if report.undecided is not None and report.undecided > UNDECIDED_WARNING:
-                    log.warning(
-                        "%s: %.0f%% of the roundings were undecided when hardened; raise weight_iters "
-                        "or weight_lr (weight_lr × weight_iters × (1 − warmup) should be well above 2.4)",
-                        name, 100 * report.undecided,
-                    )  # fmt: skip
-                if progress is not None:
-                    progress(f"{phase} {name}")
     finally:
         for p, flag in grad_state.items():
             p.requires_grad_(flag)
         set_quant_state(model, weight=True, act=True)
+    undecided = [r for r in reports if r.undecided is not None and r.undecided > UNDECIDED_WARNING]
+    if undecided:  # one line per model, not one per unit: the rows keep each unit's share
+        worst = max(undecided, key=lambda r: r.undecided)
+        log.warning(
+            "%d of %d units hardened with more than %.0f%% of their roundings undecided (worst: %s, "
+            "%.0f%%); raise weight_iters or weight_lr (weight_lr × weight_iters × (1 − warmup) should "
+            "be well above 2.4)",
+            len(undecided), sum(r.phase == "weight" for r in reports), 100 * UNDECIDED_WARNING,
+            worst.unit, 100 * worst.undecided,
+        )  # fmt: skip
     eps_after = _eps_error(model, check, split.group[check_idx], len(split.timesteps), batch_size)
     return ReconResult(tuple(reports), tuple(split.timesteps), tuple(eps_before), tuple(eps_after))
 

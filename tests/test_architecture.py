@@ -18,6 +18,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "bench.errors",
         "bench.fsio",
+        "bench.progress",
         "bench.stats",
         "bench.frechet",
         "bench.images",
@@ -32,7 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("bench.models", "bench.methods", "baselines.", "bench.embedded.train"),
     ("bench.metrics",),
     ("bench.matrix",),  # loads, validates and expands matrix files
-    ("bench.store", "bench.runner"),
+    ("bench.store", "bench.runner", "bench.estimate"),
     ("bench.report", "bench.compare", "bench.history"),
     ("bench.cli",),
 )

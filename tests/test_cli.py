@@ -27,10 +27,17 @@ def test_validate_run_resume_report_and_compare_via_subprocess(tmp_path):
     out = cli("validate", matrix, "--results", results)
     assert out.returncode == 0, out.stderr
     assert "3 runs (3 to run)" in out.stdout and "embedded-digits linear W4A32 seed=0 calib=0" in out.stdout
+    assert "budget: the paper's defaults with " in out.stdout  # what the tiny settings leave implicit
+    assert "estimated time here: about" in out.stdout and "ms per image-step" in out.stdout
 
     out = cli("run", matrix, "--results", results, "--workers", "2", "--threads", "1", "--no-progress")
     assert out.returncode == 0, out.stderr
-    assert "| embedded-digits | linear |" in out.stdout and "3 runs, 7 rows appended" in out.stdout
+    assert "3 runs, 7 rows appended" in out.stdout
+    # The terminal gets the compact leaderboard (method × bits), the files the full report.
+    assert "embedded-digits: digits_fd (fd, lower is better)" in out.stdout and "\nlinear " in out.stdout
+    summary = out.stdout.split("wall time")[1].split("full report:")[0]
+    assert max(map(len, summary.splitlines())) <= 100
+    assert "check against the reference" not in out.stdout  # no reference holds this matrix
     assert (results / "tiny" / "report.html").is_file() and (results / "tiny" / "report.md").is_file()
     files = sorted((results / "tiny" / "runs").iterdir())
     (invocation,) = ResultStore(results / "tiny").invocations()
@@ -49,6 +56,17 @@ def test_validate_run_resume_report_and_compare_via_subprocess(tmp_path):
     assert out.returncode == 0 and (tmp_path / "report" / "report.html").is_file()
     out = cli("compare", results / "tiny", results / "tiny")
     assert out.returncode == 0 and "0 regression(s)" in out.stdout
+    out = cli("compare", results, results / "tiny")  # a results root is matched by matrix name
+    assert out.returncode == 0 and "0 regression(s)" in out.stdout
+
+    # The main job's self-check: the same matrix rerun elsewhere, against the first as reference.
+    mine = tmp_path / "mine"
+    args = ["--results", mine, "--reference", results, "--workers", "1", "--threads", "1", "--no-progress"]
+    out = cli("run", matrix, *args)
+    assert out.returncode == 0, out.stderr
+    assert f"check against the reference {results / 'tiny'}:" in out.stdout
+    assert "quality cells reproduce within their 95 % intervals" in out.stdout
+    assert "cost cells: 2 compared on the same machine" in out.stdout  # one thread per run on both
 
 
 def test_compare_exits_non_zero_past_the_threshold(tmp_path, capsys):
@@ -56,7 +74,7 @@ def test_compare_exits_non_zero_past_the_threshold(tmp_path, capsys):
     b = fixture_store(tmp_path / "b", qdiff_w4=23.0)
     assert main(["compare", str(a), str(b), "--threshold", "5%"]) == 1
     assert (
-        "qdiff | W4A8 | digits_fd | 20.5 | 23.5 | 3 | 0 | 5% | worse **REGRESSION**"
+        "qdiff | W4A8 | digits_fd | 20.5 | 23.5 | 3 | 0.0205 | 5% | worse **REGRESSION**"
         in capsys.readouterr().out
     )
     assert main(["compare", str(a), str(b), "--threshold", "20%"]) == 0
@@ -144,7 +162,7 @@ def test_missing_embedded_checkpoint_is_an_error_row_that_says_how_to_fix(tmp_pa
     assert main(["run", matrix, "--results", str(tmp_path / "r"), "--no-progress", "--workers", "1"]) == 1
     bench.runner._load.cache_clear()
     out = capsys.readouterr().out
-    assert "error [1]" in out and "python -m bench.embedded.train" in out
+    assert "\nerror: embedded-digits fp FP: " in out and "python -m bench.embedded.train" in out
 
 
 def test_execution_defaults_split_the_cores(monkeypatch, tmp_path):

@@ -161,12 +161,12 @@ OK = "models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n"
         ),
         (
             "models: [embedded-digits]\nmethod: [qdiff]\n",
-            "unknown key(s) method; valid keys: name, description",
+            "unknown key 'method' (did you mean 'methods'?); valid: name, description",
         ),
         (OK.replace("qdiff", "qdif"), "methods[0]: unknown method 'qdif' (did you mean 'qdiff'?)"),
         (OK.replace("embedded", "embeded"), "did you mean 'embedded-digits'?"),
         (OK.replace("W4A8", "W4"), "bits[0]: bit width 'W4' is not of the form"),
-        (OK + "settings: {sample: 3}", "unknown setting 'sample'; valid: samples"),
+        (OK + "settings: {sample: 3}", "unknown setting 'sample' (did you mean 'samples'?); valid: samples"),
         (OK + "settings: {samples: many}", "samples='many' must be an integer"),
         (
             OK + "exclude: [{methods: x}]",
@@ -174,7 +174,7 @@ OK = "models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n"
         ),
         (
             OK.replace("[embedded-digits]", "[{name: embedded-digits, source: x}]"),
-            "unknown key(s) source for",
+            "models[0] (embedded-digits): unknown key 'source'",
         ),
         (OK + "metrics: [fdi]", "metrics[0]: unknown metric 'fdi' (did you mean 'fid'?)"),
         (
@@ -298,7 +298,9 @@ def test_only_the_evaluation_settings_a_run_uses_are_hashed(tmp_path):
     used = {"fid_backend": "torch-fidelity", "fid_mode": "clean", "fid_extractor": "inception"}
     assert base.evaluation_used() == {**used, "fid_reference": ""}
     assert run("{clip_model: ViT-B-16}").hash == base.hash  # no CLIP metric in this run
-    assert run("{inception_weights: /data/inception.pth}").hash == base.hash  # where, not which, weights
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"")
+    assert run(f"{{inception_weights: {weights}}}").hash == base.hash  # where, not which, weights
     assert run("{fid_backend: clean-fid}").hash != base.hash
     assert run("{latency_repeats: 3}", "[latency_step]").hash != run("{}", "[latency_step]").hash
     assert base.fields()["evaluation"] == base.evaluation_used()
@@ -317,3 +319,80 @@ def test_evaluation_overrides_per_model_and_from_the_command_line(tmp_path):
     flagged = m.with_evaluation(inception_weights="/w.pt")
     assert {r.evaluation.inception_weights for r in flagged.expand()} == {"/w.pt"}
     assert [r.hash for r in flagged.expand()] == [r.hash for r in m.expand()]
+
+
+def test_every_problem_is_reported_at_once_with_suggestions(tmp_path):
+    text = "models: [embedded-digit]\nmethods: [lineer, qdiff]\nbits: [W4A8, W9A99]\nsetings: {}\n"
+    with pytest.raises(MatrixError) as info:
+        load_matrix(write(tmp_path, text))
+    assert "unknown key 'setings' (did you mean 'settings'?)" in str(info.value)  # the file's keys first
+    text = "models: [embedded-digit]\nmethods: [lineer, qdiff]\nbits: [W4A8, W9A99]\nsettings: {sample: 3}\n"
+    with pytest.raises(MatrixError) as info:
+        load_matrix(write(tmp_path, text))
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'm.yaml'}: 4 problems:\n")
+    for needle in ("'embedded-digit'", "did you mean 'embedded-digits'", "'lineer'", "did you mean 'linear'",
+                   "bits[1]", "unknown setting 'sample' (did you mean 'samples'?)"):  # fmt: skip
+        assert needle in message
+
+
+def test_a_rule_that_matches_no_run_is_an_error(tmp_path):
+    text = "models: [embedded-digits]\nmethods: [linear]\nbits: [W4A8]\nexclude: [{method: lineer}]\n"
+    with pytest.raises(MatrixError, match=r"exclude\[0\] \{method: lineer\} matches no run"):
+        load_matrix(write(tmp_path, text))
+
+
+def test_extends_is_relative_replaces_lists_merges_settings_and_says_what_it_inherited(tmp_path):
+    (tmp_path / "base").mkdir()
+    write(tmp_path / "base", "models: [embedded-digits]\nmethods: [linear, qdiff]\nbits: [W4A8, W4A4]\n"
+          "exclude: [{method: qdiff, bits: W4A4}]\nsettings: {samples: 8, steps: 4}\n", "p.yaml")  # fmt: skip
+    child = write(tmp_path, "extends: base/p.yaml\nmethods: [linear]\nexclude: []\nsettings: {steps: 5}\n")
+    matrix = load_matrix(child)
+    assert {r.method for r in matrix.expand()} == {"fp", "linear"}  # 'methods' replaced whole
+    run = matrix.expand()[-1]
+    assert (run.sampling.samples, run.sampling.steps) == (8, 5)  # settings merged key by key
+    (inherited,) = [n for n in matrix.notes if n.startswith("inherited from")]
+    assert str(tmp_path / "base" / "p.yaml") in inherited
+    assert "models" in inherited and "bits" in inherited and "settings.samples" in inherited
+    assert "exclude" not in inherited and "settings.steps" not in inherited
+    # The parent's exclude rule no longer matches once the child drops qdiff: said, not ignored.
+    child.write_text("extends: base/p.yaml\nmethods: [linear]\n")
+    with pytest.raises(MatrixError, match="inherited through 'extends'"):
+        load_matrix(child)
+    child.write_text("extends: p.yaml\nmethods: [linear]\n")
+    with pytest.raises(MatrixError, match="relative to the extending file's folder"):
+        load_matrix(child)
+
+
+def test_budget_is_stated_and_presets_are_named(tmp_path):
+    base = "models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n"
+    paper = load_matrix(write(tmp_path, base))
+    assert "budget: the paper's (no preset and no budget settings)" in paper.notes[-1]
+    assert "20 timesteps × 256" in paper.notes[-1] and "preset: quick" in paper.notes[-1]
+    quick = load_matrix(write(tmp_path, base + "preset: quick\nsettings: {weight_iters: 50}\n"))
+    assert quick.notes[-1].startswith("budget: preset quick with weight_iters set: 10 timesteps × 40")
+    assert quick.expand()[-1].budget.weight_iters == 50  # settings win over the preset
+    with pytest.raises(MatrixError, match="unknown preset 'quik' \\(did you mean 'quick'\\?\\)"):
+        load_matrix(write(tmp_path, base + "preset: quik\n"))
+    # The default matrix is the quick preset: naming it changed no run's hash.
+    default = load_matrix(REPO_ROOT / "configs" / "default.yaml")
+    assert default.notes[-1].startswith("budget: preset quick:")
+
+
+def test_local_paths_are_checked_before_anything_runs(tmp_path):
+    text = (
+        "models: [{name: sd-1.5, source: ./weights/sd15, prompts: /no/prompts.txt}]\n"
+        "methods: [linear]\nbits: [W8A8]\nmetrics: [fid]\n"
+        "settings: {device: cpu, fid_reference: /no/reference, samples: 4}\n"
+    )
+    with pytest.raises(MatrixError) as info:
+        load_matrix(write(tmp_path, text))
+    message = str(info.value)
+    assert "source ./weights/sd15: no such file or folder here" in message
+    assert "prompts /no/prompts.txt: no such file here" in message
+    assert "fid_reference /no/reference: no such file or folder here" in message
+    # A hub id and a registered data set are not paths; an existing folder is fine.
+    (tmp_path / "ref").mkdir()
+    ok = text.replace("./weights/sd15", "org/model").replace(", prompts: /no/prompts.txt", "")
+    load_matrix(write(tmp_path, ok.replace("/no/reference", str(tmp_path / "ref"))))
+    load_matrix(write(tmp_path, ok.replace("/no/reference", "cifar10-train")))

@@ -75,8 +75,8 @@ def test_quality_gate_fails_on_a_planted_regression_and_passes_noise(tmp_path):
     assert table["regressed"].sum() == 1  # the qdiff W4A8 cell (its two seeds averaged)
     text = to_markdown(table)
     assert (
-        "| embedded-digits | qdiff | W4A8 | digits_fd | 20.5 | 26.5 | 6 | 0 | 0.5 | worse **REGRESSION** |"
-        in text
+        "| embedded-digits | qdiff | W4A8 | digits_fd | 20.5 | 26.5 | 6 | 0.0205 | 0.5 | "
+        "worse **REGRESSION** |" in text
     )
     assert "1 regression(s)" in text and "W8A8" not in text  # only the cells that moved are listed
 
@@ -280,3 +280,41 @@ def test_compare_judges_cells_so_a_run_that_landed_elsewhere_is_not_a_regression
     assert compare(a, moved, Threshold.parse("0"))["note"].tolist() == ["within noise"]
     worse = store("worse", [1.90, 2.00])  # both runs worse: the cell moved
     assert compare(a, worse, Threshold.parse("0"))["regressed"].tolist() == [True]
+
+
+def test_terminal_summary_wraps_bit_widths_to_the_width(tmp_path):
+    from bench.report import build, summary_text
+
+    cells = build(fixture_store(tmp_path / "a")).cells
+    text = summary_text(cells, width=30)
+    tables = text.split("\n\n", 1)[1]  # after the legend line
+    assert all(len(line) <= 30 for line in tables.splitlines() if not line.startswith("embedded"))
+    assert "qdiff" in tables and "(+" in tables and "error" in tables  # Δ to FP; a failed cell
+    wide = summary_text(cells, width=200)
+    assert len(wide.splitlines()) < len(text.splitlines())  # both bit widths on one line
+
+
+def test_compare_takes_roots_tolerates_rounding_and_names_machines(tmp_path):
+    import json
+
+    from bench.compare import machine_note, matrix_folders, verdict
+    from bench.errors import IncomparableError
+
+    a = fixture_store(tmp_path / "a" / "m")
+    b = fixture_store(tmp_path / "b" / "m", qdiff_w4=20.0 + 1e-5)  # float dust: no interval here
+    assert matrix_folders(tmp_path / "a", b) == [(a, b)]
+    assert matrix_folders(tmp_path / "a", tmp_path / "b") == [(a, b)]
+    with pytest.raises(IncomparableError, match="expected a matrix folder"):
+        matrix_folders(tmp_path / "nothing", b)
+    table = compare(a, b, Threshold.parse("0"))
+    assert not table["regressed"].any() and "worse" not in set(table["note"])
+    assert "7 of 7 quality cells reproduce" in verdict(table)
+    assert "not compared: embedded-digits linear W4A8 digits_fd: error in A" in verdict(table)
+    assert machine_note(table, a, b) is None  # one machine
+
+    for path in (b / "runs").glob("*.jsonl"):  # the candidate measured on another CPU
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**r, "cpu_model": "Other CPU"}) + "\n" for r in rows))
+    table = compare(a, b, Threshold.parse("0"))
+    assert "Other CPU" in machine_note(table, a, b)
+    assert "measured on another machine not compared" in verdict(table)

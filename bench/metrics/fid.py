@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from bench.cache import cache_dir, cached_tensors
 from bench.errors import AvailabilityError, ImageError
+from bench.fsio import missing_path
 from bench.metrics.quality import EvalContext, Measurement, Metric
 from bench.provenance import config_hash
 from bench.spec import resolve_device
@@ -403,6 +404,11 @@ class _FIDFamily(Metric):
     def check(self, evaluation) -> str | None:
         if self.field == "isc" and evaluation.fid_backend != "torch-fidelity":
             return "clean-fid does not compute the Inception Score; use fid_backend: torch-fidelity"
+        for setting in ("fid_reference", "inception_weights"):
+            value = getattr(evaluation, setting)
+            problem = missing_path(value) if value else None
+            if problem:
+                return f"{setting} {problem}"
         return None
 
     def __call__(self, ctx: EvalContext) -> Measurement | None:

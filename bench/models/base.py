@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 import qdiff
 from bench.spec import Sampling, resolve_device
@@ -69,6 +68,12 @@ class DiffusionAdapter:
     # The real data FID compares with unless the matrix sets ``fid_reference``: a
     # torch-fidelity registered input, or "" (none; the user supplies a folder).
     FID_REFERENCE: ClassVar[str] = ""
+
+    @classmethod
+    def arg_problems(cls, args: dict[str, Any]) -> list[str]:
+        """What is wrong with a matrix entry's model arguments, found before anything runs (a
+        local path that does not exist, a value out of range); empty if nothing."""
+        return []
 
     def __init__(self, sampling: Sampling, **args: Any) -> None:
         bad = sorted(set(args) - set(self.ARGS))
@@ -137,11 +142,12 @@ class DiffusionAdapter:
         n: int,
         seed: int,
         recorder: Callable | None = None,
-        progress: bool = False,
+        progress: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """``n`` uint8 images from the noise of ``seed``, DDIM with ``sampling.steps`` steps.
 
-        ``recorder(step, x, t, cond)`` sees the denoiser's exact inputs at every step.
+        ``recorder(step, x, t, cond)`` sees the denoiser's exact inputs at every step;
+        ``progress(done, total)`` is called after every step of every batch.
         """
         noise = self.noise(n, seed)
         # A denoiser that knows its own output noise (PTQD) may scale the noise a stochastic
@@ -151,7 +157,7 @@ class DiffusionAdapter:
         batch_size = self.sampling.batch_size
         steps = self.sampling.steps
         out = []
-        bar = tqdm(total=-(-n // batch_size) * steps, desc="sampling", leave=False, disable=not progress)
+        total, done = -(-n // batch_size) * steps, 0
         for start in range(0, n, batch_size):
             scheduler = self.scheduler()
             scheduler.set_timesteps(steps, device=self.device)
@@ -173,9 +179,10 @@ class DiffusionAdapter:
                 if self.sampling.eta > 0 and fold is not None:
                     step_noise = {"variance_noise": fold(scheduler, t, eps, self.sampling.eta, generator)}
                 x = scheduler.step(eps, t, x, eta=self.sampling.eta, **step_noise).prev_sample
-                bar.update()
+                done += 1
+                if progress is not None:
+                    progress(done, total)
             out.append(to_uint8(self.decode(x)))
-        bar.close()
         return torch.cat(out)
 
     @torch.no_grad()
@@ -190,9 +197,14 @@ class DiffusionAdapter:
         x_in = scheduler.scale_model_input(x if cond is None else torch.cat([x, x]), t)
         return x_in, t.expand(len(x_in)), cond or {}
 
-    def calibration_data(self, denoiser: nn.Module, config: qdiff.CalibConfig) -> qdiff.CalibData:
+    def calibration_data(
+        self,
+        denoiser: nn.Module,
+        config: qdiff.CalibConfig,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> qdiff.CalibData:
         """Denoiser inputs from the FP trajectories of ``config.samples_per_timestep`` samples,
         at the steps the calibration strategy selects (on the CPU, for caching)."""
         recorder = qdiff.TrajectoryRecorder(qdiff.select_steps(config, self.sampling.steps))
-        self.sample(denoiser, config.samples_per_timestep, config.seed, recorder)
+        self.sample(denoiser, config.samples_per_timestep, config.seed, recorder, progress)
         return recorder.data().to("cpu")

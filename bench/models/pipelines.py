@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bench.errors import AvailabilityError
+from bench.fsio import missing_path
 from bench.models.base import COST_METRICS, DiffusionAdapter
 
 BUILTIN_PROMPTS = "bench.prompts", "smoke.txt"
@@ -39,6 +40,20 @@ class PipelineAdapter(DiffusionAdapter):
     RANDOM_CONFIG: ClassVar[str | None] = None
     LOAD_KWARGS: ClassVar[dict[str, Any]] = {}
     DEFAULT_METRICS = ("fid", "kid", "fid_vs_fp", "psnr_vs_fp", *COST_METRICS)
+
+    @classmethod
+    def arg_problems(cls, args: dict[str, Any]) -> list[str]:
+        out = []
+        if args.get("init", "pretrained") not in ("pretrained", "random"):
+            out.append(f"init={args['init']!r}; choose pretrained or random")
+        source = args.get("source")
+        if source is not None:
+            problem = missing_path(str(source), hub_ids=True)
+            if problem:
+                out.append(
+                    f"source {problem} (a save_pretrained folder, a single-file checkpoint, or a hub id)"
+                )
+        return out
 
     @property
     def source(self) -> str:
@@ -131,6 +146,15 @@ class TextToImageAdapter(PipelineAdapter):
     LOAD_KWARGS: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
     CAPABILITIES = frozenset({"text-to-image"})
     DEFAULT_METRICS = ("clip_score", "fid", "fid_vs_fp", "psnr_vs_fp", *COST_METRICS)
+
+    @classmethod
+    def arg_problems(cls, args: dict[str, Any]) -> list[str]:
+        out = super().arg_problems(args)
+        if "prompts" in args and not Path(str(args["prompts"])).expanduser().is_file():
+            out.append(
+                f"prompts {args['prompts']}: no such file here (a UTF-8 text file, one prompt per line)"
+            )
+        return out
 
     @cached_property
     def prompt_list(self) -> list[str]:

@@ -1,0 +1,182 @@
+"""How long a matrix will take here, before it runs: ``qdiff-bench validate`` prints it.
+
+The one measured quantity is the FP denoiser's time per image and sampler step on this device,
+``r`` (one batch timed after a warm-up call, for each distinct model and sampling setting); a run
+costs a known number of denoiser passes in units of ``r``:
+
+- sampling: ``samples × steps`` passes, :data:`FAKE_QUANT` times slower for a simulated model;
+- calibration inputs: ``calib_samples × steps`` (once per model and calibration seed);
+- activation calibration: ``calib_timesteps × calib_samples`` inputs through the model,
+  :data:`CALIBRATE` passes each (a grid search per layer costs more than min-max);
+- reconstruction: ``(weight_iters + act_iters) × batch`` inputs, :data:`RECONSTRUCT` passes each
+  (every unit's forward and backward with soft rounding, its held-out check and captures);
+- ``eps_mse``: its held-out trajectories through FP and the quantized model;
+- FID-family metrics: Inception features, :data:`INCEPTION_S` per image.
+
+The factors were fitted to the default matrix's rows on the 2-core Xeon of the README (one torch
+thread per worker): they are ratios of work, so they carry over to other models and devices
+roughly, not exactly. Runs are summed per wave (FP references first) over the workers. The
+estimate assumes an empty cache: cached samples, calibration inputs and checkpoints make a rerun
+faster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from bench.errors import AvailabilityError
+from bench.metrics.quality import EpsError
+from bench.registry import METHODS, METRICS, MODELS
+from bench.spec import Bits, RunSpec, resolve_device
+
+FAKE_QUANT = 1.25  # simulated quantization: quantized runs sampled 45-60 s where FP took 42 s
+CALIBRATE = {"mse": 21.0, "minmax": 3.0}  # passes per calibration input (qdiff-no-recon: 13 s)
+RECONSTRUCT = 8.2  # passes per reconstruction input (qdiff: 75 s, 26 s of it calibration)
+EPS_PASSES = 1.8  # per held-out input and step, FP and quantized (eps_mse: 4-6 s)
+INCEPTION_S = {"cpu": 0.03, "cuda": 0.001}  # seconds per image for Inception features
+WARN_MINUTES = 30  # validate warns past this
+SLOW_S = 0.2  # a denoiser call slower than this at one image is timed at one image only
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Seconds of the runs left (None where a model could not be timed here) and how it was got."""
+
+    seconds: float | None
+    rates: dict[str, float]  # "model on device" -> seconds per image per sampler step
+    unknown: tuple[str, ...]  # models that could not be timed (weights absent, no CUDA)
+
+
+def step_rate(spec: RunSpec) -> float:
+    """Seconds per image per sampler step of ``spec``'s FP denoiser here. A model whose weights
+    are not here is timed with random weights of its published architecture (speed does not
+    depend on weight values). A fast model is timed at up to 32 images per batch, a slow one
+    (over :data:`SLOW_S` a call) at one image, so timing SD on a CPU takes seconds, not minutes."""
+    adapter_cls = MODELS.get(spec.model)
+    args = dict(spec.model_args)
+    try:
+        adapter = adapter_cls(spec.sampling, **args)
+        model = adapter.denoiser().eval()
+    except AvailabilityError:
+        if getattr(adapter_cls, "RANDOM_CONFIG", None) is None:
+            raise
+        adapter = adapter_cls(spec.sampling, **{**args, "init": "random"})
+        model = adapter.denoiser().eval()
+    device = resolve_device(spec.sampling.device)
+
+    def timed(n: int, calls: int) -> float:
+        x, t, kwargs = adapter.step_inputs(n, 0)
+        times = []
+        with torch.no_grad():
+            for _ in range(calls):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(x, t, **kwargs)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        return statistics.median(times) / n
+
+    first = timed(1, 2)  # the first call warms up (allocations, kernel selection)
+    if first > SLOW_S:
+        return first
+    return timed(max(1, min(spec.sampling.batch_size, 32)), 5)
+
+
+def run_seconds(spec: RunSpec, r: float, shared: set) -> float:
+    """Seconds of one run at ``r`` seconds per pass; ``shared`` holds the work already counted
+    for earlier runs (FP samples, calibration inputs, base checkpoints)."""
+    s = spec.sampling
+    images = any(METRICS.get(m).needs_images for m in spec.metrics)
+    total = 0.0
+    fp_key = ("fp", spec.model, spec.model_args, s, spec.seed)
+    if images and fp_key not in shared:
+        shared.add(fp_key)
+        total += s.samples * s.steps * r
+    if spec.is_fp:
+        return total + _metrics_seconds(spec, r)
+    if images:
+        total += s.samples * s.steps * r * FAKE_QUANT
+    return total + _quantize_seconds(spec, r, shared) + _metrics_seconds(spec, r)
+
+
+def _quantize_seconds(spec: RunSpec, r: float, shared: set) -> float:
+    method = METHODS.get(spec.method)
+    bits = Bits(spec.w_bits, spec.a_bits)
+    bases = method.bases(bits)
+    if bases:  # refined from its bases' checkpoints: theirs (once per matrix) and a little more
+        total = 0.0
+        for name, base_bits in bases:
+            base = dataclasses.replace(spec, method=name, w_bits=base_bits.w, a_bits=base_bits.a)
+            key = ("checkpoint", base.hash)
+            if key not in shared:
+                shared.add(key)
+                total += _quantize_seconds(base, r, shared)
+        return total
+    config = method.configure(bits, spec.budget)
+    calib, recon, act = (getattr(config, k, None) for k in ("calib", "recon", "act"))
+    if calib is None:  # not a qdiff recipe (torchao presets): no calibration, seconds at most
+        return 0.0
+    b, s = spec.budget, spec.sampling
+    total = 0.0
+    inputs_key = ("calibration", spec.model, spec.model_args, s, b.calib_seed, calib.strategy)
+    if inputs_key not in shared:
+        shared.add(inputs_key)
+        total += calib.samples_per_timestep * s.steps * r
+    inputs = b.calib_timesteps * b.calib_samples
+    search = CALIBRATE.get(getattr(act, "scale_search", "minmax"), CALIBRATE["mse"]) if act else 1.0
+    reconstructs = recon is not None and recon.method != "none"
+    total += inputs * r * search * (2 if reconstructs else 1)  # calibrated again after weights
+    if reconstructs:
+        total += (recon.weight_iters + recon.act_iters) * recon.batch_size * r * RECONSTRUCT
+    return total
+
+
+def _metrics_seconds(spec: RunSpec, r: float) -> float:
+    s, total = spec.sampling, 0.0
+    device = resolve_device(spec.sampling.device).type
+    for name in spec.metrics:
+        if name == "eps_mse" and not spec.is_fp:
+            total += EpsError.TRAJECTORIES * s.steps * r * EPS_PASSES
+        elif name in ("fid", "kid", "inception_score", "fid_vs_fp"):
+            total += s.samples * INCEPTION_S.get(device, INCEPTION_S["cpu"])
+        elif name in ("latency_step", "latency_e2e"):
+            calls = spec.evaluation.latency_warmup + spec.evaluation.latency_repeats
+            total += calls * s.batch_size * r * (s.steps if name == "latency_e2e" else 1)
+    return total
+
+
+def estimate(runs: list[RunSpec], workers: int, log=print) -> Estimate:
+    """The wall time of ``runs`` on ``workers`` workers, from one timed batch per model here."""
+    from bench.runner import waves
+
+    rates: dict[tuple, float | None] = {}
+    for spec in runs:
+        key = (spec.model, spec.model_args, spec.sampling)
+        if key in rates:
+            continue
+        try:
+            rates[key] = step_rate(spec)
+        except Exception as exc:  # absent weights, no CUDA: that model's runs are not estimated
+            log(f"  {spec.model} on {spec.sampling.device}: not timed ({type(exc).__name__}: {exc})")
+            rates[key] = None
+    shared: set = set()
+    wall, unknown = 0.0, set()
+    for wave in waves(runs):
+        costs = []
+        for spec in wave:
+            r = rates[(spec.model, spec.model_args, spec.sampling)]
+            if r is None:
+                unknown.add(spec.model)
+                continue
+            costs.append(run_seconds(spec, r, shared))
+        if costs:
+            wall += max(max(costs), sum(costs) / workers)
+    named = {f"{k[0]} on {resolve_device(k[2].device).type}": v for k, v in rates.items() if v is not None}
+    return Estimate(None if unknown and not wall else wall, named, tuple(sorted(unknown)))

@@ -1,0 +1,76 @@
+"""Progress inside one run: sampling steps, calibration trajectories, reconstruction units.
+
+A run's long phases report ``(done, total)`` through a plain callback, so the library and the
+adapters stay free of any display code. How it shows depends on where the run executes:
+
+- ``"bar"``: a tqdm bar per phase, for runs in this process (one worker), on a terminal;
+- ``"lines"``: for runs in worker processes, whose bars would overwrite each other on the one
+  terminal: a line to stderr at most every :data:`LINE_EVERY` seconds per phase, with the count,
+  the elapsed time and an ETA, and one when a phase that took that long ends;
+- ``None``: nothing (``--no-progress``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+from tqdm.auto import tqdm
+
+MODES = ("bar", "lines")
+LINE_EVERY = 20.0  # seconds between two lines of one phase
+
+Callback = Callable[[int, int], None]
+
+
+def _clock(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Phase:
+    """One phase of one run; call it with ``(done, total)`` after each unit of work."""
+
+    def __init__(self, mode: str | None, label: str, what: str, unit: str) -> None:
+        self.mode, self.label, self.what, self.unit = mode, label, what, unit
+        self.start = self.last = time.perf_counter()
+        self.bar: tqdm | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.mode == "bar":
+            if self.bar is None:
+                self.bar = tqdm(total=total, desc=f"{self.what}", unit=self.unit, leave=False)
+            self.bar.update(done - self.bar.n)
+            if done >= total:
+                self.bar.close()
+            return
+        if self.mode != "lines":
+            return
+        now = time.perf_counter()
+        elapsed = now - self.start
+        if done >= total:
+            if elapsed >= LINE_EVERY:
+                self._line(f"{self.what} done: {total} {self.unit} in {_clock(elapsed)}")
+            return
+        if now - self.last >= LINE_EVERY and done:
+            eta = elapsed / done * (total - done)
+            self._line(
+                f"{self.what} {done}/{total} {self.unit}, {_clock(elapsed)} elapsed, ETA {_clock(eta)}"
+            )
+            self.last = now
+
+    def _line(self, text: str) -> None:
+        print(f"  {self.label}: {text}", file=sys.stderr, flush=True)
+
+
+class Tracker:
+    """The progress callbacks of one run (see the module docstring for ``mode``)."""
+
+    def __init__(self, mode: str | None, label: str) -> None:
+        if mode not in (None, *MODES):
+            raise ValueError(f"progress mode {mode!r}: choose from {', '.join(MODES)} or None")
+        self.mode, self.label = mode, label
+
+    def phase(self, what: str, unit: str) -> Callback | None:
+        return None if self.mode is None else Phase(self.mode, self.label, what, unit)
