@@ -179,7 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, help="output folder (default: the results folder)")
     report.add_argument(
         "--history", action="store_true",
-        help="quality of every cell of every matrix under RESULTS over commits: history.md/.html",
+        help="quality of every cell of every matrix under RESULTS over commits and machines, and "
+        "asv's speed history: history.md/.html",
+    )  # fmt: skip
+    report.add_argument(
+        "--asv", type=Path, metavar="DIR",
+        help="asv results for --history (default: .asv/results of this checkout, written by tox -e asv)",
     )  # fmt: skip
 
     compare = sub.add_parser("compare", help="per-cell deltas between two results folders")
@@ -429,9 +434,8 @@ def _report(args: argparse.Namespace) -> int:
     if args.history:
         from bench import history
 
-        md, page, text = history.write(args.results, args.out)
-        print(text)
-        print(f"history: {md} and {page}")
+        md, page, _ = history.write(args.results, args.out, args.asv)
+        print(f"history (quality per commit and machine, asv's speed and memory): {md} and {page}")
         return 0
     md, page, built = report.write(args.results, args.out)
     print(f"{report.summary_text(built.cells)}\nfull report: {md} and {page}")

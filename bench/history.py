@@ -1,10 +1,17 @@
-"""Trends over commits: every quality cell of every matrix under a results root, per commit.
+"""Trends over commits: every quality cell of every matrix under a results root, per commit and
+machine, and asv's speed and memory benchmarks per commit and machine.
 
-Each row records the commit it was measured at (``git_sha``) and when (``started_at``); the
-store keeps superseded rows, so the history of a cell is its rows grouped by commit (seeds
-averaged, the newest row of a run and metric per commit), commits ordered by their first row.
+Each row records the commit it was measured at (``git_sha``), when (``started_at``) and on what
+(``cpu_model``, ``cpu_capability``, the device); the store keeps superseded rows, so the history
+of a cell is its rows grouped by commit (seeds averaged, the newest row of a run and metric per
+commit), commits ordered by their first row. A machine is part of a line's key: a rerun on
+another CPU starts a line of its own rather than showing as a jump at its commit.
+
 ``qdiff-bench report --history results/`` writes ``history.md`` (first and latest value of each
-cell) and ``history.html`` (one plot per model and metric, a line per method and bit width).
+line) and one self-contained ``history.html``: a plot per matrix, model and metric (a line per
+method, bit width and machine), and a plot per asv benchmark from ``.asv/results`` (read with
+asv's own loader; a line per parameter and machine), so speed history needs neither asv's HTML
+nor its scripts from a CDN.
 """
 
 from __future__ import annotations
@@ -17,11 +24,23 @@ import pandas as pd
 
 from bench.errors import StoreError
 from bench.fsio import write_atomic
-from bench.report import CSS, _png, method_labels, protocol
+from bench.report import CSS, _png, line_styles, method_labels, protocol
 from bench.store import ResultStore, load
 
-# A history line: one cell measured one way (``settings``: sample count and a hash of the rest).
-CELL = ["matrix", "model", "method", "bits", "metric", "settings"]
+# A history line: one cell measured one way (``settings``: sample count and a hash of the rest)
+# on one machine.
+CELL = ["matrix", "model", "method", "bits", "metric", "settings", "machine"]
+
+
+def machine_label(row: dict) -> str:
+    """A row's machine: its GPU for CUDA runs, else its CPU model and torch's vector ISA."""
+
+    def text(key: str) -> str:  # NaN where old rows lack the column
+        value = row.get(key)
+        return value if isinstance(value, str) and value else "?"
+
+    device = text("device")
+    return device if device.startswith("cuda") else f"{text('cpu_model')} ({text('cpu_capability')})"
 
 
 def history(root: str | Path) -> pd.DataFrame:
@@ -48,6 +67,7 @@ def history(root: str | Path) -> pd.DataFrame:
         if df.empty:
             continue
         df = df.assign(method=method_labels(df), matrix=folder.name, commit=df["git_sha"].str[:8])
+        df["machine"] = [machine_label(r) for r in df.to_dict("records")]
         # Rows measured under different settings (samples, sampling, budget, evaluation) are
         # different lines, never one averaged value.
         df["settings"] = [
@@ -86,7 +106,8 @@ def summary(hist: pd.DataFrame) -> pd.DataFrame:
 
 
 def plots(hist: pd.DataFrame) -> list[tuple[str, str]]:
-    """(caption, base64 PNG): per matrix, model and metric, a line per method and bit width."""
+    """(caption, base64 PNG): per matrix, model and metric, a line per method, bit width,
+    settings and machine, each with its own colour, marker and dash (:func:`line_styles`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,49 +117,147 @@ def plots(hist: pd.DataFrame) -> list[tuple[str, str]]:
     labels = [f"{c}\n{d[:10]}" for c, d in zip(commits["commit"], commits["date"], strict=True)]
     out = []
     for (matrix, model, metric), g in hist.groupby(["matrix", "model", "metric"], sort=False):
-        fig, ax = plt.subplots(figsize=(7, 3.8))
-        for (method, bits, settings), line in g.groupby(["method", "bits", "settings"], sort=False):
-            ax.plot(line["order"], line["value"], marker="o", label=f"{method} {bits} {settings}")
+        lines = list(g.groupby(["method", "bits", "settings", "machine"], sort=False))
+        machines = g["machine"].nunique()
+        fig, ax = plt.subplots(figsize=(9, 4.2))
+        for ((method, bits, settings, machine), line), style in zip(
+            lines, line_styles(len(lines)), strict=True
+        ):
+            label = f"{method} {bits} {settings}" + (f" · {machine}" if machines > 1 else "")
+            ax.plot(line["order"], line["value"], label=label, **style)
         ax.set_xticks(range(len(labels)), labels, fontsize=6)
         ax.set_ylabel(f"{metric} ({g['unit'].iloc[0]})")
-        ax.set_title(f"{matrix} / {model}: {metric} over commits")
-        ax.legend(fontsize=6, ncol=2)
+        title = f"{matrix} / {model}: {metric} over commits"
+        ax.set_title(title + ("" if machines > 1 else f" ({g['machine'].iloc[0]})"), fontsize=9)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
         out.append((f"{matrix} / {model}: {metric}", _png(fig)))
         plt.close(fig)
     return out
 
 
-def write(root: str | Path, out: str | Path | None = None) -> tuple[Path, Path, str]:
-    """Write ``history.md`` and ``history.html`` into ``out`` (default: the results root)."""
+ASV_UNITS = {"time": "s", "peakmem": "bytes", "mem": "bytes", "track": ""}
+
+
+def speed_history(results: str | Path) -> pd.DataFrame:
+    """asv's results (``.asv/results``, any machine) as rows: machine, benchmark, parameters,
+    commit, date, value, unit. Empty when there are none."""
+    import itertools
+
+    from asv.results import iter_results
+
+    rows = []
+    for result in iter_results(str(results)) if Path(results).is_dir() else ():
+        machine = f"{result.params.get('machine', '?')} ({result.params.get('cpu', '?')})"
+        for name in result.get_all_result_keys():
+            params = result.get_result_params(name) or []
+            values = result.get_result_value(name, params)
+            values = values if isinstance(values, list) else [values]
+            combos = list(itertools.product(*params)) if params else [()]
+            kind = name.rsplit(".", 1)[-1].split("_", 1)[0]
+            for combo, value in zip(combos, values, strict=False):
+                if value is None:  # skipped (a GPU benchmark on a CPU machine) or failed
+                    continue
+                shown = ", ".join(str(p).strip("'") for p in combo)
+                rows.append({"machine": machine, "benchmark": name, "params": shown,
+                             "commit": result.commit_hash[:8], "date": result.date, "value": float(value),
+                             "unit": ASV_UNITS.get(kind, "")})  # fmt: skip
+    columns = ["machine", "benchmark", "params", "commit", "date", "value", "unit"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["benchmark", "date"]).reset_index(drop=True)
+
+
+def speed_plots(speed: pd.DataFrame) -> list[tuple[str, str]]:
+    """(caption, base64 PNG): per asv benchmark, its value over commits, a line per parameter
+    set and machine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    for name, g in speed.groupby("benchmark", sort=False):
+        commits = g.sort_values("date").drop_duplicates("commit")["commit"].tolist()
+        lines = list(g.groupby(["params", "machine"], sort=False))
+        fig, ax = plt.subplots(figsize=(9, 3.6))
+        unit = g["unit"].iloc[0]
+        scale, shown = (2**-20, "MiB") if unit == "bytes" else (1e3, "ms") if unit == "s" else (1, unit)
+        for ((params, machine), line), style in zip(lines, line_styles(len(lines)), strict=True):
+            xs = [commits.index(c) for c in line["commit"]]
+            label = (params or "—") + (f" · {machine}" if g["machine"].nunique() > 1 else "")
+            ax.plot(xs, line["value"] * scale, label=label, **style)
+        ax.set_xticks(range(len(commits)), commits, fontsize=6)
+        ax.set_ylabel(shown)
+        ax.set_title(f"{name} ({g['machine'].iloc[0] if g['machine'].nunique() == 1 else 'machines below'})",
+                     fontsize=9)  # fmt: skip
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+        out.append((f"asv: {name}", _png(fig)))
+        plt.close(fig)
+    return out
+
+
+def write(
+    root: str | Path, out: str | Path | None = None, asv_results: str | Path | None = None
+) -> tuple[Path, Path, str]:
+    """Write ``history.md`` and ``history.html`` into ``out`` (default: the results root), with
+    asv's speed history from ``asv_results`` (default: ``.asv/results`` of this checkout)."""
+    from bench.provenance import REPO_ROOT
+
     hist = history(root)
     table = summary(hist)
-    head = "| matrix | model | method | bits | metric | settings | commits | first | latest | change |"
+    asv_results = Path(asv_results or REPO_ROOT / ".asv" / "results")
+    speed = speed_history(asv_results)
+    head = (
+        "| matrix | model | method | bits | metric | settings | machine | commits | first | latest | change |"
+    )
     lines = [
         f"# Quality over commits: {root}",
         "",
-        "First and latest value of every quality cell (mean over seeds); plots in history.html.",
+        "First and latest value of every quality cell (mean over seeds) on each machine; plots in "
+        "history.html.",
         "",
         head,
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     failing = hist.attrs.get("failing", {})
     for r in table.itertuples():
         newest = failing.get((r.matrix, r.model, r.method, r.bits, r.metric))
         latest = f"{r.latest:.4g} ({r.latest_commit})" + (f"; **newest run: {newest}**" if newest else "")
         lines.append(
-            f"| {r.matrix} | {r.model} | {r.method} | {r.bits} | {r.metric} | {r.settings} | {r.commits} | "
-            f"{r.first:.4g} ({r.first_commit}) | {latest} | {r.change:+.3g} |"
+            f"| {r.matrix} | {r.model} | {r.method} | {r.bits} | {r.metric} | {r.settings} | {r.machine} | "
+            f"{r.commits} | {r.first:.4g} ({r.first_commit}) | {latest} | {r.change:+.3g} |"
         )
+    lines += ["", "## Speed and memory over commits (asv)", ""]
+    if speed.empty:
+        lines.append(f"No asv results at {asv_results}: `tox -e asv` measures this checkout.")
+    else:
+        lines += [
+            "| benchmark | parameters | machine | commits | first | latest |",
+            "|---|---|---|---|---|---|",
+        ]
+        for (name, params, machine), g in speed.groupby(["benchmark", "params", "machine"], sort=False):
+            first, last = g.iloc[0], g.iloc[-1]
+            lines.append(f"| {name} | {params or '—'} | {machine} | {len(g)} | {first['value']:.4g} "
+                         f"({first['commit']}) | {last['value']:.4g} ({last['commit']}) |")  # fmt: skip
     markdown = "\n".join(lines) + "\n"
     esc = html.escape
-    figures = "".join(
-        f'<h3>{esc(cap)}</h3><img alt="{esc(cap)}" src="data:image/png;base64,{b64}">'
-        for cap, b64 in plots(hist)
+
+    def figures(pairs) -> str:
+        return "".join(f'<h3>{esc(cap)}</h3><img alt="{esc(cap)}" src="data:image/png;base64,{b64}">'
+                       for cap, b64 in pairs)  # fmt: skip
+
+    speed_html = (
+        f"<p>No asv results at <code>{esc(str(asv_results))}</code>: <code>tox -e asv</code> measures "
+        "this checkout.</p>"
+        if speed.empty
+        else f"<p>From <code>{esc(str(asv_results))}</code> (time in ms, memory in MiB).</p>"
+        + figures(speed_plots(speed))
     )
     title = f"Quality over commits: {esc(str(root))}"
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
-        f"<style>{CSS}</style></head><body><h1>{title}</h1>{figures}</body></html>"
+        f"<style>{CSS}</style></head><body><h1>{title}</h1>"
+        "<p>A line per method, bit width, settings and machine: a rerun on another machine starts "
+        "its own line.</p>"
+        f"{figures(plots(hist))}<h2>Speed and memory over commits (asv)</h2>{speed_html}</body></html>"
     )
     out = Path(out or root)
     out.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ class Phase:
     def __init__(self, mode: str | None, label: str, what: str, unit: str) -> None:
         self.mode, self.label, self.what, self.unit = mode, label, what, unit
         self.start = self.last = time.perf_counter()
+        self.first: tuple[float, int] | None = None  # the first report: the rate counts from here
         self.bar: tqdm | None = None
 
     def __call__(self, done: int, total: int) -> None:
@@ -53,8 +54,12 @@ class Phase:
             if elapsed >= LINE_EVERY:
                 self._line(f"{self.what} done: {total} {self.unit} in {_clock(elapsed)}")
             return
-        if now - self.last >= LINE_EVERY and done:
-            eta = elapsed / done * (total - done)
+        if self.first is None:  # the time before it (loading, calibrating) is not this work's rate
+            self.first = (now, done)
+            return
+        since, base = self.first
+        if now - self.last >= LINE_EVERY and done > base:
+            eta = (now - since) / (done - base) * (total - done)
             self._line(
                 f"{self.what} {done}/{total} {self.unit}, {_clock(elapsed)} elapsed, ETA {_clock(eta)}"
             )

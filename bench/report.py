@@ -165,6 +165,7 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
                 "higher_is_better": bool(first["higher_is_better"]),
                 "kind": first.get("kind", "quality") if isinstance(first.get("kind"), str) else "quality",
                 "weights_from": _first(good, "weights_from"),
+                "backend": _first(good, "backend"),  # cost rows: what ran ("fake": simulated)
                 "floor": good["floor"].astype(float).mean() if good["floor"].notna().any() else math.nan,
                 "floor_sd": good["floor_sd"].astype(float).mean()
                 if good["floor_sd"].notna().any()
@@ -228,29 +229,77 @@ def leaderboard(cells: pd.DataFrame) -> pd.DataFrame:
 TIME_UNITS = ("ms", "s")
 # Costs that include those of the models a method refines (its ``bases``, ``weights_from``).
 INCLUDES_BASES = ("quantize_time",)
-KINDS = (("quality", "Quality"), ("cost", "Cost"))
 
 
 def boards(cells: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """One leaderboard per metric kind present: (heading, board), quality first."""
-    return [(heading, leaderboard(cells[cells["kind"] == kind])) for kind, heading in KINDS
-            if (cells["kind"] == kind).any()]  # fmt: skip
+    """One board per metric kind present: (heading, board), quality first. Quality is method ×
+    (bit width, metric); cost is (method, bit width) × metric, a handful of columns however
+    many bit widths a matrix has."""
+    out = []
+    if (cells["kind"] == "quality").any():
+        out.append(("Quality", leaderboard(cells[cells["kind"] == "quality"])))
+    if (cells["kind"] == "cost").any():
+        out.append(("Cost", cost_board(cells[cells["kind"] == "cost"])))
+    return out
+
+
+def cost_board(cells: pd.DataFrame) -> pd.DataFrame:
+    """Index (model, method, bits), one column per cost metric (``metric (unit)``); FP first."""
+    best = _best_cost(cells)
+    metrics = list(dict.fromkeys(cells["metric"]))
+    units = dict(zip(cells["metric"], cells["unit"], strict=True))
+    columns = [f"{m} ({units[m]})" for m in metrics]
+    table: dict[tuple[str, str, str], dict[str, str]] = {}
+    for c in cells.sort_values("bits_rank").itertuples():
+        text = _cell_text(c, is_best=(c.model, c.method, c.bits, c.metric) in best)
+        table.setdefault((c.model, c.method, c.bits), {})[f"{c.metric} ({units[c.metric]})"] = text
+    index = pd.MultiIndex.from_tuples(
+        sorted(table, key=lambda k: (k[0], k[1] != FP, list(table).index(k))),
+        names=["model", "method", "bits"],
+    )
+    return pd.DataFrame(
+        [[table[i].get(col, "—") for col in columns] for i in index], index=index, columns=columns
+    )
 
 
 def _best(quant: pd.DataFrame) -> set[tuple[str, str, str, str]]:
     """Per (model, bits, metric): quality cells ranked first where the ranks separate at least
-    two groups (all tied: nothing is best); cost cells with the best value."""
+    two groups (all tied: nothing is best)."""
     best = set()
-    for (model, bits, metric), g in quant[quant["status"] == "ok"].groupby(["model", "bits", "metric"]):
-        g = g.dropna(subset=["value"])
-        if len(g) < 2:
+    quality = quant[(quant["status"] == "ok") & (quant["kind"] == "quality")]
+    for (model, bits, metric), g in quality.groupby(["model", "bits", "metric"]):
+        if len(g) >= 2 and g["rank"].notna().all() and g["rank"].max() > 1:
+            best.update((model, bits, metric, m) for m in g[g["rank"] == 1]["method"])
+    return best
+
+
+# A cost cell is highlighted only when it beats its paired FP run by more than this (timing
+# noise between repeated runs is a few per cent), and only if it was measured on a real backend.
+REAL_IMPROVEMENT = 0.05
+SIMULATED_COSTS = ("latency_step", "latency_e2e", "peak_memory")  # meaningless on the fake backend
+
+
+def _simulated(c) -> bool:
+    return c.metric in SIMULATED_COSTS and c.backend == "fake"
+
+
+def _best_cost(cells: pd.DataFrame) -> set[tuple[str, str, str, str]]:
+    """Per (model, metric): the best quantized cell among those that improve on FP by more than
+    :data:`REAL_IMPROVEMENT` (none if none does, or if FP has no value to beat)."""
+    best = set()
+    quant = cells[(cells["method"] != FP) & (cells["status"] == "ok")]
+    for (model, metric), g in quant.groupby(["model", "metric"]):
+        g = g[[not _simulated(c) for c in g.itertuples()]].dropna(subset=["ratio"])
+        g = g[g["ratio"] > 1 + REAL_IMPROVEMENT] if g["higher_is_better"].any() else g[
+            g["ratio"] < 1 - REAL_IMPROVEMENT]  # fmt: skip
+        if not len(g):
             continue
-        if g["kind"].iloc[0] == "quality":
-            if g["rank"].notna().all() and g["rank"].max() > 1:
-                best.update((model, bits, metric, m) for m in g[g["rank"] == 1]["method"])
-            continue
-        pick = g["value"].idxmax() if g["higher_is_better"].iloc[0] else g["value"].idxmin()
-        best.add((model, bits, metric, g.loc[pick, "method"]))
+        # Cells within REAL_IMPROVEMENT of the best tie with it; all tied: nothing is best.
+        sign = 1 if g["higher_is_better"].iloc[0] else -1
+        top = (sign * g["value"]).max()
+        tied = g[sign * g["value"] >= top - REAL_IMPROVEMENT * abs(top)]
+        if len(tied) < len(g) or len(g) == 1:
+            best.update((model, r.method, r.bits, metric) for r in tied.itertuples())
     return best
 
 
@@ -282,9 +331,14 @@ def _cell_text(c, is_best: bool) -> str:
         text += f" ± {_fmt((c.high - c.low) / 2, c.value)}"
     elif c.seeds > 1 and c.sd > 0:
         text += f" (sd {_fmt(c.sd, c.value)})"
-    if c.method != FP and c.kind == "cost" and c.ratio > 0:
-        # Cost reads as a ratio to the paired FP run: speedup for times, a fraction for sizes.
-        text += f" (speedup {1 / c.ratio:.2f}×)" if c.unit in TIME_UNITS else f" ({c.ratio:.2f}× FP)"
+    if c.kind == "cost":
+        # Cost reads as a ratio to the paired FP run: faster/slower for times, a fraction for sizes.
+        if c.method != FP and c.ratio > 0 and c.unit in TIME_UNITS:
+            text += f" ({1 / c.ratio:.2f}× faster)" if c.ratio <= 1 else f" ({c.ratio:.2f}× slower)"
+        elif c.method != FP and c.ratio > 0:
+            text += f" ({c.ratio:.2f}× FP)"
+        if _simulated(c):
+            text += " (simulated)"
     elif c.method != FP and not math.isnan(c.delta):
         delta = _signed(c.delta, c.value)
         if not math.isnan(c.delta_low):
@@ -362,8 +416,15 @@ CELLS_LEGEND = (
     "calibration seeds; bootstrap over images and runs), then the paired Δ to the FP run from "
     "the same noise ± its half-width, '≈FP' where that interval holds 0, and the rank among the "
     "column's methods, tied where intervals overlap (#1 in bold where the ranks separate). "
-    "Cost cells: the value and its ratio to FP."
+    "Cost cells: the value and its ratio to the paired FP run, in bold only where it beats FP by more "
+    "than 5 %; latency and memory of simulated (fake-quant) models are marked 'simulated': they say "
+    "nothing about deployment."
 )
+
+
+def _column(column) -> str:
+    """A board column's heading: ``W4A8 digits_fd`` (quality) or ``latency_step (ms)`` (cost)."""
+    return " ".join(column) if isinstance(column, tuple) else str(column)
 
 
 def _invocation_text(inv: dict) -> str:
@@ -417,8 +478,9 @@ def time_split(df: pd.DataFrame) -> list[tuple[str, str, str, str]]:
             continue
         slowest = timed.loc[timed["metric_s"].astype(float).idxmax()]
         sample = first["sample_s"]
+        calib = first["budget"].get("calib_seed") if isinstance(first.get("budget"), dict) else None
         out.append((
-            f"{first['model']} {first['method']} {first['bits']}",
+            f"{first['model']} {first['method']} {first['bits']}" + ("" if calib is None else f" c{calib}"),
             "cached" if pd.isna(sample) else f"{float(sample):.1f}",
             f"{timed['metric_s'].astype(float).sum():.1f}",
             f"{slowest['metric']} ({float(slowest['metric_s']):.1f})",
@@ -455,16 +517,16 @@ def to_markdown(
     lines.append("Metrics: " + "; ".join(_metric_legend(cells)) + ".")
     lines.extend(["", *[f"- {f}" for f in _floors(cells)]])
     for heading, board in tables:
-        header = ["model", "method", *[f"{b} {m}" for b, m in board.columns]]
+        header = [*board.index.names, *map(_column, board.columns)]
         lines.extend(["", f"## {heading}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)])
-        for (model, method), values in board.iterrows():
+        for key, values in board.iterrows():
             shown = []
             for text in values:
                 if text.startswith(("error:", "skipped:")):
-                    notes.append(f"{model} {method}: {text}")
+                    notes.append(f"{' '.join(key)}: {text}")
                     text = f"{text.split(':')[0]} [{len(notes)}]"
                 shown.append(text.replace("|", "\\|"))
-            lines.append(f"| {model} | {method} | " + " | ".join(shown) + " |")
+            lines.append("| " + " | ".join([*key, *shown]) + " |")
     if notes:
         lines.extend(["", *[f"[{i}] {n}" for i, n in enumerate(notes, 1)]])
     split = time_split(df)
@@ -479,19 +541,17 @@ def to_markdown(
     return "\n".join(lines) + "\n"
 
 
-# Where the history of these numbers lives: quality over commits (report --history) and asv's
-# speed/memory graphs, which `asv publish` writes to .asv/html at the repository root (reports
-# sit two folders below it, in results/<matrix>/).
-ASV_HTML = "../../.asv/html/index.html"
+# Where the history of these numbers lives: one self-contained page, nothing linked that may not
+# exist (asv's own HTML needs `asv publish` and loads its scripts from a CDN).
 TRENDS_MD = (
-    "Quality of every cell over commits: `qdiff-bench report --history results/` (history.html "
-    f"in the results root). Speed and memory over commits: [asv's graphs]({ASV_HTML}) "
-    "(`tox -e asv` runs the suite and `asv publish` writes them)."
+    "Quality of every cell over commits and machines, and asv's speed and memory benchmarks over "
+    "commits (`tox -e asv` measures them): `qdiff-bench report --history results/` writes "
+    "history.md and a self-contained history.html into the results root."
 )
 TRENDS_HTML = (
-    "Quality of every cell over commits: <code>qdiff-bench report --history results/</code> "
-    f'(history.html in the results root). Speed and memory over commits: <a href="{ASV_HTML}">'
-    "asv's graphs</a> (<code>tox -e asv</code> runs the suite and <code>asv publish</code> writes them)."
+    "Quality of every cell over commits and machines, and asv's speed and memory benchmarks over "
+    "commits (<code>tox -e asv</code> measures them): <code>qdiff-bench report --history "
+    "results/</code> writes history.md and a self-contained history.html into the results root."
 )
 
 
@@ -499,6 +559,35 @@ def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def line_styles(n: int) -> list[dict]:
+    """``n`` distinguishable line styles: 20 colours (tab20), then markers and dashes vary, so no
+    two lines of a plot look alike even past the colour cycle."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab20"].colors
+    markers, dashes = "osD^vP*X", ("-", "--", ":", "-.")
+    return [
+        {"color": colours[i % 20], "marker": markers[(i // 20 + i) % len(markers)],
+         "linestyle": dashes[(i // 20) % len(dashes)], "markersize": 4, "linewidth": 1.2}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def _label_points(ax, xs: list[float], ys: list[float], labels: list[str]) -> None:
+    """Labels beside their markers, on a white ground, stepped apart where points crowd (within
+    4 % of the axes of a point labelled before), so none hides under a marker or another label."""
+    x_span = (max(xs) - min(xs)) or 1.0
+    y_span = (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float, int]] = []
+    for x, y, text in sorted(zip(xs, ys, labels, strict=True)):
+        crowd = sum(abs(x - px) < 0.04 * x_span and abs(y - py) < 0.04 * y_span for px, py, _ in placed)
+        placed.append((x, y, crowd))
+        ground = {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85}
+        ax.annotate(
+            text, (x, y), xytext=(6, 4 - 9 * crowd), textcoords="offset points", fontsize=7, bbox=ground
+        )
 
 
 def plots(cells: pd.DataFrame) -> list[tuple[str, str]]:
@@ -514,12 +603,13 @@ def plots(cells: pd.DataFrame) -> list[tuple[str, str]]:
         quant = mcells[mcells["method"] != FP].sort_values("bits_rank")
         labels = list(dict.fromkeys(quant["bits"]))
         for metric, g in quant[quant["kind"] == "quality"].groupby("metric", sort=False):
-            fig, ax = plt.subplots(figsize=(6, 3.6))
-            for i, (method, mg) in enumerate(g.groupby("method", sort=False)):
+            fig, ax = plt.subplots(figsize=(7, 3.8))
+            groups = list(g.groupby("method", sort=False))
+            for i, ((method, mg), style) in enumerate(zip(groups, line_styles(len(groups)), strict=True)):
                 # Methods side by side within a bit width, so their intervals do not overlap.
-                xs = [labels.index(b) + 0.06 * (i - len(g["method"].unique()) / 2) for b in mg["bits"]]
+                xs = [labels.index(b) + 0.06 * (i - len(groups) / 2) for b in mg["bits"]]
                 err = [mg["value"] - mg["low"], mg["high"] - mg["value"]] if mg["low"].notna().all() else None
-                ax.errorbar(xs, mg["value"], yerr=err, marker="o", capsize=2, label=method)
+                ax.errorbar(xs, mg["value"], yerr=err, capsize=2, label=method, **style)
             fp = mcells[(mcells["method"] == FP) & (mcells["metric"] == metric)]
             if len(fp):
                 ax.axhline(fp["value"].iloc[0], color="black", ls="--", lw=1, label="fp")
@@ -529,22 +619,26 @@ def plots(cells: pd.DataFrame) -> list[tuple[str, str]]:
             ax.set_xlim(-0.5, len(labels) - 0.5)
             ax.set_ylabel(f"{metric} ({g['unit'].iloc[0]})")
             ax.set_title(f"{model}: {metric} vs bit width")
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
             out.append((f"{model}: {metric} by bit width and method", _png(fig)))
             plt.close(fig)
         costs = quant[quant["kind"] == "cost"]["metric"].unique()
         qualities = quant[quant["kind"] == "quality"]["metric"].unique()
+        # Latency and memory of simulated models say nothing about deployment: a front drawn
+        # through them would rank methods by how slowly they simulate.
+        real = quant[[not _simulated(c) for c in quant.itertuples()]]
         for cost in costs:
             for quality in qualities[:1]:
-                pts = quant.pivot_table(index=["method", "bits"], columns="metric", values="value")
+                pts = real.pivot_table(index=["method", "bits"], columns="metric", values="value")
                 if cost not in pts or quality not in pts:
                     continue
                 pts = pts[[cost, quality]].dropna()
+                if len(pts) < 2:
+                    continue
                 hib = bool(quant[quant["metric"] == quality]["higher_is_better"].iloc[0])
-                fig, ax = plt.subplots(figsize=(6, 3.6))
-                ax.scatter(pts[cost], pts[quality], color="tab:blue")
-                for (method, bits), r in pts.iterrows():
-                    ax.annotate(f"{method} {bits}", (r[cost], r[quality]), fontsize=6)
+                fig, ax = plt.subplots(figsize=(7, 4))
+                ax.scatter(pts[cost], pts[quality], color="tab:blue", zorder=3)
+                _label_points(ax, list(pts[cost]), list(pts[quality]), [f"{m} {b}" for m, b in pts.index])
                 front = _pareto(pts[cost].tolist(), pts[quality].tolist(), hib)
                 ax.plot([pts[cost].iloc[i] for i in front], [pts[quality].iloc[i] for i in front], "r-", lw=1)
                 unit = dict(zip(quant["metric"], quant["unit"], strict=True))
@@ -570,10 +664,11 @@ def eps_plots(df: pd.DataFrame) -> list[tuple[str, str]]:
     rows = df[(df["metric"] == "eps_mse") & (df["status"] == "ok") & df["per_step"].notna()]
     out = []
     for (model, bits), g in rows.assign(method=method_labels(rows)).groupby(["model", "bits"], sort=False):
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for method, mg in g.groupby("method", sort=False):
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        groups = list(g.groupby("method", sort=False))
+        for (method, mg), style in zip(groups, line_styles(len(groups)), strict=True):
             curve = np.mean([np.asarray(p, dtype=float) for p in mg["per_step"]], axis=0)
-            ax.plot(mg["timesteps"].iloc[0], curve, marker=".", label=f"{method} ({len(mg)} run(s))")
+            ax.plot(mg["timesteps"].iloc[0], curve, label=f"{method} ({len(mg)} run(s))", **style)
         ax.set_yscale("log")
         ax.set_xlabel("timestep t (sampling runs from right to left)")
         ax.set_ylabel("ε MSE vs FP")
@@ -604,6 +699,8 @@ th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
 th{background:#f3f3f3} td.name{text-align:left}
 td.best{background:#e3f6e3;font-weight:bold} td.error{background:#fde8e8;color:#a00}
 td.skipped{background:#f3f3f3;color:#777} td.ref{color:#555}
+td{white-space:nowrap} td.error,td.skipped{white-space:normal;max-width:20em}
+div.wide{overflow-x:auto;max-width:100%}
 img{max-width:100%;display:block;margin:.5em 0 1.5em}
 """
 
@@ -616,14 +713,17 @@ def to_html(
     notes: list[str] = []
     sections = []
     for heading, board in tables:
-        head = "".join(f"<th>{esc(b)}<br>{esc(m)}</th>" for b, m in board.columns)
+        head = "".join(f"<th>{'<br>'.join(map(esc, c if isinstance(c, tuple) else (c,)))}</th>"
+                       for c in board.columns)  # fmt: skip
+        names = "".join(f"<th>{esc(n)}</th>" for n in board.index.names)
         body = []
-        for (model, method), values in board.iterrows():
-            tds = [f'<td class="name">{esc(model)}</td><td class="name">{esc(method)}</td>']
+        for key, values in board.iterrows():
+            method = key[1]
+            tds = ["".join(f'<td class="name">{esc(k)}</td>' for k in key)]
             for text in values:
                 cls = "ref" if method == FP else ""
                 if text.startswith(("error:", "skipped:")):
-                    notes.append(f"{model} {method}: {text}")
+                    notes.append(f"{' '.join(key)}: {text}")
                     status = text.split(":")[0]
                     tds.append(f'<td class="{status}" title="{esc(text)}">{status} [{len(notes)}]</td>')
                     continue
@@ -632,7 +732,8 @@ def to_html(
                 tds.append(f'<td class="{cls}">{esc(text)}</td>')
             body.append("<tr>" + "".join(tds) + "</tr>")
         sections.append(
-            f"<h2>{esc(heading)}</h2><table><tr><th>model</th><th>method</th>{head}</tr>{''.join(body)}</table>"
+            f"<h2>{esc(heading)}</h2><div class='wide'><table><tr>{names}{head}</tr>"
+            f"{''.join(body)}</table></div>"
         )
     legend = "; ".join(_metric_legend(cells)).replace("`", "")
     floors = "".join(f"<li>{esc(f.replace('`', ''))}</li>" for f in _floors(cells))

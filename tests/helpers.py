@@ -148,3 +148,25 @@ def fixture_store(root, qdiff_w4=20.0):
             [row("linear", "W4A8", m, None, seed, status="error", error="RuntimeError: boom") for m in failed]
         )
     return root
+
+
+def write_asv_results(root, machine="m1", cpu="Xeon", points=(("a" * 40, 0.5), ("b" * 40, 0.6))):
+    """asv results as ``asv run`` writes them (asv's own writer): one unparametrised and one
+    parametrised benchmark per commit, the second skipped for one parameter (as a GPU one on a
+    CPU machine)."""
+    from asv import util
+    from asv.results import Results
+    from asv.runner import BenchmarkResult
+
+    (root / machine).mkdir(parents=True, exist_ok=True)
+    util.write_json(str(root / machine / "machine.json"), {"machine": machine, "cpu": cpu, "version": 1}, 1)
+    step = {"name": "bench_step.DenoiserStep.time_step", "params": [["'fp'", "'x86'"], ["'embedded'"]],
+            "param_names": ["backend", "model"], "version": "1"}  # fmt: skip
+    load = {"name": "bench_harness.Harness.time_load", "params": [], "param_names": [], "version": "1"}
+    for i, (sha, value) in enumerate(points):
+        params = {"machine": machine, "cpu": cpu, "python": "3.11"}
+        results = Results(params, {}, sha, 1_700_000_000_000 + i * 1000, "3.11", "existing-py", {})
+        results.add_result(load, BenchmarkResult([value], [[value]], [1], 0, "", None))
+        results.add_result(step, BenchmarkResult([value, None], [[value], None], [1, 1], 0, "", None))
+        results.save(str(root))
+    return root

@@ -53,7 +53,7 @@ def test_progress_lines_report_count_and_eta(monkeypatch, capsys):
     for done in range(1, 5):
         phase(done, 4)
     err = capsys.readouterr().err
-    assert "  digits qdiff W4A8: reconstruction 1/4 units, " in err and "ETA" in err
+    assert "  digits qdiff W4A8: reconstruction 2/4 units, " in err and "ETA" in err  # rate from the 1st
     assert "reconstruction done: 4 units in" in err
     assert progress.Tracker(None, "x").phase("sampling", "steps") is None
     with pytest.raises(ValueError, match="choose from bar, lines"):

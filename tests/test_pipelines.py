@@ -144,3 +144,39 @@ def test_unknown_init_is_one_clear_error():
 
     with pytest.raises(ValueError, match="init='randn'; choose pretrained or random"):
         _ = DDIMCifar10(Sampling(device="cpu"), init="randn").pipeline
+
+
+def test_single_file_checkpoints_load_through_from_single_file(tmp_path, tiny_pipelines, monkeypatch):
+    """An original-format checkpoint goes to diffusers' from_single_file with its config folder
+    (a converted tiny SD pipeline stands in: diffusers writes no original-format files)."""
+    import diffusers
+
+    from bench.errors import MatrixError
+
+    checkpoint = tmp_path / "sd15.safetensors"
+    checkpoint.write_bytes(b"weights")
+    calls = []
+
+    def from_single_file(path, **kwargs):
+        calls.append((path, kwargs))
+        if "config" not in kwargs:
+            raise OSError("cannot reach the hub for the config")
+        return diffusers.StableDiffusionPipeline.from_pretrained(kwargs["config"], safety_checker=None)
+
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_single_file", from_single_file)
+    adapter = MODELS.get("sd-1.5")(SAMPLING, source=str(checkpoint), config=str(tiny_pipelines["sd-1.5"]))
+    assert adapter.sample(adapter.denoiser(), 2, seed=0).shape == (2, *SHAPES["sd-1.5"])
+    assert calls[0][0] == str(checkpoint) and calls[0][1]["config"] == str(tiny_pipelines["sd-1.5"])
+    offline = MODELS.get("sd-1.5")(SAMPLING, source=str(checkpoint))
+    with pytest.raises(AvailabilityError, match="offline, set config: to a folder"):
+        offline.denoiser()
+    # Models without single-file support, and missing files, fail at validate.
+    text = (
+        f"models: [{{name: ddim-cifar10, source: {checkpoint}}}, {{name: sd-1.5, source: {checkpoint}, "
+        "config: /no/configs}]\nmethods: [linear]\nbits: [W8A8]\nmetrics: [psnr_vs_fp]\n"
+    )
+    (tmp_path / "m.yaml").write_text(text)
+    with pytest.raises(MatrixError) as info:
+        load_matrix(tmp_path / "m.yaml")
+    assert "single-file checkpoint, which ddim-cifar10 cannot load" in str(info.value)
+    assert "config /no/configs: no such file or folder here" in str(info.value)

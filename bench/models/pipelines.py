@@ -2,7 +2,9 @@
 
 Every adapter loads with ``DiffusionPipeline.from_pretrained(source)``, where ``source`` is a hub
 id (resolved through the normal Hugging Face cache) or a local directory written by
-``save_pretrained``. Only the pipeline's components are used; sampling is the shared DDIM loop
+``save_pretrained``; Stable Diffusion also takes a single-file checkpoint (``.safetensors`` or
+``.ckpt``, the original format) through diffusers' ``from_single_file``, with ``config``: the
+folder (or hub id) of the pipeline's diffusers configs, which an offline machine must have. Only the pipeline's components are used; sampling is the shared DDIM loop
 of :class:`~bench.models.base.DiffusionAdapter`, so FP and quantized denoisers run identical
 schedules. Missing weights on an offline machine make the run ``skipped``, not an error.
 """
@@ -24,6 +26,7 @@ from bench.fsio import missing_path
 from bench.models.base import COST_METRICS, DiffusionAdapter
 
 BUILTIN_PROMPTS = "bench.prompts", "smoke.txt"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 class PipelineAdapter(DiffusionAdapter):
@@ -37,6 +40,9 @@ class PipelineAdapter(DiffusionAdapter):
 
     ARGS: ClassVar[tuple[str, ...]] = ("source", "init")
     DEFAULT_SOURCE: ClassVar[str]
+    # The diffusers pipeline class whose ``from_single_file`` reads this model's original
+    # single-file checkpoints (None: only diffusers-format folders and hub ids).
+    SINGLE_FILE: ClassVar[str | None] = None
     RANDOM_CONFIG: ClassVar[str | None] = None
     LOAD_KWARGS: ClassVar[dict[str, Any]] = {}
     DEFAULT_METRICS = ("fid", "kid", "fid_vs_fp", "psnr_vs_fp", *COST_METRICS)
@@ -51,8 +57,17 @@ class PipelineAdapter(DiffusionAdapter):
             problem = missing_path(str(source), hub_ids=True)
             if problem:
                 out.append(
-                    f"source {problem} (a save_pretrained folder, a single-file checkpoint, or a hub id)"
+                    f"source {problem} (a save_pretrained folder, a single-file checkpoint or a hub id)"
                 )
+            elif Path(str(source)).suffix in SINGLE_FILE_SUFFIXES and cls.SINGLE_FILE is None:
+                out.append(
+                    f"source {source} is a single-file checkpoint, which {cls.name} cannot load; give "
+                    "the folder written by save_pretrained"
+                )
+        if args.get("config") is not None:
+            problem = missing_path(str(args["config"]), hub_ids=True)
+            if problem:
+                out.append(f"config {problem} (the pipeline's diffusers configs: a folder or hub id)")
         return out
 
     @property
@@ -69,7 +84,10 @@ class PipelineAdapter(DiffusionAdapter):
         if self.random_init:
             return self._random_pipeline()
         try:
-            pipe = DiffusionPipeline.from_pretrained(self.source, **self.LOAD_KWARGS)
+            if Path(self.source).suffix in SINGLE_FILE_SUFFIXES:
+                pipe = self._single_file()
+            else:
+                pipe = DiffusionPipeline.from_pretrained(self.source, **self.LOAD_KWARGS)
         except (OSError, ValueError) as exc:
             if Path(self.source).exists():
                 raise  # a local directory that does not load is an error, not an absence
@@ -86,6 +104,28 @@ class PipelineAdapter(DiffusionAdapter):
             if isinstance(module, nn.Module):
                 module.to(self.device).eval().requires_grad_(False)
         return pipe
+
+    def _single_file(self):
+        """The pipeline from an original single-file checkpoint (diffusers' ``from_single_file``)."""
+        import diffusers
+
+        if self.SINGLE_FILE is None:
+            raise ValueError(
+                f"{self.name} cannot load a single-file checkpoint; give a save_pretrained folder"
+            )
+        kwargs = dict(self.LOAD_KWARGS)
+        if self.args.get("config") is not None:
+            kwargs["config"] = str(self.args["config"])
+        try:
+            return getattr(diffusers, self.SINGLE_FILE).from_single_file(self.source, **kwargs)
+        except (OSError, ValueError) as exc:
+            if "config" in kwargs or not Path(self.source).is_file():
+                raise
+            raise AvailabilityError(
+                f"{self.name}: the single-file checkpoint {self.source} needs its pipeline's configs, which "
+                f"diffusers fetches from the hub ({type(exc).__name__}); offline, set config: to a folder "
+                "with them (a save_pretrained folder of the same architecture, weights not needed)"
+            ) from None
 
     @property
     def random_init(self) -> bool:
@@ -137,12 +177,14 @@ class LatentPipelineAdapter(PipelineAdapter):
 class TextToImageAdapter(PipelineAdapter):
     """Stable Diffusion text-to-image with classifier-free guidance.
 
-    Model args: ``source``; ``prompts`` (a UTF-8 text file, one prompt per line; default: a
-    small built-in set for smoke runs); ``guidance_scale`` (default 7.5). Sample ``i`` uses
-    prompt ``i mod len(prompts)``.
+    Model args: ``source`` (also a single-file ``.safetensors``/``.ckpt``, with ``config``: the
+    folder or hub id of its diffusers configs, needed offline); ``prompts`` (a UTF-8 text file,
+    one prompt per line; default: a small built-in set for smoke runs); ``guidance_scale``
+    (default 7.5). Sample ``i`` uses prompt ``i mod len(prompts)``.
     """
 
-    ARGS = ("source", "init", "prompts", "guidance_scale")
+    ARGS = ("source", "init", "config", "prompts", "guidance_scale")
+    SINGLE_FILE = "StableDiffusionPipeline"
     LOAD_KWARGS: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
     CAPABILITIES = frozenset({"text-to-image"})
     DEFAULT_METRICS = ("clip_score", "fid", "fid_vs_fp", "psnr_vs_fp", *COST_METRICS)
