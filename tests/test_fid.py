@@ -56,7 +56,7 @@ def test_torch_fidelity_from_memory_equals_its_folder_output(pair):
     from_folder = fid.compute(TF, dir_a, dir_b, kid=True, isc=True)
     theirs = torch_fidelity.calculate_metrics(
         input1=dir_a, input2=dir_b, cuda=False, fid=True, kid=True, isc=True, kid_subset_size=36,
-        feature_extractor=TF_EXTRACTOR, cache=False, verbose=False,
+        feature_extractor=TF_EXTRACTOR, cache=False, verbose=False, save_cpu_ram=True,
     )  # fmt: skip
     for scores in (ours, from_folder):
         assert scores.fid == pytest.approx(theirs["frechet_inception_distance"], rel=1e-9)
@@ -178,7 +178,7 @@ def test_local_inception_weights_are_used_without_network(tmp_path, monkeypatch)
         ours = fid.compute(Evaluation(inception_weights=str(weights)), a, b)
     theirs = torch_fidelity.calculate_metrics(
         input1=fid._Images(a), input2=fid._Images(b), cuda=False, fid=True, verbose=False, cache=False,
-        feature_extractor_weights_path=str(weights),
+        feature_extractor_weights_path=str(weights), save_cpu_ram=True,
     )  # fmt: skip
     assert ours.fid == pytest.approx(theirs["frechet_inception_distance"], rel=1e-9)
     assert (

@@ -185,8 +185,11 @@ class TorchFidelity:
             cache=ref_key is not None,
             cache_root=str(cache_dir() / "torch-fidelity"),
             input2_cache_name=ref_key if ref_key else None,
-            # Data-loader worker processes only help decode image files; in-memory inputs skip them.
-            save_cpu_ram=not any(isinstance(x, str) and Path(x).is_dir() for x in (gen, ref)),
+            # Data-loader worker processes only help decode image files; in-memory inputs skip them,
+            # and so do machines with fewer than 4 cores, where torch-fidelity's 4 workers would
+            # outnumber the cores (and torch warns on every call).
+            save_cpu_ram=(os.cpu_count() or 1) < 4
+            or not any(isinstance(x, str) and Path(x).is_dir() for x in (gen, ref)),
             verbose=False,
         )
         if isinstance(ref, str) and not Path(ref).is_dir():  # a registered data set, e.g. cifar10-train
@@ -275,7 +278,7 @@ class CleanFID:
             )
             f_ref = tensors["features"].numpy()
         return Scores(
-            fid=float(fid_from_feats(f_gen, f_ref)),
+            fid=float(_quiet(fid_from_feats, f_gen, f_ref)),
             kid=_seeded_kid(kernel_distance, f_gen, f_ref) if kid else None,
             kid_std=None,
             isc=None,
@@ -298,6 +301,17 @@ def _seeded_kid(kernel_distance, f_gen: np.ndarray, f_ref: np.ndarray) -> float:
         return float(kernel_distance(f_gen, f_ref))
     finally:
         np.random.set_state(state)
+
+
+def _quiet(fn, *args):
+    """``fn(*args)`` without clean-fid's SciPy deprecation warning (it passes ``disp`` to
+    ``scipy.linalg.sqrtm``, deprecated in SciPy 1.16): a warning per FID that the user can do
+    nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="The `disp` argument is deprecated", category=DeprecationWarning
+        )
+        return fn(*args)
 
 
 def _cleanfid_inception(mode: str, weights: str | None, device: torch.device):

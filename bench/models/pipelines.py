@@ -4,8 +4,9 @@ Every adapter loads with ``DiffusionPipeline.from_pretrained(source)``, where ``
 id (resolved through the normal Hugging Face cache) or a local directory written by
 ``save_pretrained``; Stable Diffusion also takes a single-file checkpoint (``.safetensors`` or
 ``.ckpt``, the original format) through diffusers' ``from_single_file``, with ``config``: the
-folder (or hub id) of the pipeline's diffusers configs, which an offline machine must have. Only the pipeline's components are used; sampling is the shared DDIM loop
-of :class:`~bench.models.base.DiffusionAdapter`, so FP and quantized denoisers run identical
+folder (or hub id) of the pipeline's diffusers configs, which an offline machine must have.
+Only the pipeline's components are used; sampling is the shared DDIM loop of
+:class:`~bench.models.base.DiffusionAdapter`, so FP and quantized denoisers run identical
 schedules. Missing weights on an offline machine make the run ``skipped``, not an error.
 """
 
