@@ -113,10 +113,12 @@ def plots(hist: pd.DataFrame) -> list[tuple[str, str]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    commits = hist.drop_duplicates("commit").sort_values("order")
-    labels = [f"{c}\n{d[:10]}" for c, d in zip(commits["commit"], commits["date"], strict=True)]
     out = []
     for (matrix, model, metric), g in hist.groupby(["matrix", "model", "metric"], sort=False):
+        # This plot's commits only, in order: other matrices' commits would be empty columns.
+        commits = g.sort_values("order").drop_duplicates("commit")
+        labels = [f"{c}\n{d[:10]}" for c, d in zip(commits["commit"], commits["date"], strict=True)]
+        position = {c: i for i, c in enumerate(commits["commit"])}
         lines = list(g.groupby(["method", "bits", "settings", "machine"], sort=False))
         machines = g["machine"].nunique()
         fig, ax = plt.subplots(figsize=(9, 4.2))
@@ -124,8 +126,9 @@ def plots(hist: pd.DataFrame) -> list[tuple[str, str]]:
             lines, line_styles(len(lines)), strict=True
         ):
             label = f"{method} {bits} {settings}" + (f" · {machine}" if machines > 1 else "")
-            ax.plot(line["order"], line["value"], label=label, **style)
+            ax.plot(line["commit"].map(position), line["value"], label=label, **style)
         ax.set_xticks(range(len(labels)), labels, fontsize=6)
+        ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.set_ylabel(f"{metric} ({g['unit'].iloc[0]})")
         title = f"{matrix} / {model}: {metric} over commits"
         ax.set_title(title + ("" if machines > 1 else f" ({g['machine'].iloc[0]})"), fontsize=9)

@@ -128,8 +128,8 @@ def load_matrix(path: str | Path) -> MatrixSpec:
     """
     path = Path(path)
     inherited: dict[str, str] = {}
-    data = _read_merged(path, (), inherited)
     problems = Problems(path)
+    data = _read_merged(path, (), inherited, problems)
     spec = _build(data, path, problems)
     problems.raise_any()
     notes = [f"inherited from {parent}: {', '.join(keys)}" for parent, keys in _by_parent(inherited).items()]
@@ -141,6 +141,7 @@ class Problems:
 
     def __init__(self, path: Path) -> None:
         self.path, self.found = path, []
+        self.unknown_keys: list[str] = []  # misspelt top-level keys (their axes look empty)
 
     def add(self, message: str) -> None:
         if message not in self.found:
@@ -169,7 +170,9 @@ def _by_parent(inherited: dict[str, str]) -> dict[str, list[str]]:
     return out
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, problems: Problems) -> dict[str, Any]:
+    """The file's mapping; unknown keys are recorded in ``problems`` and dropped (a file that
+    cannot be read at all raises)."""
     if not path.is_file():
         raise MatrixError(f"matrix file {path} does not exist; see configs/ for examples")
     try:
@@ -183,8 +186,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise MatrixError(f"{path}: a matrix file is a mapping with keys {', '.join(MATRIX_KEYS)}")
     unknown = sorted(set(data) - set(MATRIX_KEYS))
     if unknown:
-        raise MatrixError(f"{path}: {_unknown('key', unknown, MATRIX_KEYS)}")
-    return data
+        problems.add(f"{path}: {_unknown('key', unknown, MATRIX_KEYS)}")
+        problems.unknown_keys += unknown
+    return {k: v for k, v in data.items() if k in MATRIX_KEYS}
 
 
 def _unknown(what: str, names: list[str], valid: tuple[str, ...]) -> str:
@@ -196,26 +200,29 @@ def _unknown(what: str, names: list[str], valid: tuple[str, ...]) -> str:
     return f"unknown {what}{'s' if len(names) > 1 else ''} {', '.join(hints)}; valid: {', '.join(valid)}"
 
 
-def _read_merged(path: Path, seen: tuple[Path, ...], inherited: dict[str, str]) -> dict[str, Any]:
+def _read_merged(
+    path: Path, seen: tuple[Path, ...], inherited: dict[str, str], problems: Problems
+) -> dict[str, Any]:
     """The file with its ``extends`` chain merged; ``inherited`` receives each key (and
     setting) that came from a parent, with the parent's path."""
     resolved = path.resolve()
     if resolved in seen:
         chain = " -> ".join(str(p) for p in (*seen, resolved))
         raise MatrixError(f"{path}: 'extends' forms a cycle: {chain}")
-    data = _read_yaml(path)
+    data = _read_yaml(path, problems)
     parent_name = data.pop("extends", None)
     if parent_name is None:
         return data
     if not isinstance(parent_name, str):
         raise MatrixError(f"{path}: 'extends' must be a file path relative to {path.parent}")
     parent_path = path.parent / parent_name
-    if not parent_path.is_file():
-        raise MatrixError(
+    if not parent_path.is_file():  # nothing below can be checked without the parent's keys
+        problems.add(
             f"{path}: extends {parent_name!r}: {parent_path} does not exist ('extends' is relative to "
             f"the extending file's folder, {path.parent})"
         )
-    parent = _read_merged(parent_path, (*seen, resolved), inherited)
+        problems.raise_any()
+    parent = _read_merged(parent_path, (*seen, resolved), inherited, problems)
     for key in parent:
         if key not in data and key not in ("name", "description", "settings"):
             inherited.setdefault(key, str(parent_path))
@@ -279,6 +286,8 @@ def _setting_problem(key: str, value: Any, default: Any, choices: tuple[str, ...
         return None if choices is None else validate.choice(value, choices)
     integer = isinstance(default, int)
     problem = validate.number(value, allow_zero=key in NON_NEGATIVE, integer=integer)
+    if problem is None and key == "eta" and value > 1:
+        return "is outside DDIM's [0, 1] (0: deterministic, 1: DDPM-like)"
     return None if problem is None else f"{problem} (default {default!r})"
 
 
@@ -376,7 +385,7 @@ def _build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
         return [e for i, m in enumerate(items) if (e := attempt(_entry, path, axis, i, m, registry))]
 
     models, methods = entries("models", MODELS), entries("methods", METHODS)
-    if not data.get("models") or not data.get("methods"):
+    if (not data.get("models") or not data.get("methods")) and not problems.unknown_keys:
         problems.add(f"{path}: 'models' and 'methods' need at least one entry each (see `qdiff-bench ls`)")
     bits = [b for i, label in enumerate(attempt(_as_list, path, "bits", data.get("bits"), default=[]))
             if (b := attempt(_bits, path, [label], i, default=[None])[0])]  # fmt: skip
@@ -599,8 +608,6 @@ def _scale_problem(run: RunSpec, adapter_cls) -> str | None:
     """Settings that are valid numbers but cannot work for this model or machine: found now,
     not after an hour."""
     s = run.sampling
-    if s.eta > 1:
-        return f"eta={s.eta} is outside DDIM's [0, 1] (0: deterministic, 1: DDPM-like)"
     if s.steps > adapter_cls.TRAIN_TIMESTEPS:
         trained = adapter_cls.TRAIN_TIMESTEPS
         return f"steps={s.steps} exceeds the {trained} timesteps {run.model} was trained with"

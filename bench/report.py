@@ -284,21 +284,23 @@ def _simulated(c) -> bool:
 
 
 def _best_cost(cells: pd.DataFrame) -> set[tuple[str, str, str, str]]:
-    """Per (model, metric): the best quantized cell among those that improve on FP by more than
-    :data:`REAL_IMPROVEMENT` (none if none does, or if FP has no value to beat)."""
+    """Per (model, metric): the quantized cells that improve on FP by more than
+    :data:`REAL_IMPROVEMENT` and are within it of the best of them (none if none improves, if FP
+    has no value to beat, or if every cell of the column ties)."""
     best = set()
     quant = cells[(cells["method"] != FP) & (cells["status"] == "ok")]
-    for (model, metric), g in quant.groupby(["model", "metric"]):
-        g = g[[not _simulated(c) for c in g.itertuples()]].dropna(subset=["ratio"])
+    for (model, metric), column in quant.groupby(["model", "metric"]):
+        g = column[[not _simulated(c) for c in column.itertuples()]].dropna(subset=["ratio"])
         g = g[g["ratio"] > 1 + REAL_IMPROVEMENT] if g["higher_is_better"].any() else g[
             g["ratio"] < 1 - REAL_IMPROVEMENT]  # fmt: skip
         if not len(g):
             continue
-        # Cells within REAL_IMPROVEMENT of the best tie with it; all tied: nothing is best.
+        # Cells within REAL_IMPROVEMENT of the best tie with it; when the whole column ties,
+        # nothing stands out and nothing is bold.
         sign = 1 if g["higher_is_better"].iloc[0] else -1
         top = (sign * g["value"]).max()
         tied = g[sign * g["value"] >= top - REAL_IMPROVEMENT * abs(top)]
-        if len(tied) < len(g) or len(g) == 1:
+        if len(tied) < len(column) or len(column) == 1:
             best.update((model, r.method, r.bits, metric) for r in tied.itertuples())
     return best
 
@@ -562,11 +564,12 @@ def _png(fig) -> str:
 
 
 def line_styles(n: int) -> list[dict]:
-    """``n`` distinguishable line styles: 20 colours (tab20), then markers and dashes vary, so no
-    two lines of a plot look alike even past the colour cycle."""
+    """``n`` distinguishable line styles: 20 colours (tab20's ten hues, then their light shades),
+    with markers and dashes that vary too, so no two lines of a plot look alike."""
     import matplotlib
 
-    colours = matplotlib.colormaps["tab20"].colors
+    pairs = matplotlib.colormaps["tab20"].colors  # dark/light pairs of 10 hues: the 10 hues first
+    colours = pairs[0::2] + pairs[1::2]
     markers, dashes = "osD^vP*X", ("-", "--", ":", "-.")
     return [
         {"color": colours[i % 20], "marker": markers[(i // 20 + i) % len(markers)],
@@ -633,8 +636,9 @@ def plots(cells: pd.DataFrame) -> list[tuple[str, str]]:
                 if cost not in pts or quality not in pts:
                     continue
                 pts = pts[[cost, quality]].dropna()
-                if len(pts) < 2:
-                    continue
+                spread = pts[cost].max() - pts[cost].min() if len(pts) else 0.0
+                if len(pts) < 2 or spread <= REAL_IMPROVEMENT * abs(pts[cost].mean()):
+                    continue  # one point, or costs within 5 % of each other: no trade-off to draw
                 hib = bool(quant[quant["metric"] == quality]["higher_is_better"].iloc[0])
                 fig, ax = plt.subplots(figsize=(7, 4))
                 ax.scatter(pts[cost], pts[quality], color="tab:blue", zorder=3)
@@ -699,8 +703,8 @@ th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
 th{background:#f3f3f3} td.name{text-align:left}
 td.best{background:#e3f6e3;font-weight:bold} td.error{background:#fde8e8;color:#a00}
 td.skipped{background:#f3f3f3;color:#777} td.ref{color:#555}
-td{white-space:nowrap} td.error,td.skipped{white-space:normal;max-width:20em}
-div.wide{overflow-x:auto;max-width:100%}
+div.wide td{white-space:nowrap} div.wide td.error,div.wide td.skipped{white-space:normal;max-width:20em}
+div.wide{overflow-x:auto;max-width:100%} span.sub{font-size:.85em;color:#444}
 img{max-width:100%;display:block;margin:.5em 0 1.5em}
 """
 
@@ -729,7 +733,10 @@ def to_html(
                     continue
                 if text.startswith("**"):
                     cls, text = "best", text.strip("*")
-                tds.append(f'<td class="{cls}">{esc(text)}</td>')
+                # The value on one line, its Δ or ratio (and rank) under it: a narrow column.
+                value, sep, rest = text.partition(" (")
+                shown = esc(value) + (f"<br><span class='sub'>({esc(rest)}</span>" if sep else "")
+                tds.append(f'<td class="{cls}">{shown}</td>')
             body.append("<tr>" + "".join(tds) + "</tr>")
         sections.append(
             f"<h2>{esc(heading)}</h2><div class='wide'><table><tr>{names}{head}</tr>"

@@ -225,7 +225,9 @@ def run_matrix(
     run_progress = None if not progress else "bar" if isinstance(executor, LocalExecutor) else "lines"
     fn = partial(execute, matrix=matrix.name, previews=store.root / "samples", progress=run_progress)
     new: list[dict[str, Any]] = []
-    bar = tqdm(total=len(todo), desc=f"matrix {matrix.name}", unit="run", disable=not progress)
+    # Worker processes print progress lines of their own, which a bar would garble: there the
+    # count of finished runs leads each run's summary line instead.
+    bar = tqdm(total=len(todo), desc=f"matrix {matrix.name}", unit="run", disable=run_progress != "bar")
     finished = 0
     try:
         for wave in waves(todo):
@@ -246,7 +248,7 @@ def run_matrix(
                 finished += 1
                 new.extend(rows)
                 bar.update()
-                log(_summary(spec, rows))
+                log(f"[{finished}/{len(todo)}] {_summary(spec, rows)}")
             if STOP.level:
                 break
     except KeyboardInterrupt as exc:

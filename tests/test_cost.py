@@ -106,7 +106,9 @@ def test_cost_only_runs_generate_no_images_and_run_in_the_requested_dtype(tmp_pa
         raise AssertionError("a cost-only run sampled images")
 
     monkeypatch.setattr(DiffusionAdapter, "sample", no_sampling)
-    monkeypatch.setattr(DiffusionAdapter, "calibration_data", lambda self, fp, config: calib_for(fp, 4))
+    monkeypatch.setattr(
+        DiffusionAdapter, "calibration_data", lambda self, fp, config, progress=None: calib_for(fp, 4)
+    )
     matrix = load_matrix(
         tiny_matrix(
             tmp_path, methods="[linear]", bits="[W8A8]", metrics="[latency_step, weight_bytes]",

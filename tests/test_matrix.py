@@ -225,7 +225,7 @@ OK = "models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n"
         ),
         (OK + "settings: {eta: .nan}", "setting eta=nan must be a finite number"),
         (OK + "settings: {eta: -5}", "setting eta=-5 must be >= 0"),
-        (OK + "settings: {eta: 2}", "eta=2.0 is outside DDIM's [0, 1]"),
+        (OK + "settings: {eta: 2}", "setting eta=2 is outside DDIM's [0, 1]"),
         (OK + "settings: {weight_lr: .inf}", "setting weight_lr=inf must be a finite number"),
         (OK + "settings: {steps: 5000}", "steps=5000 exceeds the 1000 timesteps embedded-digits was trained"),
         (OK + "settings: {samples: 1000000000000}", "need at least"),
