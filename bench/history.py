@@ -150,7 +150,8 @@ def speed_history(results: str | Path) -> pd.DataFrame:
 
     rows = []
     for result in iter_results(str(results)) if Path(results).is_dir() else ():
-        machine = f"{result.params.get('machine', '?')} ({result.params.get('cpu', '?')})"
+        cpu = result.params.get("cpu")  # `asv machine --yes --machine NAME` records none
+        machine = str(result.params.get("machine", "?")) + (f" ({cpu})" if cpu else "")
         for name in result.get_all_result_keys():
             params = result.get_result_params(name) or []
             values = result.get_result_value(name, params)
@@ -158,7 +159,7 @@ def speed_history(results: str | Path) -> pd.DataFrame:
             combos = list(itertools.product(*params)) if params else [()]
             kind = name.rsplit(".", 1)[-1].split("_", 1)[0]
             for combo, value in zip(combos, values, strict=False):
-                if value is None:  # skipped (a GPU benchmark on a CPU machine) or failed
+                if value is None or value != value:  # skipped (GPU benchmark on a CPU) or failed
                     continue
                 shown = ", ".join(str(p).strip("'") for p in combo)
                 rows.append({"machine": machine, "benchmark": name, "params": shown,
@@ -191,7 +192,8 @@ def speed_plots(speed: pd.DataFrame) -> list[tuple[str, str]]:
         ax.set_ylabel(shown)
         ax.set_title(f"{name} ({g['machine'].iloc[0] if g['machine'].nunique() == 1 else 'machines below'})",
                      fontsize=9)  # fmt: skip
-        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+        if len(lines) > 1:
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
         out.append((f"asv: {name}", _png(fig)))
         plt.close(fig)
     return out
@@ -208,6 +210,8 @@ def write(
     table = summary(hist)
     asv_results = Path(asv_results or REPO_ROOT / ".asv" / "results")
     speed = speed_history(asv_results)
+    if asv_results.resolve().is_relative_to(REPO_ROOT):  # shown as the checkout's path, not this disk's
+        asv_results = asv_results.resolve().relative_to(REPO_ROOT)
     head = (
         "| matrix | model | method | bits | metric | settings | machine | commits | first | latest | change |"
     )

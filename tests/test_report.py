@@ -166,7 +166,7 @@ def test_history_follows_each_quality_cell_over_commits(tmp_path):
     assert list(hist["value"]) == [20.5, 22.5, 21.5]  # mean over seeds
     (cell,) = history.summary(hist).itertuples()
     assert (cell.commits, cell.first, cell.latest, cell.change) == (3, 20.5, 21.5, 1.0)
-    _, page, text = history.write(tmp_path / "results")
+    _, page, text = history.write(tmp_path / "results", asv_results=tmp_path / "no-asv")
     assert re.search(
         r"\| default \| embedded-digits \| qdiff \| W4A8 \| digits_fd \| n=100 #\w{6} \| [^|]+ \| 3 \| "
         r"20\.5 \(aaaa1111\) \| 21\.5 \(cccc3333\) \|",
