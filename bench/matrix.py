@@ -509,9 +509,9 @@ def _budget_note(preset: str | None, settings: dict[str, Any], runs: list[RunSpe
     if own:
         return f"budget: the paper's defaults with {', '.join(own)} set: {what}"
     return (
-        f"budget: the paper's (no preset and no budget settings): {what}; hours per run on a GPU, "
-        "far longer on a CPU. Say so with 'preset: paper', or use 'preset: quick' (the CPU budget "
-        "of configs/default.yaml)"
+        f"budget: the paper's (no preset and no budget settings): {what}; about 200x the iterations of "
+        "'preset: quick', the CPU budget of configs/default.yaml. Say so with 'preset: paper', or "
+        "use 'preset: quick'"
     )
 
 

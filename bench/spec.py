@@ -136,7 +136,7 @@ class Budget:
 # the paper's, and ``validate`` says so.
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's: 20 timesteps × 256 trajectories, 20k AdaRound + 5k LSQ iterations per block
-    # (hours per run on a GPU for SD-sized models; days on a CPU).
+    # (`qdiff-bench validate` estimates what that costs on the device at hand).
     "paper": {},
     # The CPU budget of configs/default.yaml: 10 × 40 inputs, 100 + 20 iterations, with a
     # constant AdaRound lr whose total movement (0.2 × 100 × 0.8 = 16) is the paper's.
