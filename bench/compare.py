@@ -11,9 +11,11 @@ is not ok in B. Quality cells are
 gated; cost cells (latencies, memory) are noisy and belong to asv (``benchmarks/``), so they are
 gated only when a per-metric threshold names them, and only within one machine.
 
-A cell without an interval (a deterministic count such as ``weight_bytes``, rows from before
-intervals) still gets a noise floor: :data:`ROUNDING` of its value, so float rounding between
-two machines or library builds is "within noise", never a regression.
+A cost cell with several runs (a wall-clock time such as ``quantize_time``, which has no
+bootstrap replicates) gets the t interval of its runs' mean. A cell without any interval (a
+deterministic count such as ``weight_bytes``, one run) still gets a noise floor:
+:data:`ROUNDING` of its value, so float rounding between two machines or library builds is
+"within noise", never a regression.
 
 Two numbers are compared only if they were measured alike: a cell whose sample count, sampling
 settings, quantization budget or evaluation settings (FID backend, extractor, reference, ...)
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from scipy import stats
 
 from bench.errors import IncomparableError, ThresholdError, UnknownNameError
 from bench.registry import METRICS
@@ -137,7 +140,18 @@ def _cells(path: str | Path) -> pd.DataFrame:
     df["machine"] = [json.dumps([r.get(c) for c in MACHINE], default=str) for r in df.to_dict("records")]
     newest = df.sort_values("started_at").groupby(KEY, sort=False)[["protocol", "machine"]].last()
     cells = cells.merge(newest, left_on=KEY, right_index=True, how="left")
-    cells["half_width"] = ((cells["high"] - cells["low"]) / 2).fillna(0.0)
+    # A cost cell (a wall-clock time: no bootstrap replicates) with several runs gets the t
+    # interval of their mean: honest, and wide for two runs.
+    t_interval = [
+        float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
+        if kind == "cost" and n > 1 and sd == sd
+        else math.nan
+        for n, sd, kind in zip(cells["seeds"], cells["sd"], cells["kind"], strict=True)
+    ]
+    cells["half_width"] = ((cells["high"] - cells["low"]) / 2).fillna(
+        pd.Series(t_interval, index=cells.index)
+    )
+    cells["half_width"] = cells["half_width"].fillna(0.0)
     return cells[[*KEY, "value", "half_width", "seeds", "status", "error", "higher_is_better", "kind",
                   "protocol", "machine"]]  # fmt: skip
 
@@ -261,9 +275,10 @@ def to_markdown(table: pd.DataFrame) -> str:
     gated = int((table["limit"] != "—").sum())
     beyond = int(table["note"].isin(["worse", "better"]).sum())
     within = int((table["note"] == "within noise").sum())
+    same = int((table["note"] == "same").sum())
     elsewhere = int((table["note"] == "other machine: not compared").sum())
     lines.append(
-        f"\n{len(table)} cells: {beyond} moved beyond their noise, {within} within it"
+        f"\n{len(table)} cells: {same} identical, {beyond} moved beyond their noise, {within} within it"
         + (f", {elsewhere} cost cells measured on another machine not compared" if elsewhere else "")
         + f"; {n} regression(s) among {gated} gated cells (quality cells, and cost metrics given a "
         "--max-regression). A cell regresses when it is worse by more than its threshold plus the "

@@ -365,3 +365,25 @@ def test_cost_cells_are_bold_only_when_they_beat_fp_and_simulated_latency_is_lab
     assert cell("qdiff") == "98.00 (1.02× faster)"  # within 5 % of FP: not an improvement
     assert cell("slow") == "60.00 (1.67× faster) (simulated)"  # a fake-quant latency: never best
     assert report.plots(cells) == []  # no front through simulated latencies or a single point
+
+
+def test_a_timed_cost_cell_gets_the_t_interval_of_its_runs(tmp_path):
+    from helpers import row
+
+    from bench.store import ResultStore
+
+    def store(name, seconds):
+        s = ResultStore(tmp_path / name)
+        for seed, value in enumerate(seconds):
+            s.append([row("qdiff", "W4A8", "digits_fd", 20.0, seed),
+                      row("qdiff", "W4A8", "quantize_time", value, seed, unit="s")])  # fmt: skip
+        return s.root
+
+    # Two runs 10 s apart: the mean is known to ±63 s (t, 1 degree of freedom), so 5 s is noise.
+    table = compare(store("a", [70.0, 80.0]), store("b", [76.0, 84.0]), Threshold.parse("0"))
+    (cell,) = table[table["metric"] == "quantize_time"].itertuples()
+    assert cell.note == "within noise" and 60 < cell.noise < 100
+    # One run each: no interval, only the rounding floor, so the 5 s move is listed.
+    table = compare(store("c", [70.0]), store("d", [75.0]), Threshold.parse("0"))
+    (cell,) = table[table["metric"] == "quantize_time"].itertuples()
+    assert cell.note == "worse" and cell.noise == pytest.approx(0.07)
