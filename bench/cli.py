@@ -120,8 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--results", type=Path, default=RESULTS, help=f"results root (for run states; default: {RESULTS})"
     )
     validate.add_argument("--no-estimate", action="store_true", help="skip timing the models for an estimate")
-    for parser_ in (validate,):
-        _execution_flags(parser_)
+    _execution_flags(validate)
 
     run = sub.add_parser("run", help="run a matrix (default: the embedded CPU matrix), resuming by default")
     run.add_argument("matrix", type=Path, nargs="?", default=DEFAULT_MATRIX)
@@ -311,13 +310,14 @@ def _run(args: argparse.Namespace) -> int:
     only = parse_rules(args.only)
     force = args.force or not args.resume
     store = ResultStore(args.results / matrix.name)
-    if only and not plan(matrix, store, only, force):
+    planned = plan(matrix, store, only, force)
+    if only and not planned:
         asked = " ".join(f"--only {k}={','.join(v)}" for k, v in only.items())
         raise MatrixError(
             f"{asked} matches no run of {args.matrix}; see its runs with: qdiff-bench validate {args.matrix}"
         )
     if args.dry_run:
-        print(_plan_table(plan(matrix, store, only, force)))
+        print(_plan_table(planned))
         return 0
     store.check_writable()
     store.rows()  # a corrupt store fails now, before any work
@@ -328,7 +328,7 @@ def _run(args: argparse.Namespace) -> int:
     start = time.time()
     cached_before = sum(1 for p in cache_dir().rglob("*") if p.is_file()) if cache_dir().is_dir() else 0
     log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731  (keeps the bar intact)
-    log(f"{matrix.name}: {workers} worker(s) x {threads} torch thread(s); {matrix.notes[-1]}")
+    log(f"{matrix.name}: {workers} worker(s) x {threads} torch thread(s); {matrix.budget_note}")
     STOP.reset()
     handlers = {sig: signal.signal(sig, handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

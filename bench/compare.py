@@ -41,6 +41,9 @@ KEY = ["model", "method", "bits", "metric"]
 # The smallest noise any cell has: float rounding (another ISA, BLAS or library build) moves a
 # deterministic value by far less than 0.1 %, a real change of a method by far more.
 ROUNDING = 1e-3
+# How a compared cell's value moved (``note``): reproduced, or moved beyond its noise.
+REPRODUCED = ("same", "within noise")
+MOVED = ("worse", "better")
 
 
 def matrix_folders(a: str | Path, b: str | Path) -> list[tuple[Path, Path]]:
@@ -140,20 +143,20 @@ def _cells(path: str | Path) -> pd.DataFrame:
     df["machine"] = [json.dumps([r.get(c) for c in MACHINE], default=str) for r in df.to_dict("records")]
     newest = df.sort_values("started_at").groupby(KEY, sort=False)[["protocol", "machine"]].last()
     cells = cells.merge(newest, left_on=KEY, right_index=True, how="left")
-    # A cost cell (a wall-clock time: no bootstrap replicates) with several runs gets the t
-    # interval of their mean: honest, and wide for two runs.
-    t_interval = [
-        float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
-        if kind == "cost" and n > 1 and sd == sd
-        else math.nan
-        for n, sd, kind in zip(cells["seeds"], cells["sd"], cells["kind"], strict=True)
-    ]
-    cells["half_width"] = ((cells["high"] - cells["low"]) / 2).fillna(
-        pd.Series(t_interval, index=cells.index)
-    )
-    cells["half_width"] = cells["half_width"].fillna(0.0)
+    cells["half_width"] = [_half_width(c) for c in cells.itertuples()]
     return cells[[*KEY, "value", "half_width", "seeds", "status", "error", "higher_is_better", "kind",
                   "protocol", "machine"]]  # fmt: skip
+
+
+def _half_width(c) -> float:
+    """A cell's 95 % half-width: its bootstrap interval's; for a cost cell (a wall-clock time: no
+    bootstrap replicates) with several runs, the t interval of their mean (wide for two runs);
+    else 0 (the rounding floor applies)."""
+    if not math.isnan(c.low):
+        return (c.high - c.low) / 2
+    if c.kind == "cost" and c.seeds > 1 and not math.isnan(c.sd):
+        return float(stats.t.ppf(0.975, c.seeds - 1) * c.sd / math.sqrt(c.seeds))
+    return 0.0
 
 
 def _check_comparable(merged: pd.DataFrame, a: Path, b: Path) -> None:
@@ -255,7 +258,7 @@ def machine_note(table: pd.DataFrame, a: str | Path, b: str | Path) -> str | Non
 def to_markdown(table: pd.DataFrame) -> str:
     """The cells that moved (changed value or status, or present on one side only), regressions
     flagged, and a one-line verdict."""
-    moved = table[~table["note"].isin(["same", "within noise"])]
+    moved = table[~table["note"].isin(REPRODUCED)]
     lines = [
         f"| {' | '.join(KEY)} | A | B | Δ (B − A) | noise (±) | allowed | note |",
         "|" + "---|" * (len(KEY) + 6),
@@ -273,7 +276,7 @@ def to_markdown(table: pd.DataFrame) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     n = int(table["regressed"].sum())
     gated = int((table["limit"] != "—").sum())
-    beyond = int(table["note"].isin(["worse", "better"]).sum())
+    beyond = int(table["note"].isin(MOVED).sum())
     within = int((table["note"] == "within noise").sum())
     same = int((table["note"] == "same").sum())
     elsewhere = int((table["note"] == "other machine: not compared").sum())
@@ -291,9 +294,9 @@ def verdict(table: pd.DataFrame) -> str:
     """A few lines: which quality cells reproduce within their intervals and which do not, which
     failed on either side, and how the cost cells fared (compared only on the same machine)."""
     quality = table[table["limit"] != "—"]
-    measured = quality["note"].isin(["same", "within noise", "worse", "better"])
+    measured = quality["note"].isin(REPRODUCED + MOVED)
     shared = quality[measured]
-    same = shared["note"].isin(["same", "within noise"])
+    same = shared["note"].isin(REPRODUCED)
     lines = [f"{int(same.sum())} of {len(shared)} quality cells reproduce within their 95 % intervals"]
     for r in shared[~same].itertuples():
         what = f"{r.note}: {_num(r.a)} → {_num(r.b)} (Δ {_num(r.delta)}, noise ± {_num(r.noise)})"
@@ -302,9 +305,9 @@ def verdict(table: pd.DataFrame) -> str:
         lines.append(f"  not compared: {r.model} {r.method} {r.bits} {r.metric}: {r.note}")
     cost = table[table["limit"] == "—"]
     elsewhere = int((cost["note"] == "other machine: not compared").sum())
-    compared = cost[cost["note"].isin(["same", "within noise", "worse", "better"])]
+    compared = cost[cost["note"].isin(REPRODUCED + MOVED)]
     if len(cost):
-        moved = int(compared["note"].isin(["worse", "better"]).sum())
+        moved = int(compared["note"].isin(MOVED).sum())
         text = f"cost cells: {len(compared)} compared on the same machine ({moved} moved beyond noise)"
         lines.append(text + (f", {elsewhere} measured on another machine not compared" if elsewhere else ""))
     return "\n".join(lines)

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
 from bench.errors import AvailabilityError
+from bench.metrics.cost import time_calls
 from bench.metrics.quality import EpsError
 from bench.registry import METHODS, METRICS, MODELS
+from bench.runner import waves
 from bench.spec import Bits, RunSpec, resolve_device
 
 FAKE_QUANT = 1.25  # simulated quantization: quantized runs sampled 45-60 s where FP took 42 s
@@ -71,16 +72,8 @@ def step_rate(spec: RunSpec) -> float:
 
     def timed(n: int, calls: int) -> float:
         x, t, kwargs = adapter.step_inputs(n, 0)
-        times = []
         with torch.no_grad():
-            for _ in range(calls):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(x, t, **kwargs)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
+            times = time_calls(lambda: model(x, t, **kwargs), warmup=0, repeats=calls, device=device)
         return statistics.median(times) / n
 
     first = timed(1, 2)  # the first call warms up (allocations, kernel selection)
@@ -154,8 +147,6 @@ def _metrics_seconds(spec: RunSpec, r: float) -> float:
 
 def estimate(runs: list[RunSpec], workers: int, log=print) -> Estimate:
     """The wall time of ``runs`` on ``workers`` workers, from one timed batch per model here."""
-    from bench.runner import waves
-
     rates: dict[tuple, float | None] = {}
     for spec in runs:
         key = (spec.model, spec.model_args, spec.sampling)

@@ -24,6 +24,7 @@ import pandas as pd
 
 from bench.errors import StoreError
 from bench.fsio import write_atomic
+from bench.provenance import REPO_ROOT
 from bench.report import CSS, _png, line_styles, method_labels, protocol
 from bench.store import ResultStore, load
 
@@ -105,36 +106,55 @@ def summary(hist: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plots(hist: pd.DataFrame) -> list[tuple[str, str]]:
-    """(caption, base64 PNG): per matrix, model and metric, a line per method, bit width,
-    settings and machine, each with its own colour, marker and dash (:func:`line_styles`)."""
+def _over_commits(
+    title: str,
+    ylabel: str,
+    ticks: list[str],
+    series: list[tuple[str, list, list]],
+    legend: bool,
+    height: float,
+) -> str:
+    """A base64 PNG of values over commits: ``series`` holds ``(label, commit positions, values)``,
+    each drawn in its own style (:func:`line_styles`), the legend beside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(9, height))
+    for (label, xs, ys), style in zip(series, line_styles(len(series)), strict=True):
+        ax.plot(xs, ys, label=label, **style)
+    ax.set_xticks(range(len(ticks)), ticks, fontsize=6)
+    ax.set_xlim(-0.5, len(ticks) - 0.5)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if legend:
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def plots(hist: pd.DataFrame) -> list[tuple[str, str]]:
+    """(caption, base64 PNG): per matrix, model and metric, a line per method, bit width,
+    settings and machine."""
     out = []
     for (matrix, model, metric), g in hist.groupby(["matrix", "model", "metric"], sort=False):
         # This plot's commits only, in order: other matrices' commits would be empty columns.
         commits = g.sort_values("order").drop_duplicates("commit")
-        labels = [f"{c}\n{d[:10]}" for c, d in zip(commits["commit"], commits["date"], strict=True)]
+        ticks = [f"{c}\n{d[:10]}" for c, d in zip(commits["commit"], commits["date"], strict=True)]
         position = {c: i for i, c in enumerate(commits["commit"])}
-        lines = list(g.groupby(["method", "bits", "settings", "machine"], sort=False))
         machines = g["machine"].nunique()
-        fig, ax = plt.subplots(figsize=(9, 4.2))
-        for ((method, bits, settings, machine), line), style in zip(
-            lines, line_styles(len(lines)), strict=True
-        ):
-            label = f"{method} {bits} {settings}" + (f" · {machine}" if machines > 1 else "")
-            ax.plot(line["commit"].map(position), line["value"], label=label, **style)
-        ax.set_xticks(range(len(labels)), labels, fontsize=6)
-        ax.set_xlim(-0.5, len(labels) - 0.5)
-        ax.set_ylabel(f"{metric} ({g['unit'].iloc[0]})")
+        series = [
+            (f"{method} {bits} {settings}" + (f" · {machine}" if machines > 1 else ""),
+             list(line["commit"].map(position)), list(line["value"]))
+            for (method, bits, settings, machine), line in g.groupby(
+                ["method", "bits", "settings", "machine"], sort=False)
+        ]  # fmt: skip
         title = f"{matrix} / {model}: {metric} over commits"
-        ax.set_title(title + ("" if machines > 1 else f" ({g['machine'].iloc[0]})"), fontsize=9)
-        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
-        out.append((f"{matrix} / {model}: {metric}", _png(fig)))
-        plt.close(fig)
+        title += "" if machines > 1 else f" ({g['machine'].iloc[0]})"
+        png = _over_commits(title, f"{metric} ({g['unit'].iloc[0]})", ticks, series, True, 4.2)
+        out.append((f"{matrix} / {model}: {metric}", png))
     return out
 
 
@@ -172,30 +192,20 @@ def speed_history(results: str | Path) -> pd.DataFrame:
 def speed_plots(speed: pd.DataFrame) -> list[tuple[str, str]]:
     """(caption, base64 PNG): per asv benchmark, its value over commits, a line per parameter
     set and machine."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = []
     for name, g in speed.groupby("benchmark", sort=False):
         commits = g.sort_values("date").drop_duplicates("commit")["commit"].tolist()
-        lines = list(g.groupby(["params", "machine"], sort=False))
-        fig, ax = plt.subplots(figsize=(9, 3.6))
+        position = {c: i for i, c in enumerate(commits)}
         unit = g["unit"].iloc[0]
         scale, shown = (2**-20, "MiB") if unit == "bytes" else (1e3, "ms") if unit == "s" else (1, unit)
-        for ((params, machine), line), style in zip(lines, line_styles(len(lines)), strict=True):
-            xs = [commits.index(c) for c in line["commit"]]
-            label = (params or "—") + (f" · {machine}" if g["machine"].nunique() > 1 else "")
-            ax.plot(xs, line["value"] * scale, label=label, **style)
-        ax.set_xticks(range(len(commits)), commits, fontsize=6)
-        ax.set_ylabel(shown)
-        ax.set_title(f"{name} ({g['machine'].iloc[0] if g['machine'].nunique() == 1 else 'machines below'})",
-                     fontsize=9)  # fmt: skip
-        if len(lines) > 1:
-            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
-        out.append((f"asv: {name}", _png(fig)))
-        plt.close(fig)
+        machines = g["machine"].nunique()
+        series = [
+            ((params or "—") + (f" · {machine}" if machines > 1 else ""),
+             [position[c] for c in line["commit"]], list(line["value"] * scale))
+            for (params, machine), line in g.groupby(["params", "machine"], sort=False)
+        ]  # fmt: skip
+        title = f"{name} ({g['machine'].iloc[0] if machines == 1 else 'machines below'})"
+        out.append((f"asv: {name}", _over_commits(title, shown, commits, series, len(series) > 1, 3.6)))
     return out
 
 
@@ -204,8 +214,6 @@ def write(
 ) -> tuple[Path, Path, str]:
     """Write ``history.md`` and ``history.html`` into ``out`` (default: the results root), with
     asv's speed history from ``asv_results`` (default: ``.asv/results`` of this checkout)."""
-    from bench.provenance import REPO_ROOT
-
     hist = history(root)
     table = summary(hist)
     asv_results = Path(asv_results or REPO_ROOT / ".asv" / "results")

@@ -308,14 +308,15 @@ def _entry(path: Path, axis: str, i: int, item: Any, registry) -> tuple[str, dic
     return name, extra
 
 
-def _bits(path: Path, items: list, first: int = 0) -> list[Bits]:
-    out = []
-    for i, label in enumerate(items, first):
-        try:
-            out.append(Bits.parse(str(label)))
-        except BitsError as exc:
-            raise MatrixError(f"{path}: bits[{i}]: {exc}") from None
-    return out
+def _bits(path: Path, items: list) -> list[Bits]:
+    return [_one_bits(path, i, label) for i, label in enumerate(items)]
+
+
+def _one_bits(path: Path, i: int, label: Any) -> Bits:
+    try:
+        return Bits.parse(str(label))
+    except BitsError as exc:
+        raise MatrixError(f"{path}: bits[{i}]: {exc}") from None
 
 
 def _rules(path: Path, key: str, items: list) -> list[dict[str, tuple[str, ...]]]:
@@ -388,7 +389,7 @@ def _build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
     if (not data.get("models") or not data.get("methods")) and not problems.unknown_keys:
         problems.add(f"{path}: 'models' and 'methods' need at least one entry each (see `qdiff-bench ls`)")
     bits = [b for i, label in enumerate(attempt(_as_list, path, "bits", data.get("bits"), default=[]))
-            if (b := attempt(_bits, path, [label], i, default=[None])[0])]  # fmt: skip
+            if (b := attempt(_one_bits, path, i, label))]  # fmt: skip
     seeds = attempt(_seeds, path, "seeds", _as_list(path, "seeds", data.get("seeds", [0])), default=[0])
     calib_seeds = attempt(
         _seeds, path, "calib_seeds", _as_list(path, "calib_seeds", data.get("calib_seeds", [0])), default=[0]
@@ -403,7 +404,7 @@ def _build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
 
     model_entries = {}
     model_metrics = {}
-    arg_problems: list[str] = []
+    arg_problems: list[str] = []  # wrong paths and values: they do not stop the expansion
     for i, (model, extra) in enumerate(models):
         model_metrics[model] = attempt(
             _metrics, path, f"models[{i}].metrics", extra.pop("metrics", None), default=()
@@ -416,7 +417,6 @@ def _build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
             valid = (*adapter_cls.ARGS, "metrics", *SETTING_KEYS)
             problems.add(f"{path}: models[{i}] ({model}): {_unknown('key', bad, valid)}")
         args = {k: v for k, v in args.items() if k not in bad}
-        # Recorded after the expansion's checks: they do not stop the expansion.
         arg_problems += [f"{path}: models[{i}] ({model}): {p}" for p in adapter_cls.arg_problems(args)]
         model_entries[model] = (
             tuple(sorted(args.items())), _settings(path, f"models[{i}]", overrides, base, problems)
@@ -429,9 +429,10 @@ def _build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
     method_overrides = {m: extra for m, extra in methods}
     for method, extra in method_overrides.items():
         _settings(path, f"methods ({method})", extra, base, problems)
-    if problems.found:  # the axes are not all known: expanding would report knock-on problems
-        for problem in arg_problems:
-            problems.add(problem)
+    axes_unknown = bool(problems.found)
+    for problem in arg_problems:
+        problems.add(problem)
+    if axes_unknown:  # expanding would only report knock-on problems
         return MatrixSpec(name, str(path), ())
 
     def make(model: str, method: str, b: Bits | None, seed: int, calib_seed: int = 0) -> RunSpec:
@@ -487,8 +488,6 @@ def _build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
         problems.add(f"{path}: {labels[0]}{more}: {problem}")
     if not runs:
         problems.add(f"{path}: the matrix expands to no runs (check 'bits' and 'exclude')")
-    for problem in arg_problems:
-        problems.add(problem)
     return MatrixSpec(name, str(path), tuple(runs), str(data.get("description") or ""),
                       (_budget_note(preset, settings, runs),))  # fmt: skip
 

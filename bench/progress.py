@@ -32,7 +32,7 @@ def _clock(seconds: float) -> str:
 class Phase:
     """One phase of one run; call it with ``(done, total)`` after each unit of work."""
 
-    def __init__(self, mode: str | None, label: str, what: str, unit: str) -> None:
+    def __init__(self, mode: str, label: str, what: str, unit: str) -> None:
         self.mode, self.label, self.what, self.unit = mode, label, what, unit
         self.start = self.last = time.perf_counter()
         self.first: tuple[float, int] | None = None  # the first report: the rate counts from here
@@ -41,12 +41,10 @@ class Phase:
     def __call__(self, done: int, total: int) -> None:
         if self.mode == "bar":
             if self.bar is None:
-                self.bar = tqdm(total=total, desc=f"{self.what}", unit=self.unit, leave=False)
+                self.bar = tqdm(total=total, desc=self.what, unit=self.unit, leave=False)
             self.bar.update(done - self.bar.n)
             if done >= total:
                 self.bar.close()
-            return
-        if self.mode != "lines":
             return
         now = time.perf_counter()
         elapsed = now - self.start

@@ -253,9 +253,9 @@ def cost_board(cells: pd.DataFrame) -> pd.DataFrame:
     for c in cells.sort_values("bits_rank").itertuples():
         text = _cell_text(c, is_best=(c.model, c.method, c.bits, c.metric) in best)
         table.setdefault((c.model, c.method, c.bits), {})[f"{c.metric} ({units[c.metric]})"] = text
+    # A stable sort keeps the bit-width order the rows were added in.
     index = pd.MultiIndex.from_tuples(
-        sorted(table, key=lambda k: (k[0], k[1] != FP, list(table).index(k))),
-        names=["model", "method", "bits"],
+        sorted(table, key=lambda k: (k[0], k[1] != FP)), names=["model", "method", "bits"]
     )
     return pd.DataFrame(
         [[table[i].get(col, "—") for col in columns] for i in index], index=index, columns=columns
@@ -328,10 +328,8 @@ def _cell_text(c, is_best: bool) -> str:
     Δ's interval holds 0; cost: the value and its ratio to FP."""
     if c.status != "ok":
         return f"{c.status}: {c.error}"
-    text = _fmt(c.value)
-    if not math.isnan(c.low):
-        text += f" ± {_fmt((c.high - c.low) / 2, c.value)}"
-    elif c.seeds > 1 and c.sd > 0:
+    text = _fmt(c.value) + _half_width_text(c)
+    if math.isnan(c.low) and c.seeds > 1 and c.sd > 0:
         text += f" (sd {_fmt(c.sd, c.value)})"
     if c.kind == "cost":
         # Cost reads as a ratio to the paired FP run: faster/slower for times, a fraction for sizes.
@@ -341,13 +339,8 @@ def _cell_text(c, is_best: bool) -> str:
             text += f" ({c.ratio:.2f}× FP)"
         if _simulated(c):
             text += " (simulated)"
-    elif c.method != FP and not math.isnan(c.delta):
-        delta = _signed(c.delta, c.value)
-        if not math.isnan(c.delta_low):
-            delta += f" ± {_fmt((c.delta_high - c.delta_low) / 2, c.value)}"
-        text += f" ({delta}{', ≈FP' if c.within_noise else ''})"
-    if c.method != FP and c.kind == "quality" and not math.isnan(c.rank):
-        text += f" #{int(c.rank)}"
+    else:
+        text += _paired_text(c)
     if c.metric in INCLUDES_BASES and isinstance(c.weights_from, str):
         text += f" (includes {c.weights_from})"
     if c.set_aside:
@@ -371,8 +364,7 @@ def summary_text(cells: pd.DataFrame, width: int = 100) -> str:
             for b in bits if c.method == FP else [c.bits]:
                 text[(c.method, b)] = cell
         name_w = max(len("method"), *map(len, methods))
-        col_w = max(len(b) for b in bits)
-        col_w = max([col_w, *(len(t) for t in text.values())])
+        col_w = max(len(t) for t in [*bits, *text.values()])
         per_line = max(1, (width - name_w) // (col_w + 2))
         arrow = "higher" if g["higher_is_better"].iloc[0] else "lower"
         out.append(f"{model}: {metric} ({g['unit'].iloc[0]}, {arrow} is better)")
@@ -400,9 +392,17 @@ def _plain(c) -> str:
     its status only (the message is in the report)."""
     if c.status != "ok":
         return c.status
-    text = _fmt(c.value)
-    if not math.isnan(c.low):
-        text += f" ± {_fmt((c.high - c.low) / 2, c.value)}"
+    return _fmt(c.value) + _half_width_text(c) + _paired_text(c)
+
+
+def _half_width_text(c) -> str:
+    """`` ± half-width`` of a cell's interval, or nothing without one."""
+    return "" if math.isnan(c.low) else f" ± {_fmt((c.high - c.low) / 2, c.value)}"
+
+
+def _paired_text(c) -> str:
+    """A quantized quality cell's `` (Δ ± half-width[, ≈FP]) #rank``, each part where known."""
+    text = ""
     if c.method != FP and not math.isnan(c.delta):
         delta = _signed(c.delta, c.value)
         if not math.isnan(c.delta_low):

@@ -332,10 +332,15 @@ class MatrixSpec:
     path: str
     runs: tuple[RunSpec, ...] = field(repr=False)
     description: str = ""
-    notes: tuple[str, ...] = ()  # what the file leaves implicit: inherited keys, the budget it gets
+    notes: tuple[str, ...] = ()  # what the file leaves implicit: inherited keys, then the budget
 
     def expand(self) -> list[RunSpec]:
         return list(self.runs)
+
+    @property
+    def budget_note(self) -> str:
+        """Which quantization budget the runs get, in words (the last of :attr:`notes`)."""
+        return self.notes[-1] if self.notes else ""
 
     def with_evaluation(self, **overrides: Any) -> MatrixSpec:
         """This matrix with evaluation settings overridden in every run (command-line flags)."""

@@ -92,7 +92,7 @@ class PipelineAdapter(DiffusionAdapter):
         except (OSError, ValueError) as exc:
             if Path(self.source).exists():
                 raise  # a local directory that does not load is an error, not an absence
-            if self.source.startswith(("/", ".", "~")) or self.source.count("/") != 1:
+            if missing_path(self.source, hub_ids=True):  # not a hub id's shape: a missing local path
                 raise AvailabilityError(
                     f"{self.name}: source {self.source!r} is not a folder here, nor a hub id (owner/name); "
                     "give the folder written by save_pretrained, or a hub id"
