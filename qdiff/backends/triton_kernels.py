@@ -97,13 +97,49 @@ def _implicit_gemm_kernel(
     tl.store(out_ptr + rm[:, None] * OC + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Tile edges ``block_sizes`` chooses from. Every tile must compile for the GPUs the backends
+# target, which the CPU interpreter does not check: int8 ``tl.dot`` needs K tiles of at least 32
+# on sm_80–sm_90 (16 fails to compile), so no tile edge is below 32. Few tiles also keep the
+# ahead-of-time compile check of every tile (:func:`compile_for`) affordable.
+TILE_MN = (32, 128)
+TILE_K = (32, 64)
+TARGETS = {"sm_80": 80, "sm_89": 89, "sm_90": 90}  # A100, L40/4090, H100/H200
+MODES = ("int8", "w4a16")
+
+
 def block_sizes(m: int, o: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K): tensor-core-sized tiles, shrunk (≥ 16, ``tl.dot``'s minimum)
-    for small problems so that the CPU interpreter stays fast in tests."""
-    bm = 128 if m >= 128 else max(16, triton.next_power_of_2(m))
-    bn = 128 if o >= 128 else max(16, triton.next_power_of_2(o))
-    bk = 64 if k >= 64 else max(16, triton.next_power_of_2(k))
+    """(BLOCK_M, BLOCK_N, BLOCK_K): tensor-core-sized tiles, smaller for small problems so that
+    the CPU interpreter stays fast in tests (a tile larger than the problem is masked)."""
+    bm = TILE_MN[1] if m >= TILE_MN[1] else TILE_MN[0]
+    bn = TILE_MN[1] if o >= TILE_MN[1] else TILE_MN[0]
+    bk = TILE_K[1] if k >= TILE_K[1] else TILE_K[0]
     return bm, bn, bk
+
+
+def compile_for(target: str, mode: str, dtype: torch.dtype, tile: tuple[int, int, int], kw: int = 3):
+    """Compile the kernel ahead of time for an NVIDIA GPU (``target`` in :data:`TARGETS`),
+    without one: Triton's own front end, optimiser and ``ptxas``, exactly as a GPU launch would
+    with these constants and argument types (those of :func:`implicit_gemm`). Raises what the
+    compiler raises, so a tile only the interpreter accepts is caught on a CPU machine."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = _implicit_gemm_kernel
+    if not isinstance(kernel, triton.runtime.JITFunction):
+        raise RuntimeError("compile_for needs the compiled kernel: import qdiff without TRITON_INTERPRET=1")
+    act = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    signature = {name: "i32" for name in kernel.arg_names}
+    # The int8 layers pass a float32 bias; the w4a16 layers theirs in the model's dtype.
+    bias = "*fp32" if mode == "int8" else f"*{act}"
+    signature.update(x_ptr=f"*{act}", out_ptr=f"*{act}", bias_ptr=bias, w_scale_ptr="*fp32",
+                     w_ptr="*i8" if mode == "int8" else "*u8", w_sum_ptr="*i32", a_scale="fp32",
+                     a_zp="fp32", a_qmin="fp32", a_qmax="fp32")  # fmt: skip
+    bm, bn, bk = tile
+    constants = dict(KW=kw, MODE=mode, GROUP=64, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", TARGETS[target], 32))
 
 
 def implicit_gemm(
