@@ -34,10 +34,10 @@ from scipy import stats
 
 from bench.errors import IncomparableError, ThresholdError, UnknownNameError
 from bench.registry import METRICS
-from bench.report import MACHINE, cell_table, method_labels, protocol
+from bench.report import MACHINE, cell_table, compile_modes, method_labels, protocol
 from bench.store import load
 
-KEY = ["model", "method", "bits", "metric"]
+KEY = ["model", "method", "bits", "compile", "metric"]
 # The smallest noise any cell has: float rounding (another ISA, BLAS or library build) moves a
 # deterministic value by far less than 0.1 %, a real change of a method by far more.
 ROUNDING = 1e-3
@@ -137,6 +137,7 @@ def _cells(path: str | Path) -> pd.DataFrame:
     df = load(path)
     cells = cell_table(df)
     df["method"] = method_labels(df)
+    df["compile"] = compile_modes(df)
     # The protocol without the machine: a cost cell measured on another machine is listed,
     # never compared; a quality cell must reproduce across machines.
     df["protocol"] = protocol(df, with_machine=False)
@@ -259,13 +260,15 @@ def to_markdown(table: pd.DataFrame) -> str:
     """The cells that moved (changed value or status, or present on one side only), regressions
     flagged, and a one-line verdict."""
     moved = table[~table["note"].isin(REPRODUCED)]
+    # The compile mode is a column only where some cell was timed compiled.
+    key = KEY if (table["compile"] != "off").any() else [k for k in KEY if k != "compile"]
     lines = [
-        f"| {' | '.join(KEY)} | A | B | Δ (B − A) | noise (±) | allowed | note |",
-        "|" + "---|" * (len(KEY) + 6),
+        f"| {' | '.join(key)} | A | B | Δ (B − A) | noise (±) | allowed | note |",
+        "|" + "---|" * (len(key) + 6),
     ]
     for r in moved.itertuples():
         flag = " **REGRESSION**" if r.regressed else ""
-        cells = ["—" if getattr(r, k) is None else str(getattr(r, k)) for k in KEY] + [
+        cells = ["—" if getattr(r, k) is None else str(getattr(r, k)) for k in key] + [
             _num(r.a),
             _num(r.b),
             _num(r.delta),

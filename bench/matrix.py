@@ -11,6 +11,9 @@ A matrix file is YAML::
     bits: [W8A8, W4A8, W4A32]          # W<weight bits>A<activation bits>; 32 = full precision
     backends: [fake, x86]              # optional: deploy each quantized run on each (default:
                                        # the ``backend`` setting); rules may name a backend
+    compile: [off, inductor]           # optional: time every run (FP included) each way; the
+                                       # first mode measures everything, the others re-measure
+                                       # only the metrics that read ``compile`` (latency, memory)
     seeds: [0]                         # sampling seeds: the noise the images start from
     calib_seeds: [0, 1]                # calibration seeds: which calibration trajectories and
                                        # minibatch order (quantized runs only); a cell is the
@@ -83,6 +86,7 @@ MATRIX_KEYS = (
     "methods",
     "bits",
     "backends",
+    "compile",
     "seeds",
     "calib_seeds",
     "metrics",
@@ -398,6 +402,7 @@ def _build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
         _backends, path, attempt(_as_list, path, "backends", data.get("backends"), default=[]),
         lambda i: f"backends[{i}]", default=[],
     )  # fmt: skip
+    compile_modes = attempt(_compile_modes, path, data.get("compile"), settings, default=[])
     metrics = attempt(_metrics, path, "metrics", data.get("metrics"), default=())
     excludes = attempt(_rules, path, "exclude", _as_list(path, "exclude", data.get("exclude")), default=[])
     includes = attempt(_rules, path, "include", _as_list(path, "include", data.get("include")), default=[])
@@ -475,7 +480,7 @@ def _build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
         else:
             added = [d for r in added for d in deployments(r)]
         runs.extend(added)
-    runs = _with_fp_references(runs)
+    runs = _with_fp_references([c for r in runs for c in _compiled(r, compile_modes)])
     seen: dict[str, list[str]] = {}  # a problem shared by many runs is reported once
     for run in runs:
         try:
@@ -542,6 +547,36 @@ def _cells(models, methods, seeds, bits, calib_seeds, make) -> list[RunSpec]:
             continue
         for b, c in itertools.product(bits, calib_seeds):
             out.append(make(model, method, b, seed, c))
+    return out
+
+
+def _compile_modes(path: Path, modes: Any, settings: dict[str, Any]) -> list[str]:
+    if modes is None:
+        return []
+    # YAML 1.1 reads a bare ``off`` as false.
+    modes = ["off" if m is False else m for m in _as_list(path, "compile", modes)]
+    if "compile" in settings:
+        raise MatrixError(
+            f"{path}: 'compile' is both an axis and a setting; keep one (the axis: compile: [off, inductor])"
+        )
+    bad = [m for m in modes if m not in COMPILE_BACKENDS]
+    if bad or len(set(modes)) != len(modes):
+        raise MatrixError(
+            f"{path}: compile: {bad or modes} — list each of {', '.join(COMPILE_BACKENDS)} at most once"
+        )
+    return modes
+
+
+def _compiled(run: RunSpec, modes: list[str]) -> list[RunSpec]:
+    """The run under each mode of the ``compile`` axis: under the first with all its metrics,
+    under the others with only the metrics that read ``compile`` (the rest would repeat)."""
+    out = []
+    for i, mode in enumerate(modes or [run.evaluation.compile]):
+        reads = tuple(m for m in run.metrics if "compile" in METRICS.get(m).settings)
+        metrics = run.metrics if i == 0 else reads
+        if metrics:
+            evaluation = dataclasses.replace(run.evaluation, compile=mode)
+            out.append(dataclasses.replace(run, evaluation=evaluation, metrics=metrics))
     return out
 
 

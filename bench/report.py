@@ -78,7 +78,20 @@ def protocol(df: pd.DataFrame, with_machine: bool = True) -> list[str]:
     return [one(r) for r in df.to_dict("records")]
 
 
-CELL = ["model", "method", "bits", "metric"]
+CELL = ["model", "method", "bits", "compile", "metric"]
+DTYPE_LABELS = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}
+
+
+def compile_modes(df: pd.DataFrame) -> list[str]:
+    """Each row's ``torch.compile`` mode as its metric read it (``off`` where it reads none)."""
+    evaluations = df["evaluation"] if "evaluation" in df else [None] * len(df)
+    return [e.get("compile", "off") if isinstance(e, dict) else "off" for e in evaluations]
+
+
+def baseline_label(sampling: dict | None, compile_mode: str) -> str:
+    """The FP run a cost ratio is taken against, in words: ``FP32 eager``, ``FP16 inductor``."""
+    dtype = (sampling or {}).get("dtype", "float32") if isinstance(sampling, dict) else "float32"
+    return f"{DTYPE_LABELS.get(dtype, dtype)} {'eager' if compile_mode == 'off' else compile_mode}"
 
 
 def _interval(values: pd.Series, boots: pd.Series) -> tuple[float, float, float]:
@@ -106,6 +119,7 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     """
     df = df.copy()
     df["method"] = method_labels(df)
+    df["compile"] = compile_modes(df)
     df["protocol"] = protocol(df)
     newest = df.sort_values("started_at").groupby(CELL, sort=False)["protocol"].last()
     current = [
@@ -133,7 +147,7 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     precision = {r.bits: (-(r.w_bits or 32), -(r.a_bits or 32)) for r in df.itertuples() if r.bits != "FP"}
     bits_order = ["FP", *sorted(precision, key=precision.get)]
     records = []
-    for (model, method, bits, metric), g in df.groupby(CELL, sort=False):
+    for (model, method, bits, compile_mode, metric), g in df.groupby(CELL, sort=False):
         good = g[g["status"] == "ok"]
         bad = g[g["status"] != "ok"]
         first = g.iloc[0]
@@ -148,6 +162,8 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
                 "model": model,
                 "method": method,
                 "bits": bits,
+                "compile": compile_mode,
+                "baseline": baseline_label(first.get("sampling"), compile_mode),
                 "metric": metric,
                 "value": value,
                 "low": low,
@@ -171,12 +187,31 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
                 if good["floor_sd"].notna().any()
                 else math.nan,
                 "bits_rank": bits_order.index(bits),
-                "set_aside": int(set_aside.get((model, method, bits, metric), 0)),
+                "set_aside": int(set_aside.get((model, method, bits, compile_mode, metric), 0)),
             }
         )
     cells = pd.DataFrame.from_records(records)
     cells["rank"] = _ranks(cells)
+    cells["fastest_fp"], cells["fastest_ratio"] = _fastest_fp(cells)
     return cells
+
+
+def _fastest_fp(cells: pd.DataFrame) -> tuple[list, list]:
+    """For cost cells of a model measured against several FP baselines (eager and compiled):
+    the best FP baseline's label and each cell's ratio to it, so that a quantized model timed
+    eager is also read against compiled FP. None where the model has one FP baseline."""
+    best: dict[tuple[str, str], tuple[str, float]] = {}
+    fp = cells[(cells["method"] == FP) & (cells["kind"] == "cost") & (cells["status"] == "ok")]
+    for (model, metric), g in fp.groupby(["model", "metric"]):
+        if g["compile"].nunique() > 1:
+            top = g.loc[g["value"].idxmax() if g["higher_is_better"].iloc[0] else g["value"].idxmin()]
+            best[(model, metric)] = (top["baseline"], float(top["value"]))
+    labels, ratios = [], []
+    for c in cells.itertuples():
+        label, value = best.get((c.model, c.metric), (None, math.nan))
+        labels.append(label)
+        ratios.append(c.value / value if label is not None and c.method != FP else math.nan)
+    return labels, ratios
 
 
 def _ranks(cells: pd.DataFrame) -> list[float]:
@@ -244,19 +279,21 @@ def boards(cells: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 
 def cost_board(cells: pd.DataFrame) -> pd.DataFrame:
-    """Index (model, method, bits), one column per cost metric (``metric (unit)``); FP first."""
+    """Index (model, method, bits[, compile]), one column per cost metric (``metric (unit)``);
+    FP first. The ``compile`` level appears when runs were timed both eager and compiled."""
     best = _best_cost(cells)
     metrics = list(dict.fromkeys(cells["metric"]))
     units = dict(zip(cells["metric"], cells["unit"], strict=True))
     columns = [f"{m} ({units[m]})" for m in metrics]
-    table: dict[tuple[str, str, str], dict[str, str]] = {}
+    several = cells["compile"].nunique() > 1
+    table: dict[tuple[str, ...], dict[str, str]] = {}
     for c in cells.sort_values("bits_rank").itertuples():
-        text = _cell_text(c, is_best=(c.model, c.method, c.bits, c.metric) in best)
-        table.setdefault((c.model, c.method, c.bits), {})[f"{c.metric} ({units[c.metric]})"] = text
+        text = _cell_text(c, is_best=(c.model, c.method, c.bits, c.compile, c.metric) in best)
+        key = (c.model, c.method, c.bits, c.compile) if several else (c.model, c.method, c.bits)
+        table.setdefault(key, {})[f"{c.metric} ({units[c.metric]})"] = text
     # A stable sort keeps the bit-width order the rows were added in.
-    index = pd.MultiIndex.from_tuples(
-        sorted(table, key=lambda k: (k[0], k[1] != FP)), names=["model", "method", "bits"]
-    )
+    names = ["model", "method", "bits", "compile"] if several else ["model", "method", "bits"]
+    index = pd.MultiIndex.from_tuples(sorted(table, key=lambda k: (k[0], k[1] != FP)), names=names)
     return pd.DataFrame(
         [[table[i].get(col, "—") for col in columns] for i in index], index=index, columns=columns
     )
@@ -283,7 +320,7 @@ def _simulated(c) -> bool:
     return c.metric in SIMULATED_COSTS and c.backend == "fake"
 
 
-def _best_cost(cells: pd.DataFrame) -> set[tuple[str, str, str, str]]:
+def _best_cost(cells: pd.DataFrame) -> set[tuple[str, str, str, str, str]]:
     """Per (model, metric): the quantized cells that improve on FP by more than
     :data:`REAL_IMPROVEMENT` and are within it of the best of them (none if none improves, if FP
     has no value to beat, or if every cell of the column ties)."""
@@ -301,7 +338,7 @@ def _best_cost(cells: pd.DataFrame) -> set[tuple[str, str, str, str]]:
         top = (sign * g["value"]).max()
         tied = g[sign * g["value"] >= top - REAL_IMPROVEMENT * abs(top)]
         if len(tied) < len(column) or len(column) == 1:
-            best.update((model, r.method, r.bits, metric) for r in tied.itertuples())
+            best.update((model, r.method, r.bits, r.compile, metric) for r in tied.itertuples())
     return best
 
 
@@ -323,6 +360,13 @@ def _signed(v: float, like: float) -> str:
     return f"{'+' if v >= 0 else '−'}{_fmt(abs(v), like)}"
 
 
+def _ratio_text(ratio: float, unit: str, baseline: str) -> str:
+    if unit in TIME_UNITS:
+        how = f"{1 / ratio:.2f}× faster" if ratio <= 1 else f"{ratio:.2f}× slower"
+        return f"{how} than {baseline}"
+    return f"{ratio:.2f}× {baseline}"
+
+
 def _cell_text(c, is_best: bool) -> str:
     """Quality: ``mean ± half-width (Δ ± half-width vs FP) #rank``, ``≈FP`` when the paired
     Δ's interval holds 0; cost: the value and its ratio to FP."""
@@ -332,11 +376,14 @@ def _cell_text(c, is_best: bool) -> str:
     if math.isnan(c.low) and c.seeds > 1 and c.sd > 0:
         text += f" (sd {_fmt(c.sd, c.value)})"
     if c.kind == "cost":
-        # Cost reads as a ratio to the paired FP run: faster/slower for times, a fraction for sizes.
-        if c.method != FP and c.ratio > 0 and c.unit in TIME_UNITS:
-            text += f" ({1 / c.ratio:.2f}× faster)" if c.ratio <= 1 else f" ({c.ratio:.2f}× slower)"
-        elif c.method != FP and c.ratio > 0:
-            text += f" ({c.ratio:.2f}× FP)"
+        # Cost reads as a ratio to the paired FP run, which it names (dtype, compile mode), and
+        # to the fastest FP baseline where there are several: a time as faster/slower, a size
+        # as a fraction.
+        if c.method != FP and c.ratio > 0:
+            text += f" ({_ratio_text(c.ratio, c.unit, c.baseline)})"
+            fastest = getattr(c, "fastest_fp", None)
+            if isinstance(fastest, str) and fastest != c.baseline and c.fastest_ratio > 0:
+                text += f" ({_ratio_text(c.fastest_ratio, c.unit, fastest)})"
         if _simulated(c):
             text += " (simulated)"
     else:
@@ -418,9 +465,11 @@ CELLS_LEGEND = (
     "calibration seeds; bootstrap over images and runs), then the paired Δ to the FP run from "
     "the same noise ± its half-width, '≈FP' where that interval holds 0, and the rank among the "
     "column's methods, tied where intervals overlap (#1 in bold where the ranks separate). "
-    "Cost cells: the value and its ratio to the paired FP run, in bold only where it beats FP by more "
-    "than 5 %; latency and memory of simulated (fake-quant) models are marked 'simulated': they say "
-    "nothing about deployment."
+    "Cost cells: the value and its ratio to the paired FP run (named: its dtype and compile mode) and, "
+    "where FP was also timed another way, to the fastest FP; in bold only where it beats its paired "
+    "FP by more than 5 %; memory is the deployed model's (its resident weights plus the sampling's "
+    "working memory, nothing else the benchmark holds); latency and memory of simulated "
+    "(fake-quant) models are marked 'simulated': they say nothing about deployment."
 )
 
 

@@ -11,7 +11,7 @@ from qdiff.modules import QuantAttnProcessor, QuantConv2d, QuantLinear, QuantMat
 from qdiff.prepare import find_skip_concats, prepare, set_quant_state
 from qdiff.quantizer import AdaRoundQuantizer, UniformAffineQuantizer
 from qdiff.reconstruct import ReconResult, UnitReport, find_units, reconstruct
-from qdiff.storage import storage_bytes
+from qdiff.storage import resident_bytes, storage_bytes
 from qdiff.transforms.lowrank import LowRank, add_low_rank
 from qdiff.transforms.smooth import Smooth, smooth
 
@@ -41,6 +41,7 @@ __all__ = [
     "prepare",
     "quantize",
     "reconstruct",
+    "resident_bytes",
     "select_steps",
     "set_quant_state",
     "smooth",

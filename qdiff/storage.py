@@ -8,6 +8,9 @@ same way; grids of quantizers switched off (a WxA32 model's activation quantizer
 stored. Every other parameter and persistent buffer (biases, norms, embeddings, layers left
 in floating point) counts at its own dtype's size. Tensors shared between modules count once.
 
+:func:`resident_bytes` is the other view: what a model's tensors occupy in memory right now
+(a fake-quantized model's float copies included), which deployed-memory figures need.
+
 A weight held as a tensor subclass (torchao's quantized tensors) counts as the inner tensors it
 actually stores, found through ``__tensor_flatten__``: the integer data (named ``qdata`` in
 torchao) as quantized weights, everything else (scales, zero points) as grid. That is the
@@ -84,6 +87,10 @@ def storage_bytes(model: nn.Module) -> dict[str, int]:
                 if name.startswith("w_scale"):
                     parts["grids"] += t.numel() * t.element_size()
                     mark(t)
+                elif name.startswith(("weight", "w_zero_point")):
+                    # The weights are counted by weight_bytes(); the zero points of the
+                    # symmetric weight grids the kernels read are all 0, never stored.
+                    mark(t)
         if isinstance(module, FrozenFakeQuantLayer):
             mark(module.weight_q)  # a precomputed copy of its layer's (quantized) weight
         if isinstance(module, UniformAffineQuantizer | AdaRoundQuantizer):
@@ -98,3 +105,30 @@ def storage_bytes(model: nn.Module) -> dict[str, int]:
         else:
             parts["other"] += t.numel() * t.element_size()
     return {**parts, "total": sum(parts.values())}
+
+
+def _tensor_bytes(t: torch.Tensor, seen: set[int]) -> int:
+    """Bytes of ``t``'s storage (once per storage), or of a subclass's inner tensors."""
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, name), seen) for name in names)
+    try:
+        storage = t.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):  # opaque layouts (mkldnn) have no plain storage
+        key, size = id(t), t.numel() * t.element_size()
+    if key in seen or size == 0:
+        return 0
+    seen.add(key)
+    return size
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes ``model``'s tensors occupy in memory now, each storage once: parameters, buffers,
+    the inner tensors of tensor subclasses (torchao), and kernel layers' prepacked weights that
+    are not buffers (:meth:`~qdiff.backends.base.KernelLayer.opaque_bytes`). Unlike
+    :func:`storage_bytes` this counts what is held, e.g. both the float weight and the
+    fake-quantized copy of a simulated layer."""
+    seen: set[int] = set()
+    total = sum(_tensor_bytes(t, seen) for t in (*model.parameters(), *model.buffers()))
+    return total + sum(m.opaque_bytes() for m in model.modules() if isinstance(m, KernelLayer))

@@ -3,6 +3,9 @@ plain-torch integer references. Triton kernels run under TRITON_INTERPRET=1 here
 
 from __future__ import annotations
 
+import re
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -287,3 +290,31 @@ def test_kernels_take_float16_activations_as_the_gpu_matrices_run():
                        out_dtype=torch.float16)  # fmt: skip
     ref4 = F.conv2d(x.float(), (q4.float() * scales).reshape(24, 3, 3, 16).permute(0, 3, 1, 2), bias, 1, 1)
     assert y4.dtype == torch.float16 and sqnr_db(ref4, y4.permute(0, 3, 1, 2).float()) > 50
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile (inductor) on CPU needs a C++")
+def test_x86_under_torch_compile_lowers_to_int8_kernels_and_the_cost_guard_checks_its_output(tiny_unet):
+    """Compiled, the x86 model's quantize → dequantize → float-op form becomes oneDNN's int8 ops.
+    Whether the fused graph still computes the eager model is checked by the cost metrics'
+    guard: on this tiny UNet it does not (every layer compiled alone is exact, the whole graph
+    is ~15 dB off), and the guard refuses it rather than timing another computation."""
+    from torch._inductor.utils import run_and_get_code
+
+    from bench.metrics.cost import compiled_problem
+    from qdiff.backends.x86 import compile_setup
+
+    data = calib_for(tiny_unet, 16)
+    qmodel, _ = qdiff.quantize(tiny_unet, W8A8, data)
+    x86 = qdiff.convert(qmodel, "x86")
+    x, t = data.x[:4], data.t[:4]
+    compile_setup()
+    with torch.no_grad():
+        eager = x86(x, t).sample
+        compiled, code = run_and_get_code(torch.compile(x86), x, t)
+    kernels = set(re.findall(r"torch\.ops\.onednn\.(\w+)", "\n".join(code)))
+    assert {"qconv_pointwise", "qlinear_pointwise"} <= kernels
+    sqnr = sqnr_db(eager, compiled.sample)
+    problem = compiled_problem(eager, compiled.sample)
+    assert (problem is None) == (sqnr >= 30) and compiled_problem(eager, eager) is None
+    if problem:
+        assert f"{sqnr:.1f} dB" in problem and "compile: off" in problem

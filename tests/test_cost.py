@@ -12,7 +12,7 @@ from torch import nn
 
 import qdiff
 from bench.matrix import load_matrix
-from bench.metrics.cost import summarize, time_calls
+from bench.metrics.cost import PeakWindow, deployed_memory, summarize, time_calls
 from bench.runner import run_matrix
 
 COST = "[latency_step, latency_e2e, peak_memory, weight_bytes]"
@@ -56,6 +56,46 @@ def test_storage_counts_packed_weights_and_the_grids_in_use(bits, symmetric):
     assert qdiff.storage_bytes(q)["grids"] == grids + 2 * (4 + 1)
 
 
+MIB = 2**20
+needs_peak_reset = pytest.mark.skipif(
+    PeakWindow(torch.device("cpu")).__enter__().before is None,
+    reason="needs Linux with glibc (a resettable peak RSS)",
+)
+
+
+@needs_peak_reset
+def test_deployed_memory_is_the_models_weights_plus_its_working_memory_and_nothing_else():
+    model = nn.Linear(2048, 1024)  # 8 MiB + 4 KiB of float32 weights
+    resident_elsewhere = torch.ones(32 * MIB // 4)  # e.g. the FP model beside the deployed one
+    garbage = [torch.ones(25_000) for _ in range(640)]  # ~64 MiB of 100 KB blocks on the C heap
+    del garbage  # freed before the window: sampling must not silently reuse its pages
+    with PeakWindow(torch.device("cpu")) as window:
+        x = torch.ones(4096, 2048)  # 32 MiB of input
+        blocks = [torch.ones(25_000) for _ in range(640)]  # ~64 MiB more, from the heap
+        y = model(x)  # 16 MiB of output
+        del x, y, blocks
+    value, parts = deployed_memory(model, window)
+    assert parts["weights_resident_mib"] == pytest.approx((2048 * 1024 + 1024) * 4 / MIB)
+    assert 32 + 64 + 16 - 2 <= parts["working_mib"] <= 32 + 64 + 16 + 24  # page and allocator slack
+    assert value == parts["weights_resident_mib"] + parts["working_mib"]
+    assert parts["process_peak_mib"] > value + 32  # the process holds more: not counted
+    assert resident_elsewhere.sum() > 0
+
+
+def test_resident_bytes_count_what_each_deployment_holds():
+    model, q = conv_model(8, True)
+    qdiff.set_quant_state(q, weight=True, act=True)
+    fp = sum(p.numel() * 4 for p in model.parameters())
+    assert qdiff.resident_bytes(model) == fp
+    # A simulated deployment keeps the float weights and their fake-quantized copies.
+    assert qdiff.resident_bytes(qdiff.convert(q, "fake")) > 2 * fp - 100
+    # The int8 deployment holds prepacked int8 weights (not buffers), scales, biases and norms.
+    x86 = qdiff.convert(q, "x86")
+    held = qdiff.resident_bytes(x86)
+    int8 = 8 * 3 * 9 + 5 * 8
+    assert int8 <= held - (8 + 8 + 8) * 4 - (8 + 5) * 4 <= int8 + 2 * 1024  # oneDNN's blocked padding
+
+
 def test_cost_metrics_through_the_runner(tmp_path):
     matrix = load_matrix(
         tiny_matrix(
@@ -75,6 +115,8 @@ def test_cost_metrics_through_the_runner(tmp_path):
         assert step["p25"] <= step["value"] <= step["p75"] and step["iqr"] >= 0
         assert e2e["images_per_s"] == pytest.approx(8 / e2e["value"]) and e2e["steps"] == 3
         assert memory["value"] > 0 and "RSS" in memory["memory_source"] and memory["kind"] == "cost"
+        assert memory["value"] == memory["weights_resident_mib"] + memory["working_mib"]
+        assert memory["value"] < memory["process_peak_mib"]
     assert by["W8A8", "latency_step"]["backend"] == "fake" and by["FP", "latency_step"]["backend"] == "fp"
     size = {bits: by[bits, "weight_bytes"]["value"] for bits in ("FP", "W8A8", "W4A32")}
     assert size["FP"] / size["W8A8"] > 3.5 and size["W8A8"] / size["W4A32"] > 1.7

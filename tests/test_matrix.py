@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import tiny_matrix
 
 from baselines import BASELINES
 from bench.errors import MatrixError
@@ -396,3 +397,21 @@ def test_local_paths_are_checked_before_anything_runs(tmp_path):
     ok = text.replace("./weights/sd15", "org/model").replace(", prompts: /no/prompts.txt", "")
     load_matrix(write(tmp_path, ok.replace("/no/reference", str(tmp_path / "ref"))))
     load_matrix(write(tmp_path, ok.replace("/no/reference", "cifar10-train")))
+
+
+def test_the_compile_axis_times_every_run_each_way_and_pairs_like_with_like(tmp_path):
+    path = tiny_matrix(
+        tmp_path, "[linear]", "[W8A8]", metrics="[digits_fd, latency_step]", compile="[off, inductor]"
+    )
+    matrix = load_matrix(path)
+    by = {(r.method, r.evaluation.compile): r for r in matrix.expand()}
+    assert set(by) == {("fp", "off"), ("fp", "inductor"), ("linear", "off"), ("linear", "inductor")}
+    # The first mode measures everything; the other re-measures only what reads ``compile``.
+    assert by["linear", "off"].metrics == ("digits_fd", "latency_step")
+    assert by["linear", "inductor"].metrics == by["fp", "inductor"].metrics == ("latency_step",)
+    assert by["linear", "inductor"].fp_reference().hash == by["fp", "inductor"].hash
+    assert by["linear", "off"].fp_reference().hash == by["fp", "off"].hash
+    with pytest.raises(MatrixError, match="list each of off, inductor, eager at most once"):
+        load_matrix(tiny_matrix(tmp_path, compile="[off, turbo]"))
+    with pytest.raises(MatrixError, match="both an axis and a setting"):
+        load_matrix(tiny_matrix(tmp_path, compile="[inductor]", settings="{compile: inductor}"))

@@ -361,10 +361,33 @@ def test_cost_cells_are_bold_only_when_they_beat_fp_and_simulated_latency_is_lab
     cells = report.build(store.root).cells
     board = report.cost_board(cells)
     cell = lambda m: board.loc[("embedded-digits", m, "W8A8"), "latency_step (ms)"]  # noqa: E731
-    assert cell("linear") == "**70.00 (1.43× faster)**"  # beats FP by more than 5 %
-    assert cell("qdiff") == "98.00 (1.02× faster)"  # within 5 % of FP: not an improvement
-    assert cell("slow") == "60.00 (1.67× faster) (simulated)"  # a fake-quant latency: never best
+    assert cell("linear") == "**70.00 (1.43× faster than FP32 eager)**"  # beats FP by more than 5 %
+    assert cell("qdiff") == "98.00 (1.02× faster than FP32 eager)"  # within 5 % of FP: not an improvement
+    # A fake-quant latency: never best.
+    assert cell("slow") == "60.00 (1.67× faster than FP32 eager) (simulated)"
     assert report.plots(cells) == []  # no front through simulated latencies or a single point
+
+
+def test_cost_cells_name_their_fp_baseline_and_the_fastest_one(tmp_path):
+    from helpers import row
+
+    from bench.store import ResultStore
+
+    store = ResultStore(tmp_path / "r")
+    for mode, fp_ms, int8_ms in (("off", 280.0, 240.0), ("inductor", 230.0, 145.0)):
+        evaluation = {"compile": mode}
+        fp = row("fp", "FP", "latency_step", fp_ms, unit="ms", kind="cost", backend="fp",
+                 evaluation=evaluation)  # fmt: skip
+        store.append([{**fp, "higher_is_better": False, "run_id": f"fp-{mode}", "config_hash": f"fp-{mode}"}])
+        q = row("linear", "W8A8", "latency_step", int8_ms, unit="ms", kind="cost", backend="x86",
+                evaluation=evaluation, budget={"backend": "x86"})  # fmt: skip
+        store.append([{**q, "higher_is_better": False, "run_id": f"q-{mode}", "config_hash": f"q-{mode}",
+                       "reference_hash": f"fp-{mode}"}])  # fmt: skip
+    board = report.cost_board(report.build(store.root).cells)
+    assert board.index.names == ["model", "method", "bits", "compile"]
+    cell = lambda mode: board.loc[("embedded-digits", "linear [x86]", "W8A8", mode), "latency_step (ms)"]  # noqa: E731
+    assert cell("off") == "240.0 (1.17× faster than FP32 eager) (1.04× slower than FP32 inductor)"
+    assert cell("inductor") == "**145.0 (1.59× faster than FP32 inductor)**"
 
 
 def test_a_timed_cost_cell_gets_the_t_interval_of_its_runs(tmp_path):

@@ -1,4 +1,4 @@
-"""Cost metrics: denoiser-step and end-to-end latency, peak memory while sampling, weight bytes.
+"""Cost metrics: denoiser-step and end-to-end latency, deployed peak memory, weight bytes.
 
 Timings exclude warm-up (``latency_warmup`` untimed calls: allocator growth, cuDNN autotuning,
 ``torch.compile``) and report the median of ``latency_repeats`` timed calls with the
@@ -12,22 +12,29 @@ quantized layer ran (``backend_layers``).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+import math
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import qdiff
+from bench.errors import AvailabilityError
 from bench.metrics.quality import CostMetric, EvalContext, Measurement
 from bench.models.base import in_dtype, model_dtype
 from bench.registry import METHODS
 from bench.spec import resolve_device
 from qdiff.backends import layer_report
+from qdiff.backends.x86 import compile_setup
 
 MIB = 2**20
 LATENCY_SETTINGS = ("latency_warmup", "latency_repeats", "compile")
@@ -93,26 +100,65 @@ def _protocol(ctx: EvalContext, device: torch.device, warmup: int, repeats: int)
         "batch_size": ctx.spec.sampling.batch_size,
         "backend": deploy_backend(ctx.spec),
         "compile": ev.compile,
+        "freezing": ev.compile == "inductor",
         "threads": torch.get_num_threads(),
         # Which kernel each quantized layer runs: a backend's fallbacks are counted, never silent.
         "backend_layers": _backend_layers(ctx),
     }
 
 
+# A compiled denoiser must compute what the eager one does: inductor's int8 lowering fused
+# some models' quantized layers into a different computation (a tiny UNet: 15 dB against eager),
+# and a latency of a different model is not the run's.
+COMPILED_MIN_SQNR_DB = 30.0
+
+
+def compiled_problem(eager: torch.Tensor, compiled: torch.Tensor) -> str | None:
+    """Why ``compiled``'s output cannot stand for ``eager``'s (SQNR below
+    :data:`COMPILED_MIN_SQNR_DB`), or None."""
+    noise = (eager.float() - compiled.float()).square().mean()
+    sqnr = math.inf if noise == 0 else float(10 * torch.log10(eager.float().square().mean() / noise))
+    if sqnr < COMPILED_MIN_SQNR_DB:
+        return (
+            f"the torch.compile'd denoiser's output is {sqnr:.1f} dB from the eager model's (at least "
+            f"{COMPILED_MIN_SQNR_DB:.0f} dB needed): its timing would be of another computation; "
+            "time it eager (compile: off)"
+        )
+    return None
+
+
 def _denoiser(ctx: EvalContext) -> nn.Module:
-    """The run's deployable denoiser, compiled when the settings ask (once per run)."""
+    """The run's deployable denoiser, compiled when the settings ask (once per run), after
+    checking on one step that the compiled model computes what the eager one does."""
     if "compiled" not in ctx.memo:
         model = ctx.denoiser
+        if ctx.spec.evaluation.compile == "inductor":
+            # Every model, FP included, compiles alike: with freezing (constant weights,
+            # prepacked) and the int8 lowering passes the x86 backend needs.
+            compile_setup()
         if ctx.spec.evaluation.compile != "off":
-            model = torch.compile(model, backend=ctx.spec.evaluation.compile)
+            compiled = torch.compile(model, backend=ctx.spec.evaluation.compile)
+            x, t, kwargs = ctx.adapter.step_inputs(ctx.spec.sampling.batch_size, ctx.spec.seed)
+            x, kwargs = in_dtype(model_dtype(model), x, kwargs)
+            with torch.no_grad():
+                problem = compiled_problem(_sample(model(x, t, **kwargs)), _sample(compiled(x, t, **kwargs)))
+            if problem:
+                raise ValueError(problem)
+            model = compiled
         ctx.memo["compiled"] = model
     return ctx.memo["compiled"]
+
+
+def _sample(out) -> torch.Tensor:
+    """A denoiser call's prediction (diffusers models return an output object)."""
+    return out if isinstance(out, torch.Tensor) else out[0]
 
 
 class LatencyStep(CostMetric):
     """Milliseconds of one denoiser call at the run's batch size (the doubled batch of
     classifier-free guidance included), at the first sampler step's inputs. The row also
-    carries the peak memory over the timed calls (``step_peak_mib``)."""
+    carries the deployed memory of one step (``step_peak_mib``: the denoiser's resident
+    tensors plus the timed calls' working memory, see :func:`deployed_memory`)."""
 
     name = "latency_step"
     unit = "ms"
@@ -137,7 +183,11 @@ class LatencyStep(CostMetric):
             times = time_calls(step, 0, repeats, device)
         median, spread = summarize(times, 1000)
         protocol = _protocol(ctx, device, warmup, repeats)
-        return Measurement(median, {**spread, **protocol, "step_peak_mib": window.peak_mib, **window.memory})
+        memory = {"step_peak_mib": None}
+        if window.working_mib is not None:
+            memory["step_peak_mib"], parts = deployed_memory(ctx.denoiser, window)
+            memory["step_working_mib"] = parts["working_mib"]
+        return Measurement(median, {**spread, **protocol, **memory, "memory_source": window.source})
 
 
 def _rss_peak_reset() -> bool:
@@ -156,23 +206,49 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None on other C libraries."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_free_heap() -> bool:
+    """Hand the C heap's free pages back to the kernel, so that memory a block allocates shows
+    as resident growth instead of silently reusing pages freed before it (glibc only)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 class PeakWindow:
-    """Peak memory over a ``with`` block: allocated CUDA memory on a GPU; on Linux CPUs the
-    process's peak RSS after resetting the kernel's mark; elsewhere the lifetime peak (an
-    upper bound). After the block: ``peak_mib`` and ``memory`` (source, level before)."""
+    """Memory over a ``with`` block. After it:
+
+    * ``working_mib``: how much the block added at its peak over what was resident when it
+      started: allocated CUDA memory on a GPU (``max_memory_allocated`` − allocated before);
+      on Linux CPUs the process's peak RSS (its mark reset, the C heap's free pages handed
+      back first) minus its RSS before; None where the peak cannot be reset.
+    * ``peak_mib``: the device's or process's whole peak (everything resident included).
+    * ``memory``: how it was measured.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
     def __enter__(self) -> PeakWindow:
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before = torch.cuda.memory_allocated(self.device)
             self.source = "torch.cuda.max_memory_allocated"
-        elif sys.platform == "linux" and _rss_peak_reset():
+        elif sys.platform == "linux" and _release_free_heap() and _rss_peak_reset():
             self.before = _rss_kib("VmRSS") * 1024
-            self.source = "peak RSS of the process (VmHWM, reset before sampling)"
+            self.source = "peak RSS of the process (VmHWM, reset and free heap released before)"
         else:  # cannot reset: the process's lifetime peak, an upper bound
             self.before = None
             self.source = "peak RSS of the process since it started (ru_maxrss)"
@@ -188,8 +264,28 @@ class PeakWindow:
             usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             peak = usage * (1 if sys.platform == "darwin" else 1024)
         self.peak_mib = peak / MIB
+        self.working_mib = None if self.before is None else max(peak - self.before, 0) / MIB
         before = None if self.before is None else self.before / MIB
-        self.memory = {"memory_source": self.source, "before_mib": before}
+        self.memory = {"memory_source": self.source, "before_mib": before, "process_peak_mib": self.peak_mib}
+
+
+def deployed_memory(model: nn.Module, window: PeakWindow) -> tuple[float, dict]:
+    """What running ``model`` costs (MiB): its tensors as resident
+    (:func:`qdiff.resident_bytes`) plus the working memory the window measured around its use,
+    with nothing else resident counted (the FP model, calibration data, quantizers' float
+    copies in other models, the interpreter and libraries). The row's extras give both parts.
+
+    Raises:
+        AvailabilityError: the platform cannot reset its peak (not Linux, or no glibc).
+    """
+    if window.working_mib is None:
+        raise AvailabilityError(
+            "deployed memory needs a resettable peak (a CUDA device, or Linux with glibc); "
+            f"here only the process's lifetime peak is known ({window.peak_mib:.0f} MiB)"
+        )
+    weights = qdiff.resident_bytes(model) / MIB
+    parts = {"weights_resident_mib": weights, "working_mib": window.working_mib, **window.memory}
+    return weights + window.working_mib, parts
 
 
 def peak_while_sampling(spec) -> bool:
@@ -230,8 +326,8 @@ def _sampling_cost(ctx: EvalContext) -> dict:
     out = {
         "times": times,
         "protocol": _protocol(ctx, device, warmup, repeats),
-        "peak_mib": window.peak_mib,
-        "memory": {**window.memory, "measured_during": measured},
+        "window": window,
+        "measured_during": measured,
     }
     ctx.memo["sampling_cost"] = out
     return out
@@ -253,11 +349,15 @@ class LatencyE2E(CostMetric):
 
 
 class PeakMemory(CostMetric):
-    """Peak memory (MiB) while sampling one batch: allocated device memory on a GPU (weights,
-    activations, sampler state); on a CPU the process's peak resident set, which also holds the
-    interpreter and libraries (``before_mib`` is its level when sampling started). Measured
-    over the run's own image generation when that is one fresh batch, else over a separate
-    sampling of one batch (the row's ``measured_during`` says which)."""
+    """Deployed peak memory (MiB) of sampling one batch: what running the deployed denoiser
+    costs, its resident tensors (weights as deployed: packed integers and scales, or whatever
+    the backend holds) plus the peak working memory of the sampling (activations, sampler
+    state); see :func:`deployed_memory`. Nothing else resident counts: not the FP model or the
+    calibration state the benchmark keeps beside it, not the interpreter and libraries (the
+    row's ``process_peak_mib`` is the process's whole peak), and not the pipeline's other
+    components (text encoder, VAE), which every method shares. Measured over the run's own
+    image generation when that is one fresh batch, else over a separate sampling of one batch
+    (the row's ``measured_during`` says which)."""
 
     name = "peak_memory"
     unit = "MiB"
@@ -265,7 +365,8 @@ class PeakMemory(CostMetric):
 
     def __call__(self, ctx: EvalContext) -> Measurement:
         cost = _sampling_cost(ctx)
-        return Measurement(cost["peak_mib"], {**cost["memory"], **cost["protocol"]})
+        value, parts = deployed_memory(ctx.denoiser, cost["window"])
+        return Measurement(value, {**parts, "measured_during": cost["measured_during"], **cost["protocol"]})
 
 
 class WeightBytes(CostMetric):

@@ -137,6 +137,11 @@ class KernelLayer(nn.Module):
         """Bytes of the stored low-bit weights (buffers ``weight<i>``)."""
         return sum(getattr(self, f"weight{i}").nbytes for i in range(self.parts))
 
+    def opaque_bytes(self) -> int:
+        """Bytes of tensors the layer holds outside its parameters and buffers (a kernel
+        library's prepacked weights); 0 unless a backend keeps such tensors."""
+        return 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_layer(self.transforms, x, self._parts)
 

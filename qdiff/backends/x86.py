@@ -29,6 +29,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qdiff.backends.base import (
@@ -69,30 +70,40 @@ class X86Int8Layer(KernelLayer):
         super().__init__(layer)
         if self.bias is not None:
             self.bias = self.bias.float()
-        # Per input part: the packed int8 weight (an opaque oneDNN tensor, so a plain attribute
-        # rather than a buffer) and the input grid moved into the uint8 range.
+        # Per input part: the int8 weight with its per-channel scales, and the input grid moved
+        # into the uint8 range. Eager calls pack the weight into oneDNN's blocked layout on first
+        # use (an opaque tensor, so a plain attribute rather than a buffer).
         self.packed: list[torch.Tensor] = []
         self.grids: list[tuple[float, int, int, int]] = []
         parts = zip(integer_weights(layer, "x86", 8), layer.act_quantizers(), strict=True)
         for i, ((ints, scale), aq) in enumerate(parts):
-            grid = uint8_grid(aq)
-            a_scale, a_zp = grid[:2]
             if not EXACT_INT8:  # 7-bit weights: no int16 pair sum can saturate (docstring)
                 ints, scale = (ints / 2).round().clamp(-64, 63), scale * 2
-            w8 = ints.to(torch.int8)
+            self.register_buffer(f"weight{i}", ints.to(torch.int8))
+            self.register_buffer(f"w_scale{i}", scale)
+            self.grids.append(uint8_grid(aq))
+        self.register_buffer("w_zero_point", torch.zeros(layer.weight.shape[0], dtype=torch.int32))
+        # torchao's dequantize_per_channel pattern reads int64 zero points.
+        self.register_buffer("w_zero_point64", torch.zeros(layer.weight.shape[0], dtype=torch.int64))
+
+    def _pack(self) -> None:
+        for i in range(self.parts):
+            w8, scale = getattr(self, f"weight{i}"), getattr(self, f"w_scale{i}")
             if self.conv:
                 stride, padding, dilation, groups = self.conv_args
+                a_scale, a_zp = self.grids[i][:2]
                 packed = torch.ops.onednn.qconv_prepack(
                     w8, scale, a_scale, a_zp, stride, padding, dilation, groups, None
                 )
             else:
                 packed = torch.ops.onednn.qlinear_prepack(w8, None)
             self.packed.append(packed)
-            self.register_buffer(f"w_scale{i}", scale)
-            self.grids.append(grid)
-        self.register_buffer("w_zero_point", torch.zeros(layer.weight.shape[0], dtype=torch.int32))
 
     def part(self, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._part_decomposed(i, x, bias)
+        if not self.packed:
+            self._pack()
         scale, zp, qmin, qmax = self.grids[i]
         qx = quantize_uint8(x, scale, zp, qmin, qmax)
         w_scale = getattr(self, f"w_scale{i}")
@@ -110,8 +121,45 @@ class X86Int8Layer(KernelLayer):
             torch.float32, "none", [], "",
         )  # fmt: skip
 
-    def weight_bytes(self) -> int:
+    def _part_decomposed(self, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The same layer as PT2E's ``convert_pt2e`` writes it: quantize → dequantize the input,
+        dequantize the int8 weight, float conv/linear. Under ``torch.compile`` (inductor, with
+        freezing and torchao's x86 passes registered: :func:`compile_setup`) inductor lowers
+        this to the same oneDNN int8 kernel and fuses the input quantization into the op that
+        produces the input (GroupNorm, SiLU, a residual sum), which eager calls pay apart."""
+        scale, zp, qmin, qmax = self.grids[i]
+        qd = torch.ops.quantized_decomposed
+        shape = x.shape
+        if not self.conv:  # 2-D, as the qlinear pattern expects (its N-D match fails here)
+            x = x.reshape(-1, shape[-1])
+        xq = qd.quantize_per_tensor.default(x, scale, zp, qmin, qmax, torch.uint8)
+        x = qd.dequantize_per_tensor.default(xq, scale, zp, qmin, qmax, torch.uint8)
+        w = qd.dequantize_per_channel.default(
+            getattr(self, f"weight{i}"), getattr(self, f"w_scale{i}"), self.w_zero_point64, 0, -128, 127,
+            torch.int8,
+        )  # fmt: skip
+        if self.conv:
+            stride, padding, dilation, groups = self.conv_args
+            return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+        return F.linear(x, w, bias).reshape(*shape[:-1], w.shape[0])
+
+    def opaque_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.packed)
+
+
+def compile_setup() -> None:
+    """What ``torch.compile(..., backend="inductor")`` of an x86 model needs for int8 kernels:
+    freezing (weights become constants that inductor prepacks) and the x86 int8 lowering passes,
+    which torchao registers on import (they left PyTorch with ``torch.ao``'s PT2E). Both are
+    process-wide and leave float models' compilation as it was, bar freezing's prepacking."""
+    import torch._inductor.config
+    import torch.ao.quantization.fx._decomposed
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+
+    torch._inductor.config.freezing = True
+    # Inductor's own int8 weight lowering builds a tensor from a tensor and says so once per
+    # layer; nothing for a user to act on.
+    warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning, "torch._inductor")
 
 
 def convert_x86(qmodel: nn.Module) -> nn.Module:
