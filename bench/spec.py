@@ -261,7 +261,8 @@ class RunSpec:
     def label(self) -> str:
         on = "" if self.real_backend is None else f" [{self.real_backend}]"
         calib = "" if self.is_fp else f" calib={self.calib_seed}"
-        return f"{self.model} {self.method}{on} {self.bits_label} seed={self.seed}{calib}"
+        compiled = "" if self.evaluation.compile == "off" else f" compile={self.evaluation.compile}"
+        return f"{self.model} {self.method}{on} {self.bits_label} seed={self.seed}{calib}{compiled}"
 
     def on_backend(self, backend: str) -> RunSpec:
         """This quantized run deployed on ``backend``."""
