@@ -45,6 +45,34 @@ class DenoiserStep:
     def time_step(self, backend, model):
         self.step()
 
+    def track_deployed_mib(self, backend, model):
+        """``peak_memory``'s measure for one step: the deployed model's resident tensors plus
+        the step's working memory, nothing else the process holds."""
+        from bench.metrics.cost import PeakWindow, deployed_memory
+
+        device = self.x.device
+        with PeakWindow(device) as window:
+            self.step()
+        return deployed_memory(self.model, window)[0]
+
+    track_deployed_mib.unit = "MiB"
+
+
+class CompiledDenoiserStep(DenoiserStep):
+    """The compiled baselines and deployment: FP32 and ``x86`` under ``torch.compile`` (inductor
+    with freezing, the int8 lowering registered), as ``compile: inductor`` times them."""
+
+    params = (["fp", "x86"], ["embedded"])
+    timeout = 600
+
+    def setup(self, backend, model):
+        from qdiff.backends.x86 import compile_setup
+
+        super().setup(backend, model)
+        compile_setup()
+        self.model = torch.compile(self.model)
+        self.step()  # compilation: not part of the timing
+
 
 class GPUDenoiserStep(DenoiserStep):
     """The GPU backends on the CIFAR-10 DDPM UNet (random weights), batch 2; skipped without

@@ -28,6 +28,8 @@ def test_a_step_benchmark_runs_and_gpu_ones_skip_without_cuda():
     bench.setup("x86", "embedded")
     bench.time_step("x86", "embedded")
     assert type(bench.model.conv_in).__name__ == "X86Int8Layer"
+    deployed = bench.track_deployed_mib("x86", "embedded")
+    assert qdiff.resident_bytes(bench.model) / 2**20 < deployed < 200  # weights + one step's activations
     if not torch.cuda.is_available():
         with pytest.raises(NotImplementedError, match="needs CUDA"):
             GPUDenoiserStep().setup("triton-int8", "cifar10-random")
