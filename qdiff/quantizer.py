@@ -175,7 +175,9 @@ class UniformAffineQuantizer(nn.Module):
         if self.observer is not None:
             self.observer(x)
             return x
-        if not self.initialized:
+        # (Not under torch.compile: reading a tensor's truth value breaks the graph, and frozen
+        # weights across graph breaks miscompiled; a compiled model was run eagerly first.)
+        if not torch.compiler.is_compiling() and not self.initialized:
             raise RuntimeError("quantizer used before calibration; run qdiff.calibrate(model, data) first")
         scale = self.scale if self.log_scale is None else self.log_scale.exp()
         return fake_quant(x, scale, self.zero_point, self.qmin, self.qmax)
