@@ -13,7 +13,8 @@ A matrix file is YAML::
                                        # the ``backend`` setting); rules may name a backend
     compile: [off, inductor]           # optional: time every run (FP included) each way; the
                                        # first mode measures everything, the others re-measure
-                                       # only the metrics that read ``compile`` (latency, memory)
+                                       # only the metrics that read ``compile`` (latency, memory);
+                                       # rules may name a mode
     seeds: [0]                         # sampling seeds: the noise the images start from
     calib_seeds: [0, 1]                # calibration seeds: which calibration trajectories and
                                        # minibatch order (quantized runs only); a cell is the
@@ -331,7 +332,9 @@ def _rules(path: Path, key: str, items: list) -> list[dict[str, tuple[str, ...]]
                 f"{path}: {key}[{i}]: a rule is a mapping with keys from {', '.join(RULE_KEYS)}, "
                 f"e.g. {{method: linear, bits: W4A32}}; got {rule!r}"
             )
-        rules.append({k: tuple(str(v) for v in _as_list(path, k, val)) for k, val in rule.items()})
+        # YAML 1.1 reads a bare ``off`` (a compile mode) as false.
+        rules.append({k: tuple("off" if v is False else str(v) for v in _as_list(path, k, val))
+                      for k, val in rule.items()})  # fmt: skip
     return rules
 
 
@@ -462,7 +465,7 @@ def _build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
         return [spec.on_backend(b) for b in backends]
 
     runs = _cells(model_entries, method_overrides, seeds, bits, calib_seeds, make)
-    runs = [d for r in runs for d in deployments(r)]
+    runs = [c for r in runs for d in deployments(r) for c in _compiled(d, compile_modes)]
     for i, rule in enumerate(excludes):
         if not any(r.matches(rule) for r in runs):
             shown = "{" + ", ".join(f"{k}: {', '.join(v)}" for k, v in rule.items()) + "}"
@@ -479,8 +482,14 @@ def _build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
             added = [r.on_backend(b) for r in added if not r.is_fp for b in named]
         else:
             added = [d for r in added for d in deployments(r)]
+        added = [
+            c
+            for r in added
+            for c in _compiled(r, compile_modes)
+            if c.matches({"compile": rule.get("compile", ("*",))})
+        ]
         runs.extend(added)
-    runs = _with_fp_references([c for r in runs for c in _compiled(r, compile_modes)])
+    runs = _with_fp_references(runs, compile_modes)
     seen: dict[str, list[str]] = {}  # a problem shared by many runs is reported once
     for run in runs:
         try:
@@ -580,18 +589,23 @@ def _compiled(run: RunSpec, modes: list[str]) -> list[RunSpec]:
     return out
 
 
-def _with_fp_references(runs: list[RunSpec]) -> list[RunSpec]:
+def _with_fp_references(runs: list[RunSpec], compile_modes: list[str]) -> list[RunSpec]:
     """Unique runs: the FP references first, then the quantized runs grouped by method.
 
-    An FP reference with no applicable metric is left out: the quantized runs still compute
-    (and cache) its samples for their paired metrics.
+    Under a ``compile`` axis every FP reference is timed in every mode, even where the matrix
+    excludes the quantized runs of a mode (compiled FP is the baseline quantized models are
+    read against). An FP reference with no applicable metric is left out: the quantized runs
+    still compute (and cache) its samples for their paired metrics.
     """
     ordered: dict[str, RunSpec] = {}
     for run in runs:
         if not run.is_fp:
-            fp = run.fp_reference()
-            if fp.metrics:
-                ordered.setdefault(fp.hash, fp)
+            fps = [run.fp_reference()]
+            if compile_modes and run.evaluation.compile == compile_modes[0]:
+                fps = _compiled(fps[0], compile_modes)
+            for fp in fps:
+                if fp.metrics:
+                    ordered.setdefault(fp.hash, fp)
         if run.metrics:
             ordered.setdefault(run.hash, run)
     fps = [r for r in ordered.values() if r.is_fp]

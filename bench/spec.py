@@ -23,7 +23,8 @@ from bench.registry import METRICS
 from qdiff.config import MAX_BITS, MIN_BITS
 
 FP_METHOD = "fp"  # the full-precision reference's method name
-RULE_KEYS = ("model", "method", "bits", "seed", "calib_seed", "backend")  # what rules and --only match
+# What rules and --only match.
+RULE_KEYS = ("model", "method", "bits", "seed", "calib_seed", "backend", "compile")
 
 
 FP_BITS = 32  # "A32" / "W32": leave that tensor kind in floating point
@@ -319,7 +320,8 @@ class RunSpec:
         """Whether every ``key: patterns`` rule matches (shell-style patterns, e.g. ``W4*``)."""
         backend = "fp" if self.is_fp else self.budget.backend
         values = {"model": self.model, "method": self.method, "bits": self.bits_label, "seed": str(self.seed),
-                  "calib_seed": str(self.calib_seed), "backend": backend}  # fmt: skip
+                  "calib_seed": str(self.calib_seed), "backend": backend,
+                  "compile": self.evaluation.compile}  # fmt: skip
         return all(
             any(fnmatch.fnmatch(values[k].lower(), p.lower()) for p in pats) for k, pats in rules.items()
         )

@@ -415,3 +415,12 @@ def test_the_compile_axis_times_every_run_each_way_and_pairs_like_with_like(tmp_
         load_matrix(tiny_matrix(tmp_path, compile="[off, turbo]"))
     with pytest.raises(MatrixError, match="both an axis and a setting"):
         load_matrix(tiny_matrix(tmp_path, compile="[inductor]", settings="{compile: inductor}"))
+
+
+def test_compiled_fp_is_timed_even_where_the_quantized_runs_of_that_mode_are_excluded(tmp_path):
+    path = tiny_matrix(
+        tmp_path, "[linear]", "[W8A8]", metrics="[latency_step]", compile="[off, inductor]",
+        exclude="[{method: linear, compile: inductor}]",
+    )  # fmt: skip
+    runs = {(r.method, r.evaluation.compile) for r in load_matrix(path).expand()}
+    assert runs == {("fp", "off"), ("fp", "inductor"), ("linear", "off")}
