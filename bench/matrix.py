@@ -580,8 +580,8 @@ def _compiled(run: RunSpec, modes: list[str]) -> list[RunSpec]:
     """The run under each mode of the ``compile`` axis: under the first with all its metrics,
     under the others with only the metrics that read ``compile`` (the rest would repeat)."""
     out = []
+    reads = tuple(m for m in run.metrics if "compile" in METRICS.get(m).settings)
     for i, mode in enumerate(modes or [run.evaluation.compile]):
-        reads = tuple(m for m in run.metrics if "compile" in METRICS.get(m).settings)
         metrics = run.metrics if i == 0 else reads
         if metrics:
             evaluation = dataclasses.replace(run.evaluation, compile=mode)

@@ -90,7 +90,7 @@ def compile_modes(df: pd.DataFrame) -> list[str]:
 
 def baseline_label(sampling: dict | None, compile_mode: str) -> str:
     """The FP run a cost ratio is taken against, in words: ``FP32 eager``, ``FP16 inductor``."""
-    dtype = (sampling or {}).get("dtype", "float32") if isinstance(sampling, dict) else "float32"
+    dtype = sampling.get("dtype", "float32") if isinstance(sampling, dict) else "float32"
     return f"{DTYPE_LABELS.get(dtype, dtype)} {'eager' if compile_mode == 'off' else compile_mode}"
 
 

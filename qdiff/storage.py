@@ -20,6 +20,7 @@ memory torchao's layout takes, e.g. one byte per int4 value in its unpacked CPU 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -38,16 +39,14 @@ def _grid_bytes(q: UniformAffineQuantizer) -> int:
     return q.scale.numel() * SCALE_BYTES + zero_points
 
 
-def _subclass_bytes(t: torch.Tensor, parts: dict[str, int]) -> None:
-    """Add the inner tensors of a wrapper subclass (recursively) to ``parts``."""
-    names, _ = t.__tensor_flatten__()
-    for name in names:
-        inner = getattr(t, name)
-        if is_traceable_wrapper_subclass(inner):
-            _subclass_bytes(inner, parts)
-        else:
-            part = "quantized_weights" if name == "qdata" else "grids"
-            parts[part] += inner.numel() * inner.element_size()
+def _leaves(t: torch.Tensor, name: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of the plain tensors ``t`` is made of: itself, or a wrapper
+    subclass's inner tensors (recursively), named as the subclass names them."""
+    if not is_traceable_wrapper_subclass(t):
+        yield name, t
+        return
+    for inner in t.__tensor_flatten__()[0]:
+        yield from _leaves(getattr(t, inner), inner)
 
 
 def storage_bytes(model: nn.Module) -> dict[str, int]:
@@ -101,17 +100,16 @@ def storage_bytes(model: nn.Module) -> dict[str, int]:
             continue
         mark(t)
         if is_traceable_wrapper_subclass(t):
-            _subclass_bytes(t, parts)
+            for name, inner in _leaves(t):
+                part = "quantized_weights" if name == "qdata" else "grids"
+                parts[part] += inner.numel() * inner.element_size()
         else:
             parts["other"] += t.numel() * t.element_size()
     return {**parts, "total": sum(parts.values())}
 
 
-def _tensor_bytes(t: torch.Tensor, seen: set[int]) -> int:
-    """Bytes of ``t``'s storage (once per storage), or of a subclass's inner tensors."""
-    if is_traceable_wrapper_subclass(t):
-        names, _ = t.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(t, name), seen) for name in names)
+def _storage_bytes_once(t: torch.Tensor, seen: set[int]) -> int:
+    """Bytes of a plain tensor's storage, or 0 when ``seen`` already holds that storage."""
     try:
         storage = t.untyped_storage()
         key, size = storage.data_ptr(), storage.nbytes()
@@ -130,5 +128,6 @@ def resident_bytes(model: nn.Module) -> int:
     :func:`storage_bytes` this counts what is held, e.g. both the float weight and the
     fake-quantized copy of a simulated layer."""
     seen: set[int] = set()
-    total = sum(_tensor_bytes(t, seen) for t in (*model.parameters(), *model.buffers()))
+    tensors = (*model.parameters(), *model.buffers())
+    total = sum(_storage_bytes_once(leaf, seen) for t in tensors for _, leaf in _leaves(t))
     return total + sum(m.opaque_bytes() for m in model.modules() if isinstance(m, KernelLayer))

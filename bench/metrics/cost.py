@@ -141,17 +141,12 @@ def _denoiser(ctx: EvalContext) -> nn.Module:
             x, t, kwargs = ctx.adapter.step_inputs(ctx.spec.sampling.batch_size, ctx.spec.seed)
             x, kwargs = in_dtype(model_dtype(model), x, kwargs)
             with torch.no_grad():
-                problem = compiled_problem(_sample(model(x, t, **kwargs)), _sample(compiled(x, t, **kwargs)))
+                problem = compiled_problem(model(x, t, **kwargs).sample, compiled(x, t, **kwargs).sample)
             if problem:
                 raise ValueError(problem)
             model = compiled
         ctx.memo["compiled"] = model
     return ctx.memo["compiled"]
-
-
-def _sample(out) -> torch.Tensor:
-    """A denoiser call's prediction (diffusers models return an output object)."""
-    return out if isinstance(out, torch.Tensor) else out[0]
 
 
 class LatencyStep(CostMetric):

@@ -82,9 +82,8 @@ class X86Int8Layer(KernelLayer):
             self.register_buffer(f"weight{i}", ints.to(torch.int8))
             self.register_buffer(f"w_scale{i}", scale)
             self.grids.append(uint8_grid(aq))
-        self.register_buffer("w_zero_point", torch.zeros(layer.weight.shape[0], dtype=torch.int32))
-        # torchao's dequantize_per_channel pattern reads int64 zero points.
-        self.register_buffer("w_zero_point64", torch.zeros(layer.weight.shape[0], dtype=torch.int64))
+        # int64: the dtype torchao's dequantize_per_channel pattern reads (oneDNN takes it too).
+        self.register_buffer("w_zero_point", torch.zeros(layer.weight.shape[0], dtype=torch.int64))
 
     def _pack(self) -> None:
         for i in range(self.parts):
@@ -135,7 +134,7 @@ class X86Int8Layer(KernelLayer):
         xq = qd.quantize_per_tensor.default(x, scale, zp, qmin, qmax, torch.uint8)
         x = qd.dequantize_per_tensor.default(xq, scale, zp, qmin, qmax, torch.uint8)
         w = qd.dequantize_per_channel.default(
-            getattr(self, f"weight{i}"), getattr(self, f"w_scale{i}"), self.w_zero_point64, 0, -128, 127,
+            getattr(self, f"weight{i}"), getattr(self, f"w_scale{i}"), self.w_zero_point, 0, -128, 127,
             torch.int8,
         )  # fmt: skip
         if self.conv:
