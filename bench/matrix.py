@@ -622,6 +622,11 @@ def _check_combination(path: Path, run: RunSpec) -> None:
         raise MatrixError(
             f"{path}: {run.label}: {reason}, or exclude {{method: {run.method}, bits: {run.bits_label}}}"
         )
+    reason = None if run.is_fp else method.unsupported_on(MODELS.get(run.model).ARCHITECTURE)
+    if reason:
+        raise MatrixError(
+            f"{path}: {run.label}: {reason}; exclude {{method: {run.method}, model: {run.model}}}"
+        )
     if not run.is_fp and method.backend is None:  # a method with its own backend deploys itself
         # The device the run asks for ("auto": this machine's); a CUDA run planned on a CPU
         # machine is checked against CUDA and skipped when it runs.
@@ -659,6 +664,8 @@ def _scale_problem(run: RunSpec, adapter_cls) -> str | None:
     if s.steps > adapter_cls.TRAIN_TIMESTEPS:
         trained = adapter_cls.TRAIN_TIMESTEPS
         return f"steps={s.steps} exceeds the {trained} timesteps {run.model} was trained with"
+    if adapter_cls.FLOW_MATCHING and s.eta > 0:
+        return f"eta={s.eta}: {run.model} samples by flow matching (Euler, deterministic); set eta: 0"
     pixels = math.prod(adapter_cls.IMAGE_SHAPE)
     need = s.samples * pixels * 2 + min(s.batch_size, s.samples) * pixels * 4 * ACTIVATION_FACTOR
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -55,6 +55,11 @@ class Method(Protocol):
         """Why the method cannot run at ``bits`` (checked when a matrix loads), or None."""
         ...
 
+    def unsupported_on(self, architecture: str) -> str | None:
+        """Why the method does not apply to a denoiser of ``architecture`` (``"unet"`` or
+        ``"transformer"``, the model's ``DiffusionAdapter.ARCHITECTURE``), or None."""
+        ...
+
     def configure(self, bits: Bits, budget: Budget) -> MethodConfig:
         """The method's full settings for ``bits`` under the matrix's budget."""
         ...
@@ -109,6 +114,8 @@ class RecipeMethod:
     recipe: Callable[[Bits], qdiff.QConfig]
     weight_only: bool = False  # rejects bit widths that quantize activations
     needs_act_quant: bool = False  # rejects WxA32 (e.g. SmoothQuant: it smooths activations)
+    # Why it means nothing on a transformer denoiser (no UNet skip concatenations), or "".
+    unet_only: str = ""
 
     checkpointable: ClassVar[bool] = True
     backend: ClassVar[str | None] = None
@@ -118,6 +125,11 @@ class RecipeMethod:
             return f"{self.name} quantizes weights only; use W{bits.w}A32"
         if self.needs_act_quant and bits.a is None:
             return f"{self.name} works on quantized activations; use W{bits.w}A8"
+        return None
+
+    def unsupported_on(self, architecture: str) -> str | None:
+        if self.unet_only and architecture != "unet":
+            return f"{self.name} does not apply to a {architecture} denoiser: {self.unet_only}"
         return None
 
     def qconfig(self, bits: Bits) -> qdiff.QConfig:
@@ -204,7 +216,11 @@ QDIFF_NO_CALIB = _ablation(
     "timestep-aware calibration (final steps only)",
     calib=qdiff.CalibConfig(strategy="final"),
 )
-QDIFF_NO_SPLIT = _ablation("qdiff-no-split", "split shortcut quantization", split_shortcut=False)
+QDIFF_NO_SPLIT = replace(
+    _ablation("qdiff-no-split", "split shortcut quantization", split_shortcut=False),
+    unet_only="it undoes split shortcut quantization, which acts on UNet skip concatenations; a "
+    "transformer has none, so it would equal qdiff",
+)
 QDIFF_NO_RECON = _ablation(
     "qdiff-no-recon", "BRECQ reconstruction (range search only)", recon=qdiff.ReconConfig(method="none")
 )

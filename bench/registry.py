@@ -46,9 +46,15 @@ MODELS = Registry(
     "model",
     {
         "embedded-digits": "bench.models.embedded:EmbeddedDigits",
+        "embedded-dit": "bench.models.embedded:EmbeddedDiT",
         "ddim-cifar10": "bench.models.pipelines:DDIMCifar10",
         "ldm-celebahq": "bench.models.pipelines:LDMCelebAHQ",
         "sd-1.5": "bench.models.pipelines:StableDiffusion15",
+        "sdxl": "bench.models.transformers:StableDiffusionXL",
+        "pixart-alpha": "bench.models.transformers:PixArtAlpha",
+        "pixart-sigma": "bench.models.transformers:PixArtSigma",
+        "sd3": "bench.models.transformers:StableDiffusion3",
+        "flux": "bench.models.transformers:Flux",
     },
 )
 
@@ -70,6 +76,7 @@ METRICS = Registry(
     "metric",
     {
         "digits_fd": "bench.metrics.quality:DIGITS_FD",
+        "class_accuracy": "bench.metrics.quality:CLASS_ACCURACY",
         "psnr_vs_fp": "bench.metrics.quality:PSNR_VS_FP",
         "eps_mse": "bench.metrics.quality:EPS_MSE",
         "quantize_time": "bench.metrics.quality:QUANTIZE_TIME",

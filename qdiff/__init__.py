@@ -8,7 +8,7 @@ from qdiff.api import convert, quantize
 from qdiff.calibration import CalibData, TrajectoryRecorder, calibrate, select_steps
 from qdiff.config import CalibConfig, ConfigError, QConfig, QuantSpec, ReconConfig
 from qdiff.modules import QuantAttnProcessor, QuantConv2d, QuantLinear, QuantMatMul
-from qdiff.prepare import find_skip_concats, prepare, set_quant_state
+from qdiff.prepare import find_skip_concats, fp_attention, prepare, set_quant_state
 from qdiff.quantizer import AdaRoundQuantizer, UniformAffineQuantizer
 from qdiff.reconstruct import ReconResult, UnitReport, find_units, reconstruct
 from qdiff.storage import resident_bytes, storage_bytes
@@ -38,6 +38,7 @@ __all__ = [
     "convert",
     "find_skip_concats",
     "find_units",
+    "fp_attention",
     "prepare",
     "quantize",
     "reconstruct",

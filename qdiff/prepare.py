@@ -23,13 +23,19 @@ def find_skip_concats(model: nn.Module) -> dict[str, int]:
     up block: the mid block's output, then each up block's output in turn.
 
     Returns:
-        ``{qualified conv_shortcut name: number of decoder channels}``; empty for models without
-        diffusers-style ``up_blocks``.
+        ``{qualified conv_shortcut name: number of decoder channels}`` for the first such UNet
+        in ``model`` (itself, or a wrapped one); empty for models without diffusers-style
+        ``up_blocks``, e.g. transformer denoisers, which have no skip concatenations.
     """
-    up_blocks = getattr(model, "up_blocks", None)
-    mid = getattr(model, "mid_block", None)
-    if up_blocks is None or mid is None or not hasattr(mid, "resnets"):
-        return {}
+    for prefix, module in model.named_modules():
+        if hasattr(module, "up_blocks") and hasattr(getattr(module, "mid_block", None), "resnets"):
+            found = _unet_skip_concats(module)
+            return {f"{prefix}.{name}" if prefix else name: n for name, n in found.items()}
+    return {}
+
+
+def _unet_skip_concats(unet: nn.Module) -> dict[str, int]:
+    up_blocks, mid = unet.up_blocks, unet.mid_block
     splits: dict[str, int] = {}
     decoder_channels = mid.resnets[-1].out_channels
     for i, block in enumerate(up_blocks):
@@ -41,12 +47,41 @@ def find_skip_concats(model: nn.Module) -> dict[str, int]:
     return splits
 
 
+# Attention processors whose computation QuantAttnProcessor reproduces step for step. Joint
+# (SD3, FLUX: text and image tokens in one softmax, RMS-normed Q/K, rotary embeddings) and other
+# processors keep their FP matmuls; their projections are quantized like any Linear.
+STANDARD_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
+
+
 def _is_diffusers_attention(module: nn.Module) -> bool:
     return hasattr(module, "set_processor") and hasattr(module, "to_q")
 
 
+def _standard_attention(module: nn.Module) -> bool:
+    """A diffusers ``Attention`` computing plain (cross-)attention, without Q/K norms."""
+    return (
+        type(module.processor).__name__ in STANDARD_PROCESSORS
+        and getattr(module, "norm_q", None) is None
+        and getattr(module, "add_q_proj", None) is None
+    )
+
+
+def fp_attention(model: nn.Module) -> list[str]:
+    """The diffusers attention modules whose two matmuls :func:`prepare` leaves in FP (their
+    processor is not one it reproduces, :data:`STANDARD_PROCESSORS`)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if _is_diffusers_attention(module) and not isinstance(module.processor, QuantAttnProcessor)
+    ]
+
+
 def prepare(model: nn.Module, qconfig: QConfig, filter_fn: FilterFn | None = None) -> nn.Module:
     """Replace every Conv2d/Linear (and diffusers attention matmuls) with quantized modules.
+
+    In a transformer denoiser that is every Q/K/V/out projection, MLP and adaLN modulation
+    linear, and the two matmuls of standard attention (see :data:`STANDARD_PROCESSORS`;
+    :func:`fp_attention` lists those left in FP); split shortcut finds nothing to split.
 
     The first and last of those layers in module order (a UNet's ``conv_in`` and ``conv_out``)
     get at least ``qconfig.first_last_bits``. Weight grids are initialised here from the
@@ -81,7 +116,11 @@ def prepare(model: nn.Module, qconfig: QConfig, filter_fn: FilterFn | None = Non
         setattr(parent, child, quant)
     if qconfig.quantize_attention and qconfig.act is not None:
         for name, module in list(model.named_modules()):
-            if _is_diffusers_attention(module) and (filter_fn is None or filter_fn(name, module)):
+            if (
+                _is_diffusers_attention(module)
+                and _standard_attention(module)
+                and (filter_fn is None or filter_fn(name, module))
+            ):
                 module.set_processor(QuantAttnProcessor(qconfig.act, qconfig.probs_spec))
     set_quant_state(model, weight=False, act=False)
     return model

@@ -48,6 +48,9 @@ DEFAULT_BLOCK_TYPES = (
     "ResnetBlock2D",
     "Attention",
     "BasicTransformerBlock",
+    "JointTransformerBlock",  # SD3
+    "FluxTransformerBlock",
+    "FluxSingleTransformerBlock",
     "Downsample2D",
     "Upsample2D",
 )
@@ -177,8 +180,7 @@ def _capture(model: nn.Module, unit: nn.Module, data: CalibData, batch_size: int
         raise _Stop
 
     def hook(_mod, _args, _kwargs, output):
-        out = output[0] if isinstance(output, tuple) else output
-        outputs.append(out.detach())
+        outputs.append(_as_tensor(output).detach())
         raise _Stop
 
     handle = (
@@ -214,7 +216,12 @@ def _beta(cfg: ReconConfig, it: int) -> float:
 def _as_tensor(output) -> torch.Tensor:
     if hasattr(output, "sample"):  # a diffusers model output
         return output.sample
-    return output[0] if isinstance(output, tuple) else output
+    if isinstance(output, tuple):
+        # Dual-stream transformer blocks (SD3, FLUX) return (text, image) tokens: the unit's
+        # output is both, flattened per sample (the last joint block's text output is None).
+        parts = [t for t in output if isinstance(t, torch.Tensor)]
+        return parts[0] if len(parts) == 1 else torch.cat([t.flatten(1) for t in parts], 1)
+    return output
 
 
 @dataclass

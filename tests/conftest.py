@@ -47,14 +47,18 @@ def tiny_cond_unet():
 
 @pytest.fixture(scope="session")
 def tiny_pipelines(tmp_path_factory):
-    """Tiny random DDPM, LDM and Stable Diffusion pipelines saved as local directories."""
-    from tiny_pipelines import save_ddpm, save_ldm, save_sd
+    """Tiny random pipelines of every diffusers adapter, saved as local directories."""
+    from tiny_pipelines import save_ddpm, save_flux, save_ldm, save_pixart, save_sd, save_sd3, save_sdxl
 
     root = tmp_path_factory.mktemp("pipelines")
     return {
         "ddim-cifar10": save_ddpm(root / "ddpm"),
         "ldm-celebahq": save_ldm(root / "ldm"),
         "sd-1.5": save_sd(root / "sd"),
+        "pixart-alpha": save_pixart(root / "pixart"),
+        "sd3": save_sd3(root / "sd3"),
+        "flux": save_flux(root / "flux"),
+        "sdxl": save_sdxl(root / "sdxl"),
     }
 
 

@@ -66,6 +66,9 @@ class FailingMethod:
     def unsupported(self, bits):
         return None
 
+    def unsupported_on(self, architecture):
+        return None
+
     def bases(self, bits):
         return ()
 

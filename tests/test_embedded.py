@@ -7,18 +7,20 @@ import torch
 
 import qdiff
 from bench.embedded.data import load_digits_images, reference_split
-from bench.embedded.model import ASSETS, load_classifier, load_unet
+from bench.embedded.model import ASSETS, load_classifier, load_dit, load_unet
 from bench.errors import AssetError
-from bench.models.embedded import EmbeddedDigits
+from bench.models.embedded import EmbeddedDigits, EmbeddedDiT
 from bench.spec import Sampling
 
 
 def test_assets_are_small_and_documented():
     files = list(ASSETS.rglob("*.safetensors"))
-    assert len(files) == 2
-    assert sum(f.stat().st_size for f in files) < 10 * 2**20
-    log = json.loads((ASSETS / "unet_train.json").read_text())
-    assert log["steps"] >= 1000
+    assert len(files) == 3  # the UNet, the DiT and the classifier
+    assert all(f.stat().st_size <= 10 * 10**6 for f in files)
+    assert sum(f.stat().st_size for f in files) < 16 * 2**20
+    for model in ("unet", "dit"):
+        log = json.loads((ASSETS / f"{model}_train.json").read_text())
+        assert log["steps"] >= 1000
 
 
 def test_classifier_recognises_real_digits():
@@ -68,12 +70,61 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
         load_unet(tmp_path / "nowhere")
 
 
-def test_training_script_writes_loadable_checkpoints(tmp_path):
-    from bench.embedded.train import train_classifier, train_unet
+@pytest.mark.parametrize("what,load", [("unet", load_unet), ("dit", load_dit)])
+def test_training_script_writes_loadable_checkpoints(tmp_path, what, load):
+    from bench.embedded.train import train_denoiser
 
-    log = train_unet(tmp_path, steps=2, batch=4, save_every=2)
-    assert log["steps"] == 2 and (tmp_path / "unet_train.json").is_file()
-    unet = load_unet(tmp_path / "unet")
-    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in load_unet().parameters())
+    log = train_denoiser(tmp_path, what, steps=2, batch=4, save_every=2)
+    assert log["steps"] == 2 and (tmp_path / f"{what}_train.json").is_file()
+    model = load(tmp_path / what)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in load().parameters())
+
+
+def test_training_script_writes_a_loadable_classifier(tmp_path):
+    from bench.embedded.train import train_classifier
+
     assert 0.0 <= train_classifier(tmp_path, epochs=1)["test_accuracy"] <= 1.0
     load_classifier(tmp_path / "classifier.safetensors")
+
+
+def _dit(guidance_scale: float = 3.0, steps: int = 10) -> EmbeddedDiT:
+    return EmbeddedDiT(Sampling(steps=steps, batch_size=100, device="cpu"), guidance_scale=guidance_scale)
+
+
+def test_conditional_dit_draws_the_digit_it_is_asked_for():
+    """The committed DiT with guidance: recognisable digits of the requested class, far above
+    chance (10 %) and above the unguided model's alignment; guidance doubles the batch."""
+    guided, plain = _dit(3.0), _dit(1.0)
+    model = guided.denoiser()
+    images = guided.sample(model, 100, seed=5)
+    wanted = guided.class_labels(100).numpy()
+    accuracy = (guided.predicted_classes(images) == wanted).mean()
+    plain_accuracy = (plain.predicted_classes(plain.sample(model, 100, seed=5)) == wanted).mean()
+    assert accuracy > 0.8 and accuracy > plain_accuracy
+    x, _, cond = guided.step_inputs(4, 0)
+    assert len(x) == 8 and cond["class_labels"].tolist() == [10, 10, 10, 10, 0, 1, 2, 3]
+    x, _, cond = plain.step_inputs(4, 0)
+    assert len(x) == 4 and cond["class_labels"].tolist() == [0, 1, 2, 3]
+    assert guided.identity() != plain.identity()  # the scale is part of what caches key on
+
+
+def test_class_accuracy_metric_pairs_with_fp_and_reports_the_ceiling():
+    from bench.metrics.quality import CLASS_ACCURACY, EvalContext
+
+    adapter = _dit()
+    images = adapter.sample(adapter.denoiser(), 60, seed=0)
+    fp = CLASS_ACCURACY(EvalContext(spec=None, adapter=adapter, images=images, fp_images=None))
+    assert 0 <= fp.value <= 100 and fp.extra["classifier_accuracy"] > 97 and "delta" not in fp.extra
+    assert fp.extra["ci_low"] <= fp.value <= fp.extra["ci_high"]
+    # A model that ignores the class: shuffled images hit about one in ten, and the paired Δ says so.
+    shuffled = images[torch.randperm(60, generator=torch.Generator().manual_seed(0))]
+    worse = CLASS_ACCURACY(EvalContext(spec=None, adapter=adapter, images=shuffled, fp_images=images))
+    assert worse.value < fp.value and worse.extra["delta"] == pytest.approx(worse.value - fp.value)
+    assert worse.extra["delta_ci_high"] < 0
+
+
+def test_guidance_scale_below_one_is_refused_when_the_matrix_loads():
+    assert EmbeddedDiT.arg_problems({"guidance_scale": 0.5}) == [
+        "guidance_scale=0.5; give a number ≥ 1 (1: no guidance)"
+    ]
+    assert EmbeddedDiT.arg_problems({"guidance_scale": 2}) == []

@@ -15,11 +15,27 @@ from bench.spec import Sampling
 
 SAMPLING = Sampling(samples=4, steps=3, batch_size=4, device="cpu")
 SHAPES = {"ddim-cifar10": (3, 8, 8), "ldm-celebahq": (3, 16, 16), "sd-1.5": (3, 16, 16)}
+# The transformer and SDXL adapters (bench.models.transformers): what each denoiser is given
+# besides (x, t), and whether guidance doubles the batch (FLUX-dev's guidance is an input).
+CONDITIONING = {
+    "sd-1.5": ({"encoder_hidden_states"}, 2),
+    "pixart-alpha": ({"encoder_hidden_states", "encoder_attention_mask"}, 2),
+    "sd3": ({"encoder_hidden_states", "pooled_projections"}, 2),
+    "flux": ({"encoder_hidden_states", "pooled_projections", "guidance"}, 1),
+    "sdxl": ({"encoder_hidden_states", "text_embeds", "time_ids"}, 2),
+}
+TEXT_TO_IMAGE = ["sd-1.5", "pixart-alpha", "sd3", "flux", "sdxl"]
+SHAPES.update({name: (3, 16, 16) for name in TEXT_TO_IMAGE})
 
 
-@pytest.mark.parametrize("name", ["ddim-cifar10", "ldm-celebahq", "sd-1.5"])
+def _args(name: str, tiny_pipelines) -> dict:
+    # The tiny transformers are trained for no size; 16² images (8² latents) keep them tiny.
+    return {"source": str(tiny_pipelines[name]), **({"resolution": 16} if name in TEXT_TO_IMAGE[1:] else {})}
+
+
+@pytest.mark.parametrize("name", ["ddim-cifar10", "ldm-celebahq", *TEXT_TO_IMAGE])
 def test_adapter_samples_paired_images_and_records_calibration_inputs(name, tiny_pipelines):
-    adapter = MODELS.get(name)(SAMPLING, source=str(tiny_pipelines[name]))
+    adapter = MODELS.get(name)(SAMPLING, **_args(name, tiny_pipelines))
     fp = adapter.denoiser()
     images = adapter.sample(fp, 4, seed=1)
     assert images.shape == (4, *SHAPES[name]) and images.dtype == torch.uint8
@@ -27,15 +43,15 @@ def test_adapter_samples_paired_images_and_records_calibration_inputs(name, tiny
     assert not torch.equal(images, adapter.sample(fp, 4, seed=2))
     # Same seed, other batch size: the same images (up to one grey level of round-off).
     halves = MODELS.get(name)(
-        Sampling(samples=4, steps=3, batch_size=2, device="cpu"), source=str(tiny_pipelines[name])
+        Sampling(samples=4, steps=3, batch_size=2, device="cpu"), **_args(name, tiny_pipelines)
     )
     assert (halves.sample(fp, 4, seed=1).int() - images.int()).abs().max() <= 1
 
     data = adapter.calibration_data(fp, qdiff.CalibConfig("uniform", num_timesteps=2, samples_per_timestep=2))
-    doubled = 2 if name == "sd-1.5" else 1  # classifier-free guidance runs both halves
+    keys, doubled = CONDITIONING.get(name, (set(), 1))  # classifier-free guidance runs both halves
     assert len(data) == 2 * 2 * doubled and data.t.unique().numel() == 2
-    if name == "sd-1.5":
-        assert set(data.cond) == {"encoder_hidden_states"}
+    assert set(data.cond) == keys
+    if keys:
         assert adapter.prompts(17)[16] == adapter.prompts(1)[0]  # prompts cycle
     # the recorded inputs are exactly what the denoiser takes
     out = fp(data.x[:2], data.t[:2], **{k: v[:2] for k, v in data.cond.items()}).sample
@@ -68,7 +84,8 @@ def test_absent_weights_are_unavailable_not_an_error(tmp_path):
             MODELS.get("sd-1.5")(Sampling(device="cuda"))
 
 
-def test_quantized_stable_diffusion_end_to_end(tiny_pipelines, tiny_clip, reference_images, tmp_path):
+@pytest.mark.parametrize("name", TEXT_TO_IMAGE)
+def test_quantized_text_to_image_end_to_end(name, tiny_pipelines, tiny_clip, reference_images, tmp_path):
     """Every default metric of a text-to-image model, with tiny CLIP and FID extractors."""
     clip_model, clip_weights = tiny_clip
     settings = (
@@ -78,11 +95,11 @@ def test_quantized_stable_diffusion_end_to_end(tiny_pipelines, tiny_clip, refere
     )
     path = tmp_path / "sd.yaml"
     path.write_text(
-        f"name: sd\nmodels: [{{name: sd-1.5, source: {tiny_pipelines['sd-1.5']}}}]\n"
+        f"name: sd\nmodels: [{{name: {name}, {', '.join(f'{k}: {v}' for k, v in _args(name, tiny_pipelines).items())}}}]\n"
         f"methods: [linear, qdiff]\nbits: [W8A8]\nsettings: {settings}\n"
     )
     rows = run_matrix(load_matrix(path), tmp_path / "results", progress=False, log=lambda _: None)
-    defaults = MODELS.get("sd-1.5").DEFAULT_METRICS
+    defaults = MODELS.get(name).DEFAULT_METRICS
     fp_metrics = {"clip_score", "fid", "latency_step", "latency_e2e", "peak_memory", "weight_bytes"}
     assert {(r["method"], r["metric"], r["status"]) for r in rows} == {
         *((m, metric, "ok") for m in ("linear", "qdiff") for metric in defaults),

@@ -134,3 +134,164 @@ def save_sd(path: Path) -> Path:
     )
     pipe.save_pretrained(path)
     return path
+
+
+def _clip_text(vocab_size: int, with_projection: bool = False, width: int = 16):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        projection_dim=width,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _t5(width: int = 16):
+    """A tiny T5 encoder and a character-level sentencepiece-style tokenizer (built in memory)."""
+    import string
+
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(c, -1.0) for c in string.ascii_letters + string.digits + " ▁,.'-"]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=32)
+    encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=width,
+            d_ff=2 * width,
+            d_kv=8,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+        )
+    )
+    return tokenizer, encoder
+
+
+def _kl_vae(latent_channels: int, **extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**VAE_LAYOUT, latent_channels=latent_channels, **extra)
+
+
+def save_pixart(path: Path) -> Path:
+    """PixArt-α layout: T5 text encoder, KL VAE, PixArtTransformer2DModel with learned sigma."""
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    tokenizer, encoder = _t5()
+    transformer = PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        patch_size=2,
+        cross_attention_dim=16,
+        caption_channels=16,
+        norm_num_groups=4,
+    )
+    PixArtAlphaPipeline(
+        tokenizer=tokenizer, text_encoder=encoder, vae=_kl_vae(4), transformer=transformer,
+        scheduler=DDIMScheduler(num_train_timesteps=100, clip_sample=False, steps_offset=1),
+    ).save_pretrained(path)  # fmt: skip
+    return path
+
+
+def save_sd3(path: Path) -> Path:
+    """SD3 layout: two CLIP text encoders with projection, no T5 (zeros), MM-DiT, flow matching."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    tokenizer, vocab = _tokenizer(path.parent / f"{path.name}-vocab")
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        pos_embed_max_size=16,
+    )
+    StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_kl_vae(4, shift_factor=0.06, scaling_factor=1.5),
+        text_encoder=_clip_text(vocab, True), tokenizer=tokenizer,
+        text_encoder_2=_clip_text(vocab, True), tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
+    ).save_pretrained(path)  # fmt: skip
+    return path
+
+
+def save_flux(path: Path) -> Path:
+    """FLUX.1-dev layout: CLIP + T5 text encoders, guidance-distilled MM-DiT with single blocks."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    tokenizer, vocab = _tokenizer(path.parent / f"{path.name}-vocab")
+    t5_tokenizer, t5 = _t5()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    )
+    FluxPipeline(
+        transformer=transformer, vae=_kl_vae(4, shift_factor=0.1, scaling_factor=0.5),
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4,
+                                                  max_image_seq_len=64, base_shift=0.5, max_shift=1.15),
+        text_encoder=_clip_text(vocab), tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer,
+    ).save_pretrained(path)  # fmt: skip
+    return path
+
+
+def save_sdxl(path: Path) -> Path:
+    """SDXL layout: two CLIP text encoders (the second with projection), a UNet with text-time
+    added conditions."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    tokenizer, vocab = _tokenizer(path.parent / f"{path.name}-vocab")
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=4,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=16 + 6 * 4,
+        transformer_layers_per_block=1,
+    )
+    StableDiffusionXLPipeline(
+        vae=_kl_vae(4), unet=unet,
+        scheduler=DDIMScheduler(num_train_timesteps=100, clip_sample=False, steps_offset=1),
+        text_encoder=_clip_text(vocab), tokenizer=tokenizer,
+        text_encoder_2=_clip_text(vocab, True), tokenizer_2=tokenizer,
+    ).save_pretrained(path)  # fmt: skip
+    return path

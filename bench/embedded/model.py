@@ -25,6 +25,21 @@ UNET_CONFIG = dict(
     norm_num_groups=8,
     attention_head_dim=16,
 )
+# The conditional model: a class-conditional DiT (adaLN-Zero blocks, as in Peebles & Xie) on
+# the same 16×16 digits. Patches of 4×4 pixels are 2×2 pixels of the original 8×8 digits, so
+# 16 tokens carry the image; 4 blocks of width 128 keep sampling with guidance (a doubled
+# batch) CPU-sized. Label 10 is the null class of classifier-free guidance.
+DIT_CONFIG = dict(
+    num_attention_heads=4,
+    attention_head_dim=32,
+    in_channels=1,
+    out_channels=1,
+    num_layers=4,
+    sample_size=16,
+    patch_size=4,
+    num_embeds_ada_norm=10,
+)
+NULL_CLASS = 10
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon"
 )
@@ -76,22 +91,35 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
 
 
+def _load_diffusers(cls, directory: Path, what: str):
+    """A diffusers model from a ``save_pretrained`` directory, read as JSON + safetensors only."""
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise AssetError(f"missing {config_path}; retrain with `python -m bench.embedded.train {what}`")
+    model = cls.from_config(json.loads(config_path.read_text()))
+    weights = directory / "diffusion_pytorch_model.safetensors"
+    state = _load_state(weights)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # shapes or names disagree with config.json
+        raise AssetError(f"checkpoint {weights} does not match {config_path}: {exc}") from exc
+    return model.eval().requires_grad_(False)
+
+
 def load_unet(directory: Path | str | None = None):
     """The trained embedded UNet2DModel (EMA weights) from a diffusers-style directory."""
     from diffusers import UNet2DModel
 
     directory = Path(directory) if directory is not None else ASSETS / "unet"
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise AssetError(f"missing {config_path}; retrain with `python -m bench.embedded.train`")
-    unet = UNet2DModel.from_config(json.loads(config_path.read_text()))
-    weights = directory / "diffusion_pytorch_model.safetensors"
-    state = _load_state(weights)
-    try:
-        unet.load_state_dict(state)
-    except RuntimeError as exc:  # shapes or names disagree with config.json
-        raise AssetError(f"checkpoint {weights} does not match {config_path}: {exc}") from exc
-    return unet.eval().requires_grad_(False)
+    return _load_diffusers(UNet2DModel, directory, "unet")
+
+
+def load_dit(directory: Path | str | None = None):
+    """The trained embedded class-conditional DiTTransformer2DModel (EMA weights)."""
+    from diffusers import DiTTransformer2DModel
+
+    directory = Path(directory) if directory is not None else ASSETS / "dit"
+    return _load_diffusers(DiTTransformer2DModel, directory, "dit")
 
 
 def load_classifier(path: Path | str | None = None) -> DigitClassifier:

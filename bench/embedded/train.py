@@ -2,9 +2,11 @@
 
     python -m bench.embedded.train classifier   # ≈1 min on 2 cores
     python -m bench.embedded.train unet         # ≈50 min on 1 core (6,000 steps at batch 128)
+    python -m bench.embedded.train dit          # class-conditional DiT, ≈25 min on 1 core
 
-Writes into ``bench/embedded/assets`` (or ``--out``): ``unet/`` (diffusers format, EMA weights),
-``classifier.safetensors`` and a ``*_train.json`` log with the settings and the final figures.
+Writes into ``bench/embedded/assets`` (or ``--out``): ``unet/`` and ``dit/`` (diffusers format,
+EMA weights), ``classifier.safetensors`` and a ``*_train.json`` log with the settings and the
+final figures.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from bench.embedded.data import load_digits_images
-from bench.embedded.model import ASSETS, SCHEDULER_CONFIG, UNET_CONFIG, DigitClassifier
+from bench.embedded.model import (
+    ASSETS,
+    DIT_CONFIG,
+    NULL_CLASS,
+    SCHEDULER_CONFIG,
+    UNET_CONFIG,
+    DigitClassifier,
+)
 
 
 def train_classifier(out: Path, seed: int = 0, epochs: int = 40) -> dict:
@@ -51,20 +60,33 @@ def train_classifier(out: Path, seed: int = 0, epochs: int = 40) -> dict:
     return log
 
 
-def train_unet(
+def train_denoiser(
     out: Path,
+    what: str = "unet",
     seed: int = 0,
     steps: int = 6000,
     batch: int = 128,
     lr: float = 1e-3,
     ema_decay: float = 0.9995,
     save_every: int = 1000,
+    label_drop: float = 0.1,
 ) -> dict:
-    from diffusers import DDPMScheduler, UNet2DModel
+    """Train the unconditional UNet (``what="unet"``) or the class-conditional DiT (``"dit"``,
+    labels replaced by the null class with probability ``label_drop`` for classifier-free
+    guidance) on every digit, with an EMA of the weights."""
+    from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 
     torch.manual_seed(seed)
-    x, _ = load_digits_images()
-    unet = UNet2DModel(**UNET_CONFIG)
+    x, y = load_digits_images()
+    if what == "dit":
+        unet = DiTTransformer2DModel(**DIT_CONFIG)
+        # diffusers gives every adaLN block its own label embedder, each drawing its own label
+        # dropout; drop labels once per sample here instead, so all blocks agree on the null class.
+        for module in unet.modules():
+            if hasattr(module, "token_drop"):
+                module.dropout_prob = 0.0
+    else:
+        unet = UNet2DModel(**UNET_CONFIG)
     ema = copy.deepcopy(unet).requires_grad_(False)
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
@@ -80,10 +102,16 @@ def train_unet(
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        x0 = x[torch.randint(0, len(x), (batch,))]
+        idx = torch.randint(0, len(x), (batch,))
+        x0 = x[idx]
         noise = torch.randn_like(x0)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,))
-        loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t).sample, noise)
+        if what == "dit":
+            labels = torch.where(torch.rand(batch) < label_drop, NULL_CLASS, y[idx])
+            pred = unet(sched.add_noise(x0, noise, t), t, labels).sample
+        else:
+            pred = unet(sched.add_noise(x0, noise, t), t).sample
+        loss = F.mse_loss(pred, noise)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -98,8 +126,9 @@ def train_unet(
                 f"step {step + 1} loss {sum(losses[-100:]) / 100:.4f} {time.time() - start:.0f}s", flush=True
             )
         if (step + 1) % save_every == 0 or step + 1 == steps:
-            ema.save_pretrained(out / "unet")
+            ema.save_pretrained(out / what)
             log = {
+                "model": what,
                 "seed": seed,
                 "steps": step + 1,
                 "batch": batch,
@@ -109,14 +138,15 @@ def train_unet(
                 "train_seconds": round(time.time() - start),
                 "torch": torch.__version__,
                 "scheduler": SCHEDULER_CONFIG,
+                **({"label_drop": label_drop} if what == "dit" else {}),
             }
-            (out / "unet_train.json").write_text(json.dumps(log, indent=2) + "\n")
+            (out / f"{what}_train.json").write_text(json.dumps(log, indent=2) + "\n")
     return log
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["classifier", "unet"])
+    parser.add_argument("what", choices=["classifier", "unet", "dit"])
     parser.add_argument("--out", type=Path, default=ASSETS)
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--threads", type=int, default=1)
@@ -126,7 +156,7 @@ def main() -> None:
     if args.what == "classifier":
         print(train_classifier(args.out))
     else:
-        print(train_unet(args.out, steps=args.steps))
+        print(train_denoiser(args.out, args.what, steps=args.steps))
 
 
 if __name__ == "__main__":

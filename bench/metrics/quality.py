@@ -145,6 +145,33 @@ class DigitsFD(Metric):
         return with_intervals(fd, len(feats), paired=False, extra={"floor": floor, "floor_sd": floor_sd})
 
 
+class ClassAccuracy(Metric):
+    """Class alignment of a class-conditional model: the share (%) of samples the committed
+    digit classifier assigns to the class they were generated for — the offline analogue of
+    CLIP score. Interval: bootstrap over the images; a quantized run also gets the paired
+    difference to FP (same noise, same requested classes). The FP row records the classifier's
+    own held-out accuracy, the ceiling of this metric."""
+
+    name = "class_accuracy"
+    unit = "%"
+    higher_is_better = True
+    requires = frozenset({"class-conditional"})
+
+    def __call__(self, ctx: EvalContext) -> Measurement:
+        adapter = ctx.adapter
+        wanted = adapter.class_labels(len(ctx.images)).numpy()
+        hits = (adapter.predicted_classes(ctx.images) == wanted).astype(np.float64)
+        fp_hits = None
+        if ctx.fp_images is not None:
+            fp_hits = (adapter.predicted_classes(ctx.fp_images) == wanted).astype(np.float64)
+
+        def accuracy(idx, fp_idx):
+            return 100 * float(hits[idx].mean() if idx is not None else fp_hits[fp_idx].mean())
+
+        extra = {} if fp_hits is not None else {"classifier_accuracy": adapter.classifier_accuracy}
+        return with_intervals(accuracy, len(hits), paired=fp_hits is not None, extra=extra)
+
+
 MAX_PSNR_DB = 100.0  # reported for images identical to FP (the PSNR of zero error is infinite)
 
 
@@ -232,6 +259,7 @@ class EpsError(Metric):
                                             "trajectories": n})  # fmt: skip
 
 
+CLASS_ACCURACY = ClassAccuracy()
 DIGITS_FD = DigitsFD()
 EPS_MSE = EpsError()
 PSNR_VS_FP = PSNRvsFP()

@@ -43,6 +43,15 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
+def _init_sigma(scheduler) -> float:
+    return getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers start at 1
+
+
+def _scale_input(scheduler, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    scale = getattr(scheduler, "scale_model_input", None)
+    return x if scale is None else scale(x, t)
+
+
 class DiffusionAdapter:
     """Base class: a denoiser sampled by DDIM, with optional text guidance and latent decoding.
 
@@ -68,6 +77,15 @@ class DiffusionAdapter:
     # The real data FID compares with unless the matrix sets ``fid_reference``: a
     # torch-fidelity registered input, or "" (none; the user supplies a folder).
     FID_REFERENCE: ClassVar[str] = ""
+    # "unet" or "transformer": what the denoiser is built from, for the methods that only apply
+    # to one (``Method.unsupported_on``: split shortcut needs a UNet's skip concatenations).
+    ARCHITECTURE: ClassVar[str] = "unet"
+    # Classifier-free guidance scale unless the matrix sets ``guidance_scale`` (models that
+    # take it list it in ``ARGS``).
+    DEFAULT_GUIDANCE: ClassVar[float] = 1.0
+    # Rectified-flow models (SD3, FLUX) predict a velocity and sample with an Euler flow-matching
+    # scheduler: no eta, no input scaling (checked when a matrix loads).
+    FLOW_MATCHING: ClassVar[bool] = False
 
     @classmethod
     def arg_problems(cls, args: dict[str, Any]) -> list[str]:
@@ -92,20 +110,37 @@ class DiffusionAdapter:
         raise NotImplementedError
 
     def scheduler(self):
-        """A fresh diffusers ``DDIMScheduler`` for the sampling loop."""
+        """A fresh diffusers scheduler for the sampling loop: ``DDIMScheduler``, or
+        ``FlowMatchEulerDiscreteScheduler`` for a flow-matching model (``FLOW_MATCHING``)."""
         raise NotImplementedError
 
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of one sample of the initial noise (C, H, W)."""
         raise NotImplementedError
 
+    def set_timesteps(self, scheduler) -> None:
+        """Set ``sampling.steps`` sampler steps on a fresh scheduler (FLUX overrides it: its
+        schedule shifts with the image size)."""
+        scheduler.set_timesteps(self.sampling.steps, device=self.device)
+
     def conditions(self, start: int, n: int) -> dict[str, torch.Tensor] | None:
         """Extra denoiser inputs for samples ``start..start+n`` (e.g. text embeddings)."""
         return None
 
+    def guided(self) -> bool:
+        """Whether the denoiser sees a doubled (unconditional, conditional) batch whose
+        predictions :meth:`guide` combines (classifier-free guidance)."""
+        return False
+
+    @property
+    def guidance_scale(self) -> float:
+        return float(self.args.get("guidance_scale", self.DEFAULT_GUIDANCE))
+
     def guide(self, eps: torch.Tensor) -> torch.Tensor:
-        """Combine a doubled (unconditional, conditional) batch's noise predictions."""
-        return eps
+        """Combine a doubled (unconditional, conditional) batch's noise predictions:
+        ``uncond + s · (cond − uncond)``."""
+        uncond, cond = eps.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Final sampler state → images in [-1, 1]."""
@@ -125,6 +160,7 @@ class DiffusionAdapter:
             "eta": s.eta,
             "batch_size": s.batch_size,
             **({} if s.dtype == "float32" else {"dtype": s.dtype}),
+            **({"guidance_scale": self.guidance_scale} if self.guided() else {}),
         }
 
     # --- shared ---------------------------------------------------------------------------
@@ -144,7 +180,8 @@ class DiffusionAdapter:
         recorder: Callable | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
-        """``n`` uint8 images from the noise of ``seed``, DDIM with ``sampling.steps`` steps.
+        """``n`` uint8 images from the noise of ``seed``, ``sampling.steps`` steps of the model's
+        scheduler (DDIM, or flow-matching Euler).
 
         ``recorder(step, x, t, cond)`` sees the denoiser's exact inputs at every step;
         ``progress(done, total)`` is called after every step of every batch.
@@ -160,25 +197,28 @@ class DiffusionAdapter:
         total, done = -(-n // batch_size) * steps, 0
         for start in range(0, n, batch_size):
             scheduler = self.scheduler()
-            scheduler.set_timesteps(steps, device=self.device)
-            x = noise[start : start + batch_size].to(self.device) * scheduler.init_noise_sigma
+            self.set_timesteps(scheduler)
+            x = noise[start : start + batch_size].to(self.device) * _init_sigma(scheduler)
             cond = self.conditions(start, len(x))
             # eta > 0 draws fresh noise each step: seed it per batch for reproducibility.
             generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
             for i, t in enumerate(scheduler.timesteps):
-                x_in = x if cond is None else torch.cat([x, x])
-                x_in = scheduler.scale_model_input(x_in, t)
+                x_in = torch.cat([x, x]) if self.guided() else x
+                x_in = _scale_input(scheduler, x_in, t)
                 t_in = t.expand(len(x_in))
                 kwargs = cond or {}
                 if recorder is not None:
                     recorder(i, x_in, t_in, kwargs)
                 x_m, kwargs_m = in_dtype(dtype, x_in, kwargs)
                 eps = denoiser(x_m, t_in, **kwargs_m).sample.float()
-                eps = self.guide(eps) if cond is not None else eps
-                step_noise = {"generator": generator}
-                if self.sampling.eta > 0 and fold is not None:
-                    step_noise = {"variance_noise": fold(scheduler, t, eps, self.sampling.eta, generator)}
-                x = scheduler.step(eps, t, x, eta=self.sampling.eta, **step_noise).prev_sample
+                eps = self.guide(eps) if self.guided() else eps
+                if self.FLOW_MATCHING:  # Euler on the predicted velocity; deterministic
+                    x = scheduler.step(eps, t, x).prev_sample
+                else:
+                    step_noise = {"generator": generator}
+                    if self.sampling.eta > 0 and fold is not None:
+                        step_noise = {"variance_noise": fold(scheduler, t, eps, self.sampling.eta, generator)}
+                    x = scheduler.step(eps, t, x, eta=self.sampling.eta, **step_noise).prev_sample
                 done += 1
                 if progress is not None:
                     progress(done, total)
@@ -190,11 +230,11 @@ class DiffusionAdapter:
         """The denoiser's inputs ``(x, t, kwargs)`` at the first sampler step for ``n`` samples
         (a doubled batch under guidance, as :meth:`sample` feeds it): for timing one step."""
         scheduler = self.scheduler()
-        scheduler.set_timesteps(self.sampling.steps, device=self.device)
-        x = self.noise(n, seed).to(self.device) * scheduler.init_noise_sigma
+        self.set_timesteps(scheduler)
+        x = self.noise(n, seed).to(self.device) * _init_sigma(scheduler)
         cond = self.conditions(0, n)
         t = scheduler.timesteps[0]
-        x_in = scheduler.scale_model_input(x if cond is None else torch.cat([x, x]), t)
+        x_in = _scale_input(scheduler, torch.cat([x, x]) if self.guided() else x, t)
         return x_in, t.expand(len(x_in)), cond or {}
 
     def calibration_data(

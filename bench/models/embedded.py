@@ -1,4 +1,5 @@
-"""The embedded model: a DDIM-sampled UNet2DModel trained on scikit-learn's digits.
+"""The embedded models: a DDIM-sampled UNet2DModel and a class-conditional DiT (classifier-free
+guidance), both trained on scikit-learn's digits.
 
 Its quality metric is the Fréchet distance between generated and real digits in the 64-d
 penultimate features of a classifier trained on the same data ("digits Fréchet distance"; it
@@ -7,14 +8,25 @@ is not FID: no Inception network is involved, and its values are not comparable 
 
 from __future__ import annotations
 
+import json
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from bench.embedded.data import reference_split
-from bench.embedded.model import SCHEDULER_CONFIG, UNET_CONFIG, load_classifier, load_unet
+from bench.embedded.model import (
+    ASSETS,
+    DIT_CONFIG,
+    NULL_CLASS,
+    SCHEDULER_CONFIG,
+    UNET_CONFIG,
+    load_classifier,
+    load_dit,
+    load_unet,
+)
 from bench.frechet import feature_stats, frechet_distance
 from bench.models.base import DiffusionAdapter
 
@@ -87,3 +99,72 @@ class EmbeddedDigits(DiffusionAdapter):
         rng = np.random.default_rng(seed)
         values = [self.frechet_features(feats[rng.integers(0, len(feats), n)]) for _ in range(draws)]
         return float(np.mean(values)), float(np.std(values))
+
+
+class EmbeddedDiT(EmbeddedDigits):
+    """The embedded class-conditional DiT (adaLN-Zero transformer, trained in-repo on the
+    digits), DDIM with classifier-free guidance: the offline stand-in for a text-to-image
+    transformer. Sample ``i`` asks for digit ``i mod 10``; ``class_accuracy`` (the digit
+    classifier's accuracy on the requested class) is its alignment metric, as CLIP score is a
+    text-to-image model's.
+
+    Model args: ``guidance_scale`` (default 3; 1 is the conditional model alone, one forward
+    per step instead of a doubled batch).
+    """
+
+    name = "embedded-dit"
+    ARCHITECTURE = "transformer"
+    ARGS = ("guidance_scale",)
+    CAPABILITIES = frozenset({"digit-features", "class-conditional"})
+    DEFAULT_GUIDANCE = 3.0
+    DEFAULT_METRICS = (
+        "digits_fd",
+        "class_accuracy",
+        "psnr_vs_fp",
+        "eps_mse",
+        "quantize_time",
+        "latency_step",
+        "peak_memory",
+        "weight_bytes",
+    )
+
+    @classmethod
+    def arg_problems(cls, args: dict[str, Any]) -> list[str]:
+        scale = args.get("guidance_scale", cls.DEFAULT_GUIDANCE)
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or scale < 1:
+            return [f"guidance_scale={scale!r}; give a number ≥ 1 (1: no guidance)"]
+        return []
+
+    def denoiser(self) -> nn.Module:
+        """A fresh copy of the trained FP DiT (EMA weights)."""
+        return load_dit().to(self.device)
+
+    def latent_shape(self) -> tuple[int, ...]:
+        size = DIT_CONFIG["sample_size"]
+        return (DIT_CONFIG["in_channels"], size, size)
+
+    def guided(self) -> bool:
+        return self.guidance_scale != 1
+
+    def class_labels(self, n: int) -> torch.Tensor:
+        """The digit each of ``n`` samples asks for: ``i mod 10``."""
+        return torch.arange(n) % 10
+
+    def conditions(self, start: int, n: int) -> dict[str, torch.Tensor]:
+        labels = self.class_labels(start + n)[start:].to(self.device)
+        if self.guided():
+            labels = torch.cat([torch.full_like(labels, NULL_CLASS), labels])
+        return {"class_labels": labels}
+
+    @property
+    def classifier_accuracy(self) -> float:
+        """The classifier's accuracy (%) on its held-out real digits (its training log)."""
+        log = json.loads((ASSETS / "classifier_train.json").read_text())
+        return round(100 * log["test_accuracy"], 2)
+
+    @torch.no_grad()
+    def predicted_classes(self, images: torch.Tensor) -> np.ndarray:
+        """The digit classifier's decision on each image (uint8 or [-1, 1] float)."""
+        if images.dtype == torch.uint8:
+            images = images.float() / 127.5 - 1
+        return torch.cat([self._classifier(b).argmax(1) for b in images.split(500)]).numpy()

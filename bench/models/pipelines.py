@@ -88,7 +88,7 @@ class PipelineAdapter(DiffusionAdapter):
             if Path(self.source).suffix in SINGLE_FILE_SUFFIXES:
                 pipe = self._single_file()
             else:
-                pipe = DiffusionPipeline.from_pretrained(self.source, **self.LOAD_KWARGS)
+                pipe = DiffusionPipeline.from_pretrained(self.source, **self.load_kwargs())
         except (OSError, ValueError) as exc:
             if Path(self.source).exists():
                 raise  # a local directory that does not load is an error, not an absence
@@ -114,7 +114,7 @@ class PipelineAdapter(DiffusionAdapter):
             raise ValueError(
                 f"{self.name} cannot load a single-file checkpoint; give a save_pretrained folder"
             )
-        kwargs = dict(self.LOAD_KWARGS)
+        kwargs = self.load_kwargs()
         if self.args.get("config") is not None:
             kwargs["config"] = str(self.args["config"])
         try:
@@ -127,6 +127,10 @@ class PipelineAdapter(DiffusionAdapter):
                 f"diffusers fetches from the hub ({type(exc).__name__}); offline, set config: to a folder "
                 "with them (a save_pretrained folder of the same architecture, weights not needed)"
             ) from None
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``from_pretrained``/``from_single_file``."""
+        return dict(self.LOAD_KWARGS)
 
     @property
     def random_init(self) -> bool:
@@ -189,6 +193,7 @@ class TextToImageAdapter(PipelineAdapter):
     LOAD_KWARGS: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
     CAPABILITIES = frozenset({"text-to-image"})
     DEFAULT_METRICS = ("clip_score", "fid", "fid_vs_fp", "psnr_vs_fp", *COST_METRICS)
+    DEFAULT_GUIDANCE = 7.5
 
     @classmethod
     def arg_problems(cls, args: dict[str, Any]) -> list[str]:
@@ -220,10 +225,6 @@ class TextToImageAdapter(PipelineAdapter):
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "prompts": self.prompt_list}
 
-    @property
-    def guidance_scale(self) -> float:
-        return float(self.args.get("guidance_scale", 7.5))
-
     @torch.no_grad()
     def _embed(self, prompts: list[str]) -> torch.Tensor:
         if self.random_init:  # the text encoder's output shape, seeded per prompt text
@@ -248,9 +249,8 @@ class TextToImageAdapter(PipelineAdapter):
         empty = self._embed([""]).expand_as(text)
         return {"encoder_hidden_states": torch.cat([empty, text])}
 
-    def guide(self, eps: torch.Tensor) -> torch.Tensor:
-        uncond, cond = eps.chunk(2)
-        return uncond + self.guidance_scale * (cond - uncond)
+    def guided(self) -> bool:
+        return True
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         if self.random_init:
