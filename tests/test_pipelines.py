@@ -94,8 +94,9 @@ def test_quantized_text_to_image_end_to_end(name, tiny_pipelines, tiny_clip, ref
         "latency_warmup: 0, latency_repeats: 2}"
     )
     path = tmp_path / "sd.yaml"
+    args = _args(name, tiny_pipelines)
     path.write_text(
-        f"name: sd\nmodels: [{{name: {name}, {', '.join(f'{k}: {v}' for k, v in _args(name, tiny_pipelines).items())}}}]\n"
+        f"name: sd\nmodels: [{{name: {name}, {', '.join(f'{k}: {v}' for k, v in args.items())}}}]\n"
         f"methods: [linear, qdiff]\nbits: [W8A8]\nsettings: {settings}\n"
     )
     rows = run_matrix(load_matrix(path), tmp_path / "results", progress=False, log=lambda _: None)
@@ -165,35 +166,42 @@ def test_unknown_init_is_one_clear_error():
 
 def test_single_file_checkpoints_load_through_from_single_file(tmp_path, tiny_pipelines, monkeypatch):
     """An original-format checkpoint goes to diffusers' from_single_file with its config folder
-    (a converted tiny SD pipeline stands in: diffusers writes no original-format files)."""
+    (SD-1.5, SD3, FLUX, SDXL; a converted tiny pipeline stands in: diffusers writes no
+    original-format files)."""
     import diffusers
 
     from bench.errors import MatrixError
 
-    checkpoint = tmp_path / "sd15.safetensors"
+    checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"weights")
-    calls = []
+    for name in ("sd-1.5", "sd3", "flux", "sdxl"):
+        pipeline_cls = getattr(diffusers, MODELS.get(name).SINGLE_FILE)
+        calls = []
 
-    def from_single_file(path, **kwargs):
-        calls.append((path, kwargs))
-        if "config" not in kwargs:
-            raise OSError("cannot reach the hub for the config")
-        return diffusers.StableDiffusionPipeline.from_pretrained(kwargs["config"], safety_checker=None)
+        def from_single_file(path, calls=calls, pipeline_cls=pipeline_cls, **kwargs):
+            calls.append((path, dict(kwargs)))
+            if "config" not in kwargs:
+                raise OSError("cannot reach the hub for the config")
+            config = kwargs.pop("config")
+            return pipeline_cls.from_pretrained(config, **kwargs)
 
-    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_single_file", from_single_file)
-    adapter = MODELS.get("sd-1.5")(SAMPLING, source=str(checkpoint), config=str(tiny_pipelines["sd-1.5"]))
-    assert adapter.sample(adapter.denoiser(), 2, seed=0).shape == (2, *SHAPES["sd-1.5"])
-    assert calls[0][0] == str(checkpoint) and calls[0][1]["config"] == str(tiny_pipelines["sd-1.5"])
-    offline = MODELS.get("sd-1.5")(SAMPLING, source=str(checkpoint))
-    with pytest.raises(AvailabilityError, match="offline, set config: to a folder"):
-        offline.denoiser()
+        monkeypatch.setattr(pipeline_cls, "from_single_file", from_single_file)
+        args = {**_args(name, tiny_pipelines), "source": str(checkpoint), "config": str(tiny_pipelines[name])}
+        adapter = MODELS.get(name)(SAMPLING, **args)
+        assert adapter.sample(adapter.denoiser(), 2, seed=0).shape == (2, *SHAPES[name])
+        assert calls[0][0] == str(checkpoint) and calls[0][1]["config"] == str(tiny_pipelines[name])
+        offline = MODELS.get(name)(SAMPLING, source=str(checkpoint))
+        with pytest.raises(AvailabilityError, match="offline, set config: to a folder"):
+            offline.denoiser()
     # Models without single-file support, and missing files, fail at validate.
     text = (
-        f"models: [{{name: ddim-cifar10, source: {checkpoint}}}, {{name: sd-1.5, source: {checkpoint}, "
-        "config: /no/configs}]\nmethods: [linear]\nbits: [W8A8]\nmetrics: [psnr_vs_fp]\n"
+        f"models: [{{name: ddim-cifar10, source: {checkpoint}}}, {{name: pixart-sigma, "
+        f"source: {checkpoint}}}, {{name: sd-1.5, source: {checkpoint}, config: /no/configs}}]\n"
+        "methods: [linear]\nbits: [W8A8]\nmetrics: [psnr_vs_fp]\n"
     )
     (tmp_path / "m.yaml").write_text(text)
     with pytest.raises(MatrixError) as info:
         load_matrix(tmp_path / "m.yaml")
     assert "single-file checkpoint, which ddim-cifar10 cannot load" in str(info.value)
+    assert "single-file checkpoint, which pixart-sigma cannot load" in str(info.value)
     assert "config /no/configs: no such file or folder here" in str(info.value)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.models.pipelines import TextToImageAdapter
+from bench.models.pipelines import SINGLE_FILE_SUFFIXES, TextToImageAdapter
 
 
 class DenoiserCall(nn.Module):
@@ -92,6 +92,7 @@ class _Transformer(TextToImageAdapter):
     ARCHITECTURE = "transformer"
     COMPONENT: ClassVar[str] = "transformer"
     LOAD_KWARGS: ClassVar[dict[str, Any]] = {}
+    SINGLE_FILE = None
     IMAGE_SHAPE = (3, 1024, 1024)
 
     def call(self, model: nn.Module) -> DenoiserCall:
@@ -197,7 +198,10 @@ class StableDiffusion3(_Transformer):
     def load_kwargs(self) -> dict[str, Any]:
         # A folder saved without T5 (a common memory saving) lists text_encoder_3 as [null,
         # null]; diffusers then needs to be told that it is absent.
-        index = Path(self.source) / "model_index.json"
+        folder = Path(self.source)
+        if folder.suffix in SINGLE_FILE_SUFFIXES and self.args.get("config") is not None:
+            folder = Path(str(self.args["config"]))  # a single file's pipeline configs
+        index = folder / "model_index.json"
         if index.is_file() and json.loads(index.read_text()).get("text_encoder_3", [None])[0] is None:
             return {"text_encoder_3": None, "tokenizer_3": None}
         return {}
