@@ -29,6 +29,7 @@ from qdiff.transforms.base import KINDS, LayerTransform, Transform, transform_cl
 BITS = [Bits.parse(label) for label in ("W8A8", "W4A8", "W4A4", "W8A32", "W4A32")]
 TINY = Budget(calib_timesteps=2, calib_samples=4, weight_iters=2, act_iters=1, weight_lr=0.2, act_lr=0.02)
 QUANT_METHODS = [name for name in METHODS.names() if name != FP_METHOD]
+ARCHITECTURES = ("unet", "transformer")
 CAPABILITIES = set().union(*(MODELS.get(name).CAPABILITIES for name in MODELS.names()))
 
 
@@ -48,6 +49,9 @@ def test_method_declares_the_contract(name):
         method.backend is None or isinstance(method.backend, str)
     )
     assert supported(method), f"{name} supports none of {[b.label for b in BITS]}"
+    for architecture in ARCHITECTURES:
+        reason = method.unsupported_on(architecture)
+        assert reason is None or (isinstance(reason, str) and architecture in reason)
     for bits in BITS:
         reason = method.unsupported(bits)
         assert reason is None or ((isinstance(reason, str) and bits.label in reason) or reason)
@@ -71,16 +75,30 @@ def embedded_unet():
     return load_unet()
 
 
+@pytest.fixture(scope="module")
+def embedded_dit():
+    """The embedded class-conditional DiT: a transformer denoiser with class labels."""
+    from bench.embedded.model import load_dit
+
+    return load_dit()
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("name", QUANT_METHODS)
-def test_method_quantizes_and_deploys_a_denoiser(name, embedded_unet):
+def test_method_quantizes_and_deploys_a_denoiser(name, architecture, embedded_unet, embedded_dit):
     """At its first supported bit width, the method (or its bases, then ``refine``) turns the
-    embedded UNet into a deployable that runs, without touching the FP model."""
-    tiny_unet = embedded_unet
+    embedded UNet, and the embedded DiT where it applies to transformers, into a deployable
+    that runs, without touching the FP model."""
     method = METHODS.get(name)
+    if method.unsupported_on(architecture):
+        pytest.skip(method.unsupported_on(architecture))
+    tiny_unet = embedded_unet if architecture == "unet" else embedded_dit
     bits = supported(method)[0]
     config = method.configure(bits, TINY)
     before = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
     data = calib_for(tiny_unet, 8, timesteps=2)
+    if architecture == "transformer":
+        data = qdiff.CalibData(data.x, data.t, {"class_labels": torch.arange(8) % 11})
 
     def calibration(_calib):
         return data
@@ -99,7 +117,7 @@ def test_method_quantizes_and_deploys_a_denoiser(name, embedded_unet):
     assert all(torch.equal(before[k], v) for k, v in tiny_unet.state_dict().items()), "the FP model changed"
     deployed = method.deploy(qmodel, "fake")
     with torch.no_grad():
-        out = deployed(data.x[:2], data.t[:2]).sample
+        out = deployed(data.x[:2], data.t[:2], **{k: v[:2] for k, v in data.cond.items()}).sample
     assert out.shape == data.x[:2].shape and torch.isfinite(out).all()
     kernels = method.kernels(deployed)
     assert kernels and all(isinstance(k, str) and n > 0 for k, n in kernels.items())
@@ -113,6 +131,7 @@ def test_model_declares_what_its_metrics_need(name):
     adapter = MODELS.get(name)
     assert issubclass(adapter, DiffusionAdapter) and adapter.name == name
     assert isinstance(adapter.CAPABILITIES, frozenset) and isinstance(adapter.ARGS, tuple)
+    assert adapter.ARCHITECTURE in ARCHITECTURES
     for metric in adapter.DEFAULT_METRICS:
         missing = METRICS.get(metric).requires - adapter.CAPABILITIES
         assert not missing, f"{name}'s default metric {metric} needs {missing}"
@@ -151,7 +170,7 @@ def test_backend_declares_where_it_runs_and_deploys_here_if_it_can(name, tiny_un
     qmodel, _ = qdiff.quantize(tiny_unet, cfg, data)
     deployed = qdiff.convert(qmodel, name)
     with torch.no_grad():
-        out = deployed(data.x[:2], data.t[:2]).sample
+        out = deployed(data.x[:2], data.t[:2], **{k: v[:2] for k, v in data.cond.items()}).sample
         ref = qdiff.convert(qmodel, "fake")(data.x[:2], data.t[:2]).sample
     assert layer_report(deployed) and torch.isfinite(out).all()
     sqnr = 10 * math.log10(ref.pow(2).mean() / (out - ref).pow(2).mean().clamp(min=1e-20))

@@ -87,20 +87,22 @@ def test_training_script_writes_a_loadable_classifier(tmp_path):
     load_classifier(tmp_path / "classifier.safetensors")
 
 
-def _dit(guidance_scale: float = 3.0, steps: int = 10) -> EmbeddedDiT:
+def _dit(guidance_scale: float = 1.5, steps: int = 10) -> EmbeddedDiT:
     return EmbeddedDiT(Sampling(steps=steps, batch_size=100, device="cpu"), guidance_scale=guidance_scale)
 
 
 def test_conditional_dit_draws_the_digit_it_is_asked_for():
-    """The committed DiT with guidance: recognisable digits of the requested class, far above
-    chance (10 %) and above the unguided model's alignment; guidance doubles the batch."""
-    guided, plain = _dit(3.0), _dit(1.0)
+    """The committed DiT: recognisable digits of the requested class, far above chance (10 %),
+    with and without guidance; guidance doubles the batch and changes the samples."""
+    guided, plain = _dit(1.5), _dit(1.0)
     model = guided.denoiser()
     images = guided.sample(model, 100, seed=5)
     wanted = guided.class_labels(100).numpy()
-    accuracy = (guided.predicted_classes(images) == wanted).mean()
-    plain_accuracy = (plain.predicted_classes(plain.sample(model, 100, seed=5)) == wanted).mean()
-    assert accuracy > 0.8 and accuracy > plain_accuracy
+    plain_images = plain.sample(model, 100, seed=5)
+    assert (guided.predicted_classes(images) == wanted).mean() > 0.9
+    assert (plain.predicted_classes(plain_images) == wanted).mean() > 0.9
+    assert not torch.equal(images, plain_images)
+    assert guided.frechet(images) < 3 * guided.real_floor(100, draws=2)[0]
     x, _, cond = guided.step_inputs(4, 0)
     assert len(x) == 8 and cond["class_labels"].tolist() == [10, 10, 10, 10, 0, 1, 2, 3]
     x, _, cond = plain.step_inputs(4, 0)

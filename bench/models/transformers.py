@@ -135,9 +135,10 @@ class _Transformer(TextToImageAdapter):
 
 
 class PixArtAlpha(_Transformer):
-    """PixArt-α (Chen et al., 2024): a DiT with T5 cross-attention and adaLN-single, DDIM with
-    classifier-free guidance (its pipeline defaults to DPM-Solver; the suite's shared sampler
-    is DDIM, used for FP and quantized alike)."""
+    """PixArt-α 512² (Chen et al., 2024): DiT with T5 cross-attention, DDIM with guidance.
+
+    adaLN-single modulation; its pipeline defaults to DPM-Solver, the suite's shared sampler is
+    DDIM, used for FP and quantized alike."""
 
     name = "pixart-alpha"
     DEFAULT_SOURCE = "PixArt-alpha/PixArt-XL-2-512x512"
@@ -170,7 +171,7 @@ class PixArtAlpha(_Transformer):
 
 
 class PixArtSigma(PixArtAlpha):
-    """PixArt-Σ (Chen et al., 2024): PixArt-α's architecture at 1024² with 300 T5 tokens."""
+    """PixArt-Σ 1024² (Chen et al., 2024): PixArt-α's architecture, 300 T5 tokens, DDIM."""
 
     name = "pixart-sigma"
     DEFAULT_SOURCE = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
@@ -179,9 +180,10 @@ class PixArtSigma(PixArtAlpha):
 
 
 class StableDiffusion3(_Transformer):
-    """Stable Diffusion 3 / 3.5 (Esser et al., 2024): an MM-DiT over CLIP-L, CLIP-G and T5 text,
-    rectified flow, Euler with classifier-free guidance. A pipeline saved without T5
-    (``text_encoder_3=None``) gets zeros for its tokens, as diffusers does."""
+    """Stable Diffusion 3 / 3.5 (Esser et al., 2024): rectified-flow MM-DiT, Euler with guidance.
+
+    Text from CLIP-L, CLIP-G and T5; a pipeline saved without T5 (``text_encoder_3=None``) gets
+    zeros for its tokens, as diffusers does."""
 
     name = "sd3"
     DEFAULT_SOURCE = "stabilityai/stable-diffusion-3.5-medium"
@@ -215,8 +217,9 @@ class StableDiffusion3(_Transformer):
 
 
 class Flux(_Transformer):
-    """FLUX.1 (Black Forest Labs): an MM-DiT with single-stream blocks over CLIP and T5 text,
-    rectified flow with a resolution-dependent shift of the schedule. FLUX.1-dev is
+    """FLUX.1 (Black Forest Labs): rectified-flow MM-DiT with single-stream blocks, Euler.
+
+    Text from CLIP and T5; the schedule shifts with the image size. FLUX.1-dev is
     guidance-distilled: the scale is an input of the transformer (``guidance``), one forward per
     step; FLUX.1-schnell has no guidance input (4 steps, no guidance)."""
 
@@ -268,9 +271,10 @@ class Flux(_Transformer):
 
 
 class StableDiffusionXL(_Transformer):
-    """SDXL base (Podell et al., 2023): a UNet with two CLIP text encoders and added conditions
-    (pooled text embedding, original/crop/target size ids), DDIM with classifier-free guidance.
-    Its skip concatenations get split shortcut quantization like SD-1.5's."""
+    """SDXL base (Podell et al., 2023): UNet with two CLIP encoders, DDIM with guidance.
+
+    Added conditions: the pooled text embedding and original/crop/target size ids. Its skip
+    concatenations get split shortcut quantization like SD-1.5's."""
 
     name = "sdxl"
     DEFAULT_SOURCE = "stabilityai/stable-diffusion-xl-base-1.0"
