@@ -521,7 +521,9 @@ def _quantized(
     method = METHODS.get(spec.method)
     bits = Bits(spec.w_bits, spec.a_bits)
     config = method.configure(bits, spec.budget)
-    key = config_hash("checkpoint", code, fp_id, spec.method, config.to_dict())
+    # The calibration trajectories depend on how the model is sampled (steps, guidance, ...), so
+    # the adapter's identity is part of the key, as it is of the calibration data's.
+    key = config_hash("checkpoint", code, fp_id, adapter.identity(), spec.method, config.to_dict())
 
     def calibration(calib: qdiff.CalibConfig) -> qdiff.CalibData:
         return _calibration(adapter, fp, fp_id, calib, code, progress).to(adapter.device)

@@ -189,3 +189,15 @@ def test_a_metric_that_cannot_run_here_is_skipped_and_the_others_count(tmp_path)
     status, error = states["linear", "fid"]
     assert status == "skipped" and "set fid_reference: /path/to/images" in error
     assert {p.state for p in plan(matrix, ResultStore(tmp_path / "results" / "tiny"))} == {"partial"}
+
+
+def test_a_checkpoint_is_not_shared_between_samplings_that_calibrate_differently(tmp_path):
+    """Calibration inputs come from the FP trajectories, so two matrices that sample the same
+    model differently (here: steps; guidance scale likewise) calibrate, and quantize, apart."""
+    rows = run(load_matrix(tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]")), tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    other = Path(tiny_matrix(tmp_path / "b", methods="[linear]", bits="[W8A8]"))
+    other.write_text(other.read_text().replace("steps: 4", "steps: 3"))
+    again = run(load_matrix(other), tmp_path / "a")  # same results root, same cache
+    cached = {r["cached"] for r in again if r["metric"] == "quantize_time"}
+    assert cached == {False} and {r["cached"] for r in rows if r["metric"] == "quantize_time"} == {False}
