@@ -281,11 +281,18 @@ def share_equal_tensors(keep: nn.Module, other: nn.Module) -> int:
     return shared
 
 
+# Its correction and its mixed precision are defined by a DDPM step's noise schedule (ᾱ_t, the
+# variance a stochastic step adds), which a rectified flow (SD3, FLUX) does not have.
+DDPM_ONLY = "its noise correction and step choice are defined by a DDPM noise schedule (ᾱ_t)"
 METHOD = PTQD(
-    "ptqd", "PTQD: Q-Diffusion + correlated quantization-noise correction per timestep", qdiffusion_recipe
+    "ptqd",
+    "PTQD: Q-Diffusion + correlated quantization-noise correction per timestep",
+    qdiffusion_recipe,
+    ddpm_only=DDPM_ONLY,
 )
 MIXED = PTQDMixed(
     "ptqd-mp",
     f"PTQD + step-aware mixed precision (A{LOW_BITS} where the quantization SNR allows)",
     qdiffusion_recipe,
+    ddpm_only=DDPM_ONLY,
 )

@@ -107,8 +107,8 @@ class TorchaoPreset:
             return f"{self.name} is torchao's {self.bits.label} preset; use bits {self.bits.label}"
         return None
 
-    def unsupported_on(self, architecture: str) -> str | None:
-        return None  # quantize_ swaps Linear layers, whatever holds them
+    def unsupported_on(self, model) -> str | None:
+        return None  # quantize_ swaps Linear layers, whatever holds them, and needs no schedule
 
     def bases(self, bits: Bits) -> tuple:
         return ()

@@ -622,7 +622,7 @@ def _check_combination(path: Path, run: RunSpec) -> None:
         raise MatrixError(
             f"{path}: {run.label}: {reason}, or exclude {{method: {run.method}, bits: {run.bits_label}}}"
         )
-    reason = None if run.is_fp else method.unsupported_on(MODELS.get(run.model).ARCHITECTURE)
+    reason = None if run.is_fp else method.unsupported_on(MODELS.get(run.model).traits())
     if reason:
         raise MatrixError(
             f"{path}: {run.label}: {reason}; exclude {{method: {run.method}, model: {run.model}}}"

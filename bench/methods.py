@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import qdiff
-from bench.spec import Bits, Budget
+from bench.spec import Bits, Budget, ModelTraits
 from qdiff.backends import layer_report
 
 
@@ -55,9 +55,9 @@ class Method(Protocol):
         """Why the method cannot run at ``bits`` (checked when a matrix loads), or None."""
         ...
 
-    def unsupported_on(self, architecture: str) -> str | None:
-        """Why the method does not apply to a denoiser of ``architecture`` (``"unet"`` or
-        ``"transformer"``, the model's ``DiffusionAdapter.ARCHITECTURE``), or None."""
+    def unsupported_on(self, model: ModelTraits) -> str | None:
+        """Why the method does not apply to a model with these traits (its architecture, whether
+        it is a flow-matching model), or None; checked when a matrix loads."""
         ...
 
     def configure(self, bits: Bits, budget: Budget) -> MethodConfig:
@@ -116,6 +116,8 @@ class RecipeMethod:
     needs_act_quant: bool = False  # rejects WxA32 (e.g. SmoothQuant: it smooths activations)
     # Why it means nothing on a transformer denoiser (no UNet skip concatenations), or "".
     unet_only: str = ""
+    # Why it needs a DDPM noise schedule (no rectified flow), or "".
+    ddpm_only: str = ""
 
     checkpointable: ClassVar[bool] = True
     backend: ClassVar[str | None] = None
@@ -127,9 +129,11 @@ class RecipeMethod:
             return f"{self.name} works on quantized activations; use W{bits.w}A8"
         return None
 
-    def unsupported_on(self, architecture: str) -> str | None:
-        if self.unet_only and architecture != "unet":
-            return f"{self.name} does not apply to a {architecture} denoiser: {self.unet_only}"
+    def unsupported_on(self, model: ModelTraits) -> str | None:
+        if self.unet_only and model.architecture != "unet":
+            return f"{self.name} does not apply to a {model.architecture} denoiser: {self.unet_only}"
+        if self.ddpm_only and model.flow_matching:
+            return f"{self.name} does not apply to a flow-matching model: {self.ddpm_only}"
         return None
 
     def qconfig(self, bits: Bits) -> qdiff.QConfig:

@@ -32,6 +32,20 @@ _BITS_RE = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
+class ModelTraits:
+    """What a method may need to know about a model before it runs (``Method.unsupported_on``).
+
+    Args:
+        architecture: ``"unet"`` or ``"transformer"`` (the denoiser's building blocks).
+        flow_matching: the model is a rectified flow (velocity prediction, Euler sampler, no
+            DDPM noise schedule), as SD3 and FLUX are.
+    """
+
+    architecture: str = "unet"
+    flow_matching: bool = False
+
+
+@dataclass(frozen=True)
 class Bits:
     """Weight and activation bit widths; ``None`` means full precision."""
 

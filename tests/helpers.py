@@ -66,7 +66,7 @@ class FailingMethod:
     def unsupported(self, bits):
         return None
 
-    def unsupported_on(self, architecture):
+    def unsupported_on(self, model):
         return None
 
     def bases(self, bits):

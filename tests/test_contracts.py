@@ -22,7 +22,7 @@ from bench.methods import Method
 from bench.metrics.quality import Metric
 from bench.models.base import DiffusionAdapter
 from bench.registry import METHODS, METRICS, MODELS
-from bench.spec import FP_METHOD, Bits, Budget, Evaluation
+from bench.spec import FP_METHOD, Bits, Budget, Evaluation, ModelTraits
 from qdiff.backends import BACKENDS, layer_report
 from qdiff.transforms.base import KINDS, LayerTransform, Transform, transform_class
 
@@ -49,9 +49,9 @@ def test_method_declares_the_contract(name):
         method.backend is None or isinstance(method.backend, str)
     )
     assert supported(method), f"{name} supports none of {[b.label for b in BITS]}"
-    for architecture in ARCHITECTURES:
-        reason = method.unsupported_on(architecture)
-        assert reason is None or (isinstance(reason, str) and architecture in reason)
+    for traits in {MODELS.get(m).traits() for m in MODELS.names()}:
+        reason = method.unsupported_on(traits)
+        assert reason is None or (isinstance(reason, str) and name in reason)
     for bits in BITS:
         reason = method.unsupported(bits)
         assert reason is None or ((isinstance(reason, str) and bits.label in reason) or reason)
@@ -90,8 +90,9 @@ def test_method_quantizes_and_deploys_a_denoiser(name, architecture, embedded_un
     embedded UNet, and the embedded DiT where it applies to transformers, into a deployable
     that runs, without touching the FP model."""
     method = METHODS.get(name)
-    if method.unsupported_on(architecture):
-        pytest.skip(method.unsupported_on(architecture))
+    reason = method.unsupported_on(ModelTraits(architecture))
+    if reason:
+        pytest.skip(reason)
     tiny_unet = embedded_unet if architecture == "unet" else embedded_dit
     bits = supported(method)[0]
     config = method.configure(bits, TINY)

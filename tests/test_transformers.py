@@ -110,6 +110,18 @@ def test_x86_int8_kernels_match_simulation_on_the_dit(dit, calib):
     assert qdiff.storage_bytes(x86)["total"] <= 0.27 * qdiff.storage_bytes(dit.denoiser())["total"]
 
 
+def test_ptqd_is_refused_on_a_flow_matching_model_at_validate(tmp_path):
+    path = tmp_path / "flux.yaml"
+    path.write_text(
+        "name: flux\nmodels: [{name: flux, resolution: 16}]\nmethods: [qdiff, ptqd]\nbits: [W8A8]\n"
+        "metrics: [psnr_vs_fp]\nsettings: {device: cpu, samples: 2, steps: 2, batch_size: 2}\n"
+    )
+    with pytest.raises(
+        MatrixError, match=r"ptqd does not apply to a flow-matching model: .*DDPM noise schedule"
+    ):
+        load_matrix(path)
+
+
 def test_split_shortcut_ablation_is_refused_on_a_transformer_at_validate(tmp_path):
     path = tmp_path / "dit.yaml"
     path.write_text(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import qdiff
-from bench.spec import Sampling, resolve_device
+from bench.spec import ModelTraits, Sampling, resolve_device
 
 # What every model measures about cost (bench.metrics.cost, and the method's own time).
 COST_METRICS = ("quantize_time", "latency_step", "latency_e2e", "peak_memory", "weight_bytes")
@@ -86,6 +86,10 @@ class DiffusionAdapter:
     # Rectified-flow models (SD3, FLUX) predict a velocity and sample with an Euler flow-matching
     # scheduler: no eta, no input scaling (checked when a matrix loads).
     FLOW_MATCHING: ClassVar[bool] = False
+
+    @classmethod
+    def traits(cls) -> ModelTraits:
+        return ModelTraits(cls.ARCHITECTURE, cls.FLOW_MATCHING)
 
     @classmethod
     def arg_problems(cls, args: dict[str, Any]) -> list[str]:
