@@ -134,3 +134,19 @@ def test_split_shortcut_ablation_is_refused_on_a_transformer_at_validate(tmp_pat
     )
     with pytest.raises(MatrixError, match=refusal):
         load_matrix(path)
+
+
+# w4a16 leaves the first and last layers (8-bit weights) simulated.
+@pytest.mark.parametrize(
+    "backend,bits,kernels",
+    [("triton-int8", "W8A8", {"triton-int8": 39}), ("w4a16", "W4A32", {"triton-w4a16": 37})],
+)
+def test_triton_kernels_match_simulation_on_the_dit(dit, calib, backend, bits, kernels):
+    """The GPU kernels (Triton's interpreter here) on the DiT's layers, against the fake-quant
+    model they come from."""
+    cfg = replace(qdiffusion_recipe(Bits.parse(bits)), recon=NO_RECON)
+    qmodel, _ = qdiff.quantize(dit.denoiser(), cfg, calib)
+    fake, deployed = qdiff.convert(qmodel, "fake"), qdiff.convert(qmodel, backend)
+    assert kernels.items() <= layer_report(deployed).items()
+    few = qdiff.CalibData(calib.x[:4], calib.t[:4], {k: v[:4] for k, v in calib.cond.items()})
+    assert sqnr_db(_out(fake, few), _out(deployed, few)) >= 30
