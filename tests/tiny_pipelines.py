@@ -36,11 +36,12 @@ def unet2d(in_channels: int, sample_size: int):
     )
 
 
-def cond_unet():
-    """A small random UNet2DConditionModel with cross-attention (Stable Diffusion's layout)."""
+def cond_unet(**changes):
+    """A small random UNet2DConditionModel with cross-attention (Stable Diffusion's layout;
+    ``changes`` override its config, e.g. SDXL's added conditions)."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
+    config = dict(
         block_out_channels=(8, 16),
         layers_per_block=1,
         sample_size=8,
@@ -52,6 +53,7 @@ def cond_unet():
         attention_head_dim=4,
         norm_num_groups=4,
     )
+    return UNet2DConditionModel(**{**config, **changes})
 
 
 def save_ddpm(path: Path) -> Path:
@@ -103,23 +105,10 @@ def _tokenizer(folder: Path):
 def save_sd(path: Path) -> Path:
     """Stable Diffusion layout: CLIP text encoder + tokenizer, KL VAE, conditional UNet."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     tokenizer, vocab_size = _tokenizer(path.parent / f"{path.name}-vocab")
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
-        )
-    )
+    text = _clip_text(vocab_size)
     unet = cond_unet()
     vae = AutoencoderKL(**VAE_LAYOUT, latent_channels=4)
     pipe = StableDiffusionPipeline(
@@ -268,25 +257,15 @@ def save_flux(path: Path) -> Path:
 def save_sdxl(path: Path) -> Path:
     """SDXL layout: two CLIP text encoders (the second with projection), a UNet with text-time
     added conditions."""
-    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
     torch.manual_seed(0)
     tokenizer, vocab = _tokenizer(path.parent / f"{path.name}-vocab")
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = cond_unet(
         cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=4,
         addition_embed_type="text_time",
         addition_time_embed_dim=4,
-        projection_class_embeddings_input_dim=16 + 6 * 4,
-        transformer_layers_per_block=1,
+        projection_class_embeddings_input_dim=16 + 6 * 4,  # pooled text + 6 size ids × 4
     )
     StableDiffusionXLPipeline(
         vae=_kl_vae(4), unet=unet,
