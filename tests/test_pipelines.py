@@ -156,6 +156,14 @@ def test_shipped_sd15_config_is_sd15s_unet_and_needs_no_text_encoder():
         adapter.decode(torch.zeros(1, 4, 8, 8))
 
 
+def test_resolution_must_be_a_multiple_of_16():
+    flux = MODELS.get("flux")
+    assert flux.arg_problems({"resolution": 1000}) == [
+        "resolution=1000; give the image side in pixels, a multiple of 16 (e.g. 1024)"
+    ]
+    assert flux.arg_problems({"resolution": 512}) == []
+
+
 def test_unknown_init_is_one_clear_error():
     from bench.models.pipelines import DDIMCifar10
     from bench.spec import Sampling

@@ -85,7 +85,7 @@ class DenoiserCall(nn.Module):
         return Transformer2DModelOutput(sample=out)
 
 
-class _Transformer(TextToImageAdapter):
+class _WrappedTextToImage(TextToImageAdapter):
     """Shared by the adapters here: the denoiser component, its call, latent size, decoding."""
 
     ARGS = ("source", "config", "prompts", "guidance_scale", "resolution")
@@ -94,6 +94,16 @@ class _Transformer(TextToImageAdapter):
     LOAD_KWARGS: ClassVar[dict[str, Any]] = {}
     SINGLE_FILE = None
     IMAGE_SHAPE = (3, 1024, 1024)
+
+    @classmethod
+    def arg_problems(cls, args: dict[str, Any]) -> list[str]:
+        out = super().arg_problems(args)
+        size = args.get("resolution")
+        if size is not None and (
+            isinstance(size, bool) or not isinstance(size, int) or size < 16 or size % 16
+        ):
+            out.append(f"resolution={size!r}; give the image side in pixels, a multiple of 16 (e.g. 1024)")
+        return out
 
     def call(self, model: nn.Module) -> DenoiserCall:
         return DenoiserCall(model)
@@ -134,7 +144,7 @@ class _Transformer(TextToImageAdapter):
         return self.encode([""])
 
 
-class PixArtAlpha(_Transformer):
+class PixArtAlpha(_WrappedTextToImage):
     """PixArt-α 512² (Chen et al., 2024): DiT with T5 cross-attention, DDIM with guidance.
 
     adaLN-single modulation; its pipeline defaults to DPM-Solver, the suite's shared sampler is
@@ -179,7 +189,7 @@ class PixArtSigma(PixArtAlpha):
     MAX_TOKENS = 300
 
 
-class StableDiffusion3(_Transformer):
+class StableDiffusion3(_WrappedTextToImage):
     """Stable Diffusion 3 / 3.5 (Esser et al., 2024): rectified-flow MM-DiT, Euler with guidance.
 
     Text from CLIP-L, CLIP-G and T5; a pipeline saved without T5 (``text_encoder_3=None``) gets
@@ -216,7 +226,7 @@ class StableDiffusion3(_Transformer):
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
 
-class Flux(_Transformer):
+class Flux(_WrappedTextToImage):
     """FLUX.1 (Black Forest Labs): rectified-flow MM-DiT with single-stream blocks, Euler.
 
     Text from CLIP and T5; the schedule shifts with the image size. FLUX.1-dev is
@@ -270,7 +280,7 @@ class Flux(_Transformer):
         return out
 
 
-class StableDiffusionXL(_Transformer):
+class StableDiffusionXL(_WrappedTextToImage):
     """SDXL base (Podell et al., 2023): UNet with two CLIP encoders, DDIM with guidance.
 
     Added conditions: the pooled text embedding and original/crop/target size ids. Its skip
