@@ -150,7 +150,7 @@ class ClassAccuracy(Metric):
     digit classifier assigns to the class they were generated for — the offline analogue of
     CLIP score. Interval: bootstrap over the images; a quantized run also gets the paired
     difference to FP (same noise, same requested classes). The FP row records the classifier's
-    own held-out accuracy, the ceiling of this metric."""
+    own held-out accuracy: beyond about that level the metric cannot separate models."""
 
     name = "class_accuracy"
     unit = "%"
