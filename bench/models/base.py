@@ -199,6 +199,7 @@ class DiffusionAdapter:
         steps = self.sampling.steps
         out = []
         total, done = -(-n // batch_size) * steps, 0
+        guided = self.guided()
         for start in range(0, n, batch_size):
             scheduler = self.scheduler()
             self.set_timesteps(scheduler)
@@ -207,15 +208,14 @@ class DiffusionAdapter:
             # eta > 0 draws fresh noise each step: seed it per batch for reproducibility.
             generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
             for i, t in enumerate(scheduler.timesteps):
-                x_in = torch.cat([x, x]) if self.guided() else x
-                x_in = _scale_input(scheduler, x_in, t)
+                x_in = _scale_input(scheduler, torch.cat([x, x]) if guided else x, t)
                 t_in = t.expand(len(x_in))
                 kwargs = cond or {}
                 if recorder is not None:
                     recorder(i, x_in, t_in, kwargs)
                 x_m, kwargs_m = in_dtype(dtype, x_in, kwargs)
                 eps = denoiser(x_m, t_in, **kwargs_m).sample.float()
-                eps = self.guide(eps) if self.guided() else eps
+                eps = self.guide(eps) if guided else eps
                 if self.FLOW_MATCHING:  # Euler on the predicted velocity; deterministic
                     x = scheduler.step(eps, t, x).prev_sample
                 else:

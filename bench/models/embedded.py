@@ -31,6 +31,11 @@ from bench.frechet import feature_stats, frechet_distance
 from bench.models.base import DiffusionAdapter
 
 
+def _as_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] images as the classifier's float [-1, 1] input (floats pass through)."""
+    return images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images
+
+
 class EmbeddedDigits(DiffusionAdapter):
     """The embedded 16×16 digits UNet (trained in-repo), DDIM; CPU-sized, offline."""
 
@@ -70,9 +75,9 @@ class EmbeddedDigits(DiffusionAdapter):
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> np.ndarray:
         """Classifier features of images, uint8 [0, 255] or float [-1, 1]."""
-        if images.dtype == torch.uint8:
-            images = images.float() / 127.5 - 1
-        return torch.cat([self._classifier.features(b) for b in images.split(500)]).double().numpy()
+        return (
+            torch.cat([self._classifier.features(b) for b in _as_float(images).split(500)]).double().numpy()
+        )
 
     @cached_property
     def reference_stats(self) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +163,7 @@ class EmbeddedDiT(EmbeddedDigits):
             labels = torch.cat([torch.full_like(labels, NULL_CLASS), labels])
         return {"class_labels": labels}
 
-    @property
+    @cached_property
     def classifier_accuracy(self) -> float:
         """The classifier's accuracy (%) on its held-out real digits (its training log)."""
         log = json.loads((ASSETS / "classifier_train.json").read_text())
@@ -167,6 +172,4 @@ class EmbeddedDiT(EmbeddedDigits):
     @torch.no_grad()
     def predicted_classes(self, images: torch.Tensor) -> np.ndarray:
         """The digit classifier's decision on each image (uint8 or [-1, 1] float)."""
-        if images.dtype == torch.uint8:
-            images = images.float() / 127.5 - 1
-        return torch.cat([self._classifier(b).argmax(1) for b in images.split(500)]).numpy()
+        return torch.cat([self._classifier(b).argmax(1) for b in _as_float(images).split(500)]).numpy()

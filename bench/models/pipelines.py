@@ -244,10 +244,21 @@ class TextToImageAdapter(PipelineAdapter):
         ).input_ids
         return encoder(ids.to(self.device))[0]
 
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The denoiser's conditioning for ``prompts``, each tensor with a leading batch dim."""
+        return {"encoder_hidden_states": self._embed(prompts)}
+
+    def negative(self, text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The unconditional half of a guided batch: the empty prompt's conditioning."""
+        return self.encode([""])
+
     def conditions(self, start: int, n: int) -> dict[str, torch.Tensor]:
-        text = self._embed(self.prompts(start + n)[start:])
-        empty = self._embed([""]).expand_as(text)
-        return {"encoder_hidden_states": torch.cat([empty, text])}
+        with torch.no_grad():
+            text = self.encode(self.prompts(start + n)[start:])
+            if not self.guided():
+                return text
+            empty = self.negative(text)
+        return {k: torch.cat([empty[k].expand_as(v), v]) for k, v in text.items()}
 
     def guided(self) -> bool:
         return True

@@ -86,7 +86,8 @@ class DenoiserCall(nn.Module):
 
 
 class _WrappedTextToImage(TextToImageAdapter):
-    """Shared by the adapters here: the denoiser component, its call, latent size, decoding."""
+    """Shared by the adapters here: the denoiser component, its call, latent size, decoding;
+    each implements :meth:`encode` with its pipeline's ``encode_prompt``."""
 
     ARGS = ("source", "config", "prompts", "guidance_scale", "resolution")
     ARCHITECTURE = "transformer"
@@ -127,21 +128,6 @@ class _WrappedTextToImage(TextToImageAdapter):
         vae = self.pipeline.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return vae.decode(x.to(vae.dtype) / vae.config.scaling_factor + shift).sample
-
-    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def conditions(self, start: int, n: int) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            text = self.encode(self.prompts(start + n)[start:])
-            if not self.guided():
-                return text
-            empty = self.negative(text)
-        return {k: torch.cat([empty[k].expand_as(v), v]) for k, v in text.items()}
-
-    def negative(self, text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The unconditional half of a guided batch: the empty prompt's conditioning."""
-        return self.encode([""])
 
 
 class PixArtAlpha(_WrappedTextToImage):
