@@ -8,6 +8,12 @@ safetensors; checkpoints (whole quantized modules) are loaded with ``torch.load(
 and an allowlist of *classes* from the suite and its model libraries (:func:`load_module`), so a
 hostile file can name no function to call — not even with a valid checksum. Writing is
 best-effort: a cache that cannot be written (full, read-only) costs the reuse, never the run.
+
+Each entry is built once however many processes want it at the same time (worker processes, Ray
+tasks on every node of a cluster that shares the cache folder): the first takes ``<key>.lock``
+(an ``O_EXCL`` file, kept touched while it builds), the others wait for the entry and load it.
+A lock whose holder died (its process is gone, or, from another host, it went untouched for
+:data:`LOCK_STALE_S`) is taken over.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import hashlib
 import importlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,11 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.fsio import atomic_path, write_atomic
+from bench.fsio import atomic_path, heartbeat, lock_is_stale, try_lock, write_atomic
 
 CACHE_ENV = "QDIFF_BENCH_CACHE"
 log = logging.getLogger("qdiff-bench")
 Check = Callable[[Any], str | None]  # what is wrong with a loaded entry, or None
+LOCK_STALE_S = 120.0  # a build lock untouched this long is a dead (or unreachable) builder's
+HEARTBEAT_S = 10.0  # how often a builder touches its lock
+WAIT_POLL_S = 0.5  # how often a process waiting for another's build looks for the entry
 # Packages whose classes a checkpoint may instantiate (as torch's own pickles of modules do:
 # ``__new__`` and ``__setstate__``, no ``__init__``); no function is ever allowed.
 TRUSTED_PACKAGES = ("torch", "diffusers", "qdiff", "bench", "baselines", "collections")
@@ -55,11 +65,12 @@ def _sidecar(path: Path) -> Path:
 def _verified(path: Path, load: Callable[[Path], Any], check: Check | None) -> Any | None:
     """The entry at ``path`` if its checksum, loading and ``check`` all pass; else None (after
     one warning line and removing it, when it existed)."""
-    if not path.is_file():
-        return None
     sidecar = _sidecar(path)
+    # An entry without its checksum is not finished (its builder writes the checksum last).
+    if not path.is_file() or not sidecar.is_file():
+        return None
     try:
-        if not sidecar.is_file() or sidecar.read_text().strip() != _digest(path):
+        if sidecar.read_text().strip() != _digest(path):
             raise ValueError("its bytes do not match the checksum written with it")
         value = load(path)
         problem = check(value) if check is not None else None
@@ -96,24 +107,55 @@ def cached_tensors(
     from safetensors.torch import load_file, save_file
 
     path = cache_dir() / kind / f"{key}.safetensors"
-    tensors = _verified(path, lambda p: load_file(str(p)), check)
-    if tensors is not None:
-        return tensors, True
-    tensors = build()
-    _store(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
-    return tensors, False
+
+    def make() -> dict[str, torch.Tensor]:
+        tensors = build()
+        _store(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+        return tensors
+
+    return _once(path, lambda: _verified(path, lambda p: load_file(str(p)), check), make)
 
 
 def cached_module(kind: str, key: str, build: Callable[[], dict]) -> tuple[dict, bool]:
     """Like :func:`cached_tensors` for a dict holding whole modules (quantized checkpoints),
     stored with ``torch.save`` and read back by :func:`load_module`."""
     path = cache_dir() / kind / f"{key}.pt"
-    value = _verified(path, load_module, lambda v: None if isinstance(v, dict) else "not a checkpoint")
-    if value is not None:
-        return value, True
-    value = build()
-    _store(path, lambda tmp: _save_module(value, tmp))
-    return value, False
+
+    def make() -> dict:
+        value = build()
+        _store(path, lambda tmp: _save_module(value, tmp))
+        return value
+
+    check = lambda v: None if isinstance(v, dict) else "not a checkpoint"  # noqa: E731
+    return _once(path, lambda: _verified(path, load_module, check), make)
+
+
+def _once(path: Path, load: Callable[[], Any], make: Callable[[], Any]) -> tuple[Any, bool]:
+    """The entry at ``path`` from ``load()``, or built and stored by ``make()`` under its lock
+    while every other process that wants it waits (see the module docstring). Returns the value
+    and whether it came from the cache."""
+    lock = path.with_name(path.name + ".lock")
+    while True:
+        value = load()
+        if value is not None:
+            return value, True
+        try:
+            locked = try_lock(lock)
+        except OSError:  # a cache that cannot be written: build here, without sharing
+            return make(), False
+        if locked:
+            break
+        if lock_is_stale(lock, LOCK_STALE_S):
+            log.warning("cache entry %s: its builder is gone; building it here", path)
+            lock.unlink(missing_ok=True)
+        else:
+            time.sleep(WAIT_POLL_S)
+    try:
+        with heartbeat(lock, HEARTBEAT_S):
+            value = load()  # finished by another process between the look and the lock
+            return (value, True) if value is not None else (make(), False)
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def _save_module(value: dict, path: Path) -> None:

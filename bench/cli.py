@@ -24,6 +24,7 @@ from bench.cache import cache_dir
 from bench.errors import (
     AssetError,
     BitsError,
+    ClusterError,
     ImageError,
     IncomparableError,
     MatrixError,
@@ -33,7 +34,7 @@ from bench.errors import (
 )
 from bench.provenance import REPO_ROOT
 from bench.registry import METHODS, METRICS, MODELS
-from bench.spec import CLEANFID_MODES, FID_BACKENDS
+from bench.spec import CLEANFID_MODES, EXECUTORS, FID_BACKENDS
 from qdiff.config import ConfigError
 
 CONFIGS = REPO_ROOT / "configs"
@@ -45,6 +46,7 @@ REFERENCE = REPO_ROOT / "results"
 USER_ERRORS = (
     UnknownNameError,
     BitsError,
+    ClusterError,
     ConfigError,
     AssetError,
     MatrixError,
@@ -65,6 +67,15 @@ def _positive(flag: str):
         if n < 1:
             raise argparse.ArgumentTypeError(f"{flag} must be an integer >= 1, got {value!r}")
         return n
+
+    return parse
+
+
+def _non_negative(flag: str):
+    def parse(value: str) -> int:
+        if not value.isdigit():
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer >= 0, got {value!r}")
+        return int(value)
 
     return parse
 
@@ -153,6 +164,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--no-report", action="store_true", help="do not write report.md/html afterwards")
     _execution_flags(run)
+    ray = run.add_argument_group(
+        "cluster",
+        "run on Ray (pip install 'qdiff-bench[ray]'); a matrix's settings may set these as "
+        "executor: {name: ray, address: ..., retries: ..., memory_gib: ..., dashboard: ...}",
+    )
+    ray.add_argument(
+        "--executor", choices=EXECUTORS,
+        help="local: this machine (worker processes); ray: one Ray task per run (default: the "
+        "matrix's executor setting, else local)",
+    )  # fmt: skip
+    ray.add_argument(
+        "--address", metavar="ADDRESS",
+        help="Ray cluster: auto (the cluster this machine belongs to) or ray://host:10001 (Ray "
+        "Client); default: a Ray instance on this machine for the matrix",
+    )  # fmt: skip
+    ray.add_argument(
+        "--retries", type=_non_negative("--retries"),
+        help="times a run whose worker or node died is retried before it is an error row (default 2)",
+    )  # fmt: skip
+    ray.add_argument(
+        "--memory-gib", type=float, metavar="GIB",
+        help="memory reserved per run (default: 2.5 for a CPU run, none for a GPU run)",
+    )  # fmt: skip
+    ray.add_argument("--dashboard", action="store_true", help="start Ray's dashboard with a local instance")
     run.add_argument(
         "--inception-weights",
         type=_existing_file("--inception-weights"),
@@ -321,14 +356,27 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     store.check_writable()
     store.rows()  # a corrupt store fails now, before any work
-    workers, threads = _execution(matrix, args.workers, args.threads)
+    log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731  (keeps the bar intact)
+    chosen = _executor_spec(matrix.executor, args)
+    if chosen.name == "ray":
+        from bench.ray_executor import RayExecutor, import_ray
+
+        import_ray()  # not installed: say so before any work
+        if args.workers:
+            raise MatrixError("--workers is for the local executor: on Ray, as many runs go at once as the "
+                              "cluster has resources for (set --threads per run)")  # fmt: skip
+        workers, threads = 0, args.threads or 1
+        executor = RayExecutor(chosen, threads, log)
+        how = f"Ray ({chosen.address or 'a local instance'}), {threads} torch thread(s) per CPU run"
+    else:
+        workers, threads = _execution(matrix, args.workers, args.threads)
+        executor = LocalExecutor() if workers == 1 else ProcessExecutor(workers, threads)
+        how = f"{workers} worker(s) x {threads} torch thread(s)"
     torch.set_num_threads(threads)
-    executor = LocalExecutor() if workers == 1 else ProcessExecutor(workers, threads)
     started = datetime.now(UTC)
     start = time.time()
     cached_before = sum(1 for p in cache_dir().rglob("*") if p.is_file()) if cache_dir().is_dir() else 0
-    log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731  (keeps the bar intact)
-    log(f"{matrix.name}: {workers} worker(s) x {threads} torch thread(s); {matrix.budget_note}")
+    log(f"{matrix.name}: {how}; {matrix.budget_note}")
     STOP.reset()
     handlers = {sig: signal.signal(sig, handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -343,7 +391,7 @@ def _run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
     if rows:
         store.record_invocation(
-            _invocation(matrix, rows, started, time.time() - start, workers, threads, cached_before)
+            _invocation(matrix, rows, started, time.time() - start, workers, threads, cached_before, chosen)
         )
     runs = len({r["config_hash"] for r in rows})
     print(f"{runs} runs, {len(rows)} rows appended to {store.runs}; wall time {time.time() - start:.0f}s")
@@ -375,7 +423,24 @@ def _check(mine: Path, reference: Path) -> None:
     )
 
 
-def _invocation(matrix, rows, started, wall_s: float, workers: int, threads: int, cached: int) -> dict:
+def _executor_spec(spec, args: argparse.Namespace):
+    """The matrix's executor setting with the command line's flags over it."""
+    import dataclasses
+
+    flags = {"name": args.executor, "address": args.address, "retries": args.retries,
+             "memory_gib": args.memory_gib, "dashboard": args.dashboard or None}  # fmt: skip
+    chosen = dataclasses.replace(spec, **{k: v for k, v in flags.items() if v is not None})
+    if chosen.memory_gib is not None and chosen.memory_gib <= 0:
+        raise MatrixError(f"--memory-gib must be > 0, got {chosen.memory_gib}")
+    ray_only = [f"--{k.replace('_', '-')}" for k, v in flags.items() if k != "name" and v is not None]
+    if chosen.name != "ray" and ray_only:
+        raise MatrixError(f"{', '.join(ray_only)} only apply to Ray: add --executor ray")
+    return chosen
+
+
+def _invocation(
+    matrix, rows, started, wall_s: float, workers: int, threads: int, cached: int, executor
+) -> dict:
     """What one ``run`` cost as a whole: the figures behind the README's time and memory claims."""
     import resource
 
@@ -393,12 +458,15 @@ def _invocation(matrix, rows, started, wall_s: float, workers: int, threads: int
         "wall_s": round(wall_s, 1),
         "runs": len(statuses),
         **{f"runs_{s}": statuses.count(s) for s in ("ok", "error", "skipped")},
-        "workers": workers,
+        "executor": executor.name,
+        **({"address": executor.address or "local instance"} if executor.name == "ray" else {}),
+        "workers": workers,  # 0 on Ray: as many as the cluster fits
         "threads_per_worker": threads,
         "peak_rss_main_mib": peak_mib(resource.RUSAGE_SELF),
         "peak_rss_worker_mib": peak_mib(resource.RUSAGE_CHILDREN),
         "cache_files_at_start": cached,
         "run_devices": sorted({r["device"] for r in rows}),
+        "run_nodes": sorted({r.get("node") or r.get("host") or "" for r in rows}),
         **environment(torch.device("cpu")),
     }
 

@@ -46,3 +46,7 @@ class ThresholdError(ValueError):
 
 class IncomparableError(ValueError):
     """Two results folders whose cells cannot be compared."""
+
+
+class ClusterError(RuntimeError):
+    """The Ray executor cannot start: Ray is not installed, or the cluster cannot be reached."""

@@ -1,10 +1,15 @@
-"""Files that readers see whole or not at all: results rows, cache entries, reports."""
+"""Files that readers see whole or not at all (results rows, cache entries, reports), and
+lock files that any number of processes, on any number of hosts sharing a folder, agree on."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import socket
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +46,81 @@ def write_atomic(path: Path, text: str) -> None:
     """``path.write_text(text)`` through :func:`atomic_path`."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def try_lock(path: Path) -> bool:
+    """Create ``path`` exclusively (``O_EXCL``, atomic on local and NFS filesystems), recording
+    this process's pid and host; False when it exists (another holder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}, f)
+    return True
+
+
+def lock_holder(path: Path) -> dict | None:
+    """Who holds the lock ``path`` (``{"pid", "host", "time"}``), or None if nobody does."""
+    try:
+        held = json.loads(path.read_text(encoding="utf-8"))
+        return held if isinstance(held, dict) and {"pid", "host"} <= set(held) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # being written, or its writer died mid-write
+
+
+UNREADABLE_GRACE_S = 10.0  # a lock still unreadable this long after its creation is a dead writer's
+
+
+def lock_is_stale(path: Path, after_s: float) -> bool:
+    """Whether the lock's holder is gone: its process is dead (same host), or the lock was not
+    touched for ``after_s`` seconds (another host: a crashed node; holders that may work for
+    long keep it touched with :func:`heartbeat`)."""
+    held = lock_holder(path)
+    if held is None:
+        return False
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if not held:
+        return age > UNREADABLE_GRACE_S
+    if held["host"] == socket.gethostname() and not _alive(int(held["pid"])):
+        return True
+    return age > after_s
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def heartbeat(path: Path, every_s: float) -> Iterator[None]:
+    """Touch ``path`` every ``every_s`` seconds while the block runs, so that holders on other
+    hosts can tell a long build from a dead one (:func:`lock_is_stale`)."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            with contextlib.suppress(OSError):
+                os.utime(path)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat {path.name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def missing_path(value: str, hub_ids: bool = False) -> str | None:

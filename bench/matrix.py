@@ -21,6 +21,7 @@ A matrix file is YAML::
                                        # mean over both kinds
     metrics: [digits_fd]               # optional; default: each model's own metrics
     settings: {samples: 500, steps: 25, fid_backend: clean-fid}   # Sampling, Budget, Evaluation
+                                       # and ``executor: ray`` (bench.spec.ExecutorSpec)
     exclude: [{method: linear, bits: W4A32}]
     include: [{method: qdiff, bits: W2A8}]
 
@@ -62,6 +63,7 @@ from bench.spec import (
     CLEANFID_MODES,
     COMPILE_BACKENDS,
     DTYPES,
+    EXECUTORS,
     FID_BACKENDS,
     FP_METHOD,
     PRESETS,
@@ -71,6 +73,7 @@ from bench.spec import (
     Bits,
     Budget,
     Evaluation,
+    ExecutorSpec,
     MatrixSpec,
     RunSpec,
     Sampling,
@@ -277,6 +280,35 @@ def _settings(
     return tuple(groups)
 
 
+def _executor(path: Path, value: Any) -> ExecutorSpec:
+    """``settings.executor``: a name, or a mapping of :class:`ExecutorSpec`'s fields."""
+    fields = {f.name: f.default for f in dataclasses.fields(ExecutorSpec)}
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise MatrixError(f"{path}: settings: executor must be {' or '.join(EXECUTORS)}, or a mapping of "
+                          f"{', '.join(fields)}")  # fmt: skip
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise MatrixError(f"{path}: settings: executor: {_unknown('key', unknown, tuple(fields))}")
+    name = value.get("name", "local")
+    if name not in EXECUTORS:
+        raise MatrixError(f"{path}: settings: executor: {_unknown('executor', [name], EXECUTORS)}")
+    number = lambda v: isinstance(v, int | float) and not isinstance(v, bool)  # noqa: E731
+    checks = {
+        "address": lambda v: v is None or isinstance(v, str),
+        "retries": lambda v: number(v) and v == int(v) and v >= 0,
+        "memory_gib": lambda v: v is None or (number(v) and v > 0),
+        "dashboard": lambda v: isinstance(v, bool),
+    }
+    wants = {"address": "a string (auto, ray://host:10001)", "retries": "an integer >= 0",
+             "memory_gib": "a number > 0", "dashboard": "true or false"}  # fmt: skip
+    for key, ok in checks.items():
+        if key in value and not ok(value[key]):
+            raise MatrixError(f"{path}: settings: executor: {key}={value[key]!r} must be {wants[key]}")
+    return ExecutorSpec(**value)
+
+
 def _raise(message: str) -> None:
     raise MatrixError(message)
 
@@ -378,6 +410,8 @@ def _build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
     if not isinstance(settings, dict):
         problems.add(f"{path}: 'settings' must be a mapping of {', '.join(SETTING_KEYS)}")
         settings = {}
+    settings = dict(settings)
+    executor = problems.attempt(_executor, path, settings.pop("executor", "local"), default=ExecutorSpec())
     preset = data.get("preset")
     if preset is not None and preset not in PRESETS:
         problems.add(f"{path}: {_unknown('preset', [preset], tuple(PRESETS))}")
@@ -503,7 +537,7 @@ def _build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
     if not runs:
         problems.add(f"{path}: the matrix expands to no runs (check 'bits' and 'exclude')")
     return MatrixSpec(name, str(path), tuple(runs), str(data.get("description") or ""),
-                      (_budget_note(preset, settings, runs),))  # fmt: skip
+                      (_budget_note(preset, settings, runs),), executor)  # fmt: skip
 
 
 def _budget_note(preset: str | None, settings: dict[str, Any], runs: list[RunSpec]) -> str:

@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import platform
+import socket
 import subprocess
 from dataclasses import asdict, is_dataclass
 from functools import cache
@@ -75,6 +76,7 @@ def environment(device: torch.device) -> dict[str, str]:
         "cpu_model": model,
         "cpu_flags": flags,
         "device": device_name(device),
+        "host": socket.gethostname(),  # on a cluster, with the ``node`` the run was placed on
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
         "diffusers": _version("diffusers"),

@@ -130,13 +130,18 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     for col in ("boot", "delta_boot", "delta", "floor", "floor_sd"):
         if col not in df:
             df[col] = None
-    ok = df[df["status"] == "ok"]
-    fp_value = {(r.config_hash, r.metric): r.value for r in ok.itertuples() if r.method == FP}
+    # A cost is paired with its FP run's only when both were measured on one machine type (a
+    # cluster may place the two runs on different nodes): a ratio across machines means nothing.
+    records = df.to_dict("records")
+    machine = [tuple(r.get(c) for c in MACHINE) if r.get("kind") == "cost" else () for r in records]
+    fp_value = {
+        (r["config_hash"], r["metric"], m): r["value"]
+        for r, m in zip(records, machine, strict=True)
+        if r["method"] == FP and r["status"] == "ok"
+    }
     paired = [
-        fp_value[(r.reference_hash, r.metric)]
-        if r.status == "ok" and (r.reference_hash, r.metric) in fp_value
-        else math.nan
-        for r in df.itertuples()
+        fp_value.get((r["reference_hash"], r["metric"], m), math.nan) if r["status"] == "ok" else math.nan
+        for r, m in zip(records, machine, strict=True)
     ]
     # Rows that measured their own paired delta (same resampled images) keep it.
     own = [isinstance(d, int | float) and not pd.isna(d) for d in df["delta"]]

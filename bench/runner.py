@@ -45,26 +45,43 @@ from bench.store import ResultStore
 Log = Callable[[str], None]
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RunFn = Callable[[RunSpec], list[dict[str, Any]]]
+Needs = dict[str, tuple[str, ...]]  # run hash -> hashes of the runs that must finish before it starts
 
 
 Outcome = list[dict[str, Any]] | Exception  # a run's rows, or why its worker could not return them
 
 
+@dataclasses.dataclass(frozen=True)
+class RunTask:
+    """What every run of a matrix executes: :func:`execute` with the matrix's name, the folder
+    for preview grids and the progress mode. A picklable value, so that executors can ship it
+    to worker processes and cluster nodes (which may write ``previews`` elsewhere)."""
+
+    matrix: str
+    previews: Path | None = None
+    progress: str | None = None
+
+    def __call__(self, spec: RunSpec) -> list[dict[str, Any]]:
+        return execute(spec, self.matrix, self.previews, self.progress)
+
+
 class Executor(Protocol):
     """Runs ``fn`` on each spec and yields ``(spec, outcome)`` as runs finish, in any order.
 
-    ``fn`` never raises for a failed run (it returns error rows); an executor yields an
-    exception only when the run's worker itself was lost.
+    ``needs`` maps a run's hash to the runs (among ``specs``) that must finish before it starts
+    (:func:`dependencies`); a run whose prerequisite failed still runs. ``fn`` never raises for
+    a failed run (it returns error rows); an executor yields an exception only when the run's
+    worker itself was lost.
     """
 
-    def map(self, fn: RunFn, specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, Outcome]]: ...
+    def map(self, fn: RunFn, specs: Sequence[RunSpec], needs: Needs) -> Iterator[tuple[RunSpec, Outcome]]: ...
 
 
 class LocalExecutor:
     """Runs one spec after another in this process."""
 
-    def map(self, fn: RunFn, specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, Outcome]]:
-        for spec in specs:
+    def map(self, fn: RunFn, specs: Sequence[RunSpec], needs: Needs) -> Iterator[tuple[RunSpec, Outcome]]:
+        for spec in ordered(specs, needs):
             if STOP.level:  # Ctrl-C during the previous run: start no more
                 return
             yield spec, fn(spec)
@@ -75,8 +92,9 @@ class ProcessExecutor:
 
     On a CPU, small models leave threads idle (two threads ran the embedded model's
     reconstruction only 1.4× faster than one), so separate runs side by side use the cores
-    better. Every run gets the same thread count, even in a wave with fewer runs than
-    workers, so that latencies in one matrix are measured alike.
+    better. Every run gets the same thread count, even when fewer runs than workers are ready,
+    so that latencies in one matrix are measured alike. A run starts as soon as the runs it
+    needs have finished, not when a whole wave has.
 
     A worker that dies (killed, out of memory) breaks the whole pool, so every run then in
     flight fails with it; those runs are retried one at a time in a fresh pool, and only the one
@@ -88,34 +106,57 @@ class ProcessExecutor:
         self.workers = workers
         self.threads = threads
 
-    def map(self, fn: RunFn, specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, Outcome]]:
+    def map(self, fn: RunFn, specs: Sequence[RunSpec], needs: Needs) -> Iterator[tuple[RunSpec, Outcome]]:
         suspects: list[RunSpec] = []
-        yield from self._pool(fn, list(specs), max(1, min(self.workers, len(specs))), suspects)
+        yield from self._pool(fn, list(specs), needs, max(1, min(self.workers, len(specs))), suspects)
         for spec in list(suspects):  # alone, a run that kills its worker is the culprit
             if STOP.level:
                 return
-            yield from self._pool(fn, [spec], 1, None)
+            yield from self._pool(fn, [spec], {}, 1, None)
 
-    def _pool(self, fn, specs, workers, suspects) -> Iterator[tuple[RunSpec, Outcome]]:
+    def _pool(self, fn, specs, needs, workers, suspects) -> Iterator[tuple[RunSpec, Outcome]]:
         context = multiprocessing.get_context("spawn")  # no forked torch/CUDA state
         pool = ProcessPoolExecutor(
             workers, mp_context=context, initializer=_init_worker, initargs=(self.threads,)
         )
-        futures = {pool.submit(fn, spec): spec for spec in specs}
-        pending = set(futures)
+        waiting = list(ordered(specs, needs))
+        settled: set[str] = set()  # finished, or parked as a suspect: its dependants may start
+        futures: dict = {}
+        pending: set = set()
         try:
-            while pending:
+            while waiting or pending:
                 if STOP.level:  # Ctrl-C: nothing new starts; what runs finishes and is kept
+                    waiting = []
                     pending -= {f for f in pending if f.cancel()}
+                for spec in [s for s in waiting if settled.issuperset(needs.get(s.hash, ()))]:
+                    waiting.remove(spec)
+                    future = broken = None
+                    try:
+                        future = pool.submit(fn, spec)
+                    except BrokenProcessPool as exc:  # a worker died: the pool takes no more
+                        broken = exc
+                    if future is None:
+                        settled.add(spec.hash)
+                        if suspects is None:
+                            yield spec, broken
+                        else:
+                            suspects.append(spec)
+                        continue
+                    futures[future] = spec
+                    pending.add(future)
+                if not pending:
+                    continue
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in done:
+                    spec = futures[future]
+                    settled.add(spec.hash)
                     try:
-                        yield futures[future], future.result()
+                        yield spec, future.result()
                     except BrokenProcessPool as exc:
                         if suspects is None:
-                            yield futures[future], exc
+                            yield spec, exc
                         else:
-                            suspects.append(futures[future])
+                            suspects.append(spec)
         finally:
             if STOP.level >= 2 or pending:  # abandoned (second Ctrl-C, SIGTERM, or an error here)
                 for process in list((getattr(pool, "_processes", None) or {}).values()):
@@ -223,34 +264,31 @@ def run_matrix(
     executor = executor or LocalExecutor()
     # Bars where runs share this process's terminal; throttled lines from worker processes.
     run_progress = None if not progress else "bar" if isinstance(executor, LocalExecutor) else "lines"
-    fn = partial(execute, matrix=matrix.name, previews=store.root / "samples", progress=run_progress)
+    fn = RunTask(matrix.name, store.root / "samples", run_progress)
     new: list[dict[str, Any]] = []
     # Worker processes print progress lines of their own, which a bar would garble: there the
     # count of finished runs leads each run's summary line instead.
     bar = tqdm(total=len(todo), desc=f"matrix {matrix.name}", unit="run", disable=run_progress != "bar")
     finished = 0
     try:
-        for wave in waves(todo):
-            for spec, outcome in executor.map(fn, wave):
-                rows = outcome
-                if isinstance(outcome, Exception):
-                    rows = failure_rows(
-                        spec, matrix.name, "error", f"worker died: {type(outcome).__name__}: {outcome}"
-                    )
-                try:
-                    store.append(rows)
-                except OSError as exc:
-                    raise StoreError(
-                        f"cannot write rows to {store.runs} ({exc.strerror or exc}); the {finished} run(s) "
-                        "finished before are kept: free space and rerun to resume"
-                    ) from None
-                store.release(spec.hash)
-                finished += 1
-                new.extend(rows)
-                bar.update()
-                log(f"[{finished}/{len(todo)}] {_summary(spec, rows)}")
-            if STOP.level:
-                break
+        for spec, outcome in executor.map(fn, todo, dependencies(todo)):
+            rows = outcome
+            if isinstance(outcome, Exception):
+                rows = failure_rows(
+                    spec, matrix.name, "error", f"worker died: {type(outcome).__name__}: {outcome}"
+                )
+            try:
+                store.append(rows)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot write rows to {store.runs} ({exc.strerror or exc}); the {finished} run(s) "
+                    "finished before are kept: free space and rerun to resume"
+                ) from None
+            store.release(spec.hash)
+            finished += 1
+            new.extend(rows)
+            bar.update()
+            log(f"[{finished}/{len(todo)}] {_summary(spec, rows)}")
     except KeyboardInterrupt as exc:
         raise Interrupted(finished, len(todo) - finished, isinstance(exc, Terminated)) from None
     finally:
@@ -271,24 +309,47 @@ class Interrupted(Exception):
         super().__init__(f"{how}: {finished} run(s) finished and kept; {left} left, which a rerun resumes")
 
 
-def waves(specs: list[RunSpec]) -> list[list[RunSpec]]:
-    """Runs in dependency order, as groups that may run concurrently: FP references first
-    (quantized runs pair with their cached samples), then quantized runs, and a run of a method
-    with ``bases`` after its bases' runs in this matrix (same model and seeds), whose
-    checkpoints it refines."""
-    cells = {(s.model, s.method, s.w_bits, s.a_bits, (s.seed, s.calib_seed)) for s in specs}
+def dependencies(specs: Sequence[RunSpec]) -> Needs:
+    """For each run, the runs among ``specs`` that must finish before it starts (an executor
+    starts every other run as soon as it can): a quantized run waits for its FP reference, whose
+    cached samples it pairs with, and a run of a method with ``bases`` for its bases' runs (same
+    model and seeds), whose checkpoints it refines. The order only saves work: a run whose
+    prerequisite failed builds what it needs itself."""
+    hashes = {s.hash for s in specs}
+    cells: dict[tuple, list[str]] = {}
+    for s in specs:
+        cells.setdefault((s.model, s.method, s.w_bits, s.a_bits, s.seed, s.calib_seed), []).append(s.hash)
+    needs: Needs = {}
+    for s in specs:
+        if s.is_fp:
+            needs[s.hash] = ()
+            continue
+        reference = s.fp_reference().hash
+        after = [reference] if reference in hashes else []
+        for base, b in METHODS.get(s.method).bases(Bits(s.w_bits, s.a_bits)):
+            after += cells.get((s.model, base, b.w, b.a, s.seed, s.calib_seed), [])
+        needs[s.hash] = tuple(dict.fromkeys(after))
+    return needs
+
+
+def waves(specs: Sequence[RunSpec], needs: Needs | None = None) -> list[list[RunSpec]]:
+    """Runs in dependency order, as groups whose members need only runs of earlier groups:
+    FP references first, then quantized runs, then runs that refine their checkpoints."""
+    needs = dependencies(specs) if needs is None else needs
 
     @cache
-    def depth(model: str, name: str, w: int | None, a: int | None, seeds: tuple) -> int:
-        after = [(model, base, b.w, b.a, seeds) for base, b in METHODS.get(name).bases(Bits(w, a))]
-        return 1 + max((depth(*cell) for cell in after if cell in cells), default=0)
+    def depth(h: str) -> int:
+        return 1 + max((depth(d) for d in needs.get(h, ())), default=-1)
 
     groups: dict[int, list[RunSpec]] = {}
     for spec in specs:
-        seeds = (spec.seed, spec.calib_seed)
-        level = 0 if spec.is_fp else depth(spec.model, spec.method, spec.w_bits, spec.a_bits, seeds)
-        groups.setdefault(level, []).append(spec)
+        groups.setdefault(depth(spec.hash), []).append(spec)
     return [groups[level] for level in sorted(groups)]
+
+
+def ordered(specs: Sequence[RunSpec], needs: Needs) -> list[RunSpec]:
+    """``specs`` with every run after the runs it needs (otherwise in their given order)."""
+    return [spec for wave in waves(specs, needs) for spec in wave]
 
 
 def _summary(spec: RunSpec, rows: list[dict[str, Any]]) -> str:

@@ -341,6 +341,34 @@ class RunSpec:
         )
 
 
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """Where a matrix's runs execute (never part of a run's identity: every executor gives the
+    same rows). A matrix's ``settings: {executor: ray}`` or ``{executor: {name: ray, address:
+    auto, ...}}``; ``qdiff-bench run`` flags override it.
+
+    Args:
+        name: ``local`` (this machine: in-process or worker processes) or ``ray``.
+        address: Ray only: None starts a Ray instance here for the matrix; ``auto`` joins the
+            cluster this machine belongs to (``ray start``, a KubeRay or Slurm job);
+            ``ray://host:10001`` connects through Ray Client.
+        retries: Ray only: how many times a run whose worker or node died is retried before it
+            becomes an error row.
+        memory_gib: Ray only: memory reserved per run; None: 2.5 GiB for a CPU run, none for a
+            GPU run (the GPU is what it waits for).
+        dashboard: Ray only: start Ray's dashboard with the local instance.
+    """
+
+    name: str = "local"
+    address: str | None = None
+    retries: int = 2
+    memory_gib: float | None = None
+    dashboard: bool = False
+
+
 @dataclass(frozen=True)
 class MatrixSpec:
     """A parsed, validated matrix; :meth:`expand` gives its runs."""
@@ -350,6 +378,7 @@ class MatrixSpec:
     runs: tuple[RunSpec, ...] = field(repr=False)
     description: str = ""
     notes: tuple[str, ...] = ()  # what the file leaves implicit: inherited keys, then the budget
+    executor: ExecutorSpec = ExecutorSpec()
 
     def expand(self) -> list[RunSpec]:
         return list(self.runs)

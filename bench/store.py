@@ -9,17 +9,14 @@ modified; re-running a cell adds a new file, and readers take each (run, metric)
 from __future__ import annotations
 
 import json
-import os
-import socket
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from bench.errors import StoreError
-from bench.fsio import write_atomic
+from bench.fsio import lock_holder, lock_is_stale, try_lock, write_atomic
 
 # The schema every row has (DESIGN.md), in report order; runs add descriptive extras after it.
 COLUMNS = (
@@ -53,16 +50,6 @@ STATUSES = ("ok", "error", "skipped")
 
 
 STALE_CLAIM_S = 7 * 24 * 3600  # a claim from another host that old is a dead runner's
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ResultStore:
@@ -100,26 +87,13 @@ class ResultStore:
         not compute it too. Returns None when claimed, else who holds it. A claim whose process
         is gone (same host) or that is older than :data:`STALE_CLAIM_S` is recovered."""
         path = self.runs / ".claims" / f"{config_hash}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
         for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    held = json.loads(path.read_text(encoding="utf-8"))
-                    stale = time.time() - held["time"] > STALE_CLAIM_S or (
-                        held["host"] == me["host"] and not _alive(held["pid"])
-                    )
-                except (OSError, ValueError, KeyError, TypeError):
-                    held, stale = {}, True  # unreadable: its writer died mid-write
-                if not stale:
-                    return f"pid {held['pid']} on {held['host']}"
-                path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(me, f)
-            return None
+            if try_lock(path):
+                return None
+            if not lock_is_stale(path, STALE_CLAIM_S):
+                held = lock_holder(path) or {}
+                return f"pid {held.get('pid', '?')} on {held.get('host', '?')}"
+            path.unlink(missing_ok=True)
         return "another runner (claimed while recovering a stale claim)"
 
     def release(self, config_hash: str) -> None:

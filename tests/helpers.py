@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 
@@ -173,3 +175,32 @@ def write_asv_results(root, machine="m1", cpu="Xeon", points=(("a" * 40, 0.5), (
         results.add_result(step, BenchmarkResult([value, None], [[value], None], [1, 1], 0, "", None))
         results.save(str(root))
     return root
+
+
+@dataclasses.dataclass(frozen=True)
+class Scripted:
+    """A run function for executor tests (picklable, so it reaches worker processes and Ray
+    tasks): it records when each run starts and ends in ``folder``, sleeps ``slow`` seconds for
+    FP runs of seed 0, and its worker dies as ``die`` says: ``once`` (the first attempt of every
+    run), ``always``, ``fp`` (every attempt of FP runs)."""
+
+    folder: str
+    slow: float = 0.0
+    die: str = ""
+
+    def __call__(self, spec):
+        import json
+        import os
+        import time
+        from pathlib import Path
+
+        folder = Path(self.folder)
+        start = time.time()
+        first = not (folder / f"attempt-{spec.hash}").exists()
+        (folder / f"attempt-{spec.hash}").touch()
+        if self.die == "always" or (self.die == "once" and first) or (self.die == "fp" and spec.is_fp):
+            os._exit(3)
+        if spec.is_fp and spec.seed == 0:
+            time.sleep(self.slow)
+        (folder / f"ran-{spec.hash}.json").write_text(json.dumps([spec.label, start, time.time()]))
+        return [{"status": "ok", "duration_s": time.time() - start, "label": spec.label, "pid": os.getpid()}]

@@ -8,7 +8,16 @@ from helpers import tiny_matrix
 
 from bench.matrix import load_matrix
 from bench.registry import METHODS
-from bench.runner import Interrupted, LocalExecutor, ProcessExecutor, execute, plan, run_matrix, waves
+from bench.runner import (
+    Interrupted,
+    LocalExecutor,
+    ProcessExecutor,
+    dependencies,
+    execute,
+    plan,
+    run_matrix,
+    waves,
+)
 from bench.store import COLUMNS, ResultStore, load
 
 
@@ -131,8 +140,8 @@ def test_only_filters_and_fp_samples_are_shared_through_the_cache(tmp_path, monk
 
 def test_executor_is_an_interface(tmp_path):
     class Reversed(LocalExecutor):
-        def map(self, fn, specs):
-            yield from super().map(fn, list(reversed(specs)))
+        def map(self, fn, specs, needs):
+            yield from super().map(fn, list(reversed(specs)), needs)
 
     matrix = load_matrix(tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8, W4A32]"))
     rows = run(matrix, tmp_path, executor=Reversed())
@@ -160,11 +169,14 @@ def test_process_executor_runs_side_by_side_and_survives_a_dead_worker(tmp_path)
     matrix = load_matrix(tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8, W4A32]"))
     rows = run(matrix, tmp_path, executor=ProcessExecutor(workers=2, threads=1))
     assert {r["status"] for r in rows} == {"ok"} and len({r["config_hash"] for r in rows}) == 3
-    dead = list(ProcessExecutor(workers=1, threads=1).map(partial(die, matrix="m"), matrix.expand()[:2]))
+    specs = matrix.expand()[:2]
+    dead = list(
+        ProcessExecutor(workers=1, threads=1).map(partial(die, matrix="m"), specs, dependencies(specs))
+    )
     assert len(dead) == 2 and all(isinstance(outcome, BrokenProcessPool) for _, outcome in dead)
 
     class Dying(LocalExecutor):
-        def map(self, fn, specs):
+        def map(self, fn, specs, needs):
             for spec in specs:
                 yield spec, BrokenProcessPool("A process in the process pool was terminated abruptly")
 
