@@ -175,6 +175,11 @@ class RayExecutor:
             else:
                 info = ray.init(address=self.options.address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
+            if _auth_error(exc):
+                raise ClusterError(
+                    f"Ray at {self.options.address} requires token authentication: export "
+                    "RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token or $RAY_AUTH_TOKEN"
+                ) from None
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ClusterError(
                 f"cannot start Ray at {self.options.address or 'this machine'} ({first}); check the "
@@ -195,12 +200,22 @@ class RayExecutor:
 
     def _run(self, ray, fn, specs, needs, marker: Path) -> Iterator[tuple[Any, Any]]:
         from ray.exceptions import RayError, RayTaskError, TaskCancelledError
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from bench.cache import cache_dir
         from bench.provenance import code_hash, git_sha
         from bench.runner import STOP, ordered
 
-        board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        # The board lives on the driver's node: a worker node lost mid-run must not take it along.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        board = ray.remote(num_cpus=0)(ProgressBoard).options(scheduling_strategy=here).remote()
+
+        def started() -> dict[str, tuple[str, float]]:
+            try:
+                return ray.get(board.running.remote(), timeout=10)
+            except RayError:  # the board is gone (its node was lost): status without it
+                return {}
+
         env = {**_forwarded_env(), "QDIFF_BENCH_CACHE": str(cache_dir())}
         context = _Context(code_hash(), git_sha(), str(cache_dir()), marker.name, env, self.threads, board)
         task = ray.remote(num_returns=2)(qdiff_run)
@@ -225,9 +240,9 @@ class RayExecutor:
         try:
             while pending:
                 if STOP.level and not cancelled:  # Ctrl-C: cancel what has not started
-                    started = ray.get(board.running.remote())
+                    running = started()
                     for ref, spec in pending.items():
-                        if spec.hash not in started:
+                        if spec.hash not in running:
                             ray.cancel(ref)
                     cancelled = True
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
@@ -250,10 +265,20 @@ class RayExecutor:
                     status.finished(rows)
                     yield spec, rows
                 left = {s.hash for s in pending.values()}
-                status.maybe_report(lambda: ray.get(board.running.remote()), left)
+                status.maybe_report(started, left)
         finally:
             for ref in pending:  # abandoned (a second Ctrl-C, SIGTERM, the driver's error)
                 ray.cancel(ref, force=True)
+
+
+def _auth_error(exc: BaseException | None) -> bool:
+    """Whether a failed connection was refused for want of Ray's authentication token (Ray
+    reports it as text inside the ConnectionError's cause)."""
+    while exc is not None:
+        if type(exc).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _failed(ray, ref) -> bool:

@@ -204,3 +204,41 @@ class Scripted:
             time.sleep(self.slow)
         (folder / f"ran-{spec.hash}.json").write_text(json.dumps([spec.label, start, time.time()]))
         return [{"status": "ok", "duration_s": time.time() - start, "label": spec.label, "pid": os.getpid()}]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sleeper:
+    """A run function that notes the Ray node it started on in ``folder`` and sleeps."""
+
+    folder: str
+    seconds: float
+
+    def __call__(self, spec):
+        import time
+        from pathlib import Path
+
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        (Path(self.folder) / f"started-{spec.hash}-{time.time():.3f}").write_text(node)
+        time.sleep(self.seconds)
+        return [{"status": "ok", "duration_s": self.seconds, "started_on": node}]
+
+
+def build_in_process(cache: str, folder: str) -> tuple[float, bool]:
+    """Get the cache entry ``test/key`` in a fresh process, building it slowly when missing
+    (each build leaves a file in ``folder``): the value and whether it came from the cache."""
+    import os
+    import time
+    from pathlib import Path
+
+    os.environ["QDIFF_BENCH_CACHE"] = cache
+    from bench.cache import cached_tensors
+
+    def build():
+        (Path(folder) / f"built-{os.getpid()}").touch()
+        time.sleep(2)
+        return {"x": torch.arange(3.0)}
+
+    tensors, cached = cached_tensors("test", "key", build)
+    return tensors["x"].sum().item(), cached

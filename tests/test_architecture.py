@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("bench.models", "bench.methods", "baselines.", "bench.embedded.train"),
     ("bench.metrics",),
     ("bench.matrix",),  # loads, validates and expands matrix files
-    ("bench.store", "bench.runner", "bench.estimate"),
+    ("bench.store", "bench.runner", "bench.estimate", "bench.ray_executor", "bench.scaleout"),
     ("bench.report", "bench.compare", "bench.history"),
     ("bench.cli",),
 )

@@ -303,3 +303,35 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_processes_that_want_one_cache_entry_at_once_build_it_once(tmp_path, caplog):
+    """Worker processes (or Ray tasks on nodes sharing the cache) asking for the same entry at
+    the same time: one builds it, the others wait and load it; a dead builder's lock is taken
+    over at once."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from helpers import build_in_process
+
+    cache = tmp_path / "cache"
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(3, mp_context=context) as pool:
+        got = list(pool.map(build_in_process, [str(cache)] * 3, [str(tmp_path)] * 3))
+    assert [v for v, _ in got] == [3.0, 3.0, 3.0]
+    assert sorted(c for _, c in got) == [False, True, True]
+    assert len(list(tmp_path.glob("built-*"))) == 1
+    assert not list((cache / "test").glob("*.lock"))
+    # A builder killed mid-build leaves its lock; the next process sees the holder is dead.
+    for p in (cache / "test").iterdir():
+        p.unlink()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    lock = cache / "test" / "key.safetensors.lock"
+    lock.write_text(
+        json.dumps({"pid": int(dead.stdout), "host": __import__("socket").gethostname(), "time": 0})
+    )
+    start = time.time()
+    assert build_in_process(str(cache), str(tmp_path)) == (3.0, False)
+    assert time.time() - start < 10 and "its builder is gone" in caplog.text
