@@ -282,6 +282,9 @@ def _validate(args: argparse.Namespace) -> int:
     planned = plan(matrix, ResultStore(args.results / matrix.name))
     print(_plan_table(planned))
     print("", *matrix.notes, sep="\n")
+    if matrix.executor.name == "ray":
+        where = matrix.executor.address or "a Ray instance started here"
+        print(f"executor: ray ({where}); the estimate below is for this machine's workers")
     todo = [p.spec for p in planned if p.state != "done"]
     print(f"\n{args.matrix}: valid; {len(planned)} runs ({len(todo)} to run) -> {args.results / matrix.name}")
     if todo and not args.no_estimate:

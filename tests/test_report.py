@@ -410,3 +410,22 @@ def test_a_timed_cost_cell_gets_the_t_interval_of_its_runs(tmp_path):
     table = compare(store("c", [70.0]), store("d", [75.0]), Threshold.parse("0"))
     (cell,) = table[table["metric"] == "quantize_time"].itertuples()
     assert cell.note == "worse" and cell.noise == pytest.approx(0.07)
+
+
+def test_a_cost_is_paired_with_an_fp_run_only_on_the_same_machine_type(tmp_path):
+    """On a cluster a quantized run and its FP reference may land on different nodes: a latency
+    ratio across two machine types means nothing, so that pair gets none."""
+    from helpers import row
+
+    from bench.report import cell_table
+    from bench.store import ResultStore, load
+
+    store = ResultStore(tmp_path)
+    store.append([row("fp", "FP", "latency_step", 100.0, unit="ms", kind="cost", device="NVIDIA H100")])
+    for method, device in (("linear", "NVIDIA H100"), ("qdiff", "NVIDIA A100")):
+        r = row(method, "W8A8", "latency_step", 50.0, unit="ms", kind="cost", device=device)
+        store.append([{**r, "run_id": method, "config_hash": method}])
+    cells = cell_table(load(tmp_path)).set_index(["method", "bits"])
+    assert cells.loc[("linear", "W8A8"), "ratio"] == pytest.approx(0.5)
+    assert math.isnan(cells.loc[("qdiff", "W8A8"), "ratio"])
+    assert math.isnan(cells.loc[("qdiff", "W8A8"), "delta"])
