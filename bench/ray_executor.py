@@ -17,7 +17,9 @@
   becomes an error row; the other runs go on. Ctrl-C cancels the runs not yet started and
   keeps the finished ones; a killed driver leaves no partial rows, and ``--resume`` continues.
 
-Ray is an optional dependency: ``pip install 'qdiff-bench[ray]'``.
+Ray is an optional dependency: ``pip install 'qdiff-bench[ray]'``. Ray 2.60 clusters started
+with ``ray start`` require token authentication: a driver joining one needs
+``RAY_AUTH_MODE=token`` and the cluster's token.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ from typing import Any
 from bench.errors import ClusterError
 from bench.spec import ExecutorSpec
 
-RAY_MISSING = "--executor ray needs Ray, an optional extra: pip install 'qdiff-bench[ray]'"
+RAY_MISSING = (
+    "--executor ray needs Ray, an optional extra: pip install 'qdiff-bench[ray]' (in a checkout: "
+    "pip install -e '.[ray]')"
+)
 # A CPU run's memory request when none is given: the embedded matrices' runs peaked at 1.2 GiB
 # (default, conditional) to 2.2 GiB (perf-cpu's int8 backends) resident, in worker processes.
 DEFAULT_CPU_MEMORY_GIB = 2.5

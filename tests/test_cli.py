@@ -192,3 +192,10 @@ def test_default_matrix_is_the_readme_main_command():
     from bench.cli import DEFAULT_MATRIX
 
     assert DEFAULT_MATRIX.is_file()
+
+
+def test_the_ray_executor_without_ray_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: importing it fails
+    assert main(["run", tiny_matrix(tmp_path), "--results", str(tmp_path / "r"), "--executor", "ray"]) == 2
+    one_line_error(capsys, "--executor ray needs Ray", "pip install 'qdiff-bench[ray]'")
+    assert not list((tmp_path / "r").rglob("*.jsonl"))
