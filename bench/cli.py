@@ -466,7 +466,8 @@ def _invocation(
         "workers": workers,  # 0 on Ray: as many as the cluster fits
         "threads_per_worker": threads,
         "peak_rss_main_mib": peak_mib(resource.RUSAGE_SELF),
-        "peak_rss_worker_mib": peak_mib(resource.RUSAGE_CHILDREN),
+        # On Ray the runs' processes are the cluster's, not this process's children.
+        "peak_rss_worker_mib": None if executor.name == "ray" else peak_mib(resource.RUSAGE_CHILDREN),
         "cache_files_at_start": cached,
         "run_devices": sorted({r["device"] for r in rows}),
         "run_nodes": sorted({r.get("node") or r.get("host") or "" for r in rows}),

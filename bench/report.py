@@ -484,10 +484,20 @@ def _column(column) -> str:
 
 
 def _invocation_text(inv: dict) -> str:
+    if inv.get("executor") == "ray":  # workers are the cluster's processes: their RSS is not ours
+        how = (
+            f"on Ray ({inv.get('address')}, {len(inv.get('run_nodes') or [])} node(s)), "
+            f"{inv['threads_per_worker']} thread(s) per CPU run, "
+            f"peak RSS {inv['peak_rss_main_mib']:.0f} MiB (driver)"
+        )
+    else:
+        how = (
+            f"{inv['workers']} worker(s) × {inv['threads_per_worker']} thread(s), peak RSS "
+            f"{inv['peak_rss_main_mib']:.0f} MiB (main) / "
+            f"{inv['peak_rss_worker_mib']:.0f} MiB (largest worker)"
+        )
     return (
-        f"{inv['started_at'][:19]}: {inv['runs']} runs in {inv['wall_s']:.0f} s wall, "
-        f"{inv['workers']} worker(s) × {inv['threads_per_worker']} thread(s), peak RSS "
-        f"{inv['peak_rss_main_mib']:.0f} MiB (main) / {inv['peak_rss_worker_mib']:.0f} MiB (largest worker), "
+        f"{inv['started_at'][:19]}: {inv['runs']} runs in {inv['wall_s']:.0f} s wall, {how}, "
         f"{inv['cache_files_at_start']} cache files at start, commit {inv['git_sha'][:12]}"
     )
 
@@ -504,6 +514,10 @@ def _provenance(df: pd.DataFrame, invocations: list[dict]) -> list[tuple[str, st
         ("runs", f"{df['config_hash'].nunique()} ({len(df)} rows)"),
         ("git commit", values("git_sha")),
         ("device", values("device")),
+        (
+            "hosts (Ray nodes)",
+            values("host") + (f" ({values('node')})" if "node" in df and df["node"].notna().any() else ""),
+        ),
         (
             "CPU (vector ISA flags; torch's kernels)",
             f"{values('cpu_model')} ({values('cpu_flags')}; {values('cpu_capability')})",
