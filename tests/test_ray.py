@@ -65,7 +65,7 @@ def comparable(rows: list[dict]) -> dict[tuple[str, str], dict]:
 
 
 def test_ray_writes_the_rows_the_local_executor_writes(tmp_path, local_ray, monkeypatch):
-    matrix = load_matrix(tiny_matrix(tmp_path, methods="[linear, qdiff]", bits="[W4A8]"))
+    matrix = load_matrix(tiny_matrix(tmp_path, methods="[qdiff]", bits="[W4A8]"))  # reconstruction too
     monkeypatch.setenv("QDIFF_BENCH_CACHE", str(tmp_path / "cache-local"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each Ray run: other thread counts round differently
@@ -113,8 +113,8 @@ def test_a_dead_worker_is_retried_then_becomes_an_error(tmp_path, local_ray):
     once = retried.map(Scripted(str(tmp_path / "once"), die="once"), specs, needs)
     assert all(isinstance(rows, list) for _, rows in once)
     (tmp_path / "always").mkdir()
-    lost = list(retried.map(Scripted(str(tmp_path / "always"), die="always"), specs, needs))
-    assert len(lost) == 2 and all(isinstance(e, ray.exceptions.WorkerCrashedError) for _, e in lost)
+    lost = list(retried.map(Scripted(str(tmp_path / "always"), die="always"), specs[:1], {}))
+    assert len(lost) == 1 and isinstance(lost[0][1], ray.exceptions.WorkerCrashedError)
 
 
 def test_a_run_whose_prerequisite_died_still_runs(tmp_path, local_ray):
@@ -185,8 +185,8 @@ def cli(args: list[str], cache: Path) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def test_a_killed_driver_leaves_no_partial_rows_and_resume_finishes(tmp_path):
-    path = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8, W4A8]")
+def test_a_killed_driver_leaves_no_partial_rows_and_resume_finishes(tmp_path, local_ray, monkeypatch):
+    path = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]")
     results, cache = tmp_path / "results", tmp_path / "cache"
     proc = cli([path, "--results", str(results), "--executor", "ray"], cache)
     runs = results / "tiny" / "runs"
@@ -198,12 +198,14 @@ def test_a_killed_driver_leaves_no_partial_rows_and_resume_finishes(tmp_path):
     proc.wait()
     store = ResultStore(results / "tiny")
     before = store.rows()  # every file parses whole
-    assert before and len(before) < 7
-    proc = cli([path, "--results", str(results), "--executor", "ray"], cache)
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    assert before and len(before) < 4
+    # Resume (here in-process, on this module's Ray instance, which is quicker than a new one).
+    monkeypatch.setenv("QDIFF_BENCH_CACHE", str(cache))
+    executor = RayExecutor(ExecutorSpec("ray"), threads=1, log=quiet)
+    run_matrix(load_matrix(path), results, executor, progress=False, log=quiet)
     rows = store.rows()
     keys = [(r["config_hash"], r["metric"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 7  # each run once: the finished ones were not redone
+    assert len(keys) == len(set(keys)) == 4  # each run once: the finished ones were not redone
     assert {r["status"] for r in rows} == {"ok"}
 
 
@@ -215,3 +217,12 @@ def test_cli_flags_name_what_they_need(tmp_path, capsys):
     assert "--address only apply to Ray: add --executor ray" in capsys.readouterr().err
     assert main(["run", matrix, "--results", str(tmp_path / "r"), "--executor", "ray", "--workers", "2"]) == 2
     assert "--workers is for the local executor" in capsys.readouterr().err
+
+
+def test_scaleout_measures_the_overhead_of_a_run(tmp_path, local_ray):
+    from bench.scaleout import overhead
+
+    found = overhead(runs=4)  # on the Ray instance already running here
+    assert found["per_run_s"] > 0 and len(found["per_run_s_each_repeat"]) == 3
+    assert found["first_run_in_fresh_worker_s"] > 0 and found["cpu_model"] and found["ray"]
+    assert ray.is_initialized()  # not its instance: left running

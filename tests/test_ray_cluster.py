@@ -106,12 +106,3 @@ def test_a_node_lost_mid_run_costs_a_retry_not_the_matrix(tmp_path, cluster):
     assert len(placed) == 2, "the two FP runs did not start on two nodes"
     assert json.loads(done.stdout.splitlines()[-1]) == ["list", "list"]  # both ran to the end
     assert len(list(tmp_path.glob("started-*"))) == 3  # the lost run started again, elsewhere
-
-
-def test_scaleout_measures_the_overhead_of_a_run(tmp_path):
-    out = tmp_path / "overhead.json"
-    done = driver(["-m", "bench.scaleout", "overhead", "--runs", "4", "--out", str(out)], tmp_path / "cache")
-    assert done.returncode == 0, done.stderr
-    found = json.loads(out.read_text())
-    assert found["per_run_s"] > 0 and len(found["per_run_s_each_repeat"]) == 3
-    assert found["instance_startup_s"] > 0 and found["cpu_model"] and found["ray"]
