@@ -100,10 +100,17 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a killed process nobody has reaped yet (a zombie) holds nothing any more
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    stat = proc_stat(pid)  # a killed process nobody has reaped yet (a zombie) holds nothing any more
+    return not stat or stat[0] != "Z"
+
+
+def proc_stat(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, parent pid, ...);
+    empty where there is none (another OS, a process gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return True
+        return []
 
 
 @contextlib.contextmanager

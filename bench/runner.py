@@ -130,17 +130,11 @@ class ProcessExecutor:
                     pending -= {f for f in pending if f.cancel()}
                 for spec in [s for s in waiting if settled.issuperset(needs.get(s.hash, ()))]:
                     waiting.remove(spec)
-                    future = broken = None
                     try:
                         future = pool.submit(fn, spec)
                     except BrokenProcessPool as exc:  # a worker died: the pool takes no more
-                        broken = exc
-                    if future is None:
                         settled.add(spec.hash)
-                        if suspects is None:
-                            yield spec, broken
-                        else:
-                            suspects.append(spec)
+                        yield from _lost(spec, exc, suspects)
                         continue
                     futures[future] = spec
                     pending.add(future)
@@ -153,15 +147,21 @@ class ProcessExecutor:
                     try:
                         yield spec, future.result()
                     except BrokenProcessPool as exc:
-                        if suspects is None:
-                            yield spec, exc
-                        else:
-                            suspects.append(spec)
+                        yield from _lost(spec, exc, suspects)
         finally:
             if STOP.level >= 2 or pending:  # abandoned (second Ctrl-C, SIGTERM, or an error here)
                 for process in list((getattr(pool, "_processes", None) or {}).values()):
                     process.kill()
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _lost(spec: RunSpec, exc: Exception, suspects: list[RunSpec] | None) -> Iterator[tuple[RunSpec, Outcome]]:
+    """A run whose pool broke: parked among ``suspects`` for a retry alone, or (retried
+    already: ``suspects`` is None) yielded as lost."""
+    if suspects is None:
+        yield spec, exc
+    else:
+        suspects.append(spec)
 
 
 class StopRequest:

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.fsio import write_atomic
+from bench.fsio import proc_stat, write_atomic
 from bench.provenance import REPO_ROOT, cpu_info, git_sha
 from bench.spec import ExecutorSpec
 
@@ -62,10 +62,8 @@ def overhead(runs: int) -> dict:
     from bench.ray_executor import RayExecutor
     from bench.runner import dependencies
 
-    specs = [
-        dataclasses.replace(s, seed=i)
-        for i, s in enumerate([load_matrix(REPO_ROOT / "configs" / "default.yaml").expand()[0]] * runs)
-    ]
+    base = load_matrix(REPO_ROOT / "configs" / "default.yaml").expand()[0]
+    specs = [dataclasses.replace(base, seed=i) for i in range(runs)]  # distinct runs, no work
     started_here = not ray.is_initialized()  # else: measured on the caller's instance
     t = time.perf_counter()
     if started_here:
@@ -173,10 +171,8 @@ def _processes() -> list[tuple[int, str]]:
 
 
 def _parent(pid: int) -> int | None:
-    try:
-        return int((Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
+    stat = proc_stat(pid)
+    return int(stat[1]) if len(stat) > 1 else None
 
 
 def _free_port() -> int:
