@@ -77,6 +77,9 @@ class QuantLayer(QuantModule):
         self.act_quantizer = nn.ModuleList(
             [UniformAffineQuantizer(act) for _ in range(parts)] if act is not None else []
         )
+        # Grids live where the layer does: a model prepared on a GPU calibrates and runs there.
+        self.weight_quantizer.to(self.weight.device)
+        self.act_quantizer.to(self.weight.device)
         # Algorithms that change what the layer computes (SmoothQuant, SVDQuant's branch), in the
         # order they were applied (see qdiff.transforms).
         self.transforms = nn.ModuleList()

@@ -212,7 +212,7 @@ class AdaRoundQuantizer(nn.Module):
         residual = (w - w.floor()).clamp(1e-4, 1 - 1e-4)
         # Inverse of the rectified sigmoid at the residual.
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (residual - GAMMA) - 1))
-        self.register_buffer("hard", torch.tensor(False))
+        self.register_buffer("hard", torch.tensor(False, device=weight.device))
         # Hardened, the initial logits round to nearest (α ≥ 0 ⟺ residual ≥ ½): what a unit
         # reverts to when its learned rounding does worse (``reset``).
         self._alpha0 = self.alpha.detach().clone()

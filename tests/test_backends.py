@@ -270,6 +270,31 @@ def test_fp8_backend_equals_an_e4m3_simulation(tiny_unet):
         assert sqnr_db(tiny_unet(x, t).sample, fp8(x, t).sample) >= 15
 
 
+def test_a_deployed_model_cast_to_float16_keeps_its_weight_format_and_scales(tiny_unet):
+    # The GPU matrices cast the deployed model to float16: stored weights (fp8's e4m3 included,
+    # which is floating point) and float32 scales keep their dtype. Before, e4m3 weights became
+    # float16 and every fp8 layer failed on the H200.
+    data = calib_for(tiny_unet, 8)
+    qmodel, _ = qdiff.quantize(tiny_unet, W8A8, data)
+
+    def stored(model):
+        return {
+            f"{name}.{k}": v.dtype
+            for name, m in model.named_modules()
+            if isinstance(m, KernelLayer)
+            for k, v in m.named_buffers(recurse=False)
+            if k.startswith(("weight", "w_scale", "a_scale"))
+        }
+
+    for backend, weight_dtype in (("fp8", torch.float8_e4m3fn), ("triton-int8", torch.int8)):
+        deployed = qdiff.convert(qmodel, backend)
+        before = stored(deployed)
+        assert weight_dtype in set(before.values()) and torch.float32 in set(before.values())
+        half = deployed.to(torch.float16)
+        assert stored(half) == before, backend
+        assert half.conv_in.bias.dtype == torch.float16  # everything else is cast
+
+
 def test_kernels_take_float16_activations_as_the_gpu_matrices_run():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 16, 6, 6, generator=g).half()

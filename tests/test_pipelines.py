@@ -156,6 +156,35 @@ def test_shipped_sd15_config_is_sd15s_unet_and_needs_no_text_encoder():
         adapter.decode(torch.zeros(1, 4, 8, 8))
 
 
+def test_a_random_init_model_calibrates_without_a_decoder():
+    # Cost runs of random-weight models quantize too: calibration runs the sampler loop only,
+    # never the decoder a random-init pipeline lacks (its first GPU run failed there).
+    import json
+    from importlib import resources
+
+    import diffusers
+    from tiny_pipelines import cond_unet
+
+    import qdiff
+    from bench.models.pipelines import StableDiffusion15
+    from bench.spec import Sampling
+
+    config = json.loads(resources.files("bench.models.configs").joinpath("sd-1.5.json").read_text())
+    config["text_embedding"] = [5, 16]  # the tiny UNet's cross-attention width
+    scheduler = diffusers.PNDMScheduler.from_config(config["scheduler"])
+    adapter = StableDiffusion15(Sampling(device="cpu", steps=4, batch_size=2, samples=2), init="random")
+    adapter.__dict__["pipeline"] = SimpleNamespace(
+        unet=cond_unet().eval(), scheduler=scheduler, config=config
+    )
+    data = adapter.calibration_data(
+        adapter.denoiser(), qdiff.CalibConfig(num_timesteps=2, samples_per_timestep=2)
+    )
+    assert data.x.shape == (8, 4, 8, 8)  # 2 steps × 2 trajectories, doubled by guidance
+    assert data.cond["encoder_hidden_states"].shape == (8, 5, 16)
+    with pytest.raises(ValueError, match="init: random has no VAE"):
+        adapter.sample(adapter.denoiser(), 2, 0)
+
+
 def test_resolution_must_be_a_multiple_of_16():
     flux = MODELS.get("flux")
     assert flux.arg_problems({"resolution": 1000}) == [

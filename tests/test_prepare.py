@@ -62,6 +62,16 @@ def test_embedded_unet_prepared_within_bound():
     assert sqnr_db(unet(held.x, held.t).sample, qmodel(held.x, held.t).sample) > 20
 
 
+def test_quantizers_live_on_the_models_device(tiny_unet):
+    # A model prepared on a GPU must calibrate there: every grid (weights', inputs', attention
+    # matmuls') is made on the layer's device, not torch's default. The meta device stands in
+    # for CUDA here; before, the grids stayed on the CPU and the first GPU forward failed.
+    qmodel = qdiff.prepare(tiny_unet.to("meta"), W8A8)
+    _check_all_replaced(qmodel)
+    placed = {t.device.type for t in (*qmodel.parameters(), *qmodel.buffers())}
+    assert placed == {"meta"}
+
+
 def test_filter_fn_keeps_layers_fp(tiny_unet):
     qmodel = qdiff.prepare(tiny_unet, W8A8, filter_fn=lambda name, m: not name.startswith("conv_"))
     assert type(qmodel.conv_in) is nn.Conv2d and type(qmodel.conv_out) is nn.Conv2d

@@ -8,7 +8,7 @@ metrics. Images come back as uint8 NCHW tensors on the CPU: what a PNG or an FID
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -190,6 +190,21 @@ class DiffusionAdapter:
         ``recorder(step, x, t, cond)`` sees the denoiser's exact inputs at every step;
         ``progress(done, total)`` is called after every step of every batch.
         """
+        batches = self.trajectories(denoiser, n, seed, recorder, progress)
+        return torch.cat([to_uint8(self.decode(x)) for x in batches])
+
+    @torch.no_grad()
+    def trajectories(
+        self,
+        denoiser: nn.Module,
+        n: int,
+        seed: int,
+        recorder: Callable | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """The sampler loop of :meth:`sample` without decoding: each batch's final state.
+        Calibration runs only this, so models without a decoder (random-weight cost runs)
+        calibrate too."""
         noise = self.noise(n, seed)
         # A denoiser that knows its own output noise (PTQD) may scale the noise a stochastic
         # step adds: variance_noise(scheduler, t, eps, eta, generator).
@@ -197,7 +212,6 @@ class DiffusionAdapter:
         dtype = model_dtype(denoiser)
         batch_size = self.sampling.batch_size
         steps = self.sampling.steps
-        out = []
         total, done = -(-n // batch_size) * steps, 0
         guided = self.guided()
         for start in range(0, n, batch_size):
@@ -226,8 +240,7 @@ class DiffusionAdapter:
                 done += 1
                 if progress is not None:
                     progress(done, total)
-            out.append(to_uint8(self.decode(x)))
-        return torch.cat(out)
+            yield x
 
     @torch.no_grad()
     def step_inputs(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -250,5 +263,6 @@ class DiffusionAdapter:
         """Denoiser inputs from the FP trajectories of ``config.samples_per_timestep`` samples,
         at the steps the calibration strategy selects (on the CPU, for caching)."""
         recorder = qdiff.TrajectoryRecorder(qdiff.select_steps(config, self.sampling.steps))
-        self.sample(denoiser, config.samples_per_timestep, config.seed, recorder, progress)
+        for _ in self.trajectories(denoiser, config.samples_per_timestep, config.seed, recorder, progress):
+            pass
         return recorder.data().to("cpu")

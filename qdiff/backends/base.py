@@ -119,15 +119,19 @@ class KernelLayer(nn.Module):
         self.transforms = layer.transforms
 
     def _apply(self, fn, recurse=True):
-        # ``.to(float16)`` casts floating buffers; scales stay float32 (a float16 step size loses
-        # digits and underflows below 6e-8), moving with the module to its device.
-        scales = {
-            k: self._buffers.pop(k) for k in list(self._buffers) if k.startswith(("w_scale", "a_scale"))
+        # ``.to(float16)`` casts floating buffers. Two kinds must keep their dtype and only move
+        # with the module: scales stay float32 (a float16 step size loses digits and underflows
+        # below 6e-8), and stored weights stay in their deployed format (fp8's e4m3 weights are
+        # floating point, and a cast to float16 made every ``_scaled_mm`` call fail on the GPU).
+        kept = {
+            k: self._buffers.pop(k)
+            for k, v in list(self._buffers.items())
+            if v is not None and k.startswith(("w_scale", "a_scale", "weight"))
         }
         super()._apply(fn, recurse)
-        device = next((b.device for b in self._buffers.values() if b is not None), None)
-        for name, t in scales.items():
-            self._buffers[name] = t if device is None else t.to(device)
+        for name, t in kept.items():
+            # Where ``fn`` sends a tensor of this device (``.cuda()``, ``.to(device)``, a cast).
+            self._buffers[name] = t.to(fn(torch.empty(0, device=t.device)).device)
         return self
 
     def part(self, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
