@@ -55,6 +55,7 @@ MODELS = Registry(
         "pixart-sigma": "bench.models.transformers:PixArtSigma",
         "sd3": "bench.models.transformers:StableDiffusion3",
         "flux": "bench.models.transformers:Flux",
+        "dit-xl-2-256": "bench.models.transformers:DiTXL2",
     },
 )
 

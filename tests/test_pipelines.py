@@ -135,23 +135,42 @@ def test_random_init_builds_the_published_architecture_with_seeded_weights():
     assert x.shape == (2, 3, 32, 32) and kwargs == {}
 
 
-def test_shipped_sd15_config_is_sd15s_unet_and_needs_no_text_encoder():
-    import json
-    from importlib import resources
+# The shipped architecture configs: published parameter counts (diffusers' layouts), and what
+# a cost run feeds them instead of text encoders. Built on the meta device: no weights in a test.
+SHIPPED = [
+    ("sd-1.5", 859_520_964, {"encoder_hidden_states": (77, 768)}),
+    ("sdxl", 2_567_463_684, {"encoder_hidden_states": (77, 2048), "text_embeds": (1280,), "time_ids": (6,)}),
+    ("pixart-sigma", 610_856_096, {"encoder_hidden_states": (300, 4096), "encoder_attention_mask": (300,)}),
+    # The paper's 675.1M plus diffusers' per-block copies of the timestep and class embedders.
+    ("dit-xl-2-256", 749_826_464, {"class_labels": ()}),
+]
 
+
+@pytest.mark.parametrize("name,params,conditions", SHIPPED, ids=[s[0] for s in SHIPPED])
+def test_shipped_configs_are_the_published_architectures_and_need_no_encoders(name, params, conditions):
     import diffusers
 
-    from bench.models.pipelines import StableDiffusion15
+    from bench.models.pipelines import random_pipeline_config
     from bench.spec import Sampling
 
-    config = json.loads(resources.files("bench.models.configs").joinpath("sd-1.5.json").read_text())
+    adapter_cls = MODELS.get(name)
+    config = random_pipeline_config(adapter_cls.RANDOM_CONFIG)
+    denoiser = config[adapter_cls.COMPONENT]
     with torch.device("meta"):
-        unet = diffusers.UNet2DConditionModel.from_config(config["unet"])
-    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
-    adapter = StableDiffusion15(Sampling(device="cpu"), init="random")
-    adapter.__dict__["pipeline"] = SimpleNamespace(config=config)  # no 3 GB build in a unit test
-    embeddings = adapter._embed(["a", "b", "a"])
-    assert embeddings.shape == (3, 77, 768) and torch.equal(embeddings[0], embeddings[2])
+        model = getattr(diffusers, denoiser["_class_name"]).from_config(denoiser)
+    assert sum(p.numel() for p in model.parameters()) == params
+    adapter = adapter_cls(Sampling(device="cpu", batch_size=2, samples=2), init="random")
+    adapter.__dict__["pipeline"] = SimpleNamespace(**{adapter_cls.COMPONENT: model}, config=config,
+                                                   vae=SimpleNamespace(config=SimpleNamespace(**config["vae"]))
+                                                   if "vae" in config else None)  # fmt: skip
+    cond = adapter.conditions(0, 2)
+    assert {k: tuple(v.shape[1:]) for k, v in cond.items()} == conditions
+    assert all(len(v) == 4 for v in cond.values())  # guided: (unconditional, conditional) × 2
+    if "encoder_hidden_states" in cond:  # seeded by the prompt text: the same prompt, the same tensor
+        assert torch.equal(adapter.text_conditions(["a"])["encoder_hidden_states"],
+                           adapter.text_conditions(["a"])["encoder_hidden_states"])  # fmt: skip
+    if "encoder_attention_mask" in cond:
+        assert bool((cond["encoder_attention_mask"] == 1).all())
     with pytest.raises(ValueError, match="init: random has no VAE, so it makes no images"):
         adapter.decode(torch.zeros(1, 4, 8, 8))
 
@@ -170,7 +189,7 @@ def test_a_random_init_model_calibrates_without_a_decoder():
     from bench.spec import Sampling
 
     config = json.loads(resources.files("bench.models.configs").joinpath("sd-1.5.json").read_text())
-    config["text_embedding"] = [5, 16]  # the tiny UNet's cross-attention width
+    config["conditions"] = {"encoder_hidden_states": [5, 16]}  # the tiny UNet's cross-attention width
     scheduler = diffusers.PNDMScheduler.from_config(config["scheduler"])
     adapter = StableDiffusion15(Sampling(device="cpu", steps=4, batch_size=2, samples=2), init="random")
     adapter.__dict__["pipeline"] = SimpleNamespace(

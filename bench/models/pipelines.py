@@ -13,6 +13,7 @@ schedules. Missing weights on an offline machine make the run ``skipped``, not a
 from __future__ import annotations
 
 import copy
+import json
 import zlib
 from functools import cached_property
 from importlib import resources
@@ -30,6 +31,19 @@ BUILTIN_PROMPTS = "bench.prompts", "smoke.txt"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
+def random_pipeline_config(filename: str) -> dict[str, Any]:
+    """A shipped architecture config (``bench/models/configs``) for ``init: random``."""
+    return json.loads(resources.files("bench.models.configs").joinpath(filename).read_text("utf-8"))
+
+
+def no_images(model: str) -> ValueError:
+    """The error of a latent model built with random weights asked for images."""
+    return ValueError(
+        f"{model} with init: random has no VAE, so it makes no images; give it only metrics that need "
+        "none (latency_step, weight_bytes)"
+    )
+
+
 class PipelineAdapter(DiffusionAdapter):
     """An unconditional diffusers pipeline with a UNet and a scheduler (DDPM/DDIM CIFAR-10 style).
 
@@ -41,6 +55,8 @@ class PipelineAdapter(DiffusionAdapter):
 
     ARGS: ClassVar[tuple[str, ...]] = ("source", "init")
     DEFAULT_SOURCE: ClassVar[str]
+    # The pipeline component that is the denoiser (and its key in ``RANDOM_CONFIG``).
+    COMPONENT: ClassVar[str] = "unet"
     # The diffusers pipeline class whose ``from_single_file`` reads this model's original
     # single-file checkpoints (None: only diffusers-format folders and hub ids).
     SINGLE_FILE: ClassVar[str | None] = None
@@ -137,25 +153,30 @@ class PipelineAdapter(DiffusionAdapter):
         return self.args.get("init", "pretrained") == "random"
 
     def _random_pipeline(self):
-        """The denoiser and scheduler built from the shipped published config, seeded."""
-        import json
+        """The denoiser and scheduler built from the shipped published config, seeded.
+
+        ``RANDOM_CONFIG`` holds the denoiser's config under :attr:`COMPONENT` and the
+        scheduler's under ``scheduler``; optionally ``vae`` (the fields the latent shape needs:
+        ``latent_channels``, ``block_out_channels``) and ``conditions`` (each conditioning
+        input's per-sample shape, for :meth:`TextToImageAdapter.random_conditions`).
+        """
         from types import SimpleNamespace
 
         import diffusers
 
         if self.RANDOM_CONFIG is None:
             raise ValueError(f"{self.name} ships no architecture config; init: random is not available")
-        text = resources.files("bench.models.configs").joinpath(self.RANDOM_CONFIG).read_text("utf-8")
-        config = json.loads(text)
-        unet_cls = getattr(diffusers, config["unet"]["_class_name"])
+        config = random_pipeline_config(self.RANDOM_CONFIG)
+        model_cls = getattr(diffusers, config[self.COMPONENT]["_class_name"])
         scheduler_cls = getattr(diffusers, config["scheduler"]["_class_name"])
         with torch.random.fork_rng():
             torch.manual_seed(0)  # the same random weights in every process
-            unet = unet_cls.from_config(config["unet"])
-        unet.to(self.device).eval().requires_grad_(False)
-        return SimpleNamespace(
-            unet=unet, scheduler=scheduler_cls.from_config(config["scheduler"]), config=config
-        )
+            model = model_cls.from_config(config[self.COMPONENT])
+        model.to(self.device).eval().requires_grad_(False)
+        parts = {self.COMPONENT: model, "scheduler": scheduler_cls.from_config(config["scheduler"])}
+        if "vae" in config:  # no weights: only what the latent shape reads
+            parts["vae"] = SimpleNamespace(config=SimpleNamespace(**config["vae"]))
+        return SimpleNamespace(**parts, config=config)
 
     def denoiser(self) -> nn.Module:
         return copy.deepcopy(self.pipeline.unet)
@@ -226,14 +247,27 @@ class TextToImageAdapter(PipelineAdapter):
         return {**super().identity(), "prompts": self.prompt_list}
 
     @torch.no_grad()
+    def random_conditions(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """What the text encoders of a random-init pipeline would hand the denoiser: for each
+        input in its config's ``conditions``, a tensor of that per-sample shape, seeded by the
+        prompt's text (a list: standard normal) or filled with a constant (``{"shape": [...],
+        "fill": v}``: an attention mask of ones). Cost does not depend on these values."""
+        out = {}
+        for name, spec in self.pipeline.config["conditions"].items():
+            if isinstance(spec, dict):
+                out[name] = torch.full((len(prompts), *spec["shape"]), float(spec["fill"]))
+                continue
+            seeded = [torch.Generator().manual_seed(zlib.crc32(f"{name}:{p}".encode())) for p in prompts]
+            out[name] = torch.stack([torch.randn(*spec, generator=g) for g in seeded])
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    def text_conditions(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The denoiser's conditioning for ``prompts``: the pipeline's encoders
+        (:meth:`encode`), or seeded tensors of their shapes for a random-init model."""
+        return self.random_conditions(prompts) if self.random_init else self.encode(prompts)
+
+    @torch.no_grad()
     def _embed(self, prompts: list[str]) -> torch.Tensor:
-        if self.random_init:  # the text encoder's output shape, seeded per prompt text
-            tokens, width = self.pipeline.config["text_embedding"]
-            out = [
-                torch.randn(tokens, width, generator=torch.Generator().manual_seed(zlib.crc32(p.encode())))
-                for p in prompts
-            ]
-            return torch.stack(out).to(self.device)
         tokenizer, encoder = self.pipeline.tokenizer, self.pipeline.text_encoder
         ids = tokenizer(
             prompts,
@@ -250,11 +284,11 @@ class TextToImageAdapter(PipelineAdapter):
 
     def negative(self, text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The unconditional half of a guided batch: the empty prompt's conditioning."""
-        return self.encode([""])
+        return self.text_conditions([""])
 
     def conditions(self, start: int, n: int) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            text = self.encode(self.prompts(start + n)[start:])
+            text = self.text_conditions(self.prompts(start + n)[start:])
             if not self.guided():
                 return text
             empty = self.negative(text)
@@ -265,10 +299,7 @@ class TextToImageAdapter(PipelineAdapter):
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         if self.random_init:
-            raise ValueError(
-                f"{self.name} with init: random has no VAE, so it makes no images; give it only "
-                "metrics that need none (latency_step, weight_bytes)"
-            )
+            raise no_images(self.name)
         vae = self.pipeline.vae
         return vae.decode(x / vae.config.scaling_factor).sample
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.models.pipelines import SINGLE_FILE_SUFFIXES, TextToImageAdapter
+from bench.models.base import COST_METRICS
+from bench.models.pipelines import SINGLE_FILE_SUFFIXES, PipelineAdapter, TextToImageAdapter, no_images
 
 
 class DenoiserCall(nn.Module):
@@ -89,7 +90,7 @@ class _WrappedTextToImage(TextToImageAdapter):
     """Shared by the adapters here: the denoiser component, its call, latent size, decoding;
     each implements :meth:`encode` with its pipeline's ``encode_prompt``."""
 
-    ARGS = ("source", "config", "prompts", "guidance_scale", "resolution")
+    ARGS = ("source", "init", "config", "prompts", "guidance_scale", "resolution")
     ARCHITECTURE = "transformer"
     COMPONENT: ClassVar[str] = "transformer"
     LOAD_KWARGS: ClassVar[dict[str, Any]] = {}
@@ -125,6 +126,8 @@ class _WrappedTextToImage(TextToImageAdapter):
         return {**super().identity(), "latent_shape": list(self.latent_shape())}
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.random_init:
+            raise no_images(self.name)
         vae = self.pipeline.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return vae.decode(x.to(vae.dtype) / vae.config.scaling_factor + shift).sample
@@ -171,6 +174,7 @@ class PixArtSigma(PixArtAlpha):
 
     name = "pixart-sigma"
     DEFAULT_SOURCE = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
+    RANDOM_CONFIG = "pixart-sigma.json"
     IMAGE_SHAPE = (3, 1024, 1024)
     MAX_TOKENS = 300
 
@@ -274,6 +278,7 @@ class StableDiffusionXL(_WrappedTextToImage):
 
     name = "sdxl"
     DEFAULT_SOURCE = "stabilityai/stable-diffusion-xl-base-1.0"
+    RANDOM_CONFIG = "sdxl.json"
     SINGLE_FILE = "StableDiffusionXLPipeline"
     ARCHITECTURE = "unet"
     COMPONENT = "unet"
@@ -301,7 +306,60 @@ class StableDiffusionXL(_WrappedTextToImage):
         }
 
     def negative(self, text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not self.pipeline.config.force_zeros_for_empty_prompt:
+        if self.random_init or not self.pipeline.config.force_zeros_for_empty_prompt:
             return super().negative(text)
         # SDXL base's unconditional input: zero text embeddings, the same size ids.
         return {k: v[:1] if k == "time_ids" else torch.zeros_like(v[:1]) for k, v in text.items()}
+
+
+class DiTXL2(PipelineAdapter):
+    """DiT-XL/2 256² (Peebles & Xie, 2023): a class-conditional adaLN-Zero transformer on
+    ImageNet latents, DDIM with classifier-free guidance.
+
+    Sample ``i`` asks for ImageNet class ``i mod 1000``; the unconditional half of a guided
+    batch is the null class (1000). Model args: ``source``, ``init`` (``random``: the published
+    architecture with seeded weights, for cost runs), ``guidance_scale`` (default 4.0, the
+    pipeline's; 1: the conditional model alone, one forward per step).
+    """
+
+    name = "dit-xl-2-256"
+    DEFAULT_SOURCE = "facebook/DiT-XL-2-256"
+    RANDOM_CONFIG = "dit-xl-2-256.json"
+    COMPONENT = "transformer"
+    ARCHITECTURE = "transformer"
+    ARGS = ("source", "init", "guidance_scale")
+    IMAGE_SHAPE = (3, 256, 256)
+    DEFAULT_GUIDANCE = 4.0
+    DEFAULT_METRICS = ("fid", "fid_vs_fp", "psnr_vs_fp", *COST_METRICS)
+    NULL_CLASS = 1000
+
+    @classmethod
+    def arg_problems(cls, args: dict[str, Any]) -> list[str]:
+        out = super().arg_problems(args)
+        scale = args.get("guidance_scale", cls.DEFAULT_GUIDANCE)
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or scale < 1:
+            out.append(f"guidance_scale={scale!r}; give a number ≥ 1 (1: no guidance)")
+        return out
+
+    def denoiser(self) -> nn.Module:
+        model = copy.deepcopy(self.pipeline.transformer)
+        return DenoiserCall(model, out_channels=model.config.in_channels)  # drops the learned σ
+
+    def latent_shape(self) -> tuple[int, ...]:
+        config = self.pipeline.transformer.config
+        return (config.in_channels, config.sample_size, config.sample_size)
+
+    def guided(self) -> bool:
+        return self.guidance_scale != 1
+
+    def conditions(self, start: int, n: int) -> dict[str, torch.Tensor]:
+        labels = (torch.arange(start, start + n) % 1000).to(self.device)
+        if self.guided():
+            labels = torch.cat([torch.full_like(labels, self.NULL_CLASS), labels])
+        return {"class_labels": labels}
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.random_init:
+            raise no_images(self.name)
+        vae = self.pipeline.vae
+        return vae.decode(x / vae.config.scaling_factor).sample
