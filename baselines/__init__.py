@@ -4,6 +4,7 @@ a method is used."""
 
 BASELINES: dict[str, str] = {
     "linear": "baselines.linear_quant:METHOD",
+    "nncf-ptq": "baselines.nncf_ptq:METHOD",
     "ptq4dm": "baselines.ptq4dm:METHOD",
     "ptqd": "baselines.ptqd:METHOD",
     "ptqd-mp": "baselines.ptqd:MIXED",

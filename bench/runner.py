@@ -34,7 +34,7 @@ import qdiff
 from bench.cache import cached_module, cached_tensors
 from bench.errors import AvailabilityError, StoreError
 from bench.images import save_grid
-from bench.metrics.cost import PeakWindow, peak_while_sampling
+from bench.metrics.cost import PeakWindow, peak_while_sampling, ready
 from bench.metrics.quality import EvalContext
 from bench.progress import Tracker
 from bench.provenance import code_hash, config_hash, environment, model_hash
@@ -483,7 +483,8 @@ def _evaluate(
         if sampled:
             steps = progress.phase("sampling", "steps")
             sample = lambda: adapter.sample(deployable(), n, seed, progress=steps)  # noqa: E731
-            images, sample_s, sampled_peak = _timed_samples(key, n, sample, peak, before=deployable)
+            ready_model = lambda: ready(deployable(), adapter, spec)  # noqa: E731
+            images, sample_s, sampled_peak = _timed_samples(key, n, sample, peak, before=ready_model)
         ctx = EvalContext(spec, adapter, images, fp_images, deployable, ckpt.quantize_s, cached)
         extra = {"qconfig": ckpt.qconfig, "weights_from": ckpt.weights_from, "sample_s": sample_s,
                  "recon": ckpt.report}  # fmt: skip

@@ -174,7 +174,9 @@ CALIB_SEED_BASE = 1000
 DTYPES = ("float32", "float16", "bfloat16")
 FID_BACKENDS = ("torch-fidelity", "clean-fid")
 CLEANFID_MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
-COMPILE_BACKENDS = ("off", "inductor", "eager")
+# ``openvino``: the deployable converted with ``ov.convert_model`` and run on OpenVINO's CPU
+# runtime instead of torch.compile'd (FP32 on OpenVINO, the CPU deployment peer).
+COMPILE_BACKENDS = ("off", "inductor", "eager", "openvino")
 
 
 @dataclass(frozen=True)
@@ -203,7 +205,8 @@ class Evaluation:
             checkpoint for CLIP score (default ViT-L/14 OpenAI, the torchmetrics default).
         latency_warmup / latency_repeats: untimed and timed repetitions of each latency
             measurement (median and interquartile range over the timed ones).
-        compile: ``off``, or the ``torch.compile`` backend to time the denoiser with.
+        compile: ``off``, the ``torch.compile`` backend to time the denoiser with, or
+            ``openvino`` (converted and run on OpenVINO's CPU runtime).
     """
 
     fid_backend: str = "torch-fidelity"

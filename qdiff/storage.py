@@ -56,6 +56,9 @@ def storage_bytes(model: nn.Module) -> dict[str, int]:
         ``{"quantized_weights", "grids", "other", "total"}``: packed low-bit weights; quantizer
         scales and zero points; every remaining parameter and buffer; their sum.
     """
+    deployed = getattr(model, "deployed_storage", None)
+    if deployed is not None:  # compiled for another runtime (OpenVINO): it knows its weights
+        return deployed()
     counted: set[int] = set()
     parts = {"quantized_weights": 0, "grids": 0, "other": 0}
 
@@ -130,4 +133,5 @@ def resident_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     tensors = (*model.parameters(), *model.buffers())
     total = sum(_storage_bytes_once(leaf, seen) for t in tensors for _, leaf in _leaves(t))
-    return total + sum(m.opaque_bytes() for m in model.modules() if isinstance(m, KernelLayer))
+    # Kernel layers' prepacked weights; a model compiled for another runtime, what it holds.
+    return total + sum(m.opaque_bytes() for m in model.modules() if hasattr(m, "opaque_bytes"))

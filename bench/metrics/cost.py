@@ -127,17 +127,45 @@ def compiled_problem(eager: torch.Tensor, compiled: torch.Tensor) -> str | None:
     return None
 
 
+def ready(model: nn.Module, adapter, spec) -> nn.Module:
+    """``model``, compiled for the run's inputs if it compiles for them (an OpenVINO model
+    converts from an example): done before anything is timed or measured, so no figure
+    includes a conversion."""
+    compile_for = getattr(model, "compile_for", None)
+    if compile_for is not None:
+        x, t, kwargs = adapter.step_inputs(spec.sampling.batch_size, spec.seed)
+        x, kwargs = in_dtype(model_dtype(model), x, kwargs)
+        compile_for(x, t, **kwargs)
+    return model
+
+
+def _openvino(model: nn.Module) -> nn.Module:
+    """``compile: openvino``: the deployable on OpenVINO's CPU runtime (FP32 for the FP model)."""
+    from qdiff.backends.openvino import OpenVINOModule
+
+    if isinstance(model, OpenVINOModule):  # deployed there already (backend openvino, NNCF)
+        return model
+    if any(getattr(type(m), "kernel", None) for m in model.modules()):
+        raise ValueError(
+            "compile: openvino converts float or FakeQuantize models; this deployable runs another "
+            "backend's kernels: deploy it with backend openvino, or exclude {compile: openvino} for it"
+        )
+    return OpenVINOModule(model)
+
+
 def _denoiser(ctx: EvalContext) -> nn.Module:
     """The run's deployable denoiser, compiled when the settings ask (once per run), after
     checking on one step that the compiled model computes what the eager one does."""
     if "compiled" not in ctx.memo:
-        model = ctx.denoiser
-        if ctx.spec.evaluation.compile == "inductor":
+        model = ready(ctx.denoiser, ctx.adapter, ctx.spec)
+        mode = ctx.spec.evaluation.compile
+        if mode == "inductor":
             # Every model, FP included, compiles alike: with freezing (constant weights,
             # prepacked) and the int8 lowering passes the x86 backend needs.
             compile_setup()
-        if ctx.spec.evaluation.compile != "off":
-            compiled = torch.compile(model, backend=ctx.spec.evaluation.compile)
+        if mode != "off":
+            compiled = _openvino(model) if mode == "openvino" else torch.compile(model, backend=mode)
+            ready(compiled, ctx.adapter, ctx.spec)
             x, t, kwargs = ctx.adapter.step_inputs(ctx.spec.sampling.batch_size, ctx.spec.seed)
             x, kwargs = in_dtype(model_dtype(model), x, kwargs)
             with torch.no_grad():
@@ -180,7 +208,7 @@ class LatencyStep(CostMetric):
         protocol = _protocol(ctx, device, warmup, repeats)
         memory = {"step_peak_mib": None}
         if window.working_mib is not None:
-            memory["step_peak_mib"], parts = deployed_memory(ctx.denoiser, window)
+            memory["step_peak_mib"], parts = deployed_memory(model, window)
             memory["step_working_mib"] = parts["working_mib"]
         return Measurement(median, {**spread, **protocol, **memory, "memory_source": window.source})
 
@@ -360,7 +388,7 @@ class PeakMemory(CostMetric):
 
     def __call__(self, ctx: EvalContext) -> Measurement:
         cost = _sampling_cost(ctx)
-        value, parts = deployed_memory(ctx.denoiser, cost["window"])
+        value, parts = deployed_memory(_denoiser(ctx), cost["window"])
         return Measurement(value, {**parts, "measured_during": cost["measured_during"], **cost["protocol"]})
 
 

@@ -27,6 +27,9 @@ BACKENDS: dict[str, Backend] = {
                 needs_act=True),
         Backend("fp8", "e4m3 weights and activations, static scales (torch._scaled_mm), SM >= 8.9",
                 "cuda", "qdiff.backends.fp8:convert_fp8", max_w_bits=8, max_a_bits=8, needs_act=True),
+        Backend("openvino", "OpenVINO's CPU runtime: FakeQuantize from the calibrated grids, int8 kernels",
+                "cpu", "qdiff.backends.openvino:convert_openvino", max_w_bits=8, max_a_bits=8,
+                needs_act=True),
         Backend("w4a16", "packed 4-bit weights, dequantized inside a Triton GEMM / conv", "cuda",
                 "qdiff.backends.w4a16:convert_w4a16", max_w_bits=4, weight_only=True),
     )

@@ -82,6 +82,9 @@ def layer_report(model: nn.Module) -> dict[str, int]:
     ``simulated-matmul``. (A model quantized outside qdiff labels its own layers: see
     ``Method.kernels`` in the harness.)
     """
+    runtime = getattr(model, "runtime_kernels", None)
+    if runtime is not None:  # a model compiled for another runtime reports what that runs
+        return runtime()
     counts: dict[str, int] = {}
     for module in model.modules():
         kernel = getattr(type(module), "kernel", None)

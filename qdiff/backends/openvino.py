@@ -1,0 +1,263 @@
+"""The ``openvino`` backend: a calibrated model on OpenVINO's CPU runtime, with the suite's grids.
+
+OpenVINO is how diffusion models are deployed on CPUs (optimum-intel), and its int8 kernels are
+the CPU peer of the ``x86`` backend. The model goes there in the form OpenVINO's PyTorch
+frontend reads as quantization: every quantized layer becomes ``FakeQuantize`` on its input
+(``torch.fake_quantize_per_tensor_affine`` with the calibrated scale and zero point, on the
+uint8 range) and on its weight (``torch.fake_quantize_per_channel_affine`` of the already
+quantized weight, so AdaRound's learned rounding is kept exactly), then the float conv or
+linear; attention's two matmuls get ``FakeQuantize`` on both operands. OpenVINO's low-precision
+transformations turn each such pattern into an int8 kernel with int8 weights; whatever it
+cannot run in int8 runs in f32 with the same rounding (``kernels`` counts both, read from the
+compiled model's runtime precisions, so a fallback is never silent).
+
+:class:`OpenVINOModule` is the deployable: an ``nn.Module`` whose ``forward(x, t, **cond)``
+runs the compiled model. It compiles for the inputs it is first given (``ov.convert_model``
+needs an example; shapes stay dynamic), or explicitly through :meth:`OpenVINOModule.compile_for`,
+which the harness calls before anything is timed or sampled. The same class runs an FP model
+(FP32 on OpenVINO) and a model NNCF quantized (``ov_model=``). Inference threads: torch's
+thread count when it compiles. OpenVINO is optional (``pip install 'qdiff-bench[openvino]'``).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import warnings
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qdiff.backends.base import (
+    BackendError,
+    KernelLayer,
+    deploy_layers,
+    integer_weights,
+    static_int,
+    uint8_grid,
+    weight_bits,
+)
+from qdiff.modules import QuantLayer, QuantMatMul
+from qdiff.storage import storage_bytes
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise BackendError("backend openvino needs OpenVINO: pip install 'qdiff-bench[openvino]'") from None
+    return openvino
+
+
+class FakeQuantizeLayer(KernelLayer):
+    """A quantized Conv2d/Linear as OpenVINO's frontend reads quantization: FakeQuantize on the
+    input (calibrated per-tensor grid) and on the weight (per output channel), then the op."""
+
+    kernel = "openvino-fq"
+
+    def __init__(self, layer: QuantLayer) -> None:
+        super().__init__(layer)
+        bits = weight_bits(layer)
+        self.w_range = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        self.grids = []
+        for i, ((ints, scale), aq) in enumerate(
+            zip(integer_weights(layer, "openvino", bits), layer.act_quantizers(), strict=True)
+        ):
+            shape = (-1,) + (1,) * (ints.ndim - 1)
+            # The quantized weight itself (integers × step): FakeQuantize leaves it unchanged
+            # and OpenVINO stores it back as integers.
+            self.register_buffer(f"weight{i}", ints * scale.reshape(shape))
+            self.register_buffer(f"w_scale{i}", scale)
+            self.grids.append(uint8_grid(aq))
+        self.register_buffer("w_zero_point", torch.zeros(layer.weight.shape[0], dtype=torch.int32))
+
+    def part(self, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        scale, zero_point, qmin, qmax = self.grids[i]
+        x = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+        w = torch.fake_quantize_per_channel_affine(
+            getattr(self, f"weight{i}"), getattr(self, f"w_scale{i}"), self.w_zero_point, 0, *self.w_range
+        )
+        if self.conv:
+            stride, padding, dilation, groups = self.conv_args
+            return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+        return F.linear(x, w, bias)
+
+    def weight_bytes(self) -> int:
+        # Stored as integers of the grid's width once OpenVINO has compressed them.
+        bits = self.w_range[1].bit_length() + 1
+        return sum(getattr(self, f"weight{i}").numel() * bits // 8 for i in range(self.parts))
+
+
+class FakeQuantizeMatMul(nn.Module):
+    """Attention's ``a @ b`` with FakeQuantize on both operands (their calibrated grids)."""
+
+    kernel = "openvino-fq-matmul"
+
+    def __init__(self, matmul: QuantMatMul) -> None:
+        super().__init__()
+        self.grids = [uint8_grid(matmul.quant_a), uint8_grid(matmul.quant_b)]
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = (torch.fake_quantize_per_tensor_affine(t, *g) for t, g in zip((a, b), self.grids, strict=True))
+        return torch.matmul(a, b)
+
+
+def fake_quantize_form(qmodel: nn.Module) -> nn.Module:
+    """A copy of a calibrated model with every active quantizer as a FakeQuantize op."""
+    model = deploy_layers(qmodel, FakeQuantizeLayer, static_int)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantMatMul) and module.use_act_quant:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, FakeQuantizeMatMul(module))
+    return model
+
+
+class _Tensors(nn.Module):
+    """``model(x, t, **cond).sample`` as a function of positional tensors (what tracing takes)."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, x, t, *cond):
+        return self.model(x, t, **dict(zip(self.names, cond, strict=True))).sample
+
+
+def convert(model: nn.Module, names: tuple[str, ...], example: tuple[torch.Tensor, ...]):
+    """``model(x, t, **cond)`` as an ``openvino.Model`` (traced from ``example``; dynamic
+    shapes). OpenVINO's frontend traces with ``torch.jit.trace``: the tracer's warnings about
+    diffusers' Python branches on shapes, and torch's deprecation of the tracer, say nothing a
+    user can act on, so they are silenced."""
+    ov = import_openvino()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", "`torch.jit.trace", FutureWarning)
+        return ov.convert_model(_Tensors(model, names), example_input=example)
+
+
+def _rss_bytes() -> int | None:
+    """The process's resident bytes (Linux), or None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return None
+
+
+class OpenVINOModule(nn.Module):
+    """A denoiser compiled for OpenVINO's CPU runtime, called the suite's way.
+
+    Args:
+        model: the torch model to convert (FP, or a :func:`fake_quantize_form`); dropped once
+            compiled, so only OpenVINO's copy of the weights stays resident.
+        ov_model: an ``openvino.Model`` to compile instead (e.g. one NNCF quantized).
+        precision: ``INFERENCE_PRECISION_HINT`` (``f32``: no bf16 on AMX machines, so FP32 and
+            int8 rows compare the same arithmetic outside the int8 kernels).
+    """
+
+    def __init__(self, model: nn.Module | None = None, ov_model: Any = None, precision: str = "f32") -> None:
+        super().__init__()
+        if (model is None) == (ov_model is None):
+            raise ValueError("give OpenVINOModule a torch model or an openvino.Model")
+        self._torch = [model]  # a list: not a submodule, so .to() and state_dict leave it alone
+        self._ov_model = ov_model
+        # The weights as deployed: integers of their grids' width (OpenVINO compresses the
+        # FakeQuantize'd constants to them), scales, the rest at its dtype.
+        self.stored = storage_bytes(model) if model is not None else _constant_bytes(ov_model)
+        self.precision = precision
+        self.compiled = None
+        self.names: tuple[str, ...] = ()
+        self.held_bytes = 0
+        self.threads = None
+
+    def compile_for(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> None:
+        """Convert (from an example of the inputs; shapes stay dynamic) and compile, once."""
+        if self.compiled is not None:
+            return
+        self.names = tuple(cond)
+        core = _core()  # the CPU plugin loaded before the measurement: it is not the model's
+        gc.collect()
+        before = _rss_bytes()
+        ov_model = self._ov_model
+        if ov_model is None:
+            example = (x.float(), t, *(cond[k] for k in self.names))
+            ov_model = convert(self._torch[0], self.names, example)
+        self.threads = torch.get_num_threads()
+        config = {"INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": self.precision}
+        self.compiled = core.compile_model(ov_model, "CPU", config)
+        # Only the compiled model's own copy of the weights stays: the torch model and the
+        # converted graph (which shares the torch weights) go.
+        self._torch, self._ov_model = [None], None
+        del ov_model
+        gc.collect()
+        after = _rss_bytes()
+        self.held_bytes = 0 if before is None or after is None else max(after - before, 0)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor):
+        if self.compiled is None:
+            self.compile_for(x, t, **cond)
+        dtype = x.dtype
+        inputs = [x.float(), t, *(cond[k] for k in self.names)]
+        out = self.compiled([v.detach().cpu().numpy() for v in inputs])[0]
+        return SimpleNamespace(sample=torch.from_numpy(out).to(dtype))
+
+    def opaque_bytes(self) -> int:
+        """What compiling made resident (RSS growth across it, once the torch model and the
+        converted graph are gone): OpenVINO's weights in its kernels' layout, and its plugin."""
+        return self.held_bytes
+
+    def runtime_kernels(self) -> dict[str, int]:
+        """Convolutions and matmuls of the compiled model by the precision they run in
+        (``openvino-u8``/``-i8``: int8 kernels; ``openvino-f32``: float), from its runtime graph."""
+        if self.compiled is None:
+            return {}
+        counts: dict[str, int] = {}
+        for op in self.compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            if "layerType" not in info or info["layerType"].astype(str) not in GEMM_LAYERS:
+                continue
+            name = f"openvino-{info['runtimePrecision'].astype(str)}"
+            counts[name] = counts.get(name, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def deployed_storage(self) -> dict[str, int]:
+        """:func:`qdiff.storage_bytes`'s parts for the deployed weights."""
+        return dict(self.stored)
+
+
+GEMM_LAYERS = ("Convolution", "Deconvolution", "FullyConnected", "MatMul")
+
+
+def _core():
+    """One OpenVINO runtime per process (its CPU plugin loads once)."""
+    global _CORE
+    if _CORE is None:
+        _CORE = import_openvino().Core()
+        _CORE.get_property("CPU", "FULL_DEVICE_NAME")
+    return _CORE
+
+
+_CORE = None
+
+
+def _constant_bytes(ov_model) -> dict[str, int]:
+    """Weights of an ``openvino.Model`` as stored: its integer constants (NNCF's compressed
+    weights) and its float ones."""
+    parts = {"quantized_weights": 0, "grids": 0, "other": 0}
+    for op in ov_model.get_ops():
+        if op.get_type_name() == "Constant":
+            kind = "quantized_weights" if op.get_element_type().is_integral() else "other"
+            parts[kind] += op.get_byte_size()
+    return {**parts, "total": sum(parts.values())}
+
+
+def convert_openvino(qmodel: nn.Module) -> nn.Module:
+    """A calibrated W8A8-or-narrower model on OpenVINO's CPU runtime (int8 where its kernels
+    take the FakeQuantize pattern), compiled on its first call or :meth:`~OpenVINOModule.compile_for`."""
+    import_openvino()
+    if next(qmodel.parameters()).device.type != "cpu":
+        raise BackendError("backend openvino runs on the CPU; move the model there")
+    return OpenVINOModule(fake_quantize_form(qmodel))

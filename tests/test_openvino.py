@@ -1,0 +1,113 @@
+"""OpenVINO as a backend (the suite's grids as FakeQuantize, run by OpenVINO's int8 kernels), as
+a compile mode (FP32 on OpenVINO) and NNCF's PTQ as a baseline on the same runtime."""
+
+import json
+
+import pytest
+import torch
+from helpers import calib_for, sqnr_db, tiny_matrix
+
+import qdiff
+from qdiff.backends import layer_report
+
+pytest.importorskip(
+    "openvino", reason="the openvino extra is not installed (pip install 'qdiff-bench[openvino]')"
+)
+pytest.importorskip(
+    "nncf", reason="the openvino extra is not installed (pip install 'qdiff-bench[openvino]')"
+)
+
+from qdiff.backends.openvino import FakeQuantizeLayer, OpenVINOModule, fake_quantize_form
+
+W8A8 = qdiff.QConfig(
+    weight=qdiff.QuantSpec(8, True, "channel"), act=qdiff.QuantSpec(8), recon=qdiff.ReconConfig(method="none")
+)
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    from tiny_pipelines import unet2d
+
+    torch.manual_seed(0)
+    unet = unet2d(in_channels=1, sample_size=8).eval()
+    data = calib_for(unet, 16)
+    qmodel, _ = qdiff.quantize(unet, W8A8, data)
+    return unet, qmodel, data
+
+
+def test_the_fake_quantize_form_is_the_simulated_model(quantized):
+    # torch's own fake-quant ops on the calibrated grids compute exactly what qdiff simulates.
+    _, qmodel, data = quantized
+    x, t = data.x[:4], data.t[:4]
+    with torch.no_grad():
+        fake = qdiff.convert(qmodel, "fake")(x, t).sample
+        fq = fake_quantize_form(qmodel)
+        assert torch.allclose(fq(x, t).sample, fake, rtol=1e-5, atol=1e-5)
+    assert any(isinstance(m, FakeQuantizeLayer) for m in fq.modules())
+
+
+def test_openvino_runs_the_calibrated_grids_on_int8_kernels(quantized):
+    unet, qmodel, data = quantized
+    x, t = data.x[:4], data.t[:4]
+    deployed = qdiff.convert(qmodel, "openvino")
+    with torch.no_grad():
+        fake = qdiff.convert(qmodel, "fake")(x, t).sample
+        out = deployed(x, t).sample  # compiles on the first call
+        fp = unet(x, t).sample
+    # The deployment is the simulated model (not the FP one) up to int8 accumulation order.
+    assert sqnr_db(fake, out) >= 35 and sqnr_db(fake, out) > sqnr_db(fake, fp) + 5
+    kernels = layer_report(deployed)
+    n_layers = sum(isinstance(m, FakeQuantizeLayer) for m in fake_quantize_form(qmodel).modules())
+    int8 = sum(n for k, n in kernels.items() if k in ("openvino-u8", "openvino-i8"))
+    assert int8 >= n_layers  # every quantized conv/linear runs an int8 kernel (matmuls may too)
+    # Weights are counted as stored (int8 + scales), and what OpenVINO holds is resident.
+    stored = qdiff.storage_bytes(deployed)
+    assert stored["quantized_weights"] > 0 and stored["total"] < qdiff.storage_bytes(unet)["total"] / 3
+    assert qdiff.resident_bytes(deployed) == deployed.opaque_bytes() > 0
+    # Other batch sizes reuse the compiled model (dynamic shapes).
+    assert deployed(data.x[:7], data.t[:7]).sample.shape == (7, 1, 8, 8)
+
+
+def test_fp32_on_openvino_computes_the_torch_model(quantized):
+    unet, _, data = quantized
+    x, t = data.x[:4], data.t[:4]
+    model = OpenVINOModule(unet)
+    with torch.no_grad():
+        assert sqnr_db(unet(x, t).sample, model(x, t).sample) >= 60
+    assert set(layer_report(model)) == {"openvino-f32"}
+
+
+def test_nncf_quantizes_on_the_same_runtime(quantized):
+    from baselines.nncf_ptq import METHOD
+    from bench.spec import Bits, Budget
+
+    unet, _, data = quantized
+    config = METHOD.configure(Bits(8, 8), Budget(calib_timesteps=2, calib_samples=4))
+    assert config.calib.strategy == "uniform" and json.dumps(config.to_dict())
+    assert METHOD.unsupported(Bits(4, 8)) == "nncf-ptq quantizes to int8 only; use bits W8A8"
+    model, _ = METHOD.quantize(unet, config, lambda calib: data)
+    x, t = data.x[:4], data.t[:4]
+    with torch.no_grad():
+        assert sqnr_db(unet(x, t).sample, model(x, t).sample) >= 15  # 19.8 dB here (random weights)
+    assert "openvino-u8" in METHOD.kernels(model) or "openvino-i8" in METHOD.kernels(model)
+
+
+def test_a_matrix_compares_nncf_and_the_suites_grids_on_openvino(tmp_path):
+    from bench.matrix import load_matrix
+    from bench.runner import run_matrix
+
+    path = tiny_matrix(
+        tmp_path, methods="[linear, nncf-ptq]", bits="[W8A8]", backends="[openvino]",
+        compile="[off, openvino]", metrics="[psnr_vs_fp, latency_step, weight_bytes]",
+    )  # fmt: skip
+    rows = run_matrix(load_matrix(path), tmp_path, progress=False, log=lambda *a, **k: None)
+    assert {r["status"] for r in rows} == {"ok"}, [r["error"] for r in rows if r["status"] != "ok"]
+    timed = {
+        (r["method"], r["evaluation"].get("compile", "off")): r for r in rows if r["metric"] == "latency_step"
+    }
+    assert {("fp", "openvino"), ("linear", "off"), ("nncf-ptq", "off")} <= set(timed)
+    for method in ("linear", "nncf-ptq"):  # both run OpenVINO's int8 kernels, and say so
+        layers = timed[(method, "off")]["backend_layers"]
+        assert any(k in ("openvino-u8", "openvino-i8") for k in layers), (method, layers)
+    psnr = {r["method"]: r["value"] for r in rows if r["metric"] == "psnr_vs_fp"}
+    assert psnr["linear"] > 15 and psnr["nncf-ptq"] > 15  # sampled through OpenVINO, near FP
