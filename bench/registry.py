@@ -87,6 +87,7 @@ METRICS = Registry(
         "fid_vs_fp": "bench.metrics.fid:FID_VS_FP",
         "clip_score": "bench.metrics.clip:CLIP_SCORE",
         "latency_step": "bench.metrics.cost:LATENCY_STEP",
+        "deploy_sqnr": "bench.metrics.cost:DEPLOY_SQNR",
         "latency_e2e": "bench.metrics.cost:LATENCY_E2E",
         "peak_memory": "bench.metrics.cost:PEAK_MEMORY",
         "weight_bytes": "bench.metrics.cost:WEIGHT_BYTES",

@@ -485,7 +485,9 @@ def _evaluate(
             sample = lambda: adapter.sample(deployable(), n, seed, progress=steps)  # noqa: E731
             ready_model = lambda: ready(deployable(), adapter, spec)  # noqa: E731
             images, sample_s, sampled_peak = _timed_samples(key, n, sample, peak, before=ready_model)
-        ctx = EvalContext(spec, adapter, images, fp_images, deployable, ckpt.quantize_s, cached)
+        # The simulation the deployment is compared with (deploy_sqnr): qdiff's methods only.
+        simulated = None if method.backend else (lambda: qdiff.convert(ckpt.model.to(adapter.device), "fake"))
+        ctx = EvalContext(spec, adapter, images, fp_images, deployable, ckpt.quantize_s, cached, simulated)
         extra = {"qconfig": ckpt.qconfig, "weights_from": ckpt.weights_from, "sample_s": sample_s,
                  "recon": ckpt.report}  # fmt: skip
     if sampled_peak is not None:

@@ -37,6 +37,9 @@ class EvalContext:
             metrics; built on first use of :attr:`denoiser`, as the samples may be cached).
         quantize_s: seconds the method took to quantize (``None`` for the FP run).
         quantize_cached: whether the quantized checkpoint came from the cache.
+        make_simulated: builds the quantized model's simulation (fake quantization in floating
+            point) that the deployable runs with real kernels; ``None`` for the FP run and for
+            methods that quantize with another library (torchao, NNCF).
         memo: scratch space shared by this run's metrics (e.g. features FID and KID share).
     """
 
@@ -47,6 +50,7 @@ class EvalContext:
     make_denoiser: Callable[[], nn.Module] | None = None
     quantize_s: float | None = None
     quantize_cached: bool = False
+    make_simulated: Callable[[], nn.Module] | None = None
     memo: dict[Any, Any] = field(default_factory=dict)
 
     @cached_property
