@@ -81,6 +81,7 @@ METRICS = Registry(
         "psnr_vs_fp": "bench.metrics.quality:PSNR_VS_FP",
         "eps_mse": "bench.metrics.quality:EPS_MSE",
         "quantize_time": "bench.metrics.quality:QUANTIZE_TIME",
+        "quantize_peak_memory": "bench.metrics.quality:QUANTIZE_PEAK_MEMORY",
         "fid": "bench.metrics.fid:FID_METRIC",
         "kid": "bench.metrics.fid:KID_METRIC",
         "inception_score": "bench.metrics.fid:INCEPTION_SCORE",

@@ -487,7 +487,8 @@ def _evaluate(
             images, sample_s, sampled_peak = _timed_samples(key, n, sample, peak, before=ready_model)
         # The simulation the deployment is compared with (deploy_sqnr): qdiff's methods only.
         simulated = None if method.backend else (lambda: qdiff.convert(ckpt.model.to(adapter.device), "fake"))
-        ctx = EvalContext(spec, adapter, images, fp_images, deployable, ckpt.quantize_s, cached, simulated)
+        ctx = EvalContext(spec, adapter, images, fp_images, deployable, ckpt.quantize_s, cached, simulated,
+                          quantize_peak_mib=ckpt.quantize_peak_mib)  # fmt: skip
         extra = {"qconfig": ckpt.qconfig, "weights_from": ckpt.weights_from, "sample_s": sample_s,
                  "recon": ckpt.report}  # fmt: skip
     if sampled_peak is not None:
@@ -562,6 +563,9 @@ class Checkpoint:
         key: its cache key (the method, its configuration, the FP weights and the code).
         qconfig: the method's configuration, as the rows' ``qconfig`` column.
         quantize_s: seconds the method took, its bases' included.
+        quantize_peak_mib: peak memory of quantizing (MiB): the FP model once plus everything
+            the method held at its peak (its copies, calibration inputs, reconstruction state);
+            the largest of its bases' and its own for a refining method; None if unmeasured.
         report: what the method reported about its work (the rows' ``recon`` column), or None.
         weights_from: for a method with bases, the ``method bits`` it refined (``+``-joined).
     """
@@ -572,6 +576,7 @@ class Checkpoint:
     quantize_s: float
     report: dict[str, Any] | None = None
     weights_from: str | None = None
+    quantize_peak_mib: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -595,11 +600,17 @@ def _quantized(
     def build() -> Checkpoint:
         if method.bases(bits):
             return _refined(adapter, fp, fp_id, spec, code, progress, method, config, calibration, key)
+        calib = getattr(config, "calib", None)
+        if isinstance(calib, qdiff.CalibConfig):
+            calibration(calib)  # generated (FP sampling, shared by methods) outside the window
         units = progress.phase(f"quantize {spec.method} {spec.bits_label}", "units")
         t = time.perf_counter()
-        model, report = method.quantize(fp, config, calibration, progress=units)
+        with PeakWindow(adapter.device) as window:
+            model, report = method.quantize(fp, config, calibration, progress=units)
         seconds = time.perf_counter() - t
-        return Checkpoint(model, key, config.to_dict(), seconds, report)
+        return Checkpoint(
+            model, key, config.to_dict(), seconds, report, quantize_peak_mib=_quantize_peak(fp, window)
+        )
 
     if not method.checkpointable:
         return build(), False
@@ -616,17 +627,29 @@ def _refined(adapter, fp, fp_id, spec, code, progress, method, config, calibrati
         raise ValueError(
             f"{spec.method} builds on {first} {first_bits.label} but their configurations differ"
         )
-    models, seconds, sources = [], 0.0, []
+    models, seconds, sources, base_peaks = [], 0.0, [], []
     for name, bits in bases:
         base_spec = dataclasses.replace(spec, method=name, w_bits=bits.w, a_bits=bits.a)
         base, _ = _quantized(adapter, fp, fp_id, base_spec, code, progress)
         models.append(copy.deepcopy(base.model))
         seconds += base.quantize_s
+        base_peaks.append(base.quantize_peak_mib)
         sources.append(f"{name} {base.weights_from or bits.label}")
     t = time.perf_counter()
-    model = method.refine(fp, models, config, calibration, adapter.scheduler().alphas_cumprod)
+    with PeakWindow(adapter.device) as window:
+        model = method.refine(fp, models, config, calibration, adapter.scheduler().alphas_cumprod)
     seconds += time.perf_counter() - t
-    return Checkpoint(model, key, config.to_dict(), seconds, weights_from=" + ".join(sources))
+    peaks = [p for p in (*base_peaks, _quantize_peak(fp, window)) if p is not None]
+    return Checkpoint(model, key, config.to_dict(), seconds, weights_from=" + ".join(sources),
+                      quantize_peak_mib=max(peaks) if peaks else None)  # fmt: skip
+
+
+def _quantize_peak(fp: torch.nn.Module, window: PeakWindow) -> float | None:
+    """The FP model once plus the window's working memory (MiB), or None where the platform
+    cannot reset its peak."""
+    if window.working_mib is None:
+        return None
+    return round(qdiff.resident_bytes(fp) / 2**20 + window.working_mib, 1)
 
 
 def _images_problem(n: int, tensors: dict[str, torch.Tensor]) -> str | None:

@@ -213,3 +213,20 @@ def test_a_checkpoint_is_not_shared_between_samplings_that_calibrate_differently
     again = run(load_matrix(other), tmp_path / "a")  # same results root, same cache
     cached = {r["cached"] for r in again if r["metric"] == "quantize_time"}
     assert cached == {False} and {r["cached"] for r in rows if r["metric"] == "quantize_time"} == {False}
+
+
+def test_quantizing_reports_its_peak_memory_with_the_fp_model_once(tmp_path):
+    import qdiff
+    from bench.embedded.model import load_unet
+
+    matrix = load_matrix(tiny_matrix(tmp_path, methods="[linear, qdiff]", bits="[W8A8]",
+                                     metrics="[quantize_time, quantize_peak_memory]"))  # fmt: skip
+    rows = run(matrix, tmp_path / "results")
+    peak = {r["method"]: r for r in rows if r["metric"] == "quantize_peak_memory"}
+    fp_mib = qdiff.resident_bytes(load_unet()) / 2**20
+    for method in ("linear", "qdiff"):
+        assert peak[method]["status"] == "ok" and peak[method]["unit"] == "MiB"
+        assert fp_mib < peak[method]["value"] < 4096, method
+    # A second run reuses the checkpoints and reports their original peaks.
+    again = {r["method"]: r for r in run(matrix, tmp_path / "again") if r["metric"] == "quantize_peak_memory"}
+    assert again["qdiff"]["value"] == peak["qdiff"]["value"] and again["qdiff"]["cached"]

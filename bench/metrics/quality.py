@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from bench import stats
+from bench.errors import AvailabilityError
 
 
 @dataclass
@@ -40,6 +41,7 @@ class EvalContext:
         make_simulated: builds the quantized model's simulation (fake quantization in floating
             point) that the deployable runs with real kernels; ``None`` for the FP run and for
             methods that quantize with another library (torchao, NNCF).
+        quantize_peak_mib: the method's peak memory while quantizing (see ``QuantizePeakMemory``).
         memo: scratch space shared by this run's metrics (e.g. features FID and KID share).
     """
 
@@ -51,6 +53,7 @@ class EvalContext:
     quantize_s: float | None = None
     quantize_cached: bool = False
     make_simulated: Callable[[], nn.Module] | None = None
+    quantize_peak_mib: float | None = None
     memo: dict[Any, Any] = field(default_factory=dict)
 
     @cached_property
@@ -219,6 +222,31 @@ class QuantizeTime(CostMetric):
         return Measurement(round(ctx.quantize_s, 3), {"cached": ctx.quantize_cached})
 
 
+class QuantizePeakMemory(CostMetric):
+    """Peak memory of quantizing (MiB): the FP model counted once plus everything the method
+    held at its peak — its copies of the model, the calibration inputs, activation statistics,
+    reconstruction's cached block inputs and optimiser state. The FP trajectories that make the
+    calibration inputs are generated outside the measurement (methods share them). On a GPU the
+    allocator's peak, on Linux CPUs the process's peak RSS (see ``bench.metrics.cost.PeakWindow``).
+    A cached checkpoint reports its original figure; a refining method the largest of its
+    bases' and its own."""
+
+    name = "quantize_peak_memory"
+    unit = "MiB"
+    quantized_only = True
+    needs_images = False
+
+    def __call__(self, ctx: EvalContext) -> Measurement | None:
+        if ctx.quantize_s is None:
+            return None
+        if ctx.quantize_peak_mib is None:
+            raise AvailabilityError(
+                "this checkpoint's quantization peak was not measured (a cache entry from before "
+                "the metric, or a platform whose peak cannot be reset)"
+            )
+        return Measurement(ctx.quantize_peak_mib, {"cached": ctx.quantize_cached})
+
+
 class EpsError(Metric):
     """The deployed denoiser's noise-prediction error against the FP denoiser's, per sampler
     step, on FP trajectories that no method calibrated on (seed ``HELD_OUT_SEED``): the mean
@@ -268,3 +296,4 @@ DIGITS_FD = DigitsFD()
 EPS_MSE = EpsError()
 PSNR_VS_FP = PSNRvsFP()
 QUANTIZE_TIME = QuantizeTime()
+QUANTIZE_PEAK_MEMORY = QuantizePeakMemory()

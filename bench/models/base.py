@@ -18,7 +18,9 @@ import qdiff
 from bench.spec import ModelTraits, Sampling, resolve_device
 
 # What every model measures about cost (bench.metrics.cost, and the method's own time).
-COST_METRICS = ("quantize_time", "latency_step", "latency_e2e", "peak_memory", "weight_bytes")
+COST_METRICS = (
+    "quantize_time", "quantize_peak_memory", "latency_step", "latency_e2e", "peak_memory", "weight_bytes",
+)  # fmt: skip
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
