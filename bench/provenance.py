@@ -81,6 +81,7 @@ def environment(device: torch.device) -> dict[str, str]:
         "cuda": torch.version.cuda or "none",
         "diffusers": _version("diffusers"),
         "triton": _version("triton"),
+        "openvino": _version("openvino"),  # the openvino backend and compile mode, nncf-ptq
         # The CPU's vector ISA decides which int8 kernels run (and whether they are exact).
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
