@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=PATTERN",
-        help="run only matching cells; keys model, method, bits, seed; shell patterns; repeatable",
+        help="run only matching cells; keys model, method, bits, seed, calib_seed, backend, compile; "
+        "shell patterns; repeatable",
     )
     run.add_argument(
         "--resume",

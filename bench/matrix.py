@@ -523,6 +523,7 @@ def _build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
             if c.matches({"compile": rule.get("compile", ("*",))})
         ]
         runs.extend(added)
+    runs = [r for r in map(_without_simulation_metrics, runs) if r.metrics]
     runs = _with_fp_references(runs, compile_modes)
     seen: dict[str, list[str]] = {}  # a problem shared by many runs is reported once
     for run in runs:
@@ -621,6 +622,16 @@ def _compiled(run: RunSpec, modes: list[str]) -> list[RunSpec]:
             evaluation = dataclasses.replace(run.evaluation, compile=mode)
             out.append(dataclasses.replace(run, evaluation=evaluation, metrics=metrics))
     return out
+
+
+def _without_simulation_metrics(run: RunSpec) -> RunSpec:
+    """The run without the metrics that compare a deployment with its simulation when it has
+    none to compare (a method that deploys itself, or the ``fake`` backend, which deploys
+    nothing); otherwise every such run ends in a skipped row that resuming would retry."""
+    if run.is_fp or not (METHODS.get(run.method).backend or run.budget.backend == "fake"):
+        return run
+    metrics = tuple(m for m in run.metrics if not METRICS.get(m).needs_simulation)
+    return dataclasses.replace(run, metrics=metrics)
 
 
 def _with_fp_references(runs: list[RunSpec], compile_modes: list[str]) -> list[RunSpec]:

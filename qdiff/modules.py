@@ -203,6 +203,10 @@ class QuantMatMul(QuantModule):
         return torch.matmul(a, b)
 
 
+# Elements of one attention slice's score matrix (64 MiB in float32: one SD-1.5 head at 512²).
+SLICE_SCORES = 1 << 24
+
+
 class QuantAttnProcessor(nn.Module):
     """A diffusers attention processor whose two matmuls are :class:`QuantMatMul`.
 
@@ -247,12 +251,20 @@ class QuantAttnProcessor(nn.Module):
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
         query, key, value = (attn.head_to_batch_dim(t) for t in (query, key, value))
-
-        scores = self.qk(query, key.transpose(-1, -2)) * attn.scale
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = scores.float().softmax(dim=-1).to(query.dtype)
-        hidden_states = attn.batch_to_head_dim(self.pv(probs, value))
+        key = key.transpose(-1, -2)
+        # Attention slicing over batch x heads: the (fake-)quantized scores and probabilities
+        # cannot use a fused kernel, so each slice materialises its scores, and SD-1.5's 4096
+        # tokens make that 512 MiB per image per layer, several times over in the quantizers'
+        # temporaries. The grids are per tensor, so slicing changes no value; an observer sees
+        # one call per slice (the same extremes, a larger sample for the ``mse`` search).
+        rows = max(1, SLICE_SCORES // (query.shape[1] * key.shape[-1]))
+        out = []
+        for i in range(0, query.shape[0], rows):
+            mask = attention_mask
+            if mask is not None and mask.shape[0] > 1:
+                mask = mask[i : i + rows]
+            out.append(self._attend(attn, query[i : i + rows], key[i : i + rows], value[i : i + rows], mask))
+        hidden_states = attn.batch_to_head_dim(out[0] if len(out) == 1 else torch.cat(out))
 
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
@@ -260,3 +272,11 @@ class QuantAttnProcessor(nn.Module):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _attend(self, attn, query, key_t, value, attention_mask):
+        scores = self.qk(query, key_t) * attn.scale
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = scores.float().softmax(dim=-1).to(query.dtype)
+        del scores
+        return self.pv(probs, value)

@@ -19,8 +19,11 @@ memory torchao's layout takes, e.g. one byte per int4 value in its unpacked CPU 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import cache
 
 import torch
 from torch import nn
@@ -135,3 +138,22 @@ def resident_bytes(model: nn.Module) -> int:
     total = sum(_storage_bytes_once(leaf, seen) for t in tensors for _, leaf in _leaves(t))
     # Kernel layers' prepacked weights; a model compiled for another runtime, what it holds.
     return total + sum(m.opaque_bytes() for m in model.modules() if hasattr(m, "opaque_bytes"))
+
+
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None on other C libraries."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_heap() -> bool:
+    """Hand the C heap's free pages back to the kernel, so that memory a block allocates shows
+    as resident growth instead of silently reusing pages freed before it (glibc only)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

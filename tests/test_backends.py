@@ -83,6 +83,8 @@ def test_x86_matches_fake_quant_per_layer_and_whole_denoiser():
     data = calib_for(unet, 32)
     qmodel, _ = qdiff.quantize(unet, W8A8, data)
     fake, x86 = qdiff.convert(qmodel, "fake"), qdiff.convert(qmodel, "x86")
+    plain = {n: b.clone() for n, b in x86.named_buffers() if ".weight" in n}
+    stored = qdiff.storage_bytes(x86)
     x, t = data.x[:16], data.t[:16]
     per_layer = _per_layer_sqnr(fake, x86, x, t)
     assert len(per_layer) == 65  # every Conv2d and Linear runs oneDNN's int8 kernel
@@ -93,7 +95,14 @@ def test_x86_matches_fake_quant_per_layer_and_whole_denoiser():
         assert sqnr_db(fake(x, t).sample, x86(x, t).sample) >= 25
     assert layer_report(x86) == {"onednn-int8": 65, "simulated-matmul": 8}
     fp_bytes = qdiff.storage_bytes(unet)["total"]
-    assert qdiff.storage_bytes(x86)["total"] <= 0.27 * fp_bytes
+    assert qdiff.storage_bytes(x86) == stored and stored["total"] <= 0.27 * fp_bytes
+    # Weights once: eager calls replaced the int8 buffers with oneDNN's prepacked copies, and
+    # compiling gets exactly those integers back.
+    assert not any(".weight" in n for n, _ in x86.named_buffers())
+    assert qdiff.resident_bytes(x86) < stored["total"] + stored["quantized_weights"] / 2
+    qdiff.backends.for_compile(x86)
+    assert all(torch.equal(plain[n], b) for n, b in x86.named_buffers() if ".weight" in n)
+    assert plain.keys() == {n for n, _ in x86.named_buffers() if ".weight" in n}
 
 
 def test_x86_runs_smoothed_and_low_rank_layers(tiny_unet):

@@ -102,9 +102,10 @@ def test_a_matrix_compares_nncf_and_the_suites_grids_on_openvino(tmp_path):
     )  # fmt: skip
     rows = run_matrix(load_matrix(path), tmp_path, progress=False, log=lambda *a, **k: None)
     gap = {r["method"]: r for r in rows if r["metric"] == "deploy_sqnr"}
-    # The suite's grids on OpenVINO against their own simulation; NNCF has none to compare with.
+    # The suite's grids on OpenVINO against their own simulation; NNCF has none to compare
+    # with, so the matrix does not ask (a skipped row would be retried by every resume).
     assert gap["linear"]["status"] == "ok" and gap["linear"]["value"] >= 30
-    assert gap["nncf-ptq"]["status"] == "skipped" and "no simulated model" in gap["nncf-ptq"]["error"]
+    assert "nncf-ptq" not in gap and any(r["method"] == "nncf-ptq" for r in rows)
     rows = [r for r in rows if r["metric"] != "deploy_sqnr"]
     assert {r["status"] for r in rows} == {"ok"}, [r["error"] for r in rows if r["status"] != "ok"]
     timed = {

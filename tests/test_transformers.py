@@ -82,6 +82,24 @@ def test_attention_matmuls_match_torch_fake_quant_and_fp_when_switched_off(dit, 
     assert 25 < sqnr_db(fp, _out(model, calib)) < 80
 
 
+def test_attention_slicing_changes_no_value_and_no_minmax_grid(dit, calib, monkeypatch):
+    """Slices of one batch x head row each (as SD-1.5 at 512² gets) compute what one slice does:
+    the same calibrated grids (their extremes) and the same output."""
+    recipe = qdiffusion_recipe(Bits.parse("W8A8"))
+    minmax = {"act": recipe.act, "attn_probs": recipe.probs_spec}
+    recipe = replace(recipe, **{k: replace(spec, scale_search="minmax") for k, spec in minmax.items()})
+    whole = qdiff.calibrate(qdiff.prepare(dit.denoiser(), recipe), calib)
+    monkeypatch.setattr("qdiff.modules.SLICE_SCORES", 1)
+    sliced = qdiff.calibrate(qdiff.prepare(dit.denoiser(), recipe), calib)
+    for (name, a), b in zip(whole.state_dict().items(), sliced.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    attn = sliced.transformer_blocks[0].attn1
+    calls = []
+    attn.processor.qk.register_forward_hook(lambda *_: calls.append(1))
+    assert torch.allclose(_out(whole, calib), _out(sliced, calib), atol=1e-5)
+    assert len(calls) == len(calib) * attn.heads  # it did slice
+
+
 def test_reconstruction_lowers_held_out_error_per_timestep_on_the_dit(dit, calib, held_out):
     """BRECQ on the DiT's blocks, judged on trajectories it never saw, timestep by timestep:
     better in total and at most timesteps (a small budget need not win every one)."""

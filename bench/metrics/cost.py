@@ -12,8 +12,6 @@ quantized layer ran (``backend_layers``).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import math
 import resource
@@ -21,7 +19,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -33,8 +30,9 @@ from bench.metrics.quality import CostMetric, EvalContext, Measurement, Metric
 from bench.models.base import in_dtype, model_dtype
 from bench.registry import METHODS
 from bench.spec import resolve_device
-from qdiff.backends import layer_report
+from qdiff.backends import for_compile, layer_report
 from qdiff.backends.x86 import compile_setup
+from qdiff.storage import release_free_heap
 
 MIB = 2**20
 LATENCY_SETTINGS = ("latency_warmup", "latency_repeats", "compile")
@@ -160,7 +158,9 @@ def compile_static(model: nn.Module, backend: str) -> nn.Module:
     worker), and a run's compiled model must not depend on what ran before it.
     """
     torch._dynamo.reset()
-    return torch.compile(model, backend=backend, dynamic=False)
+    # Kernel layers that prepacked their weights in eager calls (x86) give back the plain
+    # ones the compiled graph is traced from.
+    return torch.compile(for_compile(model), backend=backend, dynamic=False)
 
 
 def ready(model: nn.Module, adapter, spec) -> nn.Module:
@@ -200,12 +200,14 @@ def _denoiser(ctx: EvalContext) -> nn.Module:
             # prepacked) and the int8 lowering passes the x86 backend needs.
             compile_setup()
         if mode != "off":
-            compiled = _openvino(model) if mode == "openvino" else compile_static(model, mode)
-            ready(compiled, ctx.adapter, ctx.spec)
             x, t, kwargs = ctx.adapter.step_inputs(ctx.spec.sampling.batch_size, ctx.spec.seed)
             x, kwargs = in_dtype(model_dtype(model), x, kwargs)
             with torch.no_grad():
-                eager, out = model(x, t, **kwargs).sample, compiled(x, t, **kwargs).sample
+                eager = model(x, t, **kwargs).sample
+            compiled = _openvino(model) if mode == "openvino" else compile_static(model, mode)
+            ready(compiled, ctx.adapter, ctx.spec)
+            with torch.no_grad():
+                out = compiled(x, t, **kwargs).sample
                 simulated = None
                 if ctx.make_simulated is not None and sqnr(eager, out) < COMPILED_MIN_SQNR_DB:
                     x32, kwargs32 = in_dtype(torch.float32, x, kwargs)
@@ -270,25 +272,6 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-@cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None on other C libraries."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def _release_free_heap() -> bool:
-    """Hand the C heap's free pages back to the kernel, so that memory a block allocates shows
-    as resident growth instead of silently reusing pages freed before it (glibc only)."""
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
-
-
 class PeakWindow:
     """Memory over a ``with`` block. After it:
 
@@ -310,7 +293,7 @@ class PeakWindow:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before = torch.cuda.memory_allocated(self.device)
             self.source = "torch.cuda.max_memory_allocated"
-        elif sys.platform == "linux" and _release_free_heap() and _rss_peak_reset():
+        elif sys.platform == "linux" and release_free_heap() and _rss_peak_reset():
             self.before = _rss_kib("VmRSS") * 1024
             self.source = "peak RSS of the process (VmHWM, reset and free heap released before)"
         else:  # cannot reset: the process's lifetime peak, an upper bound
@@ -453,12 +436,14 @@ class DeploySQNR(Metric):
     (fake-quant) model's, on one call at the first sampler step's inputs and the run's batch
     size. Simulated quality is what PTQ papers report; this says how much of it the real
     kernels keep (MQBench's lesson: deployment rounds, saturates and accumulates differently).
-    Skipped for methods without a simulation (torchao, NNCF) and for the ``fake`` backend."""
+    Matrices leave it out of runs of methods without a simulation (torchao, NNCF) and of the
+    ``fake`` backend, and it is skipped where it is asked for there."""
 
     name = "deploy_sqnr"
     unit = "dB"
     higher_is_better = True
     quantized_only = True
+    needs_simulation = True
     needs_images = False
 
     def __call__(self, ctx: EvalContext) -> Measurement:

@@ -103,6 +103,9 @@ class Metric:
     requires: ClassVar[frozenset[str]] = frozenset()
     kind: ClassVar[str] = "quality"  # "quality" (of the images) or "cost" (time, memory, size)
     quantized_only: ClassVar[bool] = False  # measures the quantization itself: no FP row
+    # Compares a qdiff deployment with its simulation: the matrix leaves it out of runs that
+    # have none (methods deploying themselves, torchao's and NNCF's) or deploy nothing (``fake``).
+    needs_simulation: ClassVar[bool] = False
     settings: ClassVar[tuple[str, ...]] = ()  # the ``Evaluation`` fields it reads
     # Whether it reads the run's images; a run whose metrics all do not (step latency, weight
     # bytes, quantize time) generates none, which is what lets cost matrices on large

@@ -11,9 +11,9 @@ cost row carries that count (``backend_layers``), so a fallback is never silent.
 
 from __future__ import annotations
 
-from qdiff.backends.base import Backend, BackendError, KernelLayer, layer_report
+from qdiff.backends.base import Backend, BackendError, KernelLayer, for_compile, layer_report
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "KernelLayer", "get_backend", "layer_report"]
+__all__ = ["BACKENDS", "Backend", "BackendError", "KernelLayer", "for_compile", "get_backend", "layer_report"]
 
 BACKENDS: dict[str, Backend] = {
     b.name: b

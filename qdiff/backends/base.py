@@ -149,6 +149,10 @@ class KernelLayer(nn.Module):
         library's prepacked weights); 0 unless a backend keeps such tensors."""
         return 0
 
+    def for_compile(self) -> None:
+        """Put the layer in the form ``torch.compile`` traces: a backend whose eager calls
+        replace the stored weights with a kernel library's prepacked copy gives them back."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_layer(self.transforms, x, self._parts)
 
@@ -157,7 +161,21 @@ class KernelLayer(nn.Module):
             return self.part(0, x, self.bias)
         dim = 1 if self.conv else -1
         first, second = x.split([self.split, x.shape[dim] - self.split], dim)
-        return self.part(0, first, self.bias) + self.part(1, second, None)
+        return self.accumulate(1, second, self.part(0, first, self.bias))
+
+    def accumulate(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out + part(i, x)``, written into ``out`` (a kernel's fresh output): the sum of a
+        split layer's halves needs no third output-sized tensor."""
+        return out.add_(self.part(i, x, None))
+
+
+def for_compile(model: nn.Module) -> nn.Module:
+    """``model`` with every kernel layer in the form ``torch.compile`` traces
+    (:meth:`KernelLayer.for_compile`), in place."""
+    for module in model.modules():
+        if isinstance(module, KernelLayer):
+            module.for_compile()
+    return model
 
 
 def static_int(layer: QuantLayer) -> bool:

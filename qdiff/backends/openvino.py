@@ -41,7 +41,7 @@ from qdiff.backends.base import (
     weight_bits,
 )
 from qdiff.modules import QuantLayer, QuantMatMul
-from qdiff.storage import storage_bytes
+from qdiff.storage import release_free_heap, storage_bytes
 
 
 def import_openvino():
@@ -180,6 +180,7 @@ class OpenVINOModule(nn.Module):
         self.names = tuple(cond)
         core = _core()  # the CPU plugin loaded before the measurement: it is not the model's
         gc.collect()
+        release_free_heap()
         before = _rss_bytes()
         ov_model = self._ov_model
         if ov_model is None:
@@ -193,6 +194,7 @@ class OpenVINOModule(nn.Module):
         self._torch, self._ov_model = [None], None
         del ov_model
         gc.collect()
+        release_free_heap()  # what conversion freed but the allocator kept is not the model's
         after = _rss_bytes()
         grown = 0 if before is None or after is None else max(after - before, 0)
         # A model handed in already converted (NNCF's) holds its weights from before the
@@ -209,9 +211,9 @@ class OpenVINOModule(nn.Module):
 
     def opaque_bytes(self) -> int:
         """What the compiled model holds: the process's RSS growth across converting and
-        compiling (once the torch model and the converted graph are gone: OpenVINO's weights in
-        its kernels' layout, and what the allocator kept of the conversion), and at least its
-        weights as stored."""
+        compiling (once the torch model and the converted graph are gone and the C heap's free
+        pages handed back: OpenVINO's weights in its kernels' layout), and at least its weights
+        as stored."""
         return self.held_bytes
 
     def runtime_kernels(self) -> dict[str, int]:

@@ -46,9 +46,22 @@ from qdiff.modules import QuantLayer
 EXACT_INT8 = torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
 
 
+# Bytes of float input a strided view is quantized in at a time (see quantize_uint8).
+STRIDED_CHUNK = 8 << 20
+
+
 def quantize_uint8(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
     """``clamp(round(x / scale) + zero_point, qmin, qmax)`` as uint8 (``qmin``/``qmax`` already
     shifted to the unsigned range)."""
+    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    rows = max(1, STRIDED_CHUNK // max(1, x[0].numel() * x.element_size())) if x.ndim else 0
+    if not dense and x.shape[0] > rows:
+        # A strided view (one half of a split layer's input): quantize_per_tensor copies its
+        # input whole to a dense float tensor first; a few samples at a time bound that copy.
+        out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+        for start in range(0, x.shape[0], rows):
+            out[start : start + rows] = quantize_uint8(x[start : start + rows], scale, zero_point, qmin, qmax)
+        return out
     with warnings.catch_warnings():
         # One fused pass (5× faster than the elementwise ops); quantized tensor types are
         # deprecated (pytorch#184982) but this op is still the fastest way to uint8 here.
@@ -74,6 +87,8 @@ class X86Int8Layer(KernelLayer):
         # into the uint8 range. Eager calls pack the weight into oneDNN's blocked layout on first
         # use (an opaque tensor, so a plain attribute rather than a buffer).
         self.packed: list[torch.Tensor] = []
+        self.stored_bytes = 0
+        self.traceable = False  # see for_compile
         self.grids: list[tuple[float, int, int, int]] = []
         parts = zip(integer_weights(layer, "x86", 8), layer.act_quantizers(), strict=True)
         for i, ((ints, scale), aq) in enumerate(parts):
@@ -86,6 +101,7 @@ class X86Int8Layer(KernelLayer):
         self.register_buffer("w_zero_point", torch.zeros(layer.weight.shape[0], dtype=torch.int64))
 
     def _pack(self) -> None:
+        stored = super().weight_bytes()
         for i in range(self.parts):
             w8, scale = getattr(self, f"weight{i}"), getattr(self, f"w_scale{i}")
             if self.conv:
@@ -97,6 +113,25 @@ class X86Int8Layer(KernelLayer):
             else:
                 packed = torch.ops.onednn.qlinear_prepack(w8, None)
             self.packed.append(packed)
+        # The weights are kept once: oneDNN's blocked copy replaces the plain integers, which
+        # only the decomposed form that ``torch.compile`` traces reads (:meth:`for_compile`).
+        self.stored_bytes = stored
+        if not self.traceable:
+            for i in range(self.parts):
+                self._buffers[f"weight{i}"] = None
+
+    def for_compile(self) -> None:
+        """The plain int8 weights back from the prepacked ones, which are dropped; from now
+        on an eager call keeps them beside its prepacked copy (a compiled model reads them)."""
+        for i, packed in enumerate(self.packed):
+            if getattr(self, f"weight{i}") is None:
+                dense = packed.to_dense()
+                self._buffers[f"weight{i}"] = dense if self.conv else dense.t().contiguous()
+        self.packed = []
+        self.traceable = True
+
+    def weight_bytes(self) -> int:
+        return self.stored_bytes if self.packed else super().weight_bytes()
 
     def part(self, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -120,12 +155,30 @@ class X86Int8Layer(KernelLayer):
             torch.float32, "none", [], "",
         )  # fmt: skip
 
+    def accumulate(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() or not self.conv:
+            return super().accumulate(i, x, out)
+        # oneDNN's sum post-op adds the product into ``out`` inside the kernel, so the second
+        # half's output is never materialised.
+        scale, zp, qmin, qmax = self.grids[i]
+        stride, padding, dilation, groups = self.conv_args
+        return torch.ops.onednn.qconv2d_pointwise.binary(
+            quantize_uint8(x, scale, zp, qmin, qmax), scale, zp, self.packed[i], getattr(self, f"w_scale{i}"),
+            self.w_zero_point, out, None, stride, padding, dilation, groups, 1.0, 0, torch.float32, 1.0, 0,
+            "sum", 1.0, "none", [], "",
+        )  # fmt: skip
+
     def _part_decomposed(self, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The same layer as PT2E's ``convert_pt2e`` writes it: quantize → dequantize the input,
         dequantize the int8 weight, float conv/linear. Under ``torch.compile`` (inductor, with
         freezing and torchao's x86 passes registered: :func:`compile_setup`) inductor lowers
         this to the same oneDNN int8 kernel and fuses the input quantization into the op that
         produces the input (GroupNorm, SiLU, a residual sum), which eager calls pay apart."""
+        if getattr(self, f"weight{i}") is None:
+            raise BackendError(
+                "this x86 layer keeps only oneDNN's prepacked weights once it runs eagerly; call "
+                "qdiff.backends.for_compile(model) before torch.compile"
+            )
         scale, zp, qmin, qmax = self.grids[i]
         qd = torch.ops.quantized_decomposed
         shape = x.shape
