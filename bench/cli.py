@@ -419,12 +419,12 @@ def _check(mine: Path, reference: Path) -> None:
     except (IncomparableError, StoreError) as exc:
         print(f"  not checked: {exc}")
         return
-    note = machine_note(table, reference, mine)
-    print("\n".join(f"  {line}" for line in [*([note] if note else []), *verdict(table).splitlines()]))
-    print(
-        f"  (each interval is 95 %: among many cells about 1 in 20 may fall outside by chance; "
-        f"details: qdiff-bench compare {reference} {mine})"
-    )
+    note = machine_note(table)
+    lines = [*(note.splitlines() if note else []), *verdict(table).splitlines()]
+    lines += ["('moved': outside its own 95 % interval, as about 1 cell in 20 is by chance; a",
+              "regression is judged over all cells at once), details:",
+              f"  qdiff-bench compare {reference} {mine}"]  # fmt: skip
+    print("\n".join(f"  {line}" for line in lines))
 
 
 def _executor_spec(spec, args: argparse.Namespace):
@@ -522,7 +522,7 @@ def _compare(args: argparse.Namespace) -> int:
     regressed = False
     for a, b in matrix_folders(args.a, args.b):
         table = compare(a, b, threshold, limits)
-        note = machine_note(table, a, b)
+        note = machine_note(table)
         print(f"## {a} → {b}\n" + (f"\n{note}\n" if note else "") + f"\n{to_markdown(table)}\n")
         regressed |= bool(table["regressed"].any())
     return 1 if regressed else 0

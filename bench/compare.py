@@ -5,9 +5,13 @@ backend when not ``fake`` —, bits, metric), the latest row of each run average
 and calibration seeds, with the two-level bootstrap interval that includes the runs' spread, so
 a method whose result moves with float rounding on another machine (a reconstruction landing on
 other roundings) carries that in its interval, given at least two calibration seeds. A gated
-cell regresses when B is worse than A (in the metric's own direction, ``higher_is_better``) by
-more than its threshold plus the two values' combined 95 % interval, or when it was ok in A and
-is not ok in B. Quality cells are
+cell regresses when it was ok in A and is not ok in B, or when B is worse than A (in the
+metric's own direction, ``higher_is_better``) by more than its threshold beyond the noise of
+the two values, judged over the whole matrix: each cell's one-sided p-value (its excess over
+the threshold in units of the difference's standard error) goes through Holm's step-down
+procedure, so that a clean rerun flags any cell at all with probability at most
+:data:`FAMILY_ALPHA`, however many cells are gated. With one gated cell that is the plain rule
+"worse by more than the threshold plus the combined 95 % interval". Quality cells are
 gated; cost cells (latencies, memory) are noisy and belong to asv (``benchmarks/``), so they are
 gated only when a per-metric threshold names them, and only within one machine.
 
@@ -35,6 +39,7 @@ from scipy import stats
 from bench.errors import IncomparableError, ThresholdError, UnknownNameError
 from bench.registry import METRICS
 from bench.report import MACHINE, cell_table, compile_modes, method_labels, protocol
+from bench.stats import LEVEL, holm
 from bench.store import load
 
 KEY = ["model", "method", "bits", "compile", "metric"]
@@ -43,6 +48,12 @@ KEY = ["model", "method", "bits", "compile", "metric"]
 ROUNDING = 1e-3
 # How a compared cell's value moved (``note``): reproduced, or moved beyond its noise.
 REPRODUCED = ("same", "within noise")
+# The chance that a clean rerun flags any gated cell (Holm over the matrix's gated cells). One
+# sided: only the worse direction is a regression, at the level the cells' two-sided 95 %
+# intervals leave on that side.
+FAMILY_ALPHA = (1 - LEVEL) / 2
+PROCEDURE = f"Holm's step-down over the gated cells, family-wise false-alarm rate <= {FAMILY_ALPHA:.1%}"
+Z95 = stats.norm.ppf(0.5 + LEVEL / 2)
 MOVED = ("worse", "better")
 
 
@@ -105,9 +116,9 @@ class Threshold:
             raise ThresholdError(f"threshold {text!r} must be >= 0")
         return cls(amount, relative)
 
-    def allows(self, worse_by: float, reference: float) -> bool:
-        limit = self.amount * abs(reference) / 100 if self.relative else self.amount
-        return worse_by <= limit + 1e-12
+    def amount_for(self, reference: float) -> float:
+        """How much worse than ``reference`` is allowed."""
+        return self.amount * abs(reference) / 100 if self.relative else self.amount
 
     def __str__(self) -> str:
         return f"{self.amount:g}{'%' if self.relative else ''}"
@@ -208,7 +219,7 @@ def compare(
         limit = limits.get(r["metric"], threshold if kind != "cost" else None)
         gated = limit is not None
         delta = r["value_b"] - r["value_a"] if r["status_a"] == r["status_b"] == "ok" else math.nan
-        noise = math.nan
+        noise = p = math.nan
         if r["_merge"] != "both":
             note = "only in A" if r["_merge"] == "left_only" else "only in B"
             regressed = gated and r["_merge"] == "left_only"
@@ -221,18 +232,33 @@ def compare(
         else:
             worse_by = -delta if higher else delta
             noise = max(math.hypot(r["half_width_a"], r["half_width_b"]), ROUNDING * abs(r["value_a"]))
-            regressed = gated and not limit.allows(worse_by - noise, r["value_a"])
+            if gated:
+                p = p_worse(worse_by - limit.amount_for(r["value_a"]), noise)
+            regressed = False  # decided over all gated cells below
             within = abs(delta) <= noise
             note = (
                 "same" if delta == 0 else "within noise" if within else "worse" if worse_by > 0 else "better"
             )
         records.append({**{k: r[k] for k in KEY}, "a": r["value_a"], "b": r["value_b"], "delta": delta,
-                        "noise": noise, "limit": "—" if limit is None else str(limit), "note": note,
+                        "noise": noise, "p": p, "limit": "—" if limit is None else str(limit), "note": note,
                         "regressed": regressed})  # fmt: skip
-    columns = [*KEY, "a", "b", "delta", "noise", "limit", "note", "regressed"]
+    tested = [i for i, rec in enumerate(records) if not math.isnan(rec["p"])]
+    for i, rejected in zip(tested, holm([records[i]["p"] for i in tested], FAMILY_ALPHA), strict=True):
+        records[i]["regressed"] = rejected
+    columns = [*KEY, "a", "b", "delta", "noise", "p", "limit", "note", "regressed"]
     table = pd.DataFrame.from_records(records, columns=columns)
     table.attrs["machines"] = (_machines(merged, "a"), _machines(merged, "b"))
     return table
+
+
+def p_worse(excess: float, noise: float) -> float:
+    """One-sided p-value of "B is worse than A by more than allowed", given by how much it is
+    (``excess``, negative when less) and the combined 95 % half-width of A and B (``noise``):
+    the chance of an excess this large if the true difference were exactly the allowed one
+    (normal errors; a cell without noise is a certainty either way)."""
+    if noise <= 0:
+        return 0.0 if excess > 1e-12 else 1.0
+    return float(stats.norm.sf(excess / (noise / Z95)))
 
 
 def _machines(merged: pd.DataFrame, side: str) -> list[str]:
@@ -244,16 +270,18 @@ def _machines(merged: pd.DataFrame, side: str) -> list[str]:
     return sorted(out)
 
 
-def machine_note(table: pd.DataFrame, a: str | Path, b: str | Path) -> str | None:
-    """A warning line when the two sides were measured on different machines (or None)."""
+def machine_note(table: pd.DataFrame) -> str | None:
+    """Lines saying that the two sides were measured on different machines (or None)."""
     ma, mb = table.attrs.get("machines", ([], []))
     if not ma or not mb or ma == mb:
         return None
-    return (
-        f"note: {a} was measured on {'; '.join(ma)} and {b} on {'; '.join(mb)}: quality cells are "
-        "compared (they must reproduce on any machine), cost cells only where both sides share "
-        "a machine"
-    )
+    return "\n".join([
+        "note: A and B were measured on different machines:",
+        f"  A: {'; '.join(ma)}",
+        f"  B: {'; '.join(mb)}",
+        "  quality cells are compared (they must reproduce on any machine), cost cells only where",
+        "  both sides share a machine",
+    ])  # fmt: skip
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -263,8 +291,8 @@ def to_markdown(table: pd.DataFrame) -> str:
     # The compile mode is a column only where some cell was timed compiled.
     key = KEY if (table["compile"] != "off").any() else [k for k in KEY if k != "compile"]
     lines = [
-        f"| {' | '.join(key)} | A | B | Δ (B − A) | noise (±) | allowed | note |",
-        "|" + "---|" * (len(key) + 6),
+        f"| {' | '.join(key)} | A | B | Δ (B − A) | noise (±) | p | allowed | note |",
+        "|" + "---|" * (len(key) + 7),
     ]
     for r in moved.itertuples():
         flag = " **REGRESSION**" if r.regressed else ""
@@ -273,6 +301,7 @@ def to_markdown(table: pd.DataFrame) -> str:
             _num(r.b),
             _num(r.delta),
             _num(r.noise),
+            _p_text(r.p),
             r.limit,
             r.note + flag,
         ]
@@ -287,8 +316,9 @@ def to_markdown(table: pd.DataFrame) -> str:
         f"\n{len(table)} cells: {same} identical, {beyond} moved beyond their noise, {within} within it"
         + (f", {elsewhere} cost cells measured on another machine not compared" if elsewhere else "")
         + f"; {n} regression(s) among {gated} gated cells (quality cells, and cost metrics given a "
-        "--max-regression). A cell regresses when it is worse by more than its threshold plus the "
-        "combined 95 % interval of A and B."
+        "--max-regression). 'noise' is the combined 95 % interval of A and B; p is the one-sided "
+        f"p-value of being worse by more than allowed; a cell regresses by {PROCEDURE}, or when it "
+        "failed in B."
     )
     return "\n".join(lines)
 
@@ -302,8 +332,11 @@ def verdict(table: pd.DataFrame) -> str:
     same = shared["note"].isin(REPRODUCED)
     lines = [f"{int(same.sum())} of {len(shared)} quality cells reproduce within their 95 % intervals"]
     for r in shared[~same].itertuples():
-        what = f"{r.note}: {_num(r.a)} → {_num(r.b)} (Δ {_num(r.delta)}, noise ± {_num(r.noise)})"
-        lines.append(f"  does not reproduce: {r.model} {r.method} {r.bits} {r.metric}: {what}")
+        what = f"{_num(r.a)} → {_num(r.b)} (Δ {_num(r.delta)}, noise ± {_num(r.noise)}, p {_p_text(r.p)})"
+        label = "REGRESSION" if r.regressed else r.note
+        lines.append(f"  {label}: {r.model} {r.method} {r.bits} {r.metric}: {what}")
+    n = int(quality["regressed"].sum())
+    lines.append(f"{n} regression(s) among {len(quality)} gated cells ({PROCEDURE})")
     for r in quality[~measured].itertuples():
         lines.append(f"  not compared: {r.model} {r.method} {r.bits} {r.metric}: {r.note}")
     cost = table[table["limit"] == "—"]
@@ -314,6 +347,10 @@ def verdict(table: pd.DataFrame) -> str:
         text = f"cost cells: {len(compared)} compared on the same machine ({moved} moved beyond noise)"
         lines.append(text + (f", {elsewhere} measured on another machine not compared" if elsewhere else ""))
     return "\n".join(lines)
+
+
+def _p_text(p: float) -> str:
+    return "—" if math.isnan(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _num(v: float) -> str:

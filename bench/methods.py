@@ -178,7 +178,7 @@ def quant_specs(bits: Bits, scale_search: str) -> dict[str, qdiff.QuantSpec | No
     Weight grids are *symmetric* where the official code's are asymmetric: every integer
     kernel here (oneDNN's int8 convolutions, the Triton int8 and w4a16 kernels) takes weights
     with zero point 0, and a quality number should describe the model a backend deploys. The
-    cost of that choice is measured in the README (``qdiff-asym``).
+    cost of that choice is measured in docs/results.md (``qdiff-asym``).
     """
     return {
         "weight": None if bits.w is None else qdiff.QuantSpec(bits.w, True, "channel", scale_search),

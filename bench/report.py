@@ -106,6 +106,25 @@ def _interval(values: pd.Series, boots: pd.Series) -> tuple[float, float, float]
     return ci.estimate, ci.low, ci.high
 
 
+# A ``latency_step`` row also carries that step's deployed memory (``step_peak_mib``): the
+# boards show it as a cost metric of its own.
+STEP_MEMORY = "step_memory"
+
+
+def _with_step_memory(df: pd.DataFrame) -> pd.DataFrame:
+    if "step_peak_mib" not in df:
+        return df
+    steps = df[(df["metric"] == "latency_step") & df["step_peak_mib"].notna()].copy()
+    if not len(steps):
+        return df
+    steps["metric"], steps["unit"], steps["higher_is_better"] = STEP_MEMORY, "MiB", False
+    steps["value"] = steps["step_peak_mib"]
+    for col in ("boot", "delta_boot", "delta"):
+        if col in steps:
+            steps[col] = None
+    return pd.concat([df, steps], ignore_index=True)
+
+
 def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     """Aggregate the latest rows over seeds: one row per (model, method, bits, metric).
 
@@ -117,7 +136,7 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     delta_low/delta_high, within_noise (the delta's interval holds 0), rank (ties where
     intervals overlap), status, error, unit, higher_is_better, kind, extras of the FP row.
     """
-    df = df.copy()
+    df = _with_step_memory(df)
     df["method"] = method_labels(df)
     df["compile"] = compile_modes(df)
     df["protocol"] = protocol(df)
@@ -318,7 +337,12 @@ def _best(quant: pd.DataFrame) -> set[tuple[str, str, str, str]]:
 # A cost cell is highlighted only when it beats its paired FP run by more than this (timing
 # noise between repeated runs is a few per cent), and only if it was measured on a real backend.
 REAL_IMPROVEMENT = 0.05
-SIMULATED_COSTS = ("latency_step", "latency_e2e", "peak_memory")  # meaningless on the fake backend
+SIMULATED_COSTS = (
+    "latency_step",
+    "latency_e2e",
+    "peak_memory",
+    STEP_MEMORY,
+)  # meaningless on the fake backend
 
 
 def _simulated(c) -> bool:
@@ -565,7 +589,8 @@ def _metric_legend(cells: pd.DataFrame) -> list[str]:
     out = []
     for metric, g in cells.groupby("metric", sort=False):
         arrow = "higher is better" if g["higher_is_better"].iloc[0] else "lower is better"
-        out.append(f"`{metric}` ({g['unit'].iloc[0]}, {arrow})")
+        what = ": the deployed model's resident weights plus one latency_step call's working memory"
+        out.append(f"`{metric}` ({g['unit'].iloc[0]}, {arrow}{what if metric == STEP_MEMORY else ''})")
     return out
 
 

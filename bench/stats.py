@@ -132,3 +132,16 @@ def tie_ranks(intervals: Sequence[tuple[float, float, float]], higher_is_better:
             better = sum(o_high < low for _, _, o_high in intervals)
         ranks.append(1 + better)
     return ranks
+
+
+def holm(p_values: Sequence[float], alpha: float) -> list[bool]:
+    """Holm's step-down procedure (Holm 1979): which hypotheses to reject so that the chance of
+    rejecting any true one is at most ``alpha`` whatever their dependence. The i-th smallest p
+    (from 0) is rejected while it is <= ``alpha / (m - i)``; the first that is not stops it."""
+    m = len(p_values)
+    rejected = [False] * m
+    for rank, i in enumerate(sorted(range(m), key=lambda k: p_values[k])):
+        if p_values[i] > alpha / (m - rank):
+            break
+        rejected[i] = True
+    return rejected

@@ -74,7 +74,7 @@ def test_compare_exits_non_zero_past_the_threshold(tmp_path, capsys):
     b = fixture_store(tmp_path / "b", qdiff_w4=23.0)
     assert main(["compare", str(a), str(b), "--threshold", "5%"]) == 1
     assert (
-        "qdiff | W4A8 | digits_fd | 20.5 | 23.5 | 3 | 0.0205 | 5% | worse **REGRESSION**"
+        "qdiff | W4A8 | digits_fd | 20.5 | 23.5 | 3 | 0.0205 | < 0.001 | 5% | worse **REGRESSION**"
         in capsys.readouterr().out
     )
     assert main(["compare", str(a), str(b), "--threshold", "20%"]) == 0
