@@ -77,6 +77,7 @@ METRICS = Registry(
     "metric",
     {
         "digits_fd": "bench.metrics.quality:DIGITS_FD",
+        "fd_to_fp": "bench.metrics.quality:FD_TO_FP",
         "class_accuracy": "bench.metrics.quality:CLASS_ACCURACY",
         "psnr_vs_fp": "bench.metrics.quality:PSNR_VS_FP",
         "eps_mse": "bench.metrics.quality:EPS_MSE",
@@ -87,6 +88,7 @@ METRICS = Registry(
         "inception_score": "bench.metrics.fid:INCEPTION_SCORE",
         "fid_vs_fp": "bench.metrics.fid:FID_VS_FP",
         "clip_score": "bench.metrics.clip:CLIP_SCORE",
+        "lpips_vs_fp": "bench.metrics.lpips_metric:LPIPS_VS_FP",
         "latency_step": "bench.metrics.cost:LATENCY_STEP",
         "deploy_sqnr": "bench.metrics.cost:DEPLOY_SQNR",
         "latency_e2e": "bench.metrics.cost:LATENCY_E2E",

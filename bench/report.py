@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench import stats
+from bench import claims, stats
 from bench.fsio import write_atomic
 from bench.store import ResultStore, load
 
@@ -624,6 +624,7 @@ def to_markdown(
             lines.append("| " + " | ".join([*key, *shown]) + " |")
     if notes:
         lines.extend(["", *[f"[{i}] {n}" for i, n in enumerate(notes, 1)]])
+    lines.extend(claims.to_markdown(claims.gap_ratios(df)))
     split = time_split(df)
     if split:
         lines.extend(
@@ -859,7 +860,7 @@ def to_html(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style>"
         f"</head><body><h1>{esc(title)}</h1><p>{esc(CELLS_LEGEND)} Metrics: {esc(legend)}.</p>"
         f"<ul>{floors}</ul>"
-        f"{''.join(sections)}<ol>{note_list}</ol>"
+        f"{''.join(sections)}<ol>{note_list}</ol>{claims.to_html(claims.gap_ratios(df))}"
         f"<h2>Plots</h2>{figures or '<p>No ok quality cells to plot.</p>'}{times}"
         f"<h2>Over commits</h2><p>{TRENDS_HTML}</p>"
         f"<h2>Provenance</h2><table>{prov}</table></body></html>\n"

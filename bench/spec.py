@@ -203,6 +203,8 @@ class Evaluation:
             weights, so it is not hashed.
         clip_model / clip_pretrained: open_clip architecture and pretrained tag or local
             checkpoint for CLIP score (default ViT-L/14 OpenAI, the torchmetrics default).
+        lpips_weights: a local file with torchvision's AlexNet weights for ``lpips_vs_fp``;
+            empty: torch's hub cache. It locates the standard weights, so it is not hashed.
         latency_warmup / latency_repeats: untimed and timed repetitions of each latency
             measurement (median and interquartile range over the timed ones).
         compile: ``off``, the ``torch.compile`` backend to time the denoiser with, or
@@ -216,6 +218,7 @@ class Evaluation:
     inception_weights: str = ""
     clip_model: str = "ViT-L-14"
     clip_pretrained: str = "openai"
+    lpips_weights: str = ""
     latency_warmup: int = 2
     latency_repeats: int = 10
     compile: str = "off"
@@ -225,7 +228,7 @@ SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(Sampling))
 BUDGET_KEYS = tuple(f.name for f in dataclasses.fields(Budget) if f.name != "calib_seed")
 EVALUATION_KEYS = tuple(f.name for f in dataclasses.fields(Evaluation))
 SETTING_KEYS = SAMPLING_KEYS + BUDGET_KEYS + EVALUATION_KEYS
-UNHASHED_SETTINGS = ("inception_weights",)
+UNHASHED_SETTINGS = ("inception_weights", "lpips_weights")
 
 
 def _sampling_identity(sampling: Sampling) -> dict[str, Any]:

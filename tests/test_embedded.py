@@ -130,3 +130,55 @@ def test_guidance_scale_below_one_is_refused_when_the_matrix_loads():
         "guidance_scale=0.5; give a number ≥ 1 (1: no guidance)"
     ]
     assert EmbeddedDiT.arg_problems({"guidance_scale": 2}) == []
+
+
+def test_fd_to_fp_is_zero_for_fp_itself_and_grows_with_the_damage():
+    """The paired distribution distance: FP's own samples score 0 (every resample takes the same
+    images from both sets); noisier copies of them score more, and more noise more."""
+    from bench.metrics.quality import FD_TO_FP, EvalContext
+
+    adapter = EmbeddedDigits(Sampling(steps=10, device="cpu"))
+    fp, _ = reference_split()
+    fp = fp[:400]
+    gen = torch.Generator().manual_seed(0)
+
+    def measure(images):
+        return FD_TO_FP(EvalContext(None, adapter, images, fp))
+
+    same = measure(fp)
+    assert same.value == pytest.approx(0, abs=1e-4) and same.extra["ci_high"] < 1e-4
+    mild, heavy = (measure((fp + s * torch.randn(fp.shape, generator=gen)).clamp(-1, 1)) for s in (0.2, 0.6))
+    assert mild.extra["ci_low"] > same.extra["ci_high"] and heavy.extra["ci_low"] > mild.extra["ci_high"]
+    assert FD_TO_FP(EvalContext(None, adapter, fp, None)) is None  # the FP run has no row
+
+
+def test_lpips_vs_fp_with_a_random_alexnet_backbone(tmp_path, monkeypatch):
+    """The real lpips package and heads; a seeded random AlexNet saved as torchvision's state
+    dict stands in for the ImageNet weights (offline). FP against itself is 0; blur is worse
+    than a one-level change; a missing weights file is one clear error."""
+    import torchvision
+
+    from bench.errors import AvailabilityError
+    from bench.metrics.lpips_metric import LPIPS_VS_FP, backbone_file
+    from bench.metrics.quality import EvalContext
+    from bench.spec import Evaluation, RunSpec
+
+    torch.manual_seed(0)
+    weights = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), weights)
+    spec = RunSpec("embedded-digits", "qdiff", 8, 8, 0, Sampling(device="cpu"), None, ("lpips_vs_fp",), {},
+                   Evaluation(lpips_weights=str(weights)))  # fmt: skip
+    fp, _ = reference_split()
+    fp = ((fp[:64] + 1) * 127.5).round().to(torch.uint8)
+    blurred = torch.nn.functional.avg_pool2d(fp.float(), 3, 1, 1).round().to(torch.uint8)
+
+    def measure(images):
+        return LPIPS_VS_FP(EvalContext(spec, None, images, fp))
+
+    assert measure(fp).value == pytest.approx(0, abs=1e-6)
+    nudged, blur = measure((fp.int() + 1).clamp(0, 255).to(torch.uint8)), measure(blurred)
+    assert 0 < nudged.value < blur.value and blur.extra["ci_low"] > nudged.extra["ci_high"]
+    assert LPIPS_VS_FP.check(Evaluation(lpips_weights=str(tmp_path / "none.pth")))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # an empty cache
+    with pytest.raises(AvailabilityError, match="set lpips_weights"):
+        backbone_file("")

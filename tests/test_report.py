@@ -459,3 +459,26 @@ def test_the_gate_holds_its_false_alarm_rate_over_a_matrix_and_catches_a_planted
         caught += holm(p, FAMILY_ALPHA)[0]
     assert holm_alarms <= 50 and plain > 200
     assert caught >= 800
+
+
+@pytest.mark.parametrize(
+    ("qdiff_gap", "linear_gap", "linear_half", "side"),
+    [(2.0, 10.0, 1.0, "below"), (4.0, 10.0, 1.0, "above"), (2.5, 10.0, 6.0, "undecided")],
+)
+def test_the_papers_ratio_carries_a_paired_interval(tmp_path, qdiff_gap, linear_gap, linear_half, side):
+    """Q-Diffusion's gap as a fraction of linear PTQ's: the ratio of the cell means, its interval
+    from replicates that draw the same images for both, and which side of ¼ it is on."""
+    from helpers import row
+
+    from bench import claims
+    from bench.store import ResultStore, load
+
+    store = ResultStore(tmp_path / "r")
+    for method, gap, half in (("qdiff", qdiff_gap, 0.1), ("linear", linear_gap, linear_half)):
+        store.append([row(method, "W4A8", "digits_fd", 20 + gap, **_with_interval(20 + gap, 1.0, gap, half))])
+    [(model, bits, metric, ratio, interval, found)] = claims.gap_ratios(load(store.root))
+    assert (model, bits, metric) == ("embedded-digits", "W4A8", "digits_fd")
+    assert float(ratio) == pytest.approx(qdiff_gap / linear_gap, abs=0.01) and found == side
+    low, high = map(float, interval.split(" – "))
+    assert low < float(ratio) < high
+    assert "## Q-Diffusion against naive PTQ" in report.build(store.root).markdown

@@ -23,6 +23,7 @@ from torch import nn
 
 from bench import stats
 from bench.errors import AvailabilityError
+from bench.frechet import feature_stats, frechet_distance
 
 
 @dataclass
@@ -153,6 +154,32 @@ class DigitsFD(Metric):
             return with_intervals(fd, len(feats), paired=True)
         floor, floor_sd = adapter.real_floor(len(ctx.images))
         return with_intervals(fd, len(feats), paired=False, extra={"floor": floor, "floor_sd": floor_sd})
+
+
+class FDtoFP(Metric):
+    """Fréchet distance between the quantized run's samples and the FP samples from the same
+    noise, in the embedded classifier's digit features: how far quantization moved the sample
+    *distribution*, with no real data (the paired fidelity the field reports beside FID, e.g.
+    SVDQuant's and MixDQ's FID to the 16-bit model's images). Unlike ``digits_fd`` it cannot
+    come out better than FP by guidance or luck: 0 is the FP model itself. Interval: bootstrap
+    over image pairs (each resample takes the same indices from both sets). On real models the
+    same quantity in Inception features is ``fid_vs_fp`` (torch-fidelity or clean-fid)."""
+
+    name = "fd_to_fp"
+    unit = "fd"
+    higher_is_better = False
+    quantized_only = True
+    requires = frozenset({"digit-features"})
+
+    def __call__(self, ctx: EvalContext) -> Measurement | None:
+        if ctx.fp_images is None:
+            return None
+        feats, fp_feats = ctx.adapter.features(ctx.images), ctx.adapter.features(ctx.fp_images)
+
+        def fd(idx, _):
+            return frechet_distance(*feature_stats(feats[idx]), *feature_stats(fp_feats[idx]))
+
+        return with_intervals(fd, len(feats), paired=False)
 
 
 class ClassAccuracy(Metric):
@@ -296,6 +323,7 @@ class EpsError(Metric):
 
 CLASS_ACCURACY = ClassAccuracy()
 DIGITS_FD = DigitsFD()
+FD_TO_FP = FDtoFP()
 EPS_MSE = EpsError()
 PSNR_VS_FP = PSNRvsFP()
 QUANTIZE_TIME = QuantizeTime()

@@ -45,6 +45,7 @@ class EmbeddedDigits(DiffusionAdapter):
     IMAGE_SHAPE = (1, 16, 16)
     DEFAULT_METRICS = (
         "digits_fd",
+        "fd_to_fp",
         "psnr_vs_fp",
         "eps_mse",
         "quantize_time",
@@ -127,6 +128,7 @@ class EmbeddedDiT(EmbeddedDigits):
     DEFAULT_GUIDANCE = 1.5
     DEFAULT_METRICS = (
         "digits_fd",
+        "fd_to_fp",
         "class_accuracy",
         "psnr_vs_fp",
         "eps_mse",

@@ -62,7 +62,7 @@ class PipelineAdapter(DiffusionAdapter):
     SINGLE_FILE: ClassVar[str | None] = None
     RANDOM_CONFIG: ClassVar[str | None] = None
     LOAD_KWARGS: ClassVar[dict[str, Any]] = {}
-    DEFAULT_METRICS = ("fid", "kid", "fid_vs_fp", "psnr_vs_fp", *COST_METRICS)
+    DEFAULT_METRICS = ("fid", "kid", "fid_vs_fp", "lpips_vs_fp", "psnr_vs_fp", *COST_METRICS)
 
     @classmethod
     def arg_problems(cls, args: dict[str, Any]) -> list[str]:
@@ -213,7 +213,7 @@ class TextToImageAdapter(PipelineAdapter):
     SINGLE_FILE = "StableDiffusionPipeline"
     LOAD_KWARGS: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
     CAPABILITIES = frozenset({"text-to-image"})
-    DEFAULT_METRICS = ("clip_score", "fid", "fid_vs_fp", "psnr_vs_fp", *COST_METRICS)
+    DEFAULT_METRICS = ("clip_score", "fid", "fid_vs_fp", "lpips_vs_fp", "psnr_vs_fp", *COST_METRICS)
     DEFAULT_GUIDANCE = 7.5
 
     @classmethod
@@ -312,7 +312,9 @@ class DDIMCifar10(PipelineAdapter):
     name = "ddim-cifar10"
     DEFAULT_SOURCE = "google/ddpm-cifar10-32"
     RANDOM_CONFIG = "ddpm-cifar10-32.json"
-    DEFAULT_METRICS = ("fid", "kid", "inception_score", "fid_vs_fp", "psnr_vs_fp", *COST_METRICS)
+    DEFAULT_METRICS = (
+        "fid", "kid", "inception_score", "fid_vs_fp", "lpips_vs_fp", "psnr_vs_fp", *COST_METRICS
+    )  # fmt: skip
     FID_REFERENCE = "cifar10-train"  # the paper's: 50k CIFAR-10 training images
 
 

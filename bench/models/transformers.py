@@ -330,7 +330,7 @@ class DiTXL2(PipelineAdapter):
     ARGS = ("source", "init", "guidance_scale")
     IMAGE_SHAPE = (3, 256, 256)
     DEFAULT_GUIDANCE = 4.0
-    DEFAULT_METRICS = ("fid", "fid_vs_fp", "psnr_vs_fp", *COST_METRICS)
+    DEFAULT_METRICS = ("fid", "fid_vs_fp", "lpips_vs_fp", "psnr_vs_fp", *COST_METRICS)
     NULL_CLASS = 1000
 
     @classmethod
