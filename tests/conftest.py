@@ -63,6 +63,20 @@ def tiny_pipelines(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def alexnet_features(tmp_path_factory):
+    """A seeded random AlexNet backbone saved as torchvision's state dict (its conv features, all
+    LPIPS reads; 10 MB): it stands in for the ImageNet weights offline."""
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("lpips") / "alexnet-owt-7be5be79.pth"
+    torch.save(
+        {f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}, path
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     """A tiny random open_clip model registered from a config, and its weights saved locally:
     ``(model name, checkpoint path)``."""

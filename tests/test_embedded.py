@@ -152,20 +152,16 @@ def test_fd_to_fp_is_zero_for_fp_itself_and_grows_with_the_damage():
     assert FD_TO_FP(EvalContext(None, adapter, fp, None)) is None  # the FP run has no row
 
 
-def test_lpips_vs_fp_with_a_random_alexnet_backbone(tmp_path, monkeypatch):
+def test_lpips_vs_fp_with_a_random_alexnet_backbone(alexnet_features, tmp_path, monkeypatch):
     """The real lpips package and heads; a seeded random AlexNet saved as torchvision's state
     dict stands in for the ImageNet weights (offline). FP against itself is 0; blur is worse
     than a one-level change; a missing weights file is one clear error."""
-    import torchvision
-
     from bench.errors import AvailabilityError
     from bench.metrics.lpips_metric import LPIPS_VS_FP, backbone_file
     from bench.metrics.quality import EvalContext
     from bench.spec import Evaluation, RunSpec
 
-    torch.manual_seed(0)
-    weights = tmp_path / "alexnet-owt-7be5be79.pth"
-    torch.save(torchvision.models.alexnet().state_dict(), weights)
+    weights = alexnet_features
     spec = RunSpec("embedded-digits", "qdiff", 8, 8, 0, Sampling(device="cpu"), None, ("lpips_vs_fp",), {},
                    Evaluation(lpips_weights=str(weights)))  # fmt: skip
     fp, _ = reference_split()

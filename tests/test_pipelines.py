@@ -85,13 +85,15 @@ def test_absent_weights_are_unavailable_not_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("name", TEXT_TO_IMAGE)
-def test_quantized_text_to_image_end_to_end(name, tiny_pipelines, tiny_clip, reference_images, tmp_path):
+def test_quantized_text_to_image_end_to_end(
+    name, tiny_pipelines, tiny_clip, reference_images, alexnet_features, tmp_path
+):
     """Every default metric of a text-to-image model, with tiny CLIP and FID extractors."""
     clip_model, clip_weights = tiny_clip
     settings = (
         f"{TINY_SETTINGS[:-1]}, fid_extractor: 'fid_extractors:TinyTorchFidelity', "
         f"fid_reference: {reference_images}, clip_model: {clip_model}, clip_pretrained: {clip_weights}, "
-        "latency_warmup: 0, latency_repeats: 2}"
+        f"lpips_weights: {alexnet_features}, latency_warmup: 0, latency_repeats: 2}}"
     )
     path = tmp_path / "sd.yaml"
     args = _args(name, tiny_pipelines)
@@ -119,6 +121,7 @@ def test_quantized_text_to_image_end_to_end(name, tiny_pipelines, tiny_clip, ref
     assert fid["evaluation"]["fid_reference"] == str(reference_images) and fid["metric_s"] >= 0
     assert (
         by["qdiff", "fid_vs_fp"]["value"] > 0
+        and 0 < by["qdiff", "lpips_vs_fp"]["value"] < 1
         and by["fp", "weight_bytes"]["value"] > by["qdiff", "weight_bytes"]["value"]
     )
 
