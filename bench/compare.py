@@ -52,7 +52,7 @@ REPRODUCED = ("same", "within noise")
 # sided: only the worse direction is a regression, at the level the cells' two-sided 95 %
 # intervals leave on that side.
 FAMILY_ALPHA = (1 - LEVEL) / 2
-PROCEDURE = f"Holm's step-down over the gated cells, family-wise false-alarm rate <= {FAMILY_ALPHA:.1%}"
+PROCEDURE = f"Holm over all gated cells: false alarms <= {FAMILY_ALPHA:.1%} per matrix"
 Z95 = stats.norm.ppf(0.5 + LEVEL / 2)
 MOVED = ("worse", "better")
 
@@ -344,8 +344,9 @@ def verdict(table: pd.DataFrame) -> str:
     compared = cost[cost["note"].isin(REPRODUCED + MOVED)]
     if len(cost):
         moved = int(compared["note"].isin(MOVED).sum())
-        text = f"cost cells: {len(compared)} compared on the same machine ({moved} moved beyond noise)"
-        lines.append(text + (f", {elsewhere} measured on another machine not compared" if elsewhere else ""))
+        lines.append(f"cost cells: {len(compared)} compared on the same machine ({moved} moved beyond noise)")
+        if elsewhere:
+            lines.append(f"  {elsewhere} cost cells measured on another machine not compared")
     return "\n".join(lines)
 
 

@@ -319,6 +319,7 @@ def test_compare_takes_roots_tolerates_rounding_and_names_machines(tmp_path):
     table = compare(a, b, Threshold.parse("0"))
     assert "Other CPU" in machine_note(table)
     assert "measured on another machine not compared" in verdict(table)
+    assert all(len(line) <= 100 for line in [*machine_note(table).splitlines(), *verdict(table).splitlines()])
 
 
 def test_history_keys_lines_by_machine_and_draws_asv_results(tmp_path):
