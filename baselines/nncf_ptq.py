@@ -97,7 +97,9 @@ class NNCFMethod:
         )
         if progress is not None:
             progress(1, 1)
-        return OpenVINOModule(ov_model=quantized), None
+        # Its inputs take the conditions in the calibration data's order, which need not be the
+        # order a sampler passes them in (PixArt-Σ's mask and text states).
+        return OpenVINOModule(ov_model=quantized, names=names), None
 
     def refine(self, denoiser, bases, config, calibration, alphas_cumprod) -> nn.Module:
         raise TypeError(f"{self.name} quantizes by itself (no bases): call quantize")

@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("bench.metrics",),
     ("bench.matrix",),  # loads, validates and expands matrix files
     ("bench.store", "bench.runner", "bench.estimate", "bench.ray_executor", "bench.scaleout"),
-    ("bench.report", "bench.compare", "bench.history"),
+    ("bench.claims", "bench.report", "bench.compare", "bench.history"),
     ("bench.cli",),
 )
 

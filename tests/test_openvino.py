@@ -117,3 +117,22 @@ def test_a_matrix_compares_nncf_and_the_suites_grids_on_openvino(tmp_path):
         assert any(k in ("openvino-u8", "openvino-i8") for k in layers), (method, layers)
     psnr = {r["method"]: r["value"] for r in rows if r["metric"] == "psnr_vs_fp"}
     assert psnr["linear"] > 15 and psnr["nncf-ptq"] > 15  # sampled through OpenVINO, near FP
+
+
+def test_a_converted_model_takes_its_conditions_by_name_in_any_order():
+    """NNCF's model is converted from calibration data, whose conditions may come in another
+    order than a sampler passes them (PixArt-Σ's text states and mask failed on shapes)."""
+    from types import SimpleNamespace
+
+    from qdiff.backends.openvino import OpenVINOModule, convert
+
+    class Cond(torch.nn.Module):
+        def forward(self, x, t, states, mask):
+            return SimpleNamespace(sample=x * t + (states * mask[..., None]).sum(1, keepdim=True))
+
+    x, t = torch.randn(2, 1, 4), torch.ones(2, 1, 1)
+    states, mask = torch.randn(2, 3, 4), torch.ones(2, 3)
+    ov_model = convert(Cond(), ("states", "mask"), (x, t, states, mask))
+    model = OpenVINOModule(ov_model=ov_model, names=("states", "mask"))
+    out = model(x, t, mask=mask, states=states).sample  # the other order
+    torch.testing.assert_close(out, Cond()(x, t, states, mask).sample, rtol=1e-5, atol=1e-5)

@@ -154,11 +154,19 @@ class OpenVINOModule(nn.Module):
         model: the torch model to convert (FP, or a :func:`fake_quantize_form`); dropped once
             compiled, so only OpenVINO's copy of the weights stays resident.
         ov_model: an ``openvino.Model`` to compile instead (e.g. one NNCF quantized).
+        names: the condition keywords in the order ``ov_model``'s inputs take them (after ``x``
+            and ``t``); a converted torch model takes them in the order of its first call.
         precision: ``INFERENCE_PRECISION_HINT`` (``f32``: no bf16 on AMX machines, so FP32 and
             int8 rows compare the same arithmetic outside the int8 kernels).
     """
 
-    def __init__(self, model: nn.Module | None = None, ov_model: Any = None, precision: str = "f32") -> None:
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        ov_model: Any = None,
+        precision: str = "f32",
+        names: tuple[str, ...] = (),
+    ) -> None:
         super().__init__()
         if (model is None) == (ov_model is None):
             raise ValueError("give OpenVINOModule a torch model or an openvino.Model")
@@ -169,7 +177,7 @@ class OpenVINOModule(nn.Module):
         self.stored = storage_bytes(model) if model is not None else _constant_bytes(ov_model)
         self.precision = precision
         self.compiled = None
-        self.names: tuple[str, ...] = ()
+        self.names = names
         self.held_bytes = 0
         self.threads = None
 
@@ -177,7 +185,7 @@ class OpenVINOModule(nn.Module):
         """Convert (from an example of the inputs; shapes stay dynamic) and compile, once."""
         if self.compiled is not None:
             return
-        self.names = tuple(cond)
+        self.names = self.names or tuple(cond)
         core = _core()  # the CPU plugin loaded before the measurement: it is not the model's
         gc.collect()
         release_free_heap()
