@@ -49,8 +49,7 @@ def _gap(rows: pd.DataFrame) -> stats.Interval | None:
         values, boots, sign = rows["value"], rows["boot"], 1.0
     else:
         return None
-    interval = stats.combine([sign * float(v) for v in values], [[sign * x for x in b] for b in boots])
-    return interval
+    return stats.combine([sign * float(v) for v in values], [[sign * x for x in b] for b in boots])
 
 
 def gap_ratios(df: pd.DataFrame) -> list[tuple[str, ...]]:

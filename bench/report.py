@@ -605,7 +605,7 @@ def _floors(cells: pd.DataFrame) -> list[str]:
 
 def to_markdown(
     tables: list[tuple[str, pd.DataFrame]], cells: pd.DataFrame, df: pd.DataFrame, invocations: list[dict],
-    title: str,
+    title: str, ratios: list[tuple[str, ...]],
 ) -> str:  # fmt: skip
     notes: list[str] = []
     lines = [f"# {title}", "", CELLS_LEGEND, ""]
@@ -624,7 +624,7 @@ def to_markdown(
             lines.append("| " + " | ".join([*key, *shown]) + " |")
     if notes:
         lines.extend(["", *[f"[{i}] {n}" for i, n in enumerate(notes, 1)]])
-    lines.extend(claims.to_markdown(claims.gap_ratios(df)))
+    lines.extend(claims.to_markdown(ratios))
     split = time_split(df)
     if split:
         lines.extend(
@@ -805,7 +805,7 @@ img{max-width:100%;display:block;margin:.5em 0 1.5em}
 
 def to_html(
     tables: list[tuple[str, pd.DataFrame]], cells: pd.DataFrame, df: pd.DataFrame, invocations: list[dict],
-    title: str,
+    title: str, ratios: list[tuple[str, ...]],
 ) -> str:  # fmt: skip
     esc = html.escape
     notes: list[str] = []
@@ -860,7 +860,7 @@ def to_html(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style>"
         f"</head><body><h1>{esc(title)}</h1><p>{esc(CELLS_LEGEND)} Metrics: {esc(legend)}.</p>"
         f"<ul>{floors}</ul>"
-        f"{''.join(sections)}<ol>{note_list}</ol>{claims.to_html(claims.gap_ratios(df))}"
+        f"{''.join(sections)}<ol>{note_list}</ol>{claims.to_html(ratios)}"
         f"<h2>Plots</h2>{figures or '<p>No ok quality cells to plot.</p>'}{times}"
         f"<h2>Over commits</h2><p>{TRENDS_HTML}</p>"
         f"<h2>Provenance</h2><table>{prov}</table></body></html>\n"
@@ -874,9 +874,10 @@ def build(results: str | Path) -> Report:
     tables = boards(cells)
     title = f"Leaderboard: {', '.join(sorted(df['matrix'].dropna().unique()))}"
     invocations = ResultStore(results).invocations()
+    ratios = claims.gap_ratios(df)  # bootstraps: once for both formats
     return Report(
-        to_markdown(tables, cells, df, invocations, title),
-        to_html(tables, cells, df, invocations, title),
+        to_markdown(tables, cells, df, invocations, title, ratios),
+        to_html(tables, cells, df, invocations, title, ratios),
         cells,
     )
 
