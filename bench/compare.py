@@ -38,7 +38,7 @@ from scipy import stats
 
 from bench.errors import IncomparableError, ThresholdError, UnknownNameError
 from bench.registry import METRICS
-from bench.report import MACHINE, cell_table, compile_modes, method_labels, protocol
+from bench.report import MACHINE, cell_table, compile_modes, method_labels, protocol, with_step_memory
 from bench.stats import LEVEL, holm
 from bench.store import load
 
@@ -147,6 +147,8 @@ def _cells(path: str | Path) -> pd.DataFrame:
     without the machine and its machine."""
     df = load(path)
     cells = cell_table(df)
+    # The cells' own rows, step memory (taken from latency_step's rows) included.
+    df = with_step_memory(df)
     df["method"] = method_labels(df)
     df["compile"] = compile_modes(df)
     # The protocol without the machine: a cost cell measured on another machine is listed,

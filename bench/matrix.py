@@ -178,18 +178,77 @@ def _by_parent(inherited: dict[str, str]) -> dict[str, list[str]]:
     return out
 
 
+# A matrix file is a few dozen values. YAML's aliases can make a short file expand into an
+# enormous graph (nested anchors: a "billion laughs"), which every later step (validation
+# messages, hashing) would walk; a file whose expansion exceeds this many values is refused.
+MAX_VALUES = 10_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML would keep the
+    last silently: a second ``methods:`` would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise MatrixError(
+                    f"line {line}: key {key!r} is given twice in one mapping (first on line "
+                    f"{seen[key]}); keep one"
+                )
+            seen.setdefault(key, line)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expansion_exceeds(data: Any, limit: int) -> bool:
+    """Whether ``data``, with every alias expanded, holds more than ``limit`` values (counted
+    without expanding: a shared node counts as often as it is reached, up to the limit)."""
+    count, stack = 0, [data]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def _read_yaml(path: Path, problems: Problems) -> dict[str, Any]:
     """The file's mapping; unknown keys are recorded in ``problems`` and dropped (a file that
     cannot be read at all raises)."""
+    if path.is_dir():
+        raise MatrixError(f"matrix file {path} is a folder; name a YAML file (e.g. {path}/default.yaml)")
     if not path.is_file():
         raise MatrixError(f"matrix file {path} does not exist; see configs/ for examples")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MatrixError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r}); "
+            "save it as UTF-8"
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: builds no objects
+    except MatrixError as exc:
+        raise MatrixError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise MatrixError(f"{path}:{where}: malformed YAML: {problem}") from None
+    except RecursionError:
+        raise MatrixError(f"{path}: nested too deeply to be a matrix file") from None
+    if _expansion_exceeds(data, MAX_VALUES):
+        raise MatrixError(
+            f"{path}: expands to more than {MAX_VALUES:,} values (YAML aliases nested in aliases?); "
+            "write the values out"
+        )
     if not isinstance(data, dict):
         raise MatrixError(f"{path}: a matrix file is a mapping with keys {', '.join(MATRIX_KEYS)}")
     unknown = sorted(set(data) - set(MATRIX_KEYS))
@@ -225,8 +284,9 @@ def _read_merged(
         raise MatrixError(f"{path}: 'extends' must be a file path relative to {path.parent}")
     parent_path = path.parent / parent_name
     if not parent_path.is_file():  # nothing below can be checked without the parent's keys
+        what = "is a folder, not a matrix file" if parent_path.is_dir() else "does not exist"
         problems.add(
-            f"{path}: extends {parent_name!r}: {parent_path} does not exist ('extends' is relative to "
+            f"{path}: extends {parent_name!r}: {parent_path} {what} ('extends' is relative to "
             f"the extending file's folder, {path.parent})"
         )
         problems.raise_any()

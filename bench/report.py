@@ -111,7 +111,7 @@ def _interval(values: pd.Series, boots: pd.Series) -> tuple[float, float, float]
 STEP_MEMORY = "step_memory"
 
 
-def _with_step_memory(df: pd.DataFrame) -> pd.DataFrame:
+def with_step_memory(df: pd.DataFrame) -> pd.DataFrame:
     if "step_peak_mib" not in df:
         return df
     steps = df[(df["metric"] == "latency_step") & df["step_peak_mib"].notna()].copy()
@@ -136,7 +136,7 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     delta_low/delta_high, within_noise (the delta's interval holds 0), rank (ties where
     intervals overlap), status, error, unit, higher_is_better, kind, extras of the FP row.
     """
-    df = _with_step_memory(df)
+    df = with_step_memory(df)
     df["method"] = method_labels(df)
     df["compile"] = compile_modes(df)
     df["protocol"] = protocol(df)

@@ -34,7 +34,7 @@ import qdiff
 from bench.cache import cached_module, cached_tensors
 from bench.errors import AvailabilityError, StoreError
 from bench.images import save_grid
-from bench.metrics.cost import PeakWindow, peak_while_sampling, ready
+from bench.metrics.cost import PeakWindow, ready
 from bench.metrics.quality import EvalContext
 from bench.progress import Tracker
 from bench.provenance import code_hash, config_hash, environment, model_hash
@@ -446,24 +446,20 @@ def _evaluate(
     # Cost-only runs (step latency, weight bytes) generate no images: a large random-weight
     # model's cost needs neither a sampler run nor a decoder.
     sampled = any(METRICS.get(m).needs_images for m in spec.metrics)
-    peak = adapter.device if peak_while_sampling(spec) else None
     fp_key = config_hash("fp-samples", code, fp_id, adapter.identity(), n, seed)
 
     def fp_samples():
         if not sampled:
-            return None, None, None
+            return None, None
         return _timed_samples(
-            fp_key,
-            n,
-            lambda: adapter.sample(fp, n, seed, progress=progress.phase("FP sampling", "steps")),
-            peak if spec.is_fp else None,
+            fp_key, n, lambda: adapter.sample(fp, n, seed, progress=progress.phase("FP sampling", "steps"))
         )
 
     dtype = getattr(torch, spec.sampling.dtype)
     if dtype != torch.float32 and (spec.is_fp or sampled):
         fp = copy.deepcopy(fp32).to(dtype)  # evaluated in ``dtype``; quantization calibrates float32
     if spec.is_fp:
-        fp_images, fp_sample_s, sampled_peak = fp_samples()
+        fp_images, fp_sample_s = fp_samples()
         ctx = EvalContext(spec, adapter, fp_images, None, make_denoiser=lambda: fp)
         extra = {"sample_s": fp_sample_s}
     else:
@@ -479,20 +475,18 @@ def _evaluate(
             # Cast only when asked: diffusers warns on every ``.to(dtype)`` of a UNet.
             return deployed if dtype == torch.float32 else deployed.to(dtype)
 
-        images = sample_s = sampled_peak = None
+        images = sample_s = None
         if sampled:
             steps = progress.phase("sampling", "steps")
             sample = lambda: adapter.sample(deployable(), n, seed, progress=steps)  # noqa: E731
             ready_model = lambda: ready(deployable(), adapter, spec)  # noqa: E731
-            images, sample_s, sampled_peak = _timed_samples(key, n, sample, peak, before=ready_model)
+            images, sample_s = _timed_samples(key, n, sample, before=ready_model)
         # The simulation the deployment is compared with (deploy_sqnr): qdiff's methods only.
         simulated = None if method.backend else (lambda: qdiff.convert(ckpt.model.to(adapter.device), "fake"))
         ctx = EvalContext(spec, adapter, images, fp_images, deployable, ckpt.quantize_s, cached, simulated,
                           quantize_peak_mib=ckpt.quantize_peak_mib)  # fmt: skip
         extra = {"qconfig": ckpt.qconfig, "weights_from": ckpt.weights_from, "sample_s": sample_s,
                  "recon": ckpt.report}  # fmt: skip
-    if sampled_peak is not None:
-        ctx.memo["sampling_peak"] = sampled_peak
     if previews is not None and ctx.images is not None:
         count = 64 if ctx.images.shape[-1] < 64 else 8
         on = "" if spec.real_backend is None else f"-{spec.real_backend}"
@@ -525,33 +519,23 @@ def _evaluate(
 
 
 def _timed_samples(
-    key: str,
-    n: int,
-    sample: Callable[[], torch.Tensor],
-    peak: torch.device | None = None,
-    before: Callable[[], object] | None = None,
-) -> tuple[torch.Tensor, float | None, tuple | None]:
-    """Samples from the cache or ``sample()``, the seconds sampling took (None if cached), and,
-    when sampling happened with ``peak`` set, the peak memory of that sampling
-    (``(PeakWindow, [seconds])``, what ``peak_memory`` would otherwise measure again).
+    key: str, n: int, sample: Callable[[], torch.Tensor], before: Callable[[], object] | None = None
+) -> tuple[torch.Tensor, float | None]:
+    """Samples from the cache or ``sample()``, and the seconds sampling took (None if cached).
     ``before()`` runs first when sampling is needed, outside the timing (building the model)."""
-    seconds = window = None
+    seconds = None
 
     def build() -> dict[str, torch.Tensor]:
-        nonlocal seconds, window
+        nonlocal seconds
         if before is not None:
             before()
         t = time.perf_counter()
-        if peak is None:
-            images = sample()
-        else:
-            with PeakWindow(peak) as window:
-                images = sample()
+        images = sample()
         seconds = round(time.perf_counter() - t, 3)
         return {"images": images}
 
     tensors, _ = cached_tensors("samples", key, build, check=partial(_images_problem, n))
-    return tensors["images"], seconds, None if window is None else (window, [seconds])
+    return tensors["images"], seconds
 
 
 @dataclasses.dataclass

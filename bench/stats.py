@@ -15,19 +15,29 @@ percentile interval would sit beside the estimate rather than around it, while t
 replicates' *spread* is what varies between reruns with other noise.
 
 A cell of the leaderboard averages several runs (sampling seeds × calibration seeds). Its
-interval is a two-level bootstrap: each replicate draws the runs with replacement and, for
-each drawn run, one of its own replicates, so both the run-to-run spread (a method whose
-result depends on its calibration draw) and each run's sampling noise widen the interval.
-With one run it is that run's interval.
+standard error adds the runs' spread and their sampling noise: ``se² = s²/k + mean(se_i²)/k``
+for ``k`` runs with sample standard deviation ``s`` and bootstrap standard errors ``se_i``.
+The run-to-run part is estimated from only ``k`` values (a reconstruction that lands on other
+roundings with another calibration draw, or with another machine's float rounding), so the
+interval is Student's t with Welch–Satterthwaite's degrees of freedom,
+``(k − 1) · (se² / (s²/k))²``: ``t(k − 1)`` where the runs' spread dominates, the normal
+interval where sampling noise does. A bootstrap over two or three runs would instead shrink
+their spread by ``(k − 1)/k`` and read it with z, and a clean rerun on another CPU would fall
+outside. The cell's replicates (a two-level bootstrap: runs drawn with replacement, then one
+of each drawn run's replicates, from a fixed seed so that two cells of the same runs pair)
+are scaled to that standard error, so intervals and ratios taken from them carry it. With
+one run it is that run's interval.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
+from scipy.stats import t as student_t
 
 N_RESAMPLES = 1000
 LEVEL = 0.95
@@ -96,8 +106,8 @@ def combine(
     level: float = LEVEL,
     seed: int = 0,
 ) -> Interval:
-    """The mean of several runs' estimates, with the two-level bootstrap interval (module
-    docstring). ``replicates[i]`` are run i's bootstrap replicates."""
+    """The mean of several runs' estimates, with the t interval of the module docstring and
+    replicates scaled to it. ``replicates[i]`` are run i's bootstrap replicates."""
     if not estimates or len(estimates) != len(replicates):
         raise ValueError("combine() needs one replicate list per estimate")
     points = np.asarray(estimates, dtype=np.float64)
@@ -112,9 +122,18 @@ def combine(
     b = min(len(d) for d in deviations)
     runs = rng.integers(0, k, size=(b, k))
     picks = rng.integers(0, b, size=(b, k))
-    reps = [np.mean([points[r] + deviations[r][p] for r, p in zip(runs[i], picks[i], strict=True)])
-            for i in range(b)]  # fmt: skip
-    return from_replicates(estimate, reps, level)
+    reps = np.array([np.mean([points[r] + deviations[r][p] for r, p in zip(runs[i], picks[i], strict=True)])
+                     for i in range(b)])  # fmt: skip
+    between = float(np.var(points, ddof=1)) / k
+    within = float(np.mean([np.var(d, ddof=1) for d in deviations])) / k
+    se = math.sqrt(between + within)
+    spread = float(np.std(reps, ddof=1))
+    if se == 0 or spread == 0:
+        return from_replicates(estimate, reps, level)
+    df = math.inf if between == 0 else (k - 1) * ((between + within) / between) ** 2
+    half = float(student_t.ppf(0.5 + level / 2, df)) * se
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    return from_replicates(estimate, estimate + (reps - reps.mean()) * (half / z / spread), level)
 
 
 def tie_ranks(intervals: Sequence[tuple[float, float, float]], higher_is_better: bool) -> list[int]:

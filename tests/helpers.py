@@ -43,12 +43,13 @@ def tiny_matrix(
     from pathlib import Path
 
     extra.setdefault("metrics", "[digits_fd, psnr_vs_fp, quantize_time]")
+    settings = extra.pop("settings", TINY_SETTINGS)  # given: replaces the tiny ones
     lines = [
         "name: tiny",
         "models: [embedded-digits]",
         f"methods: {methods}",
         f"bits: {bits}",
-        f"settings: {TINY_SETTINGS}",
+        f"settings: {settings}",
         *[f"{k}: {v}" for k, v in extra.items()],
     ]
     path = Path(tmp_path) / "tiny.yaml"

@@ -106,7 +106,7 @@ def test_shipped_matrices_are_valid():
         assert load_matrix(path).expand(), path
     default = load_matrix(REPO_ROOT / "configs" / "default.yaml")
     assert {r.method for r in default.expand()} == {"fp", "linear", "qdiff", "qdiff-no-recon"}
-    assert {r.calib_seed for r in default.expand() if not r.is_fp} == {0, 1}
+    assert {r.calib_seed for r in default.expand() if not r.is_fp} == {0, 1, 2}
     ablations = load_matrix(REPO_ROOT / "configs" / "ablations.yaml")
     assert {r.method for r in ablations.expand()} == {
         "fp",
@@ -117,7 +117,7 @@ def test_shipped_matrices_are_valid():
     }
     # The ablations share the default's qdiff W4A8 runs (same hashes: same cache, same numbers).
     shared = {r.hash for r in default.expand()} & {r.hash for r in ablations.expand()}
-    assert len(shared) == 3  # FP and qdiff W4A8 at both calibration seeds
+    assert len(shared) == 4  # FP and qdiff W4A8 at the three calibration seeds
     baselines = load_matrix(REPO_ROOT / "configs" / "baselines.yaml")
     assert {
         r.hash for r in default.expand() if r.method in ("fp", "qdiff") and r.bits_label in ("FP", "W4A8")
@@ -185,6 +185,9 @@ OK = "models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n"
             "digits_fd needs a model with digit-features; sd-1.5 has text-to-image",
         ),
         (OK + "extends: me.yaml", "does not exist"),
+        (OK + "extends: .", "is a folder, not a matrix file"),
+        (OK + "methods: [linear]", "key 'methods' is given twice in one mapping (first on line 2); keep one"),
+        (OK + "seeds: [0, 1]\nseeds: [2]", "key 'seeds' is given twice"),
         (OK + "extends: m.yaml", "'extends' forms a cycle"),
         (OK + "exclude: [{method: qdiff}]", "expands to no runs"),
         (OK + "settings: {backend: int3}", "backend='int3' is not valid; choose one of fake"),
@@ -240,6 +243,27 @@ def test_bad_matrix_is_one_clear_error(tmp_path, text, message):
         load_matrix(write(tmp_path, text))
     assert message in str(info.value) and "\n" not in str(info.value)
     assert str(tmp_path / "m.yaml") in str(info.value) or "does not exist" in message
+
+
+def test_hostile_yaml_is_refused_in_one_line_before_it_costs_time_or_memory(tmp_path):
+    """Nested anchors (a "billion laughs": nine levels of nine aliases) and bytes that are not
+    UTF-8 each give one line naming the problem and the fix, at once."""
+    import time
+
+    rows = ["  - &a0 [0, 0, 0, 0, 0, 0, 0, 0, 0]"]
+    rows += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    nested = "\n".join(rows)
+    bomb = write(tmp_path, OK + "seeds:\n" + nested + "\n")
+    start = time.perf_counter()
+    with pytest.raises(MatrixError) as info:
+        load_matrix(bomb)
+    assert time.perf_counter() - start < 5
+    assert "expands to more than 10,000 values" in str(info.value) and "\n" not in str(info.value)
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes(OK.encode() + "description: Gr\xfc\xdfe\n".encode("latin-1"))
+    message = r"latin1.yaml: not UTF-8 text \(byte \d+: b'\\xfc'\); save it as UTF-8$"
+    with pytest.raises(MatrixError, match=message):
+        load_matrix(latin)
 
 
 def test_weight_only_method_rejects_activation_bits(tmp_path, monkeypatch):

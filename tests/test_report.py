@@ -247,6 +247,24 @@ def test_compare_gates_beyond_the_combined_interval(tmp_path):
     assert not compare(a, planted, Threshold.parse("5"))["regressed"].any()  # 9 <= 5 + 4.24
 
 
+def test_compare_reads_the_step_memory_cells_of_two_cost_folders(tmp_path):
+    """A step's deployed memory is a cell of its own, taken from latency_step's rows: two
+    folders of the same cost matrix compare it like any cost cell (it was once refused as
+    "measured differently", its protocol never looked up)."""
+    from helpers import row
+
+    from bench.store import ResultStore
+
+    def store(name, ms, mib):
+        s = ResultStore(tmp_path / name)
+        s.append([row("fp", "FP", "latency_step", ms, unit="ms", kind="cost", step_peak_mib=mib)])
+        return s.root
+
+    table = compare(store("a", 100.0, 50.0), store("b", 101.0, 55.0), Threshold.parse("0"))
+    memory = table.set_index("metric").loc["step_memory"]
+    assert (memory["a"], memory["b"]) == (50.0, 55.0) and memory["note"] == "worse"
+
+
 def test_history_keeps_rows_measured_differently_on_separate_lines(tmp_path):
     from helpers import row
 
@@ -276,10 +294,10 @@ def test_compare_judges_cells_so_a_run_that_landed_elsewhere_is_not_a_regression
                           config_hash=f"q{calib}", **_with_interval(v, 0.02))])  # fmt: skip
         return s.root
 
-    a = store("a", [1.60, 1.70])
-    moved = store("moved", [1.75, 1.62])  # one run 0.15 worse: far outside its own ±0.02
+    a = store("a", [1.60, 1.70, 1.65])
+    moved = store("moved", [1.75, 1.62, 1.65])  # one run 0.15 worse: far outside its own ±0.02
     assert compare(a, moved, Threshold.parse("0"))["note"].tolist() == ["within noise"]
-    worse = store("worse", [1.90, 2.00])  # both runs worse: the cell moved
+    worse = store("worse", [1.90, 2.00, 1.95])  # every run worse: the cell moved
     assert compare(a, worse, Threshold.parse("0"))["regressed"].tolist() == [True]
 
 

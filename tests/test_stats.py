@@ -64,6 +64,23 @@ def test_combining_runs_adds_run_to_run_spread():
         stats.combine([1.0, 2.0], [[1.0]])
 
 
+def test_a_cell_of_few_runs_reads_their_spread_with_students_t():
+    """Three calibration seeds whose results differ far more than their sampling noise: the
+    interval is the t interval of their mean on 2 degrees of freedom (a bootstrap over the runs
+    would be about a third as wide), and the replicates carry that width."""
+    from scipy.stats import t
+
+    rng = np.random.default_rng(4)
+    points = [0.0160, 0.0166, 0.0172]
+    ci = stats.combine(points, [list(v + rng.normal(0, 1e-6, 1000)) for v in points])
+    expected = t.ppf(0.975, 2) * np.std(points, ddof=1) / np.sqrt(3)
+    assert ci.half_width == pytest.approx(expected, rel=0.01)
+    assert np.std(ci.replicates, ddof=1) * 1.96 == pytest.approx(expected, rel=0.01)
+    # Sampling noise that dwarfs the runs' spread: the normal interval of the mean's noise.
+    noisy = stats.combine(points, [list(v + rng.normal(0, 0.01, 1000)) for v in points])
+    assert noisy.half_width == pytest.approx(1.96 * 0.01 / np.sqrt(3), rel=0.1)
+
+
 def test_tie_ranks_where_intervals_overlap():
     # (estimate, low, high); lower is better
     cells = [(1.0, 0.0, 2.0), (1.5, 0.5, 2.5), (10.0, 9.0, 11.0), (3.0, 2.2, 3.8)]

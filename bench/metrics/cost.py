@@ -32,14 +32,16 @@ from bench.registry import METHODS
 from bench.spec import resolve_device
 from qdiff.backends import for_compile, layer_report
 from qdiff.backends.x86 import compile_setup
-from qdiff.storage import release_free_heap
+from qdiff.storage import exact_heap, release_free_heap, steady_heap
 
 MIB = 2**20
 LATENCY_SETTINGS = ("latency_warmup", "latency_repeats", "compile")
 
 
 def time_calls(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones, under the
+    C heap's fixed thresholds (:func:`qdiff.storage.steady_heap`)."""
+    steady_heap()
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
@@ -243,10 +245,11 @@ class LatencyStep(CostMetric):
             return model(x, t, **kwargs)
 
         warmup, repeats = ev.latency_warmup, ev.latency_repeats
-        for _ in range(warmup):
+        times = time_calls(step, warmup, repeats, device)
+        # The step's memory from one more, untimed call: the denoiser's own peak, without the
+        # sampler's state, with the heap following what is allocated (PeakWindow).
+        with PeakWindow(device, exact=True) as window:
             step()
-        with PeakWindow(device) as window:  # the denoiser's own peak, without the sampler's state
-            times = time_calls(step, 0, repeats, device)
         median, spread = summarize(times, 1000)
         protocol = _protocol(ctx, device, warmup, repeats)
         memory = {"step_peak_mib": None}
@@ -281,10 +284,17 @@ class PeakWindow:
       back first) minus its RSS before; None where the peak cannot be reset.
     * ``peak_mib``: the device's or process's whole peak (everything resident included).
     * ``memory``: how it was measured.
+
+    With ``exact`` (deployed memory), a CPU window runs inside :func:`qdiff.storage.exact_heap`:
+    glibc maps every large allocation on its own, so the resident peak is what the block
+    allocated, not what the heap's fragmentation left behind. Without it the figure is an upper
+    bound that moves between calls by tens of MiB; with it, the code inside runs slower and is
+    never timed.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, exact: bool = False) -> None:
+        self.device, self.exact = device, exact
+        self._heap = None
 
     def __enter__(self) -> PeakWindow:
         gc.collect()
@@ -294,8 +304,16 @@ class PeakWindow:
             self.before = torch.cuda.memory_allocated(self.device)
             self.source = "torch.cuda.max_memory_allocated"
         elif sys.platform == "linux" and release_free_heap() and _rss_peak_reset():
+            exact = False
+            if self.exact:
+                self._heap = exact_heap()
+                exact = self._heap.__enter__()
+                release_free_heap()
+                _rss_peak_reset()
             self.before = _rss_kib("VmRSS") * 1024
-            self.source = "peak RSS of the process (VmHWM, reset and free heap released before)"
+            self.source = "peak RSS of the process (VmHWM, reset and free heap released before" + (
+                ", every allocation from 64 KiB mapped on its own)" if exact else ")"
+            )
         else:  # cannot reset: the process's lifetime peak, an upper bound
             self.before = None
             self.source = "peak RSS of the process since it started (ru_maxrss)"
@@ -307,6 +325,8 @@ class PeakWindow:
             peak = torch.cuda.max_memory_allocated(self.device)
         elif self.before is not None:
             peak = _rss_kib("VmHWM") * 1024
+            if self._heap is not None:
+                self._heap.__exit__(None, None, None)
         else:
             usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             peak = usage * (1 if sys.platform == "darwin" else 1024)
@@ -335,47 +355,25 @@ def deployed_memory(model: nn.Module, window: PeakWindow) -> tuple[float, dict]:
     return weights + window.working_mib, parts
 
 
-def peak_while_sampling(spec) -> bool:
-    """Whether a run's own image generation can stand for ``peak_memory``'s measurement: the
-    metric is asked for without ``latency_e2e`` (which needs warm-up and repeats) and the run
-    samples one batch, exactly what the metric would sample again."""
-    return (
-        "peak_memory" in spec.metrics
-        and "latency_e2e" not in spec.metrics
-        and spec.sampling.samples <= spec.sampling.batch_size
-    )
-
-
 def _sampling_cost(ctx: EvalContext) -> dict:
-    """Sample one batch ``warmup + repeats`` times (just once when only memory is asked for);
-    time the timed samplings and record the peak memory over them. A run whose own sampling
-    was measured (``ctx.memo["sampling_peak"]``, see :func:`peak_while_sampling`) reuses it."""
+    """Sample one batch: ``warmup + repeats`` timed samplings when ``latency_e2e`` is asked
+    for, then one untimed sampling whose peak memory is measured (an exact window, see
+    :class:`PeakWindow`); once per run, shared by both metrics."""
     if "sampling_cost" in ctx.memo:
         return ctx.memo["sampling_cost"]
     device = resolve_device(ctx.spec.sampling.device)
     ev = ctx.spec.evaluation
     timed = "latency_e2e" in ctx.spec.metrics
-    warmup, repeats = (ev.latency_warmup, ev.latency_repeats) if timed else (0, 1)
-    if "sampling_peak" in ctx.memo and not timed:
-        window, times = ctx.memo["sampling_peak"]
-        measured = "the run's own sampling of its images (one batch)"
-    else:
-        model, n = _denoiser(ctx), ctx.spec.sampling.batch_size
+    model, n = _denoiser(ctx), ctx.spec.sampling.batch_size
 
-        def sample():
-            ctx.adapter.sample(model, n, ctx.spec.seed)
+    def sample():
+        ctx.adapter.sample(model, n, ctx.spec.seed)
 
-        for _ in range(warmup):
-            sample()
-        with PeakWindow(device) as window:
-            times = time_calls(sample, 0, repeats, device)
-        measured = "a separate sampling of one batch"
-    out = {
-        "times": times,
-        "protocol": _protocol(ctx, device, warmup, repeats),
-        "window": window,
-        "measured_during": measured,
-    }
+    times = time_calls(sample, ev.latency_warmup, ev.latency_repeats, device) if timed else []
+    with PeakWindow(device, exact=True) as window:
+        sample()
+    warmup, repeats = (ev.latency_warmup, ev.latency_repeats) if timed else (0, 0)
+    out = {"times": times, "protocol": _protocol(ctx, device, warmup, repeats), "window": window}
     ctx.memo["sampling_cost"] = out
     return out
 
@@ -402,9 +400,8 @@ class PeakMemory(CostMetric):
     state); see :func:`deployed_memory`. Nothing else resident counts: not the FP model or the
     calibration state the benchmark keeps beside it, not the interpreter and libraries (the
     row's ``process_peak_mib`` is the process's whole peak), and not the pipeline's other
-    components (text encoder, VAE), which every method shares. Measured over the run's own
-    image generation when that is one fresh batch, else over a separate sampling of one batch
-    (the row's ``measured_during`` says which)."""
+    components (text encoder, VAE), which every method shares. Measured over a sampling of one
+    batch of its own, untimed."""
 
     name = "peak_memory"
     unit = "MiB"
@@ -413,7 +410,7 @@ class PeakMemory(CostMetric):
     def __call__(self, ctx: EvalContext) -> Measurement:
         cost = _sampling_cost(ctx)
         value, parts = deployed_memory(_denoiser(ctx), cost["window"])
-        return Measurement(value, {**parts, "measured_during": cost["measured_during"], **cost["protocol"]})
+        return Measurement(value, {**parts, **cost["protocol"]})
 
 
 class WeightBytes(CostMetric):
