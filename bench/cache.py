@@ -18,6 +18,7 @@ A lock whose holder died (its process is gone, or, from another host, it went un
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import dataclasses
 import hashlib
@@ -77,11 +78,19 @@ def _verified(path: Path, load: Callable[[Path], Any], check: Check | None) -> A
         if problem:
             raise ValueError(problem)
         return value
-    except Exception as exc:  # a damaged or tampered entry is only a cache miss
+    except Exception as exc:  # a damaged, tampered or foreign entry is only a cache miss
         log.warning("cache entry %s is not usable (%s); rebuilding it", path, exc)
-        path.unlink(missing_ok=True)
-        sidecar.unlink(missing_ok=True)
+        for stale in (path, sidecar):
+            with contextlib.suppress(OSError):  # read-only: the rebuilt entry is not stored either
+                stale.unlink(missing_ok=True)
         return None
+
+
+def _bound(key: str, stored_key: Any) -> None:
+    """Raise ValueError unless an entry was built for ``key``: a file copied over another
+    entry, its checksum rewritten, would otherwise be used as that entry."""
+    if stored_key != key:
+        raise ValueError(f"it was built for key {stored_key!r}, not {key!r}")
 
 
 def _store(path: Path, save: Callable[[Path], None]) -> None:
@@ -92,7 +101,8 @@ def _store(path: Path, save: Callable[[Path], None]) -> None:
         write_atomic(_sidecar(path), _digest(path) + "\n")
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
         log.warning("could not write cache entry %s (%s); the run goes on without caching it", path, exc)
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. the cache path is a file: nothing was written
+            path.unlink(missing_ok=True)
 
 
 def cached_tensors(
@@ -104,30 +114,48 @@ def cached_tensors(
     Returns:
         The tensors and whether they came from the cache.
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     path = cache_dir() / kind / f"{key}.safetensors"
 
     def make() -> dict[str, torch.Tensor]:
         tensors = build()
-        _store(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+        contiguous = {k: v.contiguous() for k, v in tensors.items()}
+        _store(path, lambda tmp: save_file(contiguous, str(tmp), metadata={"key": key}))
         return tensors
 
-    return _once(path, lambda: _verified(path, lambda p: load_file(str(p)), check), make)
+    def load(p: Path) -> dict[str, torch.Tensor]:
+        with safe_open(str(p), framework="pt") as f:
+            _bound(key, (f.metadata() or {}).get("key"))
+        return load_file(str(p))
+
+    return _once(path, lambda: _verified(path, load, check), make)
 
 
-def cached_module(kind: str, key: str, build: Callable[[], dict]) -> tuple[dict, bool]:
+def cached_module(
+    kind: str, key: str, build: Callable[[], dict], check: Check | None = None
+) -> tuple[dict, bool]:
     """Like :func:`cached_tensors` for a dict holding whole modules (quantized checkpoints),
-    stored with ``torch.save`` and read back by :func:`load_module`."""
+    stored with ``torch.save`` beside the key it was built for and read back by
+    :func:`load_module`; ``check`` says what is wrong with a loaded dict."""
     path = cache_dir() / kind / f"{key}.pt"
 
     def make() -> dict:
         value = build()
-        _store(path, lambda tmp: _save_module(value, tmp))
+        _store(path, lambda tmp: _save_module({"key": key, "value": value}, tmp))
         return value
 
-    check = lambda v: None if isinstance(v, dict) else "not a checkpoint"  # noqa: E731
-    return _once(path, lambda: _verified(path, load_module, check), make)
+    def load(p: Path) -> dict:
+        stored = load_module(p)
+        if not isinstance(stored, dict) or set(stored) != {"key", "value"}:
+            raise ValueError("not an entry of this cache")
+        _bound(key, stored["key"])
+        if not isinstance(stored["value"], dict):
+            raise ValueError("not a checkpoint")
+        return stored["value"]
+
+    return _once(path, lambda: _verified(path, load, check), make)
 
 
 def _once(path: Path, load: Callable[[], Any], make: Callable[[], Any]) -> tuple[Any, bool]:

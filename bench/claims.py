@@ -4,9 +4,10 @@
 A gap is what the metric says quantization cost: the paired difference to FP for a metric of
 the images against real data (``digits_fd``), or the value itself for a distance to FP's own
 samples (``fd_to_fp``, ``lpips_vs_fp``, ``eps_mse``: 0 is FP). Both methods' gaps are cell
-means over their runs with the two-level bootstrap of :mod:`bench.stats`, whose replicates
-draw the same images (one seed for every run's resampling) and the same run positions, so the
-ratio of the two replicates is a paired bootstrap of the ratio. Its interval is the percentile
+means over their runs (:func:`bench.stats.combine`: their replicates scaled to the t interval
+that holds the runs' spread), whose replicates draw the same images (one seed for every run's
+resampling) and the same run positions, so the ratio of the two replicates is a paired
+bootstrap of the ratio. Its interval is the percentile
 one: a ratio's replicates are skewed, and its bias concern (a Fréchet distance's upward
 bias under resampling) cancels in the ratio of two resampled distances.
 

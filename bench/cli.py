@@ -41,7 +41,7 @@ CONFIGS = REPO_ROOT / "configs"
 DEFAULT_MATRIX = CONFIGS / "default.yaml"
 # Where a run writes (yours, measured here) and what it is checked against (the committed rows,
 # measured on the machine their provenance names).
-RESULTS = Path(os.environ.get("QDIFF_BENCH_RESULTS", "qdiff-results"))
+RESULTS = Path(os.environ.get("QDIFF_BENCH_RESULTS") or "qdiff-results")  # empty: unset
 REFERENCE = REPO_ROOT / "results"
 USER_ERRORS = (
     UnknownNameError,
@@ -58,14 +58,21 @@ USER_ERRORS = (
 )
 
 
+# No machine this suite runs on has more cores than this; a larger count is a typo, and torch
+# would try to start that many threads.
+MAX_PARALLEL = 1024
+
+
 def _positive(flag: str):
     def parse(value: str) -> int:
         try:
             n = int(value)
         except ValueError:
             n = 0
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer >= 1, got {value!r}")
+        if not 1 <= n <= MAX_PARALLEL:
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be an integer from 1 to {MAX_PARALLEL}, got {value!r}"
+            )
         return n
 
     return parse
@@ -98,9 +105,21 @@ def _execution(matrix, workers: int | None, threads: int | None) -> tuple[int, i
     import torch
 
     cuda = torch.cuda.is_available() and any(r.sampling.device != "cpu" for r in matrix.expand())
+    cores = _cores()
     if workers is None:
-        workers = 1 if cuda else max(1, min(4, _cores(), len(matrix.expand())))
-    return workers, threads or max(1, _cores() // workers)
+        workers = 1 if cuda else max(1, min(4, cores, len(matrix.expand())))
+    elif workers > cores:
+        print(f"--workers {workers} exceeds this machine's {cores} cores: using {cores}", file=sys.stderr)
+        workers = cores
+    if threads is not None and workers * threads > cores:
+        # Oversubscribed cores make every timing and reconstruction many times slower.
+        capped = max(1, cores // workers)
+        print(
+            f"--threads {threads} × {workers} worker(s) exceeds this machine's {cores} cores: using {capped}",
+            file=sys.stderr,
+        )
+        threads = capped
+    return workers, threads or max(1, cores // workers)
 
 
 def _execution_flags(parser: argparse.ArgumentParser) -> None:

@@ -2,9 +2,10 @@
 
 Cells are the leaderboard's (:func:`bench.report.cell_table`): (model, method — with its
 backend when not ``fake`` —, bits, metric), the latest row of each run averaged over sampling
-and calibration seeds, with the two-level bootstrap interval that includes the runs' spread, so
-a method whose result moves with float rounding on another machine (a reconstruction landing on
-other roundings) carries that in its interval, given at least two calibration seeds. A gated
+and calibration seeds, with the t interval that includes the runs' spread
+(:func:`bench.stats.combine`), so a method whose result moves with float rounding on another
+machine (a reconstruction landing on other roundings) carries that in its interval, given
+several calibration seeds (the default matrix runs three). A gated
 cell regresses when it was ok in A and is not ok in B, or when B is worse than A (in the
 metric's own direction, ``higher_is_better``) by more than its threshold beyond the noise of
 the two values, judged over the whole matrix: each cell's one-sided p-value (its excess over

@@ -32,9 +32,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from the group
     try:
         yield tmp
+        # After the block: a writer that recreates the file (safetensors) sets its own mode.
+        # mkstemp's 0600 would hide results and cache entries from the group.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import tempfile
 import time
 import uuid
@@ -149,6 +150,28 @@ def _problem_here(context: _Context, node: str) -> str | None:
 Log = Callable[[str], None]
 
 
+# Seconds to wait for a cluster's port to accept a connection. ``ray.init`` itself retries an
+# address where nothing listens for minutes, printing its GCS client's retries.
+CONNECT_TIMEOUT_S = 10
+
+
+def _probe(address: str) -> None:
+    """Raise ClusterError at once if nothing accepts connections at ``address`` (``host:port``
+    or ``ray://host:port``); ``auto`` and other forms are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ClusterError(
+            f"nothing accepts connections at {address} ({reason}, waited up to {CONNECT_TIMEOUT_S} s); "
+            "start the cluster there (`ray start --head`) or pass its address: --address host:6379, "
+            "ray://host:10001 or auto"
+        ) from None
+
+
 class RayExecutor:
     """One Ray task per run (see the module docstring); ``threads`` torch threads per CPU run."""
 
@@ -178,6 +201,7 @@ class RayExecutor:
                     address="local", num_cpus=cpus, include_dashboard=self.options.dashboard, **kwargs
                 )
             else:
+                _probe(self.options.address)
                 info = ray.init(address=self.options.address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             if _auth_error(exc):

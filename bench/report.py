@@ -95,7 +95,7 @@ def baseline_label(sampling: dict | None, compile_mode: str) -> str:
 
 
 def _interval(values: pd.Series, boots: pd.Series) -> tuple[float, float, float]:
-    """Mean and two-level bootstrap interval of a cell's runs; NaN bounds when a run has no
+    """Mean and t interval of a cell's runs (:func:`bench.stats.combine`); NaN bounds when a run has no
     replicates (rows written before intervals existed)."""
     values = values.astype(float)
     if not len(values):

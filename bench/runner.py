@@ -598,8 +598,17 @@ def _quantized(
 
     if not method.checkpointable:
         return build(), False
-    stored, cached = cached_module("checkpoints", key, lambda: build().to_dict())
-    return Checkpoint(**stored), cached
+    stored, cached = cached_module("checkpoints", key, lambda: build().to_dict(), check=_checkpoint_problem)
+    # Its key is the one asked for (what the samples' key derives from), never the file's.
+    return Checkpoint(**{**stored, "key": key}), cached
+
+
+def _checkpoint_problem(stored: dict) -> str | None:
+    """What makes a loaded dict not a :class:`Checkpoint` (a valid torch file of another kind)."""
+    fields = {f.name for f in dataclasses.fields(Checkpoint)}
+    if set(stored) != fields or not isinstance(stored.get("model"), torch.nn.Module):
+        return f"not a checkpoint: expected the fields {', '.join(sorted(fields))}"
+    return None
 
 
 def _refined(adapter, fp, fp_id, spec, code, progress, method, config, calibration, key) -> Checkpoint:

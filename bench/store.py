@@ -9,7 +9,9 @@ modified; re-running a cell adds a new file, and readers take each (run, metric)
 from __future__ import annotations
 
 import json
+import math
 import tempfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,33 @@ COLUMNS = (
     "duration_s",
 )
 STATUSES = ("ok", "error", "skipped")
+# Columns every reader sorts, groups or labels by: text in every row.
+TEXT_COLUMNS = ("run_id", "matrix", "model", "method", "bits", "metric", "config_hash", "started_at")
+# A row dated later than this after now was written by a skewed clock: as the newest row of its
+# run it would shadow every real rerun.
+FUTURE_SLACK = timedelta(days=1)
+
+
+def _check_row(row: dict[str, Any]) -> None:
+    """Raise ValueError naming what makes ``row`` unusable: a label that is not text, a value
+    that is not a finite number (an ``ok`` row's value ranks; ``Infinity`` must not), or a date
+    that is not an ISO timestamp or lies in the future."""
+    wrong = [c for c in TEXT_COLUMNS if not isinstance(row[c], str)]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} must be text, got {', '.join(repr(row[c]) for c in wrong)}")
+    value = row["value"]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ValueError(f"value must be a number or null, got {value!r}")
+    if row["status"] == "ok" and (value is None or not math.isfinite(value)):
+        raise ValueError(f"an ok row's value must be a finite number, got {value!r}")
+    try:
+        started = datetime.fromisoformat(row["started_at"])
+    except ValueError:
+        raise ValueError(f"started_at {row['started_at']!r} is not an ISO timestamp") from None
+    if started.tzinfo is None:
+        started = started.replace(tzinfo=UTC)
+    if started > datetime.now(UTC) + FUTURE_SLACK:
+        raise ValueError(f"started_at {row['started_at']} lies in the future (a skewed clock?)")
 
 
 STALE_CLAIM_S = 7 * 24 * 3600  # a claim from another host that old is a dead runner's
@@ -125,6 +154,7 @@ class ResultStore:
                     missing = [c for c in COLUMNS if c not in row]
                     if missing:
                         raise ValueError(f"it lacks the schema column(s) {', '.join(missing)}")
+                    _check_row(row)
                 except ValueError as exc:
                     raise StoreError(
                         f"{path}:{i}: corrupt results row ({exc}); move that file out of {self.runs} "

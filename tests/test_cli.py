@@ -175,7 +175,23 @@ def test_execution_defaults_split_the_cores(monkeypatch, tmp_path):
     assert bench.cli._execution(matrix, 1, None) == (1, 8)
     monkeypatch.setattr(bench.cli, "_cores", lambda: 2)
     assert bench.cli._execution(matrix, None, None) == (2, 1)
-    assert bench.cli._execution(matrix, None, 3) == (2, 3)
+    assert bench.cli._execution(matrix, None, 1) == (2, 1)
+
+
+def test_more_threads_or_workers_than_cores_are_capped_with_one_line(monkeypatch, tmp_path, capsys):
+    """--threads 100000 once started that many torch threads and ended in MemoryErrors."""
+    import bench.cli
+    from bench.matrix import load_matrix
+
+    matrix = load_matrix(tiny_matrix(tmp_path))
+    monkeypatch.setattr(bench.cli, "_cores", lambda: 2)
+    assert bench.cli._execution(matrix, None, 3) == (2, 1)
+    assert capsys.readouterr().err == "--threads 3 × 2 worker(s) exceeds this machine's 2 cores: using 1\n"
+    assert bench.cli._execution(matrix, 8, None) == (2, 1)
+    assert "--workers 8 exceeds this machine's 2 cores: using 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.cli.main(["run", "--threads", "100000", "--dry-run"])
+    assert "--threads must be an integer from 1 to 1024, got '100000'" in capsys.readouterr().err
 
 
 def test_bits_labels():

@@ -114,7 +114,7 @@ def test_tampered_samples_are_detected_and_rebuilt(tmp_path, reference, caplog):
     data[-100] ^= 0xFF  # one flipped byte inside the image data
     flipped.write_bytes(bytes(data))
     images = load_file(str(truncated))["images"][:3]  # a valid file with 3 of the images...
-    save_file({"images": images}, str(truncated))
+    save_file({"images": images}, str(truncated), metadata={"key": truncated.stem})  # its own key
     import hashlib  # ...and a checksum that matches it
 
     (truncated.parent / (truncated.name + ".sha256")).write_text(
@@ -299,6 +299,19 @@ def test_rows_are_readable_by_the_group_and_a_local_source_gets_a_local_hint(tmp
     assert "huggingface-cli" not in str(info.value)
 
 
+def test_cache_entries_of_every_kind_are_shared_with_the_group(tmp_path, monkeypatch):
+    """Tensors (safetensors, which recreates the file it writes) and checkpoints alike: a cache
+    shared between users must not hold entries only their writer can read."""
+    from bench.cache import cached_module, cached_tensors
+
+    monkeypatch.setenv("QDIFF_BENCH_CACHE", str(tmp_path / "cache"))
+    cached_tensors("samples", "k", lambda: {"images": torch.zeros(2, 1, 4, 4, dtype=torch.uint8)})
+    cached_module("checkpoints", "k", lambda: {"model": torch.nn.Linear(2, 2)})
+    entries = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert {p.suffix for p in entries} >= {".safetensors", ".pt"}
+    assert {p.stat().st_mode & 0o777 for p in entries} == {0o666 & ~_umask()}
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -335,3 +348,62 @@ def test_processes_that_want_one_cache_entry_at_once_build_it_once(tmp_path, cap
     start = time.time()
     assert build_in_process(str(cache), str(tmp_path)) == (3.0, False)
     assert time.time() - start < 10 and "its builder is gone" in caplog.text
+
+
+def test_an_entry_copied_over_another_with_its_checksum_rewritten_is_rebuilt(tmp_path, monkeypatch, caplog):
+    """An attacker (or a careless sync) copies one cache entry over another and rewrites the
+    checksum sidecar: the entry names the key it was built for, and a mismatch is a rebuild
+    with one warning, for tensors and checkpoints alike. A valid torch file of another kind
+    is evicted the same way, and a read-only cache holding a stale entry costs only the reuse."""
+    import shutil
+
+    from bench.cache import cached_module, cached_tensors
+    from bench.runner import _checkpoint_problem
+
+    monkeypatch.setenv("QDIFF_BENCH_CACHE", str(tmp_path / "cache"))
+    a = {"images": torch.zeros(2, dtype=torch.uint8)}
+    b = {"images": torch.ones(2, dtype=torch.uint8)}
+    cached_tensors("samples", "a", lambda: a)
+    cached_tensors("samples", "b", lambda: b)
+    folder = tmp_path / "cache" / "samples"
+    for suffix in ("", ".sha256"):
+        shutil.copy(folder / f"a.safetensors{suffix}", folder / f"b.safetensors{suffix}")
+    with caplog.at_level("WARNING", logger="qdiff-bench"):
+        got, cached = cached_tensors("samples", "b", lambda: b)
+    assert not cached and torch.equal(got["images"], b["images"])
+    assert "(it was built for key 'a', not 'b'); rebuilding it" in caplog.text
+
+    linear = {"model": torch.nn.Linear(2, 2), "note": "a"}
+    cached_module("checkpoints", "a", lambda: linear)
+    cached_module("checkpoints", "b", lambda: {**linear, "note": "b"})
+    ckpts = tmp_path / "cache" / "checkpoints"
+    for suffix in ("", ".sha256"):
+        shutil.copy(ckpts / f"a.pt{suffix}", ckpts / f"b.pt{suffix}")
+    got, cached = cached_module("checkpoints", "b", lambda: {**linear, "note": "b"})
+    assert not cached and got["note"] == "b"
+    # A dict of another kind under the right key (what a forged Checkpoint would need) is no
+    # checkpoint: evicted and rebuilt rather than failing every later run of the cell.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qdiff-bench"):
+        _, cached = cached_module("checkpoints", "b", lambda: linear, check=_checkpoint_problem)
+    assert not cached and "not a checkpoint: expected the fields" in caplog.text
+
+    (ckpts / "b.pt.sha256").write_text("0" * 64 + "\n")  # stale, in a cache made read-only
+    for path in (ckpts, *ckpts.iterdir()):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        got, cached = cached_module("checkpoints", "b", lambda: {**linear, "note": "fresh"})
+    finally:
+        ckpts.chmod(0o755)
+    assert not cached and got["note"] == "fresh"
+
+
+def test_a_cache_path_that_is_a_file_costs_only_the_reuse(tmp_path, monkeypatch):
+    from bench.cache import cached_module, cached_tensors
+
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("QDIFF_BENCH_CACHE", str(tmp_path / "file"))
+    tensors, cached = cached_tensors("samples", "k", lambda: {"x": torch.ones(1)})
+    assert not cached and tensors["x"].item() == 1
+    value, cached = cached_module("checkpoints", "k", lambda: {"model": torch.nn.Linear(1, 1)})
+    assert not cached and isinstance(value["model"], torch.nn.Linear)

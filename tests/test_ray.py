@@ -226,3 +226,23 @@ def test_scaleout_measures_the_overhead_of_a_run(tmp_path, local_ray):
     assert found["per_run_s"] > 0 and len(found["per_run_s_each_repeat"]) == 3
     assert found["first_run_in_fresh_worker_s"] > 0 and found["cpu_model"] and found["ray"]
     assert ray.is_initialized()  # not its instance: left running
+
+
+def test_an_address_where_nothing_listens_fails_at_once_with_the_address_and_the_fix():
+    """`ray.init` retries such an address for minutes; the probe before it answers in one line."""
+    import socket
+
+    from bench.errors import ClusterError
+    from bench.ray_executor import _probe
+
+    with socket.socket() as free:  # a port that was free a moment ago: nothing listens there
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    start = time.monotonic()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(ClusterError) as info:
+            _probe(address)
+        assert f"nothing accepts connections at {address}" in str(info.value) and "\n" not in str(info.value)
+        assert "ray start --head" in str(info.value)
+    assert time.monotonic() - start < 30
+    _probe("auto")  # left to Ray

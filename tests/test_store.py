@@ -11,7 +11,8 @@ from bench.store import COLUMNS, ResultStore, load
 
 def row(config_hash="h1", metric="m", value=1.0, status="ok", started="2026-01-01T00:00:00", run_id="r1"):
     return {**dict.fromkeys(COLUMNS), "config_hash": config_hash, "metric": metric, "value": value,
-            "status": status, "started_at": started, "run_id": run_id}  # fmt: skip
+            "status": status, "started_at": started, "run_id": run_id, "matrix": "x",
+            "model": "embedded-digits", "method": "fp", "bits": "FP"}  # fmt: skip
 
 
 def test_append_is_one_new_file_per_run_and_loads_as_dataframe(tmp_path):
@@ -75,3 +76,29 @@ def test_cache_keys_follow_every_source_file_of_the_packages(tmp_path, monkeypat
     added = packages_hash(("fakepkg",))
     (package / "sub" / "new_algorithm.py").write_text("X = 2\n")
     assert len({before, added, packages_hash(("fakepkg",))}) == 3
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"value": float("inf")}, "an ok row's value must be a finite number, got inf"),
+        ({"value": float("nan")}, "an ok row's value must be a finite number, got nan"),
+        ({"value": "abc"}, "value must be a number or null, got 'abc'"),
+        ({"method": 3}, "method must be text, got 3"),
+        ({"started_at": None}, "started_at must be text, got None"),
+        ({"started_at": "yesterday"}, "started_at 'yesterday' is not an ISO timestamp"),
+        ({"started_at": "2999-01-01T00:00:00"}, "lies in the future (a skewed clock?)"),
+    ],
+)
+def test_a_forged_row_is_refused_with_its_place_and_reason(tmp_path, change, reason):
+    """Rows edited by hand or by an attacker: a value of Infinity must not rank first, a row
+    dated in 2999 must not shadow every rerun, a label that is not text must not crash a
+    report. Each is one line naming the file, the line and what is wrong."""
+    store = ResultStore(tmp_path / "x")
+    path = store.append([row(metric="a")])
+    good = json.loads(path.read_text())
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, **change}) + "\n")
+    with pytest.raises(StoreError) as info:
+        load(tmp_path / "x")
+    assert f"{path}:2: corrupt results row (" in str(info.value) and reason in str(info.value)
+    assert "\n" not in str(info.value)

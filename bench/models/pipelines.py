@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shlex
 import zlib
 from functools import cached_property
 from importlib import resources
@@ -115,7 +116,8 @@ class PipelineAdapter(DiffusionAdapter):
                 ) from None
             raise AvailabilityError(
                 f"{self.name}: weights {self.source!r} are not available offline ({type(exc).__name__}); "
-                f"download them (huggingface-cli download {self.source}) or set source: /local/dir"
+                f"download them (huggingface-cli download {shlex.quote(self.source)}) or set "
+                "source: /local/dir"
             ) from None
         for module in pipe.components.values():
             if isinstance(module, nn.Module):
