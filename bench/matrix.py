@@ -482,27 +482,29 @@ def _build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
     base = _settings(path, "settings", settings, defaults, problems)
     attempt = problems.attempt
 
+    def listed(key: str, default: Any = None) -> list | None:
+        """``key``'s value as a list, or None with the problem recorded (and the others kept)."""
+        return attempt(_as_list, path, key, data.get(key, default))
+
     def entries(axis: str, registry) -> list[tuple[str, dict[str, Any]]]:
-        items = attempt(_as_list, path, axis, data.get(axis), default=[])
+        items = listed(axis) or []
         return [e for i, m in enumerate(items) if (e := attempt(_entry, path, axis, i, m, registry))]
 
     models, methods = entries("models", MODELS), entries("methods", METHODS)
     if (not data.get("models") or not data.get("methods")) and not problems.unknown_keys:
         problems.add(f"{path}: 'models' and 'methods' need at least one entry each (see `qdiff-bench ls`)")
-    bits = [b for i, label in enumerate(attempt(_as_list, path, "bits", data.get("bits"), default=[]))
-            if (b := attempt(_one_bits, path, i, label))]  # fmt: skip
-    seeds = attempt(_seeds, path, "seeds", _as_list(path, "seeds", data.get("seeds", [0])), default=[0])
-    calib_seeds = attempt(
-        _seeds, path, "calib_seeds", _as_list(path, "calib_seeds", data.get("calib_seeds", [0])), default=[0]
-    )
-    backends = attempt(
-        _backends, path, attempt(_as_list, path, "backends", data.get("backends"), default=[]),
-        lambda i: f"backends[{i}]", default=[],
-    )  # fmt: skip
+    bits = [b for i, label in enumerate(listed("bits") or []) if (b := attempt(_one_bits, path, i, label))]
+
+    def seed_list(key: str) -> list[int]:
+        values = listed(key, [0])
+        return [0] if values is None else attempt(_seeds, path, key, values, default=[0])
+
+    seeds, calib_seeds = seed_list("seeds"), seed_list("calib_seeds")
+    backends = attempt(_backends, path, listed("backends") or [], lambda i: f"backends[{i}]", default=[])
     compile_modes = attempt(_compile_modes, path, data.get("compile"), settings, default=[])
     metrics = attempt(_metrics, path, "metrics", data.get("metrics"), default=())
-    excludes = attempt(_rules, path, "exclude", _as_list(path, "exclude", data.get("exclude")), default=[])
-    includes = attempt(_rules, path, "include", _as_list(path, "include", data.get("include")), default=[])
+    excludes = attempt(_rules, path, "exclude", listed("exclude") or [], default=[])
+    includes = attempt(_rules, path, "include", listed("include") or [], default=[])
 
     model_entries = {}
     model_metrics = {}

@@ -456,7 +456,10 @@ def summary_text(cells: pd.DataFrame, width: int = 100) -> str:
         out.append(f"{c.status}: {c.model} {c.method} {c.bits}: {c.error}")  # whole: it says the fix
     if len(failed) > FAILURES_SHOWN:
         out.append(f"… and {len(failed) - FAILURES_SHOWN} more failure(s): see the report")
-    legend = "mean ± 95 % half-width (Δ to FP on the same noise ± half-width); #rank, tied within noise"
+    legend = (
+        "mean ± 95 % half-width (bootstrap over images; Student's t over several runs)\n"
+        "(Δ to FP on the same noise ± half-width); #rank, tied within noise"
+    )
     return "\n".join([legend, "", *out]).rstrip() + "\n"
 
 
@@ -491,7 +494,8 @@ def _paired_text(c) -> str:
 
 CELLS_LEGEND = (
     "Quality cells: mean ± 95 % interval half-width over the cell's runs (sampling seeds × "
-    "calibration seeds; bootstrap over images and runs), then the paired Δ to the FP run from "
+    "calibration seeds; a bootstrap over images for one run, Student's t on the runs' spread for "
+    "several), then the paired Δ to the FP run from "
     "the same noise ± its half-width, '≈FP' where that interval holds 0, and the rank among the "
     "column's methods, tied where intervals overlap (#1 in bold where the ranks separate). "
     "Cost cells: the value and its ratio to the paired FP run (named: its dtype and compile mode) and, "

@@ -2,8 +2,9 @@
 
 :func:`execute` is the whole of one run and a pure function of its :class:`RunSpec`: everything
 runs share (FP samples, calibration data, quantized checkpoints) goes through the on-disk cache
-by content hash, so any executor — in-process now, one Ray task per run later — gives the same
-rows. An in-process memo only saves reloading the model between consecutive runs.
+by content hash, so every executor (in-process, a pool of worker processes, or one Ray task per
+run) gives the same rows. An in-process memo only saves reloading the model between consecutive
+runs.
 
 Every quantized run samples from exactly the same initial noise, prompts and DDIM schedule as
 its FP reference, so differences in the metrics come from quantization alone.

@@ -78,7 +78,48 @@ def _check_row(row: dict[str, Any]) -> None:
         raise ValueError(f"started_at {row['started_at']} lies in the future (a skewed clock?)")
 
 
+# What a report reads from an invocation record, and the type each must have.
+INVOCATION_FIELDS = {
+    "matrix": str,
+    "started_at": str,
+    "wall_s": (int, float),
+    "runs": int,
+    "workers": int,
+    "threads_per_worker": int,
+    "peak_rss_main_mib": (int, float),
+    "cache_files_at_start": int,
+    "git_sha": str,
+}
+
+
+def _check_invocation(record: Any) -> None:
+    """Raise ValueError naming what makes an invocation record unusable."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    wrong = [
+        k for k, kind in INVOCATION_FIELDS.items()
+        if isinstance(record.get(k), bool) or not isinstance(record.get(k), kind)
+    ]  # fmt: skip
+    if wrong:
+        raise ValueError(f"field(s) {', '.join(wrong)} missing or of the wrong type")
+
+
 STALE_CLAIM_S = 7 * 24 * 3600  # a claim from another host that old is a dead runner's
+
+
+def _check_one_matrix(root: Path, rows: list[tuple[Path, int, dict[str, Any]]]) -> None:
+    """A store holds one matrix: a row naming another was copied in from elsewhere, and read as
+    this matrix's it would replace its cells. Which matrix the store holds is decided by its
+    folder's name where a row carries it, else by most rows, never by the intruder."""
+    names = pd.Series([row["matrix"] for _, _, row in rows], dtype=object)
+    if names.nunique() <= 1:
+        return
+    own = root.name if root.name in set(names) else names.value_counts().index[0]
+    path, i, row = next(r for r in rows if r[2]["matrix"] != own)
+    raise StoreError(
+        f"{path}:{i}: results row of matrix {row['matrix']!r} in the store of matrix {own!r} "
+        f"({root}); move that file out of {root / 'runs'} (only that run is redone)"
+    )
 
 
 class ResultStore:
@@ -137,14 +178,24 @@ class ResultStore:
 
     def invocations(self) -> list[dict[str, Any]]:
         """Every recorded invocation, oldest first."""
-        folder = self.root / "invocations"
-        return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
+        records = []
+        for path in sorted((self.root / "invocations").glob("*.json")):
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                _check_invocation(record)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise StoreError(
+                    f"{path}: corrupt invocation record ({exc}); move that file out of "
+                    f"{path.parent} (it only describes a past run's wall time and memory)"
+                ) from None
+            records.append(record)
+        return records
 
     def rows(self) -> list[dict[str, Any]]:
         """Every row ever written, oldest run first."""
         if not self.runs.is_dir():
             return []
-        rows = []
+        rows: list[tuple[Path, int, dict[str, Any]]] = []
         for path in sorted(self.runs.glob("*.jsonl")):
             for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 try:
@@ -160,9 +211,9 @@ class ResultStore:
                         f"{path}:{i}: corrupt results row ({exc}); move that file out of {self.runs} "
                         "and rerun the matrix (only that run is redone)"
                     ) from None
-                rows.append(row)
-        rows.sort(key=lambda r: r["started_at"])
-        return rows
+                rows.append((path, i, row))
+        _check_one_matrix(self.root, rows)
+        return sorted((row for _, _, row in rows), key=lambda r: r["started_at"])
 
     def latest(self) -> list[dict[str, Any]]:
         """The newest row of each (run, metric)."""

@@ -363,6 +363,18 @@ def test_every_problem_is_reported_at_once_with_suggestions(tmp_path):
         assert needle in message
 
 
+def test_a_value_that_is_not_a_list_is_one_problem_among_the_others(tmp_path):
+    """``seeds: 0.5`` used to end the collection at once and hide the file's other problems."""
+    text = "models: [embedded-digits]\nmethods: [lineer]\nbits: [W4A8]\nseeds: 0.5\ncalib_seeds: 1.5\n"
+    with pytest.raises(MatrixError) as info:
+        load_matrix(write(tmp_path, text))
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'm.yaml'}: 3 problems:\n")
+    for key in ("seeds", "calib_seeds"):
+        assert f"'{key}' must be a list, got float" in message
+    assert "'lineer'" in message
+
+
 def test_a_rule_that_matches_no_run_is_an_error(tmp_path):
     text = "models: [embedded-digits]\nmethods: [linear]\nbits: [W4A8]\nexclude: [{method: lineer}]\n"
     with pytest.raises(MatrixError, match=r"exclude\[0\] \{method: lineer\} matches no run"):

@@ -102,3 +102,38 @@ def test_a_forged_row_is_refused_with_its_place_and_reason(tmp_path, change, rea
         load(tmp_path / "x")
     assert f"{path}:2: corrupt results row (" in str(info.value) and reason in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_row_of_another_matrix_is_refused_not_read_as_this_ones(tmp_path):
+    """Rows copied in from another matrix, with higher values and later dates, must not replace
+    this matrix's cells or retitle its report: the store holds the matrix its folder names."""
+    store = ResultStore(tmp_path / "x")
+    store.append([row(metric="a")])
+    intruder = store.append([{**row(metric="a", value=99.0, started="2026-02-01T00:00:00", run_id="r2"),
+                              "matrix": "other"}])  # fmt: skip
+    with pytest.raises(StoreError) as info:
+        load(tmp_path / "x")
+    message = str(info.value)
+    assert f"{intruder}:1: results row of matrix 'other' in the store of matrix 'x'" in message
+    assert "move that file out" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("{not json", "Expecting property name"),
+        ("[1, 2]", "expected a JSON object, got list"),
+        (json.dumps({"matrix": "x", "started_at": "2026-01-01T00:00:00"}), "field(s) wall_s, runs"),
+        (b"\xff\xfe", "codec can't decode"),
+    ],
+)
+def test_a_corrupt_invocation_record_is_one_clear_error(tmp_path, text, reason):
+    store = ResultStore(tmp_path / "x")
+    store.append([row()])
+    path = store.root / "invocations" / "2026-01-01T000000.json"
+    path.parent.mkdir()
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(StoreError) as info:
+        store.invocations()
+    assert f"{path}: corrupt invocation record (" in str(info.value) and reason in str(info.value)
+    assert "move that file out" in str(info.value) and "\n" not in str(info.value)
