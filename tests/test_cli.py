@@ -215,3 +215,16 @@ def test_the_ray_executor_without_ray_is_one_line_naming_the_extra(tmp_path, cap
     assert main(["run", tiny_matrix(tmp_path), "--results", str(tmp_path / "r"), "--executor", "ray"]) == 2
     one_line_error(capsys, "--executor ray needs Ray", "pip install 'qdiff-bench[ray]'")
     assert not list((tmp_path / "r").rglob("*.jsonl"))
+
+
+def test_empty_environment_variables_mean_unset(monkeypatch):
+    """``QDIFF_BENCH_RESULTS=""`` once wrote results into the current folder; an empty variable
+    is an unset one, for the results root and the cache alike."""
+    from bench.cache import cache_dir
+
+    monkeypatch.setenv("QDIFF_BENCH_CACHE", "")
+    assert cache_dir() == Path.home() / ".cache" / "qdiff-bench"
+    code = "import bench.cli as c; print(c.RESULTS)"
+    env = {**os.environ, "QDIFF_BENCH_RESULTS": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "qdiff-results"

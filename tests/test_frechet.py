@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from bench.frechet import feature_stats, frechet_distance
+from bench.frechet import feature_stats, frechet_distance, sqrt_psd
 
 
 def scipy_reference(mu1, s1, mu2, s2):
@@ -22,6 +22,15 @@ def test_matches_scipy_reference(dim, seed):
     ours = frechet_distance(*feature_stats(a), *feature_stats(b))
     ref = scipy_reference(*feature_stats(a), *feature_stats(b))
     assert ours == pytest.approx(ref, rel=1e-6)
+    # The fixed reference's root computed once (a bootstrap's shortcut) gives the same distance,
+    # also for a singular set (fewer samples than dimensions).
+    assert frechet_distance(*feature_stats(a), *feature_stats(b), root2=sqrt_psd(feature_stats(b)[1])) == (
+        pytest.approx(ref, rel=1e-6)
+    )
+    few = feature_stats(a[: dim // 2 + 2])
+    assert frechet_distance(*few, *feature_stats(b), root2=sqrt_psd(feature_stats(b)[1])) == pytest.approx(
+        frechet_distance(*few, *feature_stats(b)), rel=1e-6
+    )
 
 
 def test_identical_sets_give_zero_and_shift_gives_squared_norm():
