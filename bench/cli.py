@@ -21,21 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.cache import cache_dir
-from bench.errors import (
-    AssetError,
-    BitsError,
-    ClusterError,
-    ImageError,
-    IncomparableError,
-    MatrixError,
-    StoreError,
-    ThresholdError,
-    UnknownNameError,
-)
+from bench.errors import ImageError, IncomparableError, MatrixError, StoreError
 from bench.provenance import REPO_ROOT
 from bench.registry import METHODS, METRICS, MODELS
 from bench.spec import CLEANFID_MODES, EXECUTORS, FID_BACKENDS
-from qdiff.config import ConfigError
+from qdiff.errors import QdiffError
 
 CONFIGS = REPO_ROOT / "configs"
 DEFAULT_MATRIX = CONFIGS / "default.yaml"
@@ -43,19 +33,8 @@ DEFAULT_MATRIX = CONFIGS / "default.yaml"
 # measured on the machine their provenance names).
 RESULTS = Path(os.environ.get("QDIFF_BENCH_RESULTS") or "qdiff-results")  # empty: unset
 REFERENCE = REPO_ROOT / "results"
-USER_ERRORS = (
-    UnknownNameError,
-    BitsError,
-    ClusterError,
-    ConfigError,
-    AssetError,
-    MatrixError,
-    StoreError,
-    ThresholdError,
-    IncomparableError,
-    ImageError,
-    FileNotFoundError,
-)
+# Raised on purpose with the fix in the message (and a missing file): one line, exit 2.
+USER_ERRORS = (QdiffError, FileNotFoundError)
 
 
 # No machine this suite runs on has more cores than this; a larger count is a typo, and torch

@@ -7,6 +7,7 @@ or :func:`quantize` for the first three in one call.
 from qdiff.api import convert, quantize
 from qdiff.calibration import CalibData, TrajectoryRecorder, calibrate, select_steps
 from qdiff.config import CalibConfig, ConfigError, QConfig, QuantSpec, ReconConfig
+from qdiff.errors import QdiffError
 from qdiff.modules import QuantAttnProcessor, QuantConv2d, QuantLinear, QuantMatMul
 from qdiff.prepare import find_skip_concats, fp_attention, prepare, set_quant_state
 from qdiff.quantizer import AdaRoundQuantizer, UniformAffineQuantizer
@@ -22,6 +23,7 @@ __all__ = [
     "ConfigError",
     "LowRank",
     "QConfig",
+    "QdiffError",
     "QuantAttnProcessor",
     "QuantConv2d",
     "QuantLinear",

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from qdiff import validate
+from qdiff.errors import QdiffError
 
 GRANULARITIES = ("tensor", "channel")
 SCALE_SEARCHES = ("minmax", "mse")
@@ -23,7 +24,7 @@ RECON_GRANULARITIES = ("block", "layer")
 MIN_BITS, MAX_BITS = 2, 16
 
 
-class ConfigError(ValueError):
+class ConfigError(QdiffError, ValueError):
     """A quantization config field has an invalid value."""
 
 

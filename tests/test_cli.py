@@ -228,3 +228,26 @@ def test_empty_environment_variables_mean_unset(monkeypatch):
     env = {**os.environ, "QDIFF_BENCH_RESULTS": ""}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "qdiff-results"
+
+
+def test_every_error_raised_on_purpose_shares_one_root_and_prints_as_one_line(monkeypatch, capsys):
+    """The command line catches one class, so an error class added later (or qdiff's own, as
+    ``BackendError`` once was) cannot slip through as a traceback."""
+    import inspect
+
+    import bench.cli as cli
+    import bench.errors
+    from qdiff import QdiffError
+    from qdiff.backends.base import BackendError
+    from qdiff.config import ConfigError
+
+    classes = [c for _, c in inspect.getmembers(bench.errors, inspect.isclass) if issubclass(c, Exception)]
+    assert len(classes) >= 10
+    assert all(issubclass(c, QdiffError) for c in [*classes, BackendError, ConfigError])
+
+    def fails(args):
+        raise BackendError("x86 deploys on CPU only; use device: cpu")
+
+    monkeypatch.setitem(cli.COMMANDS, "ls", fails)
+    assert main(["ls"]) == 2
+    assert capsys.readouterr().err == "qdiff-bench: error: x86 deploys on CPU only; use device: cpu\n"

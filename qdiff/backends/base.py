@@ -19,12 +19,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from qdiff.errors import QdiffError
 from qdiff.modules import QuantLayer, QuantMatMul
 from qdiff.prepare import quant_layers
 from qdiff.transforms.base import run_layer
 
 
-class BackendError(ValueError):
+class BackendError(QdiffError, ValueError):
     """A backend asked for on a device or bit width it cannot deploy."""
 
 
