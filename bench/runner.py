@@ -12,6 +12,7 @@ its FP reference, so differences in the metrics come from quantization alone.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import multiprocessing
@@ -132,7 +133,8 @@ class ProcessExecutor:
                 for spec in [s for s in waiting if settled.issuperset(needs.get(s.hash, ()))]:
                     waiting.remove(spec)
                     try:
-                        future = pool.submit(fn, spec)
+                        with STOP.deferred():  # may start a worker: see StopRequest.deferred
+                            future = pool.submit(fn, spec)
                     except BrokenProcessPool as exc:  # a worker died: the pool takes no more
                         settled.add(spec.hash)
                         yield from _lost(spec, exc, suspects)
@@ -170,9 +172,33 @@ class StopRequest:
     now (a second Ctrl-C, or SIGTERM). :func:`handle_signal` sets it; executors poll it."""
 
     level = 0
+    _deferring = False
+    _pending: BaseException | None = None
 
     def reset(self) -> None:
-        self.level = 0
+        self.level, self._deferring, self._pending = 0, False, None
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold a signal's exception until the block ends. Submitting to the pool may start a
+        worker, and spawning writes the worker's start-up data down a pipe: an exception raised
+        in the middle leaves the worker reading a half-written pipe, and it dies printing a
+        traceback ("Ran out of input") into the user's terminal."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            raise pending
+
+    def stop(self, exc: BaseException) -> None:
+        """Raise ``exc`` now, or when the deferred block ends."""
+        if self._deferring:
+            self._pending = exc
+            return
+        raise exc
 
 
 STOP = StopRequest()
@@ -186,10 +212,12 @@ def handle_signal(signum: int, _frame) -> None:
     """SIGINT once: finish what runs, start nothing new. Again, or SIGTERM: stop now."""
     if signum == signal.SIGTERM:
         STOP.level = 2
-        raise Terminated
+        STOP.stop(Terminated())
+        return
     STOP.level += 1
     if STOP.level >= 2:
-        raise KeyboardInterrupt
+        STOP.stop(KeyboardInterrupt())
+        return
     print("\ninterrupted: finishing the run(s) in flight (their rows are kept) and starting no more; "
           "Ctrl-C again to abandon them", file=sys.stderr, flush=True)  # fmt: skip
 

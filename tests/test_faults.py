@@ -221,6 +221,27 @@ def _cmdline(pid: str) -> str:
         return ""
 
 
+def test_a_signal_while_a_worker_starts_waits_until_it_has_started():
+    """SIGTERM raised inside ``pool.submit`` once cut a worker's start-up data short, and the
+    worker printed a traceback ("Ran out of input") into the terminal: the runner defers the
+    signal's exception to the end of the submit."""
+    from bench.runner import STOP, Terminated, handle_signal
+
+    STOP.reset()
+    try:
+        steps = []
+        with pytest.raises(Terminated), STOP.deferred():
+            handle_signal(signal.SIGTERM, None)
+            steps.append("the submit finished")
+        assert steps == ["the submit finished"] and STOP.level == 2
+        with pytest.raises(KeyboardInterrupt):  # outside the block: at once
+            handle_signal(signal.SIGINT, None)
+        with STOP.deferred():  # nothing pending: nothing raised
+            pass
+    finally:
+        STOP.reset()
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_sigint_and_sigterm_stop_cleanly_and_resume(tmp_path, cli_reference, sig, code):
     path = tiny_matrix(tmp_path, methods=METHODS, bits=BITS)
