@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -111,10 +112,10 @@ def _check_one_matrix(root: Path, rows: list[tuple[Path, int, dict[str, Any]]]) 
     """A store holds one matrix: a row naming another was copied in from elsewhere, and read as
     this matrix's it would replace its cells. Which matrix the store holds is decided by its
     folder's name where a row carries it, else by most rows, never by the intruder."""
-    names = pd.Series([row["matrix"] for _, _, row in rows], dtype=object)
-    if names.nunique() <= 1:
+    names = Counter(row["matrix"] for _, _, row in rows)
+    if len(names) <= 1:
         return
-    own = root.name if root.name in set(names) else names.value_counts().index[0]
+    own = root.name if root.name in names else names.most_common(1)[0][0]
     path, i, row = next(r for r in rows if r[2]["matrix"] != own)
     raise StoreError(
         f"{path}:{i}: results row of matrix {row['matrix']!r} in the store of matrix {own!r} "
