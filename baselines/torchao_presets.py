@@ -25,7 +25,6 @@ settings, so an upgrade re-measures the rows.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -37,6 +36,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from bench.errors import AvailabilityError
 from bench.methods import Calibration, Progress
 from bench.spec import Bits
+from qdiff.prepare import shared_copy
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ class TorchaoPreset:
             raise AvailabilityError(
                 f"{self.name} needs CUDA ({self.cuda_only}); this run is on {device.type}"
             )
-        model = copy.deepcopy(denoiser)
+        model = shared_copy(denoiser)  # quantize_ rebinds the copy's weights; the FP's stay
         if self.bf16_weights:
             for module in model.modules():
                 if isinstance(module, nn.Linear):

@@ -562,13 +562,20 @@ def _build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
 
     runs = _cells(model_entries, method_overrides, seeds, bits, calib_seeds, make)
     runs = [c for r in runs for d in deployments(r) for c in _compiled(d, compile_modes)]
+
+    def unmatched(i: int, rule: dict) -> None:
+        shown = "{" + ", ".join(f"{k}: {', '.join(v)}" for k, v in rule.items()) + "}"
+        problems.add(
+            f"{path}: exclude[{i}] {shown} matches no run (a misspelt name or pattern, or a rule "
+            "inherited through 'extends': set 'exclude' in this file to replace it)"
+        )
+
+    # A rule naming ``method: fp`` also removes FP references (e.g. a compile mode a model
+    # cannot run in), which are added after the other rules have applied.
+    fp_rules = {i: rule for i, rule in enumerate(excludes) if FP_METHOD in rule.get("method", ())}
     for i, rule in enumerate(excludes):
-        if not any(r.matches(rule) for r in runs):
-            shown = "{" + ", ".join(f"{k}: {', '.join(v)}" for k, v in rule.items()) + "}"
-            problems.add(
-                f"{path}: exclude[{i}] {shown} matches no run (a misspelt name or pattern, or a rule "
-                "inherited through 'extends': set 'exclude' in this file to replace it)"
-            )
+        if i not in fp_rules and not any(r.matches(rule) for r in runs):
+            unmatched(i, rule)
     runs = [r for r in runs if not any(r.matches(rule) for rule in excludes)]
     for i, rule in enumerate(includes):
         added = attempt(_included, path, i, rule, model_entries, method_overrides, seeds, calib_seeds, make,
@@ -587,6 +594,10 @@ def _build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
         runs.extend(added)
     runs = [r for r in map(_without_simulation_metrics, runs) if r.metrics]
     runs = _with_fp_references(runs, compile_modes)
+    for i, rule in fp_rules.items():
+        if not any(r.is_fp and r.matches(rule) for r in runs):
+            unmatched(i, rule)
+    runs = [r for r in runs if not (r.is_fp and any(r.matches(rule) for rule in fp_rules.values()))]
     seen: dict[str, list[str]] = {}  # a problem shared by many runs is reported once
     for run in runs:
         try:

@@ -510,8 +510,10 @@ def _evaluate(
             sample = lambda: adapter.sample(deployable(), n, seed, progress=steps)  # noqa: E731
             ready_model = lambda: ready(deployable(), adapter, spec)  # noqa: E731
             images, sample_s = _timed_samples(key, n, sample, before=ready_model)
-        # The simulation the deployment is compared with (deploy_sqnr): qdiff's methods only.
-        simulated = None if method.backend else (lambda: qdiff.convert(ckpt.model.to(adapter.device), "fake"))
+        # The simulation the deployment is compared with (deploy_sqnr): qdiff's methods only. The
+        # quantized model itself, not ``convert(..., "fake")``, whose precomputed fake-quantized
+        # weights would be a third float copy of a real-size model (SDXL: 9.6 GiB).
+        simulated = None if method.backend else (lambda: ckpt.model.to(adapter.device))
         ctx = EvalContext(spec, adapter, images, fp_images, deployable, ckpt.quantize_s, cached, simulated,
                           quantize_peak_mib=ckpt.quantize_peak_mib)  # fmt: skip
         extra = {"qconfig": ckpt.qconfig, "weights_from": ckpt.weights_from, "sample_s": sample_s,

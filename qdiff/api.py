@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 from torch import nn
@@ -10,7 +9,7 @@ from torch import nn
 from qdiff.backends import get_backend
 from qdiff.calibration import CalibData, calibrate
 from qdiff.config import QConfig
-from qdiff.prepare import FilterFn, prepare, set_quant_state
+from qdiff.prepare import FilterFn, prepare, set_quant_state, shared_copy
 from qdiff.reconstruct import ReconResult, reconstruct
 
 
@@ -22,12 +21,13 @@ def quantize(
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[nn.Module, ReconResult]:
-    """prepare → transforms (in order) → calibrate → reconstruct, on a copy of ``model``.
+    """prepare → transforms (in order) → calibrate → reconstruct, on a copy of ``model`` that
+    shares its weights' storage (:func:`qdiff.prepare.shared_copy`); ``model`` is not changed.
 
     Returns:
         The quantized model (fake quantization on) and what reconstruction did.
     """
-    qmodel = prepare(copy.deepcopy(model), qconfig, filter_fn)
+    qmodel = prepare(shared_copy(model), qconfig, filter_fn)
     for transform in qconfig.transforms:
         transform.apply(qmodel, calib_data, batch_size)
     calibrate(qmodel, calib_data, batch_size=batch_size, seed=qconfig.calib.seed)

@@ -462,3 +462,17 @@ def test_compiled_fp_is_timed_even_where_the_quantized_runs_of_that_mode_are_exc
     )  # fmt: skip
     runs = {(r.method, r.evaluation.compile) for r in load_matrix(path).expand()}
     assert runs == {("fp", "off"), ("fp", "inductor"), ("linear", "off")}
+    # Unless a rule names fp: a mode the model cannot run in at all (SDXL on OpenVINO).
+    path = tiny_matrix(
+        tmp_path, "[linear]", "[W8A8]", metrics="[latency_step]", compile="[off, inductor]",
+        exclude="[{method: [linear, fp], compile: inductor}]",
+    )  # fmt: skip
+    assert {(r.method, r.evaluation.compile) for r in load_matrix(path).expand()} == {
+        ("fp", "off"), ("linear", "off")
+    }  # fmt: skip
+    path = tiny_matrix(
+        tmp_path, "[linear]", "[W8A8]", metrics="[latency_step]", compile="[off, inductor]",
+        exclude="[{method: fp, compile: openvino}]",
+    )  # fmt: skip
+    with pytest.raises(MatrixError, match=r"exclude\[0\] \{method: fp, compile: openvino\} matches no run"):
+        load_matrix(path)

@@ -131,9 +131,14 @@ def test_random_init_builds_the_published_architecture_with_seeded_weights():
     from bench.spec import Sampling
 
     sampling = Sampling(device="cpu", steps=2, batch_size=2, samples=2)
-    a, b = (DDIMCifar10(sampling, init="random").denoiser() for _ in range(2))
+    adapter = DDIMCifar10(sampling, init="random")
+    a, b, c = adapter.denoiser(), adapter.denoiser(), DDIMCifar10(sampling, init="random").denoiser()
     assert sum(p.numel() for p in a.parameters()) == 35_746_307  # google/ddpm-cifar10-32's UNet
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    params = zip(a.parameters(), b.parameters(), c.parameters(), strict=True)
+    assert all(torch.equal(p, q) and torch.equal(p, r) for p, q, r in params)
+    assert a.conv_in.weight.data_ptr() != b.conv_in.weight.data_ptr()  # each caller's own
+    # The pipeline keeps no weights of its own (a real-size model is not resident twice).
+    assert all(p.is_meta for p in adapter.pipeline.unet.parameters())
     x, _, kwargs = DDIMCifar10(sampling, init="random").step_inputs(2, 0)
     assert x.shape == (2, 3, 32, 32) and kwargs == {}
 
@@ -193,11 +198,11 @@ def test_a_random_init_model_calibrates_without_a_decoder():
 
     config = json.loads(resources.files("bench.models.configs").joinpath("sd-1.5.json").read_text())
     config["conditions"] = {"encoder_hidden_states": [5, 16]}  # the tiny UNet's cross-attention width
+    tiny = cond_unet().eval()
+    config["unet"] = {**tiny.config, "_class_name": type(tiny).__name__}  # built from it, seeded
     scheduler = diffusers.PNDMScheduler.from_config(config["scheduler"])
     adapter = StableDiffusion15(Sampling(device="cpu", steps=4, batch_size=2, samples=2), init="random")
-    adapter.__dict__["pipeline"] = SimpleNamespace(
-        unet=cond_unet().eval(), scheduler=scheduler, config=config
-    )
+    adapter.__dict__["pipeline"] = SimpleNamespace(unet=tiny, scheduler=scheduler, config=config)
     data = adapter.calibration_data(
         adapter.denoiser(), qdiff.CalibConfig(num_timesteps=2, samples_per_timestep=2)
     )

@@ -92,3 +92,28 @@ def test_convert_fake_equals_quantized_model_and_rejects_unknown_backend(tiny_un
     torch.testing.assert_close(fake(data.x, data.t).sample, qmodel(data.x, data.t).sample)
     with pytest.raises(ValueError, match="unknown backend 'int3'; choose one of fake"):
         qdiff.convert(qmodel, "int3")
+
+
+def test_quantizing_and_deploying_share_the_fp_weights_and_never_change_them(tiny_unet):
+    """Real-size models are not held twice (qdiff.prepare.shared_copy): the quantized and the
+    deployed models read the FP model's weight storage, and neither transforms, calibration,
+    reconstruction, deployment nor a cast of a copy writes to it."""
+    before = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
+    grad_flags = [p.requires_grad for p in tiny_unet.parameters()]
+    data = calib_for(tiny_unet, 16)
+    recon = qdiff.ReconConfig(method="brecq", weight_iters=2, act_iters=2, batch_size=8)
+    config = QConfig(
+        weight=QuantSpec(8, True, "channel"), act=QuantSpec(8), recon=recon,
+        transforms=(qdiff.Smooth(0.5), qdiff.LowRank(4)),
+    )  # fmt: skip
+    qmodel, _ = qdiff.quantize(tiny_unet, config, data)
+    fp_storage = {p.data_ptr() for p in tiny_unet.parameters()}
+    assert tiny_unet.conv_in.weight.data_ptr() in {p.data_ptr() for p in qmodel.parameters()}
+    for backend in ("fake", "x86"):
+        deployed = qdiff.convert(qmodel, backend)
+        deployed(data.x, data.t)
+        assert deployed.conv_norm_out.weight.data_ptr() in fp_storage  # a float layer: shared
+    qdiff.convert(qmodel, "fake").to(torch.float16)  # rebinds the copy's parameters only
+    for k, v in tiny_unet.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert [p.requires_grad for p in tiny_unet.parameters()] == grad_flags

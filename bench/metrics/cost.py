@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -222,6 +224,11 @@ def _denoiser(ctx: EvalContext) -> nn.Module:
     return ctx.memo["compiled"]
 
 
+def _in_torch(model: nn.Module) -> bool:
+    """Whether ``model`` computes in torch's memory (not in another runtime's, e.g. OpenVINO)."""
+    return not getattr(model, "allocates_outside_torch", False)
+
+
 class LatencyStep(CostMetric):
     """Milliseconds of one denoiser call at the run's batch size (the doubled batch of
     classifier-free guidance included), at the first sampler step's inputs. The row also
@@ -248,7 +255,7 @@ class LatencyStep(CostMetric):
         times = time_calls(step, warmup, repeats, device)
         # The step's memory from one more, untimed call: the denoiser's own peak, without the
         # sampler's state, with the heap following what is allocated (PeakWindow).
-        with PeakWindow(device, exact=True) as window:
+        with PeakWindow(device, exact=True, allocator=_in_torch(model)) as window:
             step()
         median, spread = summarize(times, 1000)
         protocol = _protocol(ctx, device, warmup, repeats)
@@ -256,6 +263,7 @@ class LatencyStep(CostMetric):
         if window.working_mib is not None:
             memory["step_peak_mib"], parts = deployed_memory(model, window)
             memory["step_working_mib"] = parts["working_mib"]
+            memory["step_rss_working_mib"] = parts.get("rss_working_mib", parts["working_mib"])
         return Measurement(median, {**spread, **protocol, **memory, "memory_source": window.source})
 
 
@@ -290,11 +298,22 @@ class PeakWindow:
     allocated, not what the heap's fragmentation left behind. Without it the figure is an upper
     bound that moves between calls by tens of MiB; with it, the code inside runs slower and is
     never timed.
+
+    With ``allocator`` (deployed memory of a model that allocates through torch), a CPU
+    window's ``working_mib`` is instead the peak of what torch's CPU allocator handed out over
+    the block, traced by the profiler's memory events: the CPU twin of CUDA's
+    ``max_memory_allocated``. Even the exact RSS window moved by ±15 MiB between calls of the
+    same embedded-UNet step (resident library pages, oneDNN's scratch, heap arenas), as much as
+    an int8 deployment saves there; the allocator's peak repeats to the byte and counts every
+    tensor the step holds, inductor's buffers and oneDNN's scratch included. The RSS reading
+    of the same block stays in the row (``rss_working_mib``). A model running in another
+    runtime's memory (OpenVINO) is measured by RSS only.
     """
 
-    def __init__(self, device: torch.device, exact: bool = False) -> None:
+    def __init__(self, device: torch.device, exact: bool = False, allocator: bool = False) -> None:
         self.device, self.exact = device, exact
-        self._heap = None
+        self.allocator = allocator and device.type == "cpu"
+        self._heap = self._trace = None
 
     def __enter__(self) -> PeakWindow:
         gc.collect()
@@ -314,6 +333,12 @@ class PeakWindow:
             self.source = "peak RSS of the process (VmHWM, reset and free heap released before" + (
                 ", every allocation from 64 KiB mapped on its own)" if exact else ")"
             )
+            if self.allocator:
+                self._trace = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+                )
+                with _quiet_stderr():
+                    self._trace.__enter__()
         else:  # cannot reset: the process's lifetime peak, an upper bound
             self.before = None
             self.source = "peak RSS of the process since it started (ru_maxrss)"
@@ -324,6 +349,9 @@ class PeakWindow:
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
         elif self.before is not None:
+            if self._trace is not None:
+                with _quiet_stderr():
+                    self._trace.__exit__(None, None, None)
             peak = _rss_kib("VmHWM") * 1024
             if self._heap is not None:
                 self._heap.__exit__(None, None, None)
@@ -334,6 +362,41 @@ class PeakWindow:
         self.working_mib = None if self.before is None else max(peak - self.before, 0) / MIB
         before = None if self.before is None else self.before / MIB
         self.memory = {"memory_source": self.source, "before_mib": before, "process_peak_mib": self.peak_mib}
+        if self._trace is not None:
+            self.memory["rss_working_mib"] = self.working_mib
+            self.working_mib = _allocated_peak(self._trace) / MIB
+            self.source = self.memory["memory_source"] = (
+                "torch's CPU allocator: peak of what the block allocated (profiler memory events)"
+            )
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """The process's stderr (file descriptor 2) closed for the block: the profiler's C++ side
+    (kineto) prints start/stop and no-GPU lines there at every trace, which no setting mutes."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _allocated_peak(trace: torch.profiler.profile) -> int:
+    """Bytes: the highest point the CPU allocations traced by ``trace`` reached over what was
+    allocated when it started (frees of older tensors count, so this is the rise, not a sum)."""
+    events = [
+        e for e in trace.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]  # fmt: skip
+    level = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        level += e.nbytes()
+        peak = max(peak, level)
+    return peak
 
 
 def deployed_memory(model: nn.Module, window: PeakWindow) -> tuple[float, dict]:
@@ -370,7 +433,7 @@ def _sampling_cost(ctx: EvalContext) -> dict:
         ctx.adapter.sample(model, n, ctx.spec.seed)
 
     times = time_calls(sample, ev.latency_warmup, ev.latency_repeats, device) if timed else []
-    with PeakWindow(device, exact=True) as window:
+    with PeakWindow(device, exact=True, allocator=_in_torch(model)) as window:
         sample()
     warmup, repeats = (ev.latency_warmup, ev.latency_repeats) if timed else (0, 0)
     out = {"times": times, "protocol": _protocol(ctx, device, warmup, repeats), "window": window}

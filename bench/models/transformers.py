@@ -14,7 +14,6 @@ guidance input instead of a doubled batch).
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -111,7 +110,7 @@ class _WrappedTextToImage(TextToImageAdapter):
         return DenoiserCall(model)
 
     def denoiser(self) -> nn.Module:
-        return self.call(copy.deepcopy(getattr(self.pipeline, self.COMPONENT)))
+        return self.call(self.fp_component())
 
     @property
     def vae_scale(self) -> int:
@@ -342,7 +341,7 @@ class DiTXL2(PipelineAdapter):
         return out
 
     def denoiser(self) -> nn.Module:
-        model = copy.deepcopy(self.pipeline.transformer)
+        model = self.fp_component()
         return DenoiserCall(model, out_channels=model.config.in_channels)  # drops the learned σ
 
     def latent_shape(self) -> tuple[int, ...]:

@@ -9,7 +9,6 @@ A backend module (``fake``, ``x86``, ``triton_int8``, ``fp8``, ``w4a16``) subcla
 
 from __future__ import annotations
 
-import copy
 import importlib
 import os
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from torch import nn
 
 from qdiff.errors import QdiffError
 from qdiff.modules import QuantLayer, QuantMatMul
-from qdiff.prepare import quant_layers
+from qdiff.prepare import quant_layers, shared_copy
 from qdiff.transforms.base import run_layer
 
 
@@ -264,8 +263,9 @@ class FrozenFakeQuantLayer(nn.Module):
 
 
 def replace_layers(qmodel: nn.Module, build: Callable[[str, QuantLayer], nn.Module]) -> nn.Module:
-    """An inference copy of ``qmodel`` with every quantized layer replaced by ``build(name, layer)``."""
-    model = copy.deepcopy(qmodel).eval().requires_grad_(False)
+    """An inference copy of ``qmodel`` (sharing its weights' storage) with every quantized layer
+    replaced by ``build(name, layer)``."""
+    model = shared_copy(qmodel).eval().requires_grad_(False)
     for name, layer in list(quant_layers(model)):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -160,6 +160,9 @@ class OpenVINOModule(nn.Module):
             int8 rows compare the same arithmetic outside the int8 kernels).
     """
 
+    # OpenVINO allocates its tensors itself: its memory is read from the process's RSS.
+    allocates_outside_torch = True
+
     def __init__(
         self,
         model: nn.Module | None = None,
