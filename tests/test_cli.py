@@ -45,6 +45,19 @@ def test_validate_run_resume_report_and_compare_via_subprocess(tmp_path):
     assert invocation["wall_s"] > 0 and invocation["peak_rss_worker_mib"] > 100 and invocation["git_sha"]
     assert "3 runs in" in (results / "tiny" / "report.md").read_text()
 
+    # A Python call does what the command does: the same runs and values, its report written.
+    from bench import api
+
+    outcome = api.run(matrix, tmp_path / "api", workers=1, threads=1)
+
+    def quality(rows):
+        return {(r["config_hash"], r["metric"]): r["value"] for r in rows if r["kind"] == "quality"}
+
+    assert quality(outcome.rows) == quality(ResultStore(results / "tiny").rows()) and not outcome.failed
+    folder = tmp_path / "api" / "tiny"
+    assert outcome.report_paths == (folder / "report.md", folder / "report.html")
+    assert "embedded-digits" in outcome.report.markdown and len(outcome.store.invocations()) == 1
+
     again = cli("run", matrix, "--results", results, "--no-progress", "--no-report")
     assert again.returncode == 0 and "0 runs, 0 rows appended" in again.stdout
     assert len(ResultStore(results / "tiny").invocations()) == 1  # a no-op resume records nothing
@@ -166,28 +179,29 @@ def test_missing_embedded_checkpoint_is_an_error_row_that_says_how_to_fix(tmp_pa
 
 
 def test_execution_defaults_split_the_cores(monkeypatch, tmp_path):
-    import bench.cli
+    import bench.api
     from bench.matrix import load_matrix
 
     matrix = load_matrix(tiny_matrix(tmp_path))
-    monkeypatch.setattr(bench.cli, "_cores", lambda: 8)
-    assert bench.cli._execution(matrix, None, None) == (4, 2)
-    assert bench.cli._execution(matrix, 1, None) == (1, 8)
-    monkeypatch.setattr(bench.cli, "_cores", lambda: 2)
-    assert bench.cli._execution(matrix, None, None) == (2, 1)
-    assert bench.cli._execution(matrix, None, 1) == (2, 1)
+    monkeypatch.setattr(bench.api, "cores", lambda: 8)
+    assert bench.api.execution(matrix, None, None) == (4, 2)
+    assert bench.api.execution(matrix, 1, None) == (1, 8)
+    monkeypatch.setattr(bench.api, "cores", lambda: 2)
+    assert bench.api.execution(matrix, None, None) == (2, 1)
+    assert bench.api.execution(matrix, None, 1) == (2, 1)
 
 
 def test_more_threads_or_workers_than_cores_are_capped_with_one_line(monkeypatch, tmp_path, capsys):
     """--threads 100000 once started that many torch threads and ended in MemoryErrors."""
+    import bench.api
     import bench.cli
     from bench.matrix import load_matrix
 
     matrix = load_matrix(tiny_matrix(tmp_path))
-    monkeypatch.setattr(bench.cli, "_cores", lambda: 2)
-    assert bench.cli._execution(matrix, None, 3) == (2, 1)
+    monkeypatch.setattr(bench.api, "cores", lambda: 2)
+    assert bench.api.execution(matrix, None, 3) == (2, 1)
     assert capsys.readouterr().err == "--threads 3 × 2 worker(s) exceeds this machine's 2 cores: using 1\n"
-    assert bench.cli._execution(matrix, 8, None) == (2, 1)
+    assert bench.api.execution(matrix, 8, None) == (2, 1)
     assert "--workers 8 exceeds this machine's 2 cores: using 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.cli.main(["run", "--threads", "100000", "--dry-run"])
