@@ -265,3 +265,39 @@ def test_every_error_raised_on_purpose_shares_one_root_and_prints_as_one_line(mo
     monkeypatch.setitem(cli.COMMANDS, "ls", fails)
     assert main(["ls"]) == 2
     assert capsys.readouterr().err == "qdiff-bench: error: x86 deploys on CPU only; use device: cpu\n"
+
+
+def test_every_command_in_the_readme_and_docs_parses(tmp_path, monkeypatch):
+    """The documented commands stay true to the command line: each one's arguments parse."""
+    import re
+    import shlex
+
+    from bench.cli import build_parser
+    from bench.provenance import REPO_ROOT
+
+    pages = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    commands = []
+    for page in pages:
+        text = page.read_text("utf-8")
+        spans = [s for s in re.findall(r"`([^`]+)`", text) if s.startswith("qdiff-bench ")]
+        blocks = [line.strip() for line in text.splitlines() if line.startswith(("    ", "\t"))]
+        for line in [*spans, *blocks]:
+            for part in line.split("&&"):
+                part = part.split(" #")[0].strip()
+                if part.startswith("qdiff-bench "):
+                    commands.append((page.name, " ".join(part.split())))
+    assert len(commands) >= 30
+    parser = build_parser()
+    subcommands = set(parser._subparsers._group_actions[0].choices)
+    monkeypatch.chdir(tmp_path)  # files the commands name exist here (flags that check them)
+    for page, command in commands:
+        words = shlex.split(command)
+        if len(words) == 2 and words[1] in subcommands:
+            continue  # the text names a subcommand (`qdiff-bench validate` checks ...)
+        for word in words:
+            if re.fullmatch(r"[\w.-]+\.(pt|pth|txt)", word):
+                (tmp_path / word).touch()
+        try:
+            parser.parse_args(words[1:])
+        except SystemExit:
+            pytest.fail(f"{page}: `{command}` does not parse")
