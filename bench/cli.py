@@ -13,14 +13,10 @@ qdiff-bench compare A B               per-cell deltas; exit 1 when a gated cell 
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.cache import cache_dir
+from bench.api import RESULTS
 from bench.errors import ImageError, IncomparableError, MatrixError, StoreError
 from bench.provenance import REPO_ROOT
 from bench.registry import METHODS, METRICS, MODELS
@@ -29,9 +25,8 @@ from qdiff.errors import QdiffError
 
 CONFIGS = REPO_ROOT / "configs"
 DEFAULT_MATRIX = CONFIGS / "default.yaml"
-# Where a run writes (yours, measured here) and what it is checked against (the committed rows,
-# measured on the machine their provenance names).
-RESULTS = Path(os.environ.get("QDIFF_BENCH_RESULTS") or "qdiff-results")  # empty: unset
+# What a run is checked against by default: the committed rows, measured on the machine their
+# provenance names. Where it writes: bench.api.RESULTS.
 REFERENCE = REPO_ROOT / "results"
 # Raised on purpose with the fix in the message (and a missing file): one line, exit 2.
 USER_ERRORS = (QdiffError, FileNotFoundError)
@@ -73,32 +68,6 @@ def _existing_file(flag: str):
         return value
 
     return parse
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _execution(matrix, workers: int | None, threads: int | None) -> tuple[int, int]:
-    """Worker processes and torch threads per worker for this machine and matrix."""
-    import torch
-
-    cuda = torch.cuda.is_available() and any(r.sampling.device != "cpu" for r in matrix.expand())
-    cores = _cores()
-    if workers is None:
-        workers = 1 if cuda else max(1, min(4, cores, len(matrix.expand())))
-    elif workers > cores:
-        print(f"--workers {workers} exceeds this machine's {cores} cores: using {cores}", file=sys.stderr)
-        workers = cores
-    if threads is not None and workers * threads > cores:
-        # Oversubscribed cores make every timing and reconstruction many times slower.
-        capped = max(1, cores // workers)
-        print(
-            f"--threads {threads} × {workers} worker(s) exceeds this machine's {cores} cores: using {capped}",
-            file=sys.stderr,
-        )
-        threads = capped
-    return workers, threads or max(1, cores // workers)
 
 
 def _execution_flags(parser: argparse.ArgumentParser) -> None:
@@ -294,9 +263,10 @@ def _validate(args: argparse.Namespace) -> int:
 def _estimate_text(matrix, todo, workers: int | None, threads: int | None) -> str:
     import torch
 
+    from bench.api import execution
     from bench.estimate import WARN_MINUTES, estimate
 
-    workers, threads = _execution(matrix, workers, threads)
+    workers, threads = execution(matrix, workers, threads)
     torch.set_num_threads(threads)
     found = estimate(todo, workers, log=lambda msg: print(msg, file=sys.stderr))
     rates = ", ".join(f"{name}: {1000 * r:.3g} ms per image-step" for name, r in found.rates.items())
@@ -325,84 +295,43 @@ def _duration(seconds: float) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
-    from bench import report
+    from bench import api, report
     from bench.matrix import load_matrix, parse_rules
-    from bench.runner import (
-        STOP,
-        Interrupted,
-        LocalExecutor,
-        ProcessExecutor,
-        handle_signal,
-        plan,
-        run_matrix,
-    )
+    from bench.runner import Interrupted, plan
     from bench.store import ResultStore
 
-    matrix = load_matrix(args.matrix)
-    if args.inception_weights:
-        matrix = matrix.with_evaluation(inception_weights=args.inception_weights)
     only = parse_rules(args.only)
     force = args.force or not args.resume
-    store = ResultStore(args.results / matrix.name)
-    planned = plan(matrix, store, only, force)
-    if only and not planned:
-        asked = " ".join(f"--only {k}={','.join(v)}" for k, v in only.items())
-        raise MatrixError(
-            f"{asked} matches no run of {args.matrix}; see its runs with: qdiff-bench validate {args.matrix}"
-        )
     if args.dry_run:
+        matrix = load_matrix(args.matrix)
+        planned = plan(matrix, ResultStore(args.results / matrix.name), only, force)
+        if only and not planned:
+            asked = " ".join(f"--only {k}={','.join(v)}" for k, v in only.items())
+            raise MatrixError(
+                f"{asked} matches no run of {args.matrix}; see its runs with: "
+                f"qdiff-bench validate {args.matrix}"
+            )
         print(_plan_table(planned))
         return 0
-    store.check_writable()
-    store.rows()  # a corrupt store fails now, before any work
-    log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731  (keeps the bar intact)
-    chosen = _executor_spec(matrix.executor, args)
-    if chosen.name == "ray":
-        from bench.ray_executor import RayExecutor, import_ray
-
-        import_ray()  # not installed: say so before any work
-        if args.workers:
-            raise MatrixError("--workers is for the local executor: on Ray, as many runs go at once as the "
-                              "cluster has resources for (set --threads per run)")  # fmt: skip
-        workers, threads = 0, args.threads or 1
-        executor = RayExecutor(chosen, threads, log)
-        how = f"Ray ({chosen.address or 'a local instance'}), {threads} torch thread(s) per CPU run"
-    else:
-        workers, threads = _execution(matrix, args.workers, args.threads)
-        executor = LocalExecutor() if workers == 1 else ProcessExecutor(workers, threads)
-        how = f"{workers} worker(s) x {threads} torch thread(s)"
-    torch.set_num_threads(threads)
-    started = datetime.now(UTC)
-    start = time.time()
-    cached_before = sum(1 for p in cache_dir().rglob("*") if p.is_file()) if cache_dir().is_dir() else 0
-    log(f"{matrix.name}: {how}; {matrix.budget_note}")
-    STOP.reset()
-    handlers = {sig: signal.signal(sig, handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    matrix = load_matrix(args.matrix)
     try:
-        rows = run_matrix(
-            matrix, args.results, executor, only=only, force=force, progress=not args.no_progress, log=log
-        )
+        outcome = api.run(
+            matrix, args.results, only=only, force=force, workers=args.workers, threads=args.threads,
+            executor=_executor_spec(matrix.executor, args), inception_weights=args.inception_weights,
+            progress=not args.no_progress, report=not args.no_report,
+        )  # fmt: skip
     except Interrupted as exc:
         print(f"{matrix.name}: {exc}", file=sys.stderr)
         return 143 if exc.terminated else 130
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    if rows:
-        store.record_invocation(
-            _invocation(matrix, rows, started, time.time() - start, workers, threads, cached_before, chosen)
-        )
-    runs = len({r["config_hash"] for r in rows})
-    print(f"{runs} runs, {len(rows)} rows appended to {store.runs}; wall time {time.time() - start:.0f}s")
-    if not args.no_report:
-        md, page, built = report.write(store.root)
-        print(f"\n{report.summary_text(built.cells)}\nfull report: {md} and {page}")
+    runs = len({r["config_hash"] for r in outcome.rows})
+    appended = f"{len(outcome.rows)} rows appended to {outcome.store.runs}"
+    print(f"{runs} runs, {appended}; wall time {outcome.wall_s:.0f}s")
+    if outcome.report is not None:
+        md, page = outcome.report_paths
+        print(f"\n{report.summary_text(outcome.report.cells)}\nfull report: {md} and {page}")
     if not args.no_check:
-        _check(store.root, args.reference / matrix.name)
-    return 1 if any(r["status"] == "error" for r in rows) else 0
+        _check(outcome.store.root, args.reference / matrix.name)
+    return 1 if outcome.failed else 0
 
 
 def _check(mine: Path, reference: Path) -> None:
@@ -438,40 +367,6 @@ def _executor_spec(spec, args: argparse.Namespace):
     if chosen.name != "ray" and ray_only:
         raise MatrixError(f"{', '.join(ray_only)} only apply to Ray: add --executor ray")
     return chosen
-
-
-def _invocation(
-    matrix, rows, started, wall_s: float, workers: int, threads: int, cached: int, executor
-) -> dict:
-    """What one ``run`` cost as a whole: the figures behind the README's time and memory claims."""
-    import resource
-
-    import torch
-
-    from bench.provenance import environment
-
-    def peak_mib(who: int) -> float:  # ru_maxrss is KiB on Linux
-        return round(resource.getrusage(who).ru_maxrss / 1024, 1)
-
-    statuses = [r["status"] for r in {r["config_hash"]: r for r in rows}.values()]
-    return {
-        "matrix": matrix.name,
-        "started_at": started.isoformat(),
-        "wall_s": round(wall_s, 1),
-        "runs": len(statuses),
-        **{f"runs_{s}": statuses.count(s) for s in ("ok", "error", "skipped")},
-        "executor": executor.name,
-        **({"address": executor.address or "local instance"} if executor.name == "ray" else {}),
-        "workers": workers,  # 0 on Ray: as many as the cluster fits
-        "threads_per_worker": threads,
-        "peak_rss_main_mib": peak_mib(resource.RUSAGE_SELF),
-        # On Ray the runs' processes are the cluster's, not this process's children.
-        "peak_rss_worker_mib": None if executor.name == "ray" else peak_mib(resource.RUSAGE_CHILDREN),
-        "cache_files_at_start": cached,
-        "run_devices": sorted({r["device"] for r in rows}),
-        "run_nodes": sorted({r.get("node") or r.get("host") or "" for r in rows}),
-        **environment(torch.device("cpu")),
-    }
 
 
 def _fid(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """Per-cell comparison of two results folders (e.g. two commits): the quality gate.
 
-Cells are the leaderboard's (:func:`bench.report.cell_table`): (model, method — with its
+Cells are the leaderboard's (:func:`bench.report.cells.cell_table`): (model, method — with its
 backend when not ``fake`` —, bits, metric), the latest row of each run averaged over sampling
 and calibration seeds, with the t interval that includes the runs' spread
 (:func:`bench.stats.combine`), so a method whose result moves with float rounding on another
@@ -39,7 +39,7 @@ from scipy import stats
 
 from bench.errors import IncomparableError, ThresholdError, UnknownNameError
 from bench.registry import METRICS
-from bench.report import MACHINE, cell_table, compile_modes, method_labels, protocol, with_step_memory
+from bench.report.cells import MACHINE, cell_table, compile_modes, method_labels, protocol, with_step_memory
 from bench.stats import LEVEL, holm
 from bench.store import load
 
@@ -143,7 +143,7 @@ def parse_limits(items: list[str]) -> dict[str, Threshold]:
 
 
 def _cells(path: str | Path) -> pd.DataFrame:
-    """The leaderboard's cells of one folder (:func:`bench.report.cell_table`: runs averaged over
+    """The leaderboard's cells of one folder (:func:`bench.report.cells.cell_table`: runs averaged over
     sampling and calibration seeds, with the two-level interval), plus each cell's protocol
     without the machine and its machine."""
     df = load(path)

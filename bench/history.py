@@ -25,7 +25,9 @@ import pandas as pd
 from bench.errors import StoreError
 from bench.fsio import write_atomic
 from bench.provenance import REPO_ROOT
-from bench.report import CSS, _png, line_styles, method_labels, protocol
+from bench.report.cells import method_labels, protocol
+from bench.report.html import CSS
+from bench.report.plots import line_styles, png
 from bench.store import ResultStore, load
 
 # A history line: one cell measured one way (``settings``: sample count and a hash of the rest)
@@ -130,9 +132,9 @@ def _over_commits(
     ax.set_title(title, fontsize=9)
     if legend:
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
-    png = _png(fig)
+    image = png(fig)
     plt.close(fig)
-    return png
+    return image
 
 
 def plots(hist: pd.DataFrame) -> list[tuple[str, str]]:

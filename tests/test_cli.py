@@ -45,6 +45,19 @@ def test_validate_run_resume_report_and_compare_via_subprocess(tmp_path):
     assert invocation["wall_s"] > 0 and invocation["peak_rss_worker_mib"] > 100 and invocation["git_sha"]
     assert "3 runs in" in (results / "tiny" / "report.md").read_text()
 
+    # A Python call does what the command does: the same runs and values, its report written.
+    from bench import api
+
+    outcome = api.run(matrix, tmp_path / "api", workers=1, threads=1)
+
+    def quality(rows):
+        return {(r["config_hash"], r["metric"]): r["value"] for r in rows if r["kind"] == "quality"}
+
+    assert quality(outcome.rows) == quality(ResultStore(results / "tiny").rows()) and not outcome.failed
+    folder = tmp_path / "api" / "tiny"
+    assert outcome.report_paths == (folder / "report.md", folder / "report.html")
+    assert "embedded-digits" in outcome.report.markdown and len(outcome.store.invocations()) == 1
+
     again = cli("run", matrix, "--results", results, "--no-progress", "--no-report")
     assert again.returncode == 0 and "0 runs, 0 rows appended" in again.stdout
     assert len(ResultStore(results / "tiny").invocations()) == 1  # a no-op resume records nothing
@@ -166,28 +179,29 @@ def test_missing_embedded_checkpoint_is_an_error_row_that_says_how_to_fix(tmp_pa
 
 
 def test_execution_defaults_split_the_cores(monkeypatch, tmp_path):
-    import bench.cli
+    import bench.api
     from bench.matrix import load_matrix
 
     matrix = load_matrix(tiny_matrix(tmp_path))
-    monkeypatch.setattr(bench.cli, "_cores", lambda: 8)
-    assert bench.cli._execution(matrix, None, None) == (4, 2)
-    assert bench.cli._execution(matrix, 1, None) == (1, 8)
-    monkeypatch.setattr(bench.cli, "_cores", lambda: 2)
-    assert bench.cli._execution(matrix, None, None) == (2, 1)
-    assert bench.cli._execution(matrix, None, 1) == (2, 1)
+    monkeypatch.setattr(bench.api, "cores", lambda: 8)
+    assert bench.api.execution(matrix, None, None) == (4, 2)
+    assert bench.api.execution(matrix, 1, None) == (1, 8)
+    monkeypatch.setattr(bench.api, "cores", lambda: 2)
+    assert bench.api.execution(matrix, None, None) == (2, 1)
+    assert bench.api.execution(matrix, None, 1) == (2, 1)
 
 
 def test_more_threads_or_workers_than_cores_are_capped_with_one_line(monkeypatch, tmp_path, capsys):
     """--threads 100000 once started that many torch threads and ended in MemoryErrors."""
+    import bench.api
     import bench.cli
     from bench.matrix import load_matrix
 
     matrix = load_matrix(tiny_matrix(tmp_path))
-    monkeypatch.setattr(bench.cli, "_cores", lambda: 2)
-    assert bench.cli._execution(matrix, None, 3) == (2, 1)
+    monkeypatch.setattr(bench.api, "cores", lambda: 2)
+    assert bench.api.execution(matrix, None, 3) == (2, 1)
     assert capsys.readouterr().err == "--threads 3 × 2 worker(s) exceeds this machine's 2 cores: using 1\n"
-    assert bench.cli._execution(matrix, 8, None) == (2, 1)
+    assert bench.api.execution(matrix, 8, None) == (2, 1)
     assert "--workers 8 exceeds this machine's 2 cores: using 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.cli.main(["run", "--threads", "100000", "--dry-run"])
@@ -251,3 +265,39 @@ def test_every_error_raised_on_purpose_shares_one_root_and_prints_as_one_line(mo
     monkeypatch.setitem(cli.COMMANDS, "ls", fails)
     assert main(["ls"]) == 2
     assert capsys.readouterr().err == "qdiff-bench: error: x86 deploys on CPU only; use device: cpu\n"
+
+
+def test_every_command_in_the_readme_and_docs_parses(tmp_path, monkeypatch):
+    """The documented commands stay true to the command line: each one's arguments parse."""
+    import re
+    import shlex
+
+    from bench.cli import build_parser
+    from bench.provenance import REPO_ROOT
+
+    pages = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    commands = []
+    for page in pages:
+        text = page.read_text("utf-8")
+        spans = [s for s in re.findall(r"`([^`]+)`", text) if s.startswith("qdiff-bench ")]
+        blocks = [line.strip() for line in text.splitlines() if line.startswith(("    ", "\t"))]
+        for line in [*spans, *blocks]:
+            for part in line.split("&&"):
+                part = part.split(" #")[0].strip()
+                if part.startswith("qdiff-bench "):
+                    commands.append((page.name, " ".join(part.split())))
+    assert len(commands) >= 30
+    parser = build_parser()
+    subcommands = set(parser._subparsers._group_actions[0].choices)
+    monkeypatch.chdir(tmp_path)  # files the commands name exist here (flags that check them)
+    for page, command in commands:
+        words = shlex.split(command)
+        if len(words) == 2 and words[1] in subcommands:
+            continue  # the text names a subcommand (`qdiff-bench validate` checks ...)
+        for word in words:
+            if re.fullmatch(r"[\w.-]+\.(pt|pth|txt)", word):
+                (tmp_path / word).touch()
+        try:
+            parser.parse_args(words[1:])
+        except SystemExit:
+            pytest.fail(f"{page}: `{command}` does not parse")

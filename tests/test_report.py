@@ -49,8 +49,8 @@ def test_html_is_self_contained_with_plots_and_hover_errors(tmp_path):
 
 def test_pareto_front():
     # lower cost and better (lower) quality dominate
-    assert report._pareto([1, 2, 3, 4], [5.0, 3.0, 4.0, 1.0], higher_is_better=False) == [0, 1, 3]
-    assert report._pareto([1, 2, 3], [1.0, 0.5, 2.0], higher_is_better=True) == [0, 2]
+    assert report.pareto([1, 2, 3, 4], [5.0, 3.0, 4.0, 1.0], higher_is_better=False) == [0, 1, 3]
+    assert report.pareto([1, 2, 3], [1.0, 0.5, 2.0], higher_is_better=True) == [0, 2]
 
 
 def test_compare_flags_regressions_beyond_threshold(tmp_path):
