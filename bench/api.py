@@ -87,6 +87,24 @@ def execution(matrix: MatrixSpec, workers: int | None, threads: int | None) -> t
     return workers, threads or max(1, n // workers)
 
 
+def planned(spec: MatrixSpec, store: ResultStore, only: dict | None, force: bool) -> list:
+    """The runs of ``spec`` selected by ``only``, each with its state in ``store`` (todo, partial,
+    done, forced: :func:`bench.runner.plan`).
+
+    Raises:
+        MatrixError: ``only`` selects none of them.
+    """
+    from bench.runner import plan
+
+    runs = plan(spec, store, only, force)
+    if only and not runs:
+        asked = " ".join(f"--only {k}={','.join(v)}" for k, v in only.items())
+        raise MatrixError(
+            f"{asked} matches no run of {spec.path}; see its runs with: qdiff-bench validate {spec.path}"
+        )
+    return runs
+
+
 def run(
     matrix: str | Path | MatrixSpec,
     results: str | Path = RESULTS,
@@ -121,20 +139,14 @@ def run(
     import torch
     from tqdm.auto import tqdm
 
-    from bench.runner import STOP, LocalExecutor, ProcessExecutor, handle_signal, plan, run_matrix
+    from bench.runner import STOP, LocalExecutor, ProcessExecutor, handle_signal, run_matrix
 
-    path = None if isinstance(matrix, MatrixSpec) else str(matrix)
     spec = matrix if isinstance(matrix, MatrixSpec) else load_matrix(matrix)
     if inception_weights:
         spec = spec.with_evaluation(inception_weights=inception_weights)
     results = Path(results)
     store = ResultStore(results / spec.name)
-    if only and not plan(spec, store, only, force):
-        asked = " ".join(f"--only {k}={','.join(v)}" for k, v in only.items())
-        raise MatrixError(
-            f"{asked} matches no run of {path or spec.name}; see its runs with: "
-            f"qdiff-bench validate {path or '<matrix file>'}"
-        )
+    planned(spec, store, only, force)
     store.check_writable()
     store.rows()  # a corrupt store fails now, before any work
     if log is None:

@@ -297,23 +297,16 @@ def _duration(seconds: float) -> str:
 def _run(args: argparse.Namespace) -> int:
     from bench import api, report
     from bench.matrix import load_matrix, parse_rules
-    from bench.runner import Interrupted, plan
+    from bench.runner import Interrupted
     from bench.store import ResultStore
 
     only = parse_rules(args.only)
     force = args.force or not args.resume
-    if args.dry_run:
-        matrix = load_matrix(args.matrix)
-        planned = plan(matrix, ResultStore(args.results / matrix.name), only, force)
-        if only and not planned:
-            asked = " ".join(f"--only {k}={','.join(v)}" for k, v in only.items())
-            raise MatrixError(
-                f"{asked} matches no run of {args.matrix}; see its runs with: "
-                f"qdiff-bench validate {args.matrix}"
-            )
-        print(_plan_table(planned))
-        return 0
     matrix = load_matrix(args.matrix)
+    if args.dry_run:
+        store = ResultStore(args.results / matrix.name)
+        print(_plan_table(api.planned(matrix, store, only, force)))
+        return 0
     try:
         outcome = api.run(
             matrix, args.results, only=only, force=force, workers=args.workers, threads=args.threads,
