@@ -35,6 +35,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("bench.matrix",),  # loads, validates and expands matrix files
     ("bench.store", "bench.runner", "bench.estimate", "bench.ray_executor", "bench.scaleout"),
     ("bench.claims", "bench.report", "bench.compare", "bench.history"),
+    ("bench.api",),  # what `qdiff-bench run` does, as a Python call
     ("bench.cli",),
 )
 
