@@ -224,7 +224,14 @@ def _trusted_class(name: str) -> type:
             f"checkpoint names {name}, outside the suite's packages"
         )
     obj = getattr(importlib.import_module(module), attr, None)
-    ok = isinstance(obj, type) and (issubclass(obj, nn.Module | dict) or dataclasses.is_dataclass(obj))
+    # diffusers' attention processors are plain classes that a model holds beside its modules
+    # (a weight-only model keeps the default one): rebuilt from their state, like a module.
+    processor = module == "diffusers.models.attention_processor" and attr.endswith(
+        ("Processor", "Processor2_0")
+    )
+    ok = isinstance(obj, type) and (
+        issubclass(obj, nn.Module | dict) or dataclasses.is_dataclass(obj) or processor
+    )
     if not ok:
         raise torch.serialization.pickle.UnpicklingError(
             f"checkpoint names {name}, which is not a module class"
