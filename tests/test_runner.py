@@ -13,11 +13,11 @@ from bench.runner import (
     LocalExecutor,
     ProcessExecutor,
     dependencies,
-    execute,
     plan,
     run_matrix,
     waves,
 )
+from bench.runner.execute import execute
 from bench.store import COLUMNS, ResultStore, load
 
 
