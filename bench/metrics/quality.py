@@ -257,7 +257,7 @@ class QuantizePeakMemory(CostMetric):
     held at its peak — its copies of the model, the calibration inputs, activation statistics,
     reconstruction's cached block inputs and optimiser state. The FP trajectories that make the
     calibration inputs are generated outside the measurement (methods share them). On a GPU the
-    allocator's peak, on Linux CPUs the process's peak RSS (see ``bench.metrics.cost.PeakWindow``).
+    allocator's peak, on Linux CPUs the process's peak RSS (see ``bench.metrics.memory.PeakWindow``).
     A cached checkpoint reports its original figure; a refining method the largest of its
     bases' and its own."""
 

@@ -12,7 +12,7 @@ import torch
 
 import qdiff
 from bench.cache import cached_module, cached_tensors
-from bench.metrics.cost import PeakWindow
+from bench.metrics.memory import PeakWindow
 from bench.progress import Tracker
 from bench.provenance import config_hash
 from bench.registry import METHODS
