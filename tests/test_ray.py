@@ -150,10 +150,10 @@ def test_resources_follow_the_device(tmp_path):
 
 
 def test_a_node_without_the_drivers_code_or_cache_refuses_with_the_fix(tmp_path, monkeypatch):
-    from bench.provenance import code_hash
+    from bench.provenance import all_code_hash
 
     monkeypatch.setenv("QDIFF_BENCH_CACHE", str(tmp_path / "elsewhere"))
-    context = _Context(code_hash(), "sha", "/shared/cache", "marker", {}, 1, None)
+    context = _Context(all_code_hash(), "sha", "/shared/cache", "marker", {}, 1, None)
     problem = _problem_here(context, "10.0.0.2 abc")
     assert "does not see the driver's cache folder /shared/cache" in problem and "mount one shared" in problem
     other = _Context("0" * 16, "sha", "/shared/cache", "marker", {}, 1, None)
