@@ -25,6 +25,7 @@ import torch
 from bench.cache import cached_tensors
 from bench.errors import AvailabilityError
 from bench.images import save_grid
+from bench.matrix.feasibility import machine_problem
 from bench.metrics.cost import ready
 from bench.metrics.quality import EvalContext
 from bench.progress import Tracker
@@ -60,6 +61,9 @@ def execute(
     device = torch.device("cpu")
     try:
         device = resolve_device(spec.sampling.device)
+        problem = machine_problem(spec, device)  # "auto", or a cluster node unlike the driver
+        if problem:
+            raise AvailabilityError(problem)
         rows = _evaluate(spec, base, previews, Tracker(progress, spec.label))
         duration = round(time.perf_counter() - t0, 3)
         return [{**environment(device), **row, "duration_s": duration} for row in rows]
