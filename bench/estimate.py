@@ -10,8 +10,9 @@ costs a known number of denoiser passes in units of ``r``:
   :data:`CALIBRATE` passes each (a grid search per layer costs more than min-max);
 - reconstruction: ``(weight_iters + act_iters) × batch`` inputs, :data:`RECONSTRUCT` passes each
   (every unit's forward and backward with soft rounding, its held-out check and captures);
-- ``eps_mse``: its held-out trajectories through FP and the quantized model;
-- FID-family metrics: Inception features, :data:`INCEPTION_S` per image.
+- metrics: what each declares (:meth:`bench.metrics.quality.Metric.work`): denoiser passes
+  (``eps_mse``'s held-out trajectories, the latency metrics' timed calls) and images through
+  Inception (the FID family), :data:`INCEPTION_S` per image.
 
 The factors were fitted to the default matrix's rows on the 2-core Xeon of the README (one torch
 thread per worker): they are ratios of work, so they carry over to other models and devices
@@ -30,7 +31,6 @@ import torch
 
 from bench.errors import AvailabilityError
 from bench.metrics.cost import time_calls
-from bench.metrics.quality import EpsError
 from bench.registry import METHODS, METRICS, MODELS
 from bench.runner import waves
 from bench.spec import Bits, RunSpec, resolve_device
@@ -38,7 +38,6 @@ from bench.spec import Bits, RunSpec, resolve_device
 FAKE_QUANT = 1.25  # simulated quantization: quantized runs sampled 45-60 s where FP took 42 s
 CALIBRATE = {"mse": 21.0, "minmax": 3.0}  # passes per calibration input (qdiff-no-recon: 13 s)
 RECONSTRUCT = 8.2  # passes per reconstruction input (qdiff: 75 s, 26 s of it calibration)
-EPS_PASSES = 1.8  # per held-out input and step, FP and quantized (eps_mse: 4-6 s)
 INCEPTION_S = {"cpu": 0.03, "cuda": 0.001}  # seconds per image for Inception features
 WARN_MINUTES = 30  # validate warns past this
 SLOW_S = 0.2  # a denoiser call slower than this at one image is timed at one image only
@@ -132,17 +131,10 @@ def _quantize_seconds(spec: RunSpec, r: float, shared: set) -> float:
 
 
 def _metrics_seconds(spec: RunSpec, r: float) -> float:
-    s, total = spec.sampling, 0.0
-    device = resolve_device(spec.sampling.device).type
-    for name in spec.metrics:
-        if name == "eps_mse" and not spec.is_fp:
-            total += EpsError.TRAJECTORIES * s.steps * r * EPS_PASSES
-        elif name in ("fid", "kid", "inception_score", "fid_vs_fp"):
-            total += s.samples * INCEPTION_S.get(device, INCEPTION_S["cpu"])
-        elif name in ("latency_step", "latency_e2e"):
-            calls = spec.evaluation.latency_warmup + spec.evaluation.latency_repeats
-            total += calls * s.batch_size * r * (s.steps if name == "latency_e2e" else 1)
-    return total
+    """What the run's metrics add, as each declares it (:meth:`bench.metrics.quality.Metric.work`)."""
+    image_s = INCEPTION_S.get(resolve_device(spec.sampling.device).type, INCEPTION_S["cpu"])
+    work = [METRICS.get(name).work(spec) for name in spec.metrics]
+    return sum(w.passes * r + w.feature_images * image_s for w in work)
 
 
 def estimate(runs: list[RunSpec], workers: int, log=print) -> Estimate:

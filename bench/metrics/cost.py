@@ -23,7 +23,7 @@ from torch import nn
 import qdiff
 from bench.errors import AvailabilityError
 from bench.metrics.memory import PeakWindow, deployed_memory
-from bench.metrics.quality import CostMetric, EvalContext, Measurement, Metric
+from bench.metrics.quality import CostMetric, EvalContext, Measurement, Metric, Work
 from bench.models.base import in_dtype, model_dtype
 from bench.registry import METHODS
 from bench.spec import resolve_device
@@ -234,6 +234,11 @@ class LatencyStep(CostMetric):
     unit = "ms"
     settings = LATENCY_SETTINGS
     needs_images = False
+    real_kernels_only = True
+
+    def work(self, spec) -> Work:
+        ev = spec.evaluation
+        return Work((ev.latency_warmup + ev.latency_repeats) * spec.sampling.batch_size)
 
     def __call__(self, ctx: EvalContext) -> Measurement:
         device = resolve_device(ctx.spec.sampling.device)
@@ -270,7 +275,7 @@ def _sampling_cost(ctx: EvalContext) -> dict:
         return ctx.memo["sampling_cost"]
     device = resolve_device(ctx.spec.sampling.device)
     ev = ctx.spec.evaluation
-    timed = "latency_e2e" in ctx.spec.metrics
+    timed = LatencyE2E.name in ctx.spec.metrics
     model, n = _denoiser(ctx), ctx.spec.sampling.batch_size
 
     def sample():
@@ -291,6 +296,11 @@ class LatencyE2E(CostMetric):
     name = "latency_e2e"
     unit = "s"
     settings = LATENCY_SETTINGS
+    real_kernels_only = True
+
+    def work(self, spec) -> Work:
+        ev, s = spec.evaluation, spec.sampling
+        return Work((ev.latency_warmup + ev.latency_repeats) * s.batch_size * s.steps)
 
     def __call__(self, ctx: EvalContext) -> Measurement:
         cost = _sampling_cost(ctx)
@@ -313,6 +323,7 @@ class PeakMemory(CostMetric):
     name = "peak_memory"
     unit = "MiB"
     settings = ("compile",)
+    real_kernels_only = True
 
     def __call__(self, ctx: EvalContext) -> Measurement:
         cost = _sampling_cost(ctx)

@@ -8,7 +8,7 @@ import math
 import pandas as pd
 
 from bench import claims
-from bench.report.cells import FP, INCLUDES_BASES, STEP_MEMORY, best_cost, best_quality, simulated, time_split
+from bench.report.cells import FP, STEP_MEMORY, best_cost, best_quality, includes_bases, simulated, time_split
 
 
 def leaderboard(cells: pd.DataFrame) -> pd.DataFrame:
@@ -116,7 +116,7 @@ def cell_text(c, is_best: bool) -> str:
             text += " (simulated)"
     else:
         text += _paired_text(c)
-    if c.metric in INCLUDES_BASES and isinstance(c.weights_from, str):
+    if includes_bases(c):
         text += f" (includes {c.weights_from})"
     if c.set_aside:
         text += f" [{c.set_aside} older row(s) with other settings not averaged in]"
