@@ -23,7 +23,6 @@ faster.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from bench.errors import AvailabilityError
 from bench.metrics.cost import time_calls
 from bench.registry import METHODS, METRICS, MODELS
 from bench.runner import waves
+from bench.runner.plan import Artefact, artefacts
 from bench.spec import Bits, RunSpec, resolve_device
 
 FAKE_QUANT = 1.25  # simulated quantization: quantized runs sampled 45-60 s where FP took 42 s
@@ -82,49 +82,37 @@ def step_rate(spec: RunSpec) -> float:
 
 
 def run_seconds(spec: RunSpec, r: float, shared: set) -> float:
-    """Seconds of one run at ``r`` seconds per pass; ``shared`` holds the work already counted
-    for earlier runs (FP samples, calibration inputs, base checkpoints)."""
+    """Seconds of one run at ``r`` seconds per pass: the runner's plan of what it builds or reuses
+    (:func:`bench.runner.plan.artefacts`), each artefact charged to the first run that needs it
+    (``shared`` holds those already counted), and its metrics' work."""
+    total = 0.0
+    for artefact in artefacts(spec):
+        if artefact.key not in shared:
+            shared.add(artefact.key)
+            total += _artefact_seconds(artefact, r)
+    return total + _metrics_seconds(spec, r)
+
+
+def _artefact_seconds(artefact: Artefact, r: float) -> float:
+    spec = artefact.spec
     s = spec.sampling
-    images = any(METRICS.get(m).needs_images for m in spec.metrics)
-    total = 0.0
-    fp_key = ("fp", spec.model, spec.model_args, s, spec.seed)
-    if images and fp_key not in shared:
-        shared.add(fp_key)
-        total += s.samples * s.steps * r
-    if spec.is_fp:
-        return total + _metrics_seconds(spec, r)
-    if images:
-        total += s.samples * s.steps * r * FAKE_QUANT
-    return total + _quantize_seconds(spec, r, shared) + _metrics_seconds(spec, r)
-
-
-def _quantize_seconds(spec: RunSpec, r: float, shared: set) -> float:
-    method = METHODS.get(spec.method)
-    bits = Bits(spec.w_bits, spec.a_bits)
-    bases = method.bases(bits)
-    if bases:  # refined from its bases' checkpoints: theirs (once per matrix) and a little more
-        total = 0.0
-        for name, base_bits in bases:
-            base = dataclasses.replace(spec, method=name, w_bits=base_bits.w, a_bits=base_bits.a)
-            key = ("checkpoint", base.hash)
-            if key not in shared:
-                shared.add(key)
-                total += _quantize_seconds(base, r, shared)
-        return total
-    config = method.configure(bits, spec.budget)
+    if artefact.kind == "fp-samples":
+        return s.samples * s.steps * r
+    if artefact.kind == "samples":
+        return s.samples * s.steps * r * FAKE_QUANT
+    config = METHODS.get(spec.method).configure(Bits(spec.w_bits, spec.a_bits), spec.budget)
     calib, recon, act = (getattr(config, k, None) for k in ("calib", "recon", "act"))
-    if calib is None:  # not a qdiff recipe (torchao presets): no calibration, seconds at most
+    if artefact.kind == "calibration":
+        return calib.samples_per_timestep * s.steps * r
+    # A checkpoint: calibration passes and reconstruction (a refining method's own work and
+    # torchao's presets, which calibrate nothing, take seconds at most).
+    if calib is None or METHODS.get(spec.method).bases(Bits(spec.w_bits, spec.a_bits)):
         return 0.0
-    b, s = spec.budget, spec.sampling
-    total = 0.0
-    inputs_key = ("calibration", spec.model, spec.model_args, s, b.calib_seed, calib.strategy)
-    if inputs_key not in shared:
-        shared.add(inputs_key)
-        total += calib.samples_per_timestep * s.steps * r
+    b = spec.budget
     inputs = b.calib_timesteps * b.calib_samples
     search = CALIBRATE.get(getattr(act, "scale_search", "minmax"), CALIBRATE["mse"]) if act else 1.0
     reconstructs = recon is not None and recon.method != "none"
-    total += inputs * r * search * (2 if reconstructs else 1)  # calibrated again after weights
+    total = inputs * r * search * (2 if reconstructs else 1)  # calibrated again after weights
     if reconstructs:
         total += (recon.weight_iters + recon.act_iters) * recon.batch_size * r * RECONSTRUCT
     return total

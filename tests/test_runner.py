@@ -56,6 +56,18 @@ def test_rows_are_complete_paired_and_reproducible(tmp_path):
     assert len(recon["eps_before"]) == len(recon["timesteps"]) and recon["units"] > 0
     assert q[("linear", "W4A8")]["recon"] is None
 
+    # The estimate reads the plan the runner executes: the artefacts it charges once each are
+    # the cache entries the runner built (samples, calibration inputs, checkpoints).
+    from bench.cache import cache_dir
+    from bench.runner.plan import artefacts
+
+    kinds = list({a.key: a.kind for spec in matrix.runs for a in artefacts(spec)}.values())
+    entries = {k: len([*(cache_dir() / k).glob("*.pt"), *(cache_dir() / k).glob("*.safetensors")])
+               for k in ("samples", "calibration", "checkpoints")}  # fmt: skip
+    assert entries["samples"] == kinds.count("fp-samples") + kinds.count("samples") == 7
+    assert entries["calibration"] == kinds.count("calibration") > 0
+    assert entries["checkpoints"] == kinds.count("checkpoint") == 6
+
     # A rerun adds nothing; --force recomputes from the caches and reproduces every value.
     assert run(matrix, tmp_path / "results") == []
     again = run(matrix, tmp_path / "results", force=True)

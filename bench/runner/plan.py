@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from functools import cache
 
-from bench.registry import METHODS
+from bench.registry import METHODS, METRICS
 from bench.spec import Bits, MatrixSpec, RunSpec
 from bench.store import ResultStore
 
@@ -84,3 +85,54 @@ def waves(specs: Sequence[RunSpec], needs: Needs | None = None) -> list[list[Run
 def ordered(specs: Sequence[RunSpec], needs: Needs) -> list[RunSpec]:
     """``specs`` with every run after the runs it needs (otherwise in their given order)."""
     return [spec for wave in waves(specs, needs) for spec in wave]
+
+
+@dataclasses.dataclass(frozen=True)
+class Artefact:
+    """Work a run makes or reuses through the cache. Runs with equal artefacts share one (the
+    first to need it builds it): ``key`` holds what the runner's cache key for it is derived
+    from (:mod:`bench.runner.execute`, :mod:`bench.runner.checkpoints`; the cache key adds the
+    code and the FP weights' content hash, which are the same for every run of a model here).
+
+    ``kind``: ``fp-samples`` (the FP images a run is paired with), ``calibration`` (the FP
+    trajectories' inputs a method calibrates on), ``checkpoint`` (a quantized model; ``spec``
+    is the run whose method makes it, a base's for a refining method), ``samples`` (the
+    quantized run's own images).
+    """
+
+    kind: str
+    key: tuple
+    spec: RunSpec
+
+
+def artefacts(spec: RunSpec) -> list[Artefact]:
+    """What ``spec`` builds or reuses, in the order the runner needs them: :mod:`bench.estimate`
+    charges each once per matrix, as the cache lets the runner build each once."""
+    s = spec.sampling
+    model = (spec.model, spec.model_args, s)
+    images = any(METRICS.get(m).needs_images for m in spec.metrics)
+    out = [Artefact("fp-samples", ("fp-samples", *model, spec.seed), spec)] if images else []
+    if spec.is_fp:
+        return out
+    out += checkpoint_artefacts(spec)
+    if images:
+        out.append(Artefact("samples", ("samples", spec.hash), spec))
+    return out
+
+
+def checkpoint_artefacts(spec: RunSpec) -> list[Artefact]:
+    """The checkpoint of ``spec``'s method and what it is made from: its bases' checkpoints (a
+    refining method) or the calibration inputs its configuration asks for."""
+    method, bits = METHODS.get(spec.method), Bits(spec.w_bits, spec.a_bits)
+    config = method.configure(bits, spec.budget)
+    model = (spec.model, spec.model_args, spec.sampling)
+    out: list[Artefact] = []
+    for name, base_bits in method.bases(bits):
+        out += checkpoint_artefacts(
+            dataclasses.replace(spec, method=name, w_bits=base_bits.w, a_bits=base_bits.a)
+        )
+    calib = getattr(config, "calib", None)
+    if not method.bases(bits) and calib is not None:
+        out.append(Artefact("calibration", ("calibration", *model, calib), spec))
+    key = ("checkpoint", *model, spec.method, json.dumps(config.to_dict(), sort_keys=True, default=str))
+    return [*out, Artefact("checkpoint", key, spec)]
