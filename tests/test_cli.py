@@ -21,6 +21,7 @@ def cli(*args, cwd=None):
     )
 
 
+@pytest.mark.slow
 def test_validate_run_resume_report_and_compare_via_subprocess(tmp_path, caplog):
     matrix = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8, W4A32]")
     results = tmp_path / "results"

@@ -175,6 +175,7 @@ def test_a_report_that_cannot_be_written_leaves_the_old_one(tmp_path, monkeypatc
     assert target.read_text() == "old report" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_runner_at_random_points_then_resume(tmp_path, cli_reference):
     path = tiny_matrix(tmp_path, methods=METHODS, bits=BITS)
     results, cache = tmp_path / "results", tmp_path / "cache"
@@ -190,6 +191,7 @@ def test_kill_9_of_the_runner_at_random_points_then_resume(tmp_path, cli_referen
     assert values(ResultStore(results / "tiny")) == cli_reference
 
 
+@pytest.mark.slow
 def test_a_killed_worker_costs_only_a_retry(tmp_path, cli_reference):
     path = tiny_matrix(tmp_path, methods=METHODS, bits=BITS)
     results = tmp_path / "results"
@@ -242,6 +244,7 @@ def test_a_signal_while_a_worker_starts_waits_until_it_has_started():
         STOP.reset()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_sigint_and_sigterm_stop_cleanly_and_resume(tmp_path, cli_reference, sig, code):
     path = tiny_matrix(tmp_path, methods=METHODS, bits=BITS)

@@ -64,6 +64,7 @@ def comparable(rows: list[dict]) -> dict[tuple[str, str], dict]:
     return out
 
 
+@pytest.mark.slow
 def test_ray_writes_the_rows_the_local_executor_writes(tmp_path, local_ray, monkeypatch):
     matrix = load_matrix(tiny_matrix(tmp_path, methods="[qdiff]", bits="[W4A8]"))  # reconstruction too
     monkeypatch.setenv("QDIFF_BENCH_CACHE", str(tmp_path / "cache-local"))
@@ -185,6 +186,7 @@ def cli(args: list[str], cache: Path) -> subprocess.Popen:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_killed_driver_leaves_no_partial_rows_and_resume_finishes(tmp_path, local_ray, monkeypatch):
     path = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]")
     results, cache = tmp_path / "results", tmp_path / "cache"

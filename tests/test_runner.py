@@ -29,6 +29,7 @@ def run(matrix, root, **kw):
     return run_matrix(matrix, root, progress=False, log=quiet, **kw)
 
 
+@pytest.mark.slow
 def test_rows_are_complete_paired_and_reproducible(tmp_path):
     matrix = load_matrix(tiny_matrix(tmp_path, methods="[linear, qdiff]", bits="[W8A8, W4A8, W4A32]"))
     rows = run(matrix, tmp_path / "results")
@@ -178,6 +179,7 @@ def test_waves_put_fp_first_and_refining_runs_after_their_bases(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_process_executor_runs_side_by_side_and_survives_a_dead_worker(tmp_path):
     from concurrent.futures.process import BrokenProcessPool
     from functools import partial
