@@ -130,7 +130,8 @@ def test_x86_leaves_weight_only_layers_simulated_and_counts_them(tiny_unet):
 
 
 def test_unknown_backend_names_the_valid_ones(tiny_unet):
-    with pytest.raises(ValueError, match="unknown backend 'int3'; choose one of fake, x86, triton-int8"):
+    valid = "valid: fake, fp8, openvino, triton-int8, w4a16, x86"
+    with pytest.raises(ValueError, match=f"unknown backend 'int3'; {valid}"):
         qdiff.convert(tiny_unet, "int3")
 
 
