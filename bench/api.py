@@ -141,7 +141,7 @@ def run(
 
     from bench.runner import STOP, LocalExecutor, ProcessExecutor, handle_signal, run_matrix
 
-    spec = matrix if isinstance(matrix, MatrixSpec) else load_matrix(matrix)
+    spec = matrix if isinstance(matrix, MatrixSpec) else load_matrix(matrix, executor and executor.name)
     if inception_weights:
         spec = spec.with_evaluation(inception_weights=inception_weights)
     results = Path(results)

@@ -302,7 +302,7 @@ def _run(args: argparse.Namespace) -> int:
 
     only = parse_rules(args.only)
     force = args.force or not args.resume
-    matrix = load_matrix(args.matrix)
+    matrix = load_matrix(args.matrix, args.executor)
     if args.dry_run:
         store = ResultStore(args.results / matrix.name)
         print(_plan_table(api.planned(matrix, store, only, force)))

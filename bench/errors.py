@@ -10,17 +10,13 @@ too). ``AvailabilityError`` is special: it is not a mistake but this machine lac
 from __future__ import annotations
 
 from qdiff.errors import QdiffError
+from qdiff.registry import UnknownNameError
+
+__all__ = ["UnknownNameError"]  # raised by every registry; defined beside it in qdiff
 
 
 class AvailabilityError(QdiffError, RuntimeError):
     """The run cannot happen on this machine (weights absent offline, no CUDA): a skipped row."""
-
-
-class UnknownNameError(QdiffError, KeyError):
-    """A registry lookup with a name that is not registered."""
-
-    def __str__(self) -> str:  # KeyError would quote the whole message
-        return str(self.args[0])
 
 
 class BitsError(QdiffError, ValueError):

@@ -10,8 +10,9 @@ costs a known number of denoiser passes in units of ``r``:
   :data:`CALIBRATE` passes each (a grid search per layer costs more than min-max);
 - reconstruction: ``(weight_iters + act_iters) × batch`` inputs, :data:`RECONSTRUCT` passes each
   (every unit's forward and backward with soft rounding, its held-out check and captures);
-- ``eps_mse``: its held-out trajectories through FP and the quantized model;
-- FID-family metrics: Inception features, :data:`INCEPTION_S` per image.
+- metrics: what each declares (:meth:`bench.metrics.quality.Metric.work`): denoiser passes
+  (``eps_mse``'s held-out trajectories, the latency metrics' timed calls) and images through
+  Inception (the FID family), :data:`INCEPTION_S` per image.
 
 The factors were fitted to the default matrix's rows on the 2-core Xeon of the README (one torch
 thread per worker): they are ratios of work, so they carry over to other models and devices
@@ -22,7 +23,6 @@ faster.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from dataclasses import dataclass
 
@@ -30,15 +30,14 @@ import torch
 
 from bench.errors import AvailabilityError
 from bench.metrics.cost import time_calls
-from bench.metrics.quality import EpsError
 from bench.registry import METHODS, METRICS, MODELS
 from bench.runner import waves
+from bench.runner.plan import Artefact, artefacts
 from bench.spec import Bits, RunSpec, resolve_device
 
 FAKE_QUANT = 1.25  # simulated quantization: quantized runs sampled 45-60 s where FP took 42 s
 CALIBRATE = {"mse": 21.0, "minmax": 3.0}  # passes per calibration input (qdiff-no-recon: 13 s)
 RECONSTRUCT = 8.2  # passes per reconstruction input (qdiff: 75 s, 26 s of it calibration)
-EPS_PASSES = 1.8  # per held-out input and step, FP and quantized (eps_mse: 4-6 s)
 INCEPTION_S = {"cpu": 0.03, "cuda": 0.001}  # seconds per image for Inception features
 WARN_MINUTES = 30  # validate warns past this
 SLOW_S = 0.2  # a denoiser call slower than this at one image is timed at one image only
@@ -83,66 +82,47 @@ def step_rate(spec: RunSpec) -> float:
 
 
 def run_seconds(spec: RunSpec, r: float, shared: set) -> float:
-    """Seconds of one run at ``r`` seconds per pass; ``shared`` holds the work already counted
-    for earlier runs (FP samples, calibration inputs, base checkpoints)."""
+    """Seconds of one run at ``r`` seconds per pass: the runner's plan of what it builds or reuses
+    (:func:`bench.runner.plan.artefacts`), each artefact charged to the first run that needs it
+    (``shared`` holds those already counted), and its metrics' work."""
+    total = 0.0
+    for artefact in artefacts(spec):
+        if artefact.key not in shared:
+            shared.add(artefact.key)
+            total += _artefact_seconds(artefact, r)
+    return total + _metrics_seconds(spec, r)
+
+
+def _artefact_seconds(artefact: Artefact, r: float) -> float:
+    spec = artefact.spec
     s = spec.sampling
-    images = any(METRICS.get(m).needs_images for m in spec.metrics)
-    total = 0.0
-    fp_key = ("fp", spec.model, spec.model_args, s, spec.seed)
-    if images and fp_key not in shared:
-        shared.add(fp_key)
-        total += s.samples * s.steps * r
-    if spec.is_fp:
-        return total + _metrics_seconds(spec, r)
-    if images:
-        total += s.samples * s.steps * r * FAKE_QUANT
-    return total + _quantize_seconds(spec, r, shared) + _metrics_seconds(spec, r)
-
-
-def _quantize_seconds(spec: RunSpec, r: float, shared: set) -> float:
-    method = METHODS.get(spec.method)
-    bits = Bits(spec.w_bits, spec.a_bits)
-    bases = method.bases(bits)
-    if bases:  # refined from its bases' checkpoints: theirs (once per matrix) and a little more
-        total = 0.0
-        for name, base_bits in bases:
-            base = dataclasses.replace(spec, method=name, w_bits=base_bits.w, a_bits=base_bits.a)
-            key = ("checkpoint", base.hash)
-            if key not in shared:
-                shared.add(key)
-                total += _quantize_seconds(base, r, shared)
-        return total
-    config = method.configure(bits, spec.budget)
+    if artefact.kind == "fp-samples":
+        return s.samples * s.steps * r
+    if artefact.kind == "samples":
+        return s.samples * s.steps * r * FAKE_QUANT
+    config = METHODS.get(spec.method).configure(Bits(spec.w_bits, spec.a_bits), spec.budget)
     calib, recon, act = (getattr(config, k, None) for k in ("calib", "recon", "act"))
-    if calib is None:  # not a qdiff recipe (torchao presets): no calibration, seconds at most
+    if artefact.kind == "calibration":
+        return calib.samples_per_timestep * s.steps * r
+    # A checkpoint: calibration passes and reconstruction (a refining method's own work and
+    # torchao's presets, which calibrate nothing, take seconds at most).
+    if calib is None or METHODS.get(spec.method).bases(Bits(spec.w_bits, spec.a_bits)):
         return 0.0
-    b, s = spec.budget, spec.sampling
-    total = 0.0
-    inputs_key = ("calibration", spec.model, spec.model_args, s, b.calib_seed, calib.strategy)
-    if inputs_key not in shared:
-        shared.add(inputs_key)
-        total += calib.samples_per_timestep * s.steps * r
+    b = spec.budget
     inputs = b.calib_timesteps * b.calib_samples
     search = CALIBRATE.get(getattr(act, "scale_search", "minmax"), CALIBRATE["mse"]) if act else 1.0
     reconstructs = recon is not None and recon.method != "none"
-    total += inputs * r * search * (2 if reconstructs else 1)  # calibrated again after weights
+    total = inputs * r * search * (2 if reconstructs else 1)  # calibrated again after weights
     if reconstructs:
         total += (recon.weight_iters + recon.act_iters) * recon.batch_size * r * RECONSTRUCT
     return total
 
 
 def _metrics_seconds(spec: RunSpec, r: float) -> float:
-    s, total = spec.sampling, 0.0
-    device = resolve_device(spec.sampling.device).type
-    for name in spec.metrics:
-        if name == "eps_mse" and not spec.is_fp:
-            total += EpsError.TRAJECTORIES * s.steps * r * EPS_PASSES
-        elif name in ("fid", "kid", "inception_score", "fid_vs_fp"):
-            total += s.samples * INCEPTION_S.get(device, INCEPTION_S["cpu"])
-        elif name in ("latency_step", "latency_e2e"):
-            calls = spec.evaluation.latency_warmup + spec.evaluation.latency_repeats
-            total += calls * s.batch_size * r * (s.steps if name == "latency_e2e" else 1)
-    return total
+    """What the run's metrics add, as each declares it (:meth:`bench.metrics.quality.Metric.work`)."""
+    image_s = INCEPTION_S.get(resolve_device(spec.sampling.device).type, INCEPTION_S["cpu"])
+    work = [METRICS.get(name).work(spec) for name in spec.metrics]
+    return sum(w.passes * r + w.feature_images * image_s for w in work)
 
 
 def estimate(runs: list[RunSpec], workers: int, log=print) -> Estimate:

@@ -93,24 +93,45 @@ def environment(device: torch.device) -> dict[str, str]:
 # besides its dependencies, whose versions the rows record.
 PACKAGES = ("qdiff", "baselines", "bench")
 
+# Code no cached artefact (FP and quantized samples, calibration inputs, checkpoints) depends on:
+# it plans, schedules, stores, reads or presents runs. Editing it (a report's CSS, a CLI message)
+# keeps the cache; every other file of :data:`PACKAGES`, a new one included, is in the key.
+NOT_IN_ARTEFACTS = (
+    "bench/api.py", "bench/claims.py", "bench/cli.py", "bench/compare.py", "bench/estimate.py",
+    "bench/history.py", "bench/progress.py", "bench/ray_executor.py", "bench/scaleout.py",
+    "bench/store.py", "bench/matrix/", "bench/report/", "bench/runner/__init__.py",
+    "bench/runner/executors.py", "bench/runner/plan.py",
+)  # fmt: skip
+
 
 @cache
 def code_hash() -> str:
-    """Hash of every Python source of :data:`PACKAGES` where they are imported from (a checkout
-    or site-packages). Cache keys include it, so a cached artefact is only reused by the code
-    that made it; deriving it from the packages leaves no list of files to forget one in (any
-    change to the suite's code re-computes, which is the safe side)."""
+    """Hash of the Python sources that make the cached artefacts, where they are imported from
+    (a checkout or site-packages): every file of :data:`PACKAGES` but :data:`NOT_IN_ARTEFACTS`.
+    Cache keys include it, so a cached artefact is only reused by the code that made it; deriving
+    it from the packages leaves no list of files to forget one in (a new module is hashed)."""
+    return packages_hash(PACKAGES, NOT_IN_ARTEFACTS)
+
+
+@cache
+def all_code_hash() -> str:
+    """Hash of every Python source of :data:`PACKAGES`: a Ray node must run the driver's code."""
     return packages_hash(PACKAGES)
 
 
-def packages_hash(packages: tuple[str, ...]) -> str:
-    """Hash of the paths and bytes of every ``.py`` file of importable ``packages``."""
+def packages_hash(packages: tuple[str, ...], exclude: tuple[str, ...] = ()) -> str:
+    """Hash of the paths and bytes of every ``.py`` file of importable ``packages``, but those
+    whose package-relative path (``pkg/mod.py``) is in ``exclude`` or under a folder
+    (``pkg/sub/``) there."""
     h = hashlib.sha256()
     for name in packages:
         spec = importlib.util.find_spec(name)
         for root in map(Path, spec.submodule_search_locations):
             for path in sorted(root.rglob("*.py")):
-                h.update(str(path.relative_to(root.parent)).encode())
+                rel = path.relative_to(root.parent).as_posix()
+                if rel in exclude or any(e.endswith("/") and rel.startswith(e) for e in exclude):
+                    continue
+                h.update(rel.encode())
                 h.update(path.read_bytes())
     return h.hexdigest()[:16]
 

@@ -8,7 +8,7 @@
   folder (``QDIFF_BENCH_CACHE``), which every node must mount at the same path (NFS, a
   ReadWriteMany volume on Kubernetes); :mod:`bench.cache` builds each entry once cluster-wide
   and checks every entry it reads. A task on a node that does not see the driver's cache, or
-  that runs other code than the driver (:func:`bench.provenance.code_hash`), refuses to run and
+  that runs other code than the driver (:func:`bench.provenance.all_code_hash`), refuses to run and
   says which.
 - **One writer.** Rows (and preview grids) travel back as task results; only the driver writes
   them, atomically, so the store is the same as a local run's, apart from timing and placement
@@ -132,11 +132,11 @@ def qdiff_run(fn, spec, context: _Context, *_prerequisites) -> tuple[Outcome, No
 def _problem_here(context: _Context, node: str) -> str | None:
     """Why this node must not run the matrix's runs (other code, another cache), or None."""
     from bench.cache import cache_dir
-    from bench.provenance import code_hash
+    from bench.provenance import all_code_hash
 
-    if code_hash() != context.code:
+    if all_code_hash() != context.code:
         return (
-            f"node {node} runs other code than the driver (code hash {code_hash()}, driver "
+            f"node {node} runs other code than the driver (code hash {all_code_hash()}, driver "
             f"{context.code}): install the driver's qdiff-bench commit on every node"
         )
     if not (cache_dir() / ".cluster" / context.marker).is_file():
@@ -232,7 +232,7 @@ class RayExecutor:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from bench.cache import cache_dir
-        from bench.provenance import code_hash, git_sha
+        from bench.provenance import all_code_hash, git_sha
         from bench.runner import STOP, ordered
 
         # The board lives on the driver's node: a worker node lost mid-run must not take it along.
@@ -246,7 +246,9 @@ class RayExecutor:
                 return {}
 
         env = {**_forwarded_env(), "QDIFF_BENCH_CACHE": str(cache_dir())}
-        context = _Context(code_hash(), git_sha(), str(cache_dir()), marker.name, env, self.threads, board)
+        context = _Context(
+            all_code_hash(), git_sha(), str(cache_dir()), marker.name, env, self.threads, board
+        )
         task = ray.remote(num_returns=2)(qdiff_run)
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         tokens: dict[str, Any] = {}

@@ -1,46 +1,10 @@
-"""Name → object registries with lazy ``"module:attr"`` entries and helpful errors."""
+"""The harness's registries (methods, models, metrics): lazy ``"module:attr"`` entries of
+:class:`qdiff.registry.Registry`, the one registry mechanism."""
 
 from __future__ import annotations
 
-import difflib
-import importlib
-from typing import Any
-
 from baselines import BASELINES
-from bench.errors import UnknownNameError
-
-
-class Registry:
-    """Maps short names to objects, importing each entry's module only when it is first used.
-
-    Args:
-        kind: what the entries are ("method", "model", ...), used in error messages.
-        entries: ``{name: "package.module:attribute"}``.
-    """
-
-    def __init__(self, kind: str, entries: dict[str, str]) -> None:
-        self.kind = kind
-        self._entries = dict(entries)
-        self._loaded: dict[str, Any] = {}
-
-    def names(self) -> list[str]:
-        return sorted(self._entries)
-
-    def register(self, name: str, target: str) -> None:
-        if name in self._entries:
-            raise ValueError(f"{self.kind} {name!r} is already registered")
-        self._entries[name] = target
-
-    def get(self, name: str) -> Any:
-        if name not in self._entries:
-            close = difflib.get_close_matches(name, self._entries, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UnknownNameError(f"unknown {self.kind} {name!r}{hint}; valid: {', '.join(self.names())}")
-        if name not in self._loaded:
-            module, _, attr = self._entries[name].partition(":")
-            self._loaded[name] = getattr(importlib.import_module(module), attr)
-        return self._loaded[name]
-
+from qdiff.registry import Registry
 
 MODELS = Registry(
     "model",

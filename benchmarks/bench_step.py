@@ -48,7 +48,7 @@ class DenoiserStep:
     def track_deployed_mib(self, backend, model):
         """``peak_memory``'s measure for one step: the deployed model's resident tensors plus
         the step's working memory, nothing else the process holds."""
-        from bench.metrics.cost import PeakWindow, deployed_memory
+        from bench.metrics.memory import PeakWindow, deployed_memory
 
         device = self.x.device
         with PeakWindow(device) as window:

@@ -26,7 +26,6 @@ Two choices differ from the reference code, each a :class:`ReconConfig` switch:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from qdiff.calibration import CalibData, calibrate, run_model
+from qdiff.capture import Captured, as_tensor, capture
 from qdiff.config import ReconConfig
 from qdiff.hooks import installed
 from qdiff.modules import QuantLayer, QuantModule
@@ -129,76 +129,6 @@ def find_units(
     return units
 
 
-class _Stop(Exception):
-    """Raised by a capture hook once the unit has run: the rest of the forward is not needed."""
-
-
-class _Captured:
-    """A unit's call arguments over all calibration batches, indexable along the batch."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[tuple, dict]] = []
-        self.batch_sizes: list[int] = []
-
-    def add(self, args: tuple, kwargs: dict, batch_size: int) -> None:
-        detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
-        self.calls.append((tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()}))
-        self.batch_sizes.append(batch_size)
-
-    def merge(self) -> None:
-        """Concatenate batched tensors; anything else must be the same in every batch."""
-
-        def merge_one(values: list):
-            first = values[0]
-            batched = all(
-                isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n
-                for v, n in zip(values, self.batch_sizes, strict=True)
-            )
-            if batched:
-                return ("batched", torch.cat(values))
-            return ("static", first)
-
-        args0, kwargs0 = self.calls[0]
-        self.args = [merge_one([c[0][i] for c in self.calls]) for i in range(len(args0))]
-        self.kwargs = {k: merge_one([c[1][k] for c in self.calls]) for k in kwargs0}
-        self.calls = []
-
-    def get(self, index: torch.Tensor) -> tuple[list, dict]:
-        pick = lambda kv: kv[1][index] if kv[0] == "batched" else kv[1]  # noqa: E731
-        return [pick(a) for a in self.args], {k: pick(v) for k, v in self.kwargs.items()}
-
-
-@torch.no_grad()
-def _capture(model: nn.Module, unit: nn.Module, data: CalibData, batch_size: int, what: str):
-    """Run the model on the calibration data and keep the unit's inputs or outputs."""
-    store = _Captured()
-    outputs: list[torch.Tensor] = []
-    current = {"n": 0}
-
-    def pre_hook(_mod, args, kwargs):
-        store.add(args, kwargs, current["n"])
-        raise _Stop
-
-    def hook(_mod, _args, _kwargs, output):
-        outputs.append(_as_tensor(output).detach())
-        raise _Stop
-
-    handle = (
-        unit.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        if what == "inputs"
-        else unit.register_forward_hook(hook, with_kwargs=True)
-    )
-    with installed([handle]):
-        for batch in data.batches(batch_size):
-            current["n"] = len(batch[0])
-            with contextlib.suppress(_Stop):
-                run_model(model, batch)
-    if what == "inputs":
-        store.merge()
-        return store
-    return torch.cat(outputs)
-
-
 def _per_sample_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BRECQ's ``lp_loss(p=2)`` per input: squared error summed over channels (dim 1),
     averaged over the rest."""
@@ -211,17 +141,6 @@ def _beta(cfg: ReconConfig, it: int) -> float:
     start = cfg.warmup * cfg.weight_iters
     progress = max(0.0, (it - start) / max(1.0, cfg.weight_iters - start))
     return cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - progress)
-
-
-def _as_tensor(output) -> torch.Tensor:
-    if hasattr(output, "sample"):  # a diffusers model output
-        return output.sample
-    if isinstance(output, tuple):
-        # Dual-stream transformer blocks (SD3, FLUX) return (text, image) tokens: the unit's
-        # output is both, flattened per sample (the last joint block's text output is None).
-        parts = [t for t in output if isinstance(t, torch.Tensor)]
-        return parts[0] if len(parts) == 1 else torch.cat([t.flatten(1) for t in parts], 1)
-    return output
 
 
 @dataclass
@@ -263,7 +182,7 @@ def _group_means(values: torch.Tensor, groups: torch.Tensor, n: int) -> tuple[to
 class _Objective:
     """A unit's loss: per-input squared error, weighted per timestep (see ``balance``)."""
 
-    def __init__(self, unit, inputs: _Captured, target: torch.Tensor, split: _Split, cfg: ReconConfig):
+    def __init__(self, unit, inputs: Captured, target: torch.Tensor, split: _Split, cfg: ReconConfig):
         self.unit, self.inputs, self.target, self.split, self.cfg = unit, inputs, target, split, cfg
         device = target.device
         self.group = split.group.to(device)
@@ -283,12 +202,12 @@ class _Objective:
             for part in index.split(chunk):
                 part = part.to(self.target.device)
                 args, kwargs = self.inputs.get(part)
-                out.append(_per_sample_loss(_as_tensor(self.unit(*args, **kwargs)), self.target[part]))
+                out.append(_per_sample_loss(as_tensor(self.unit(*args, **kwargs)), self.target[part]))
         return torch.cat(out)
 
     def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
         args, kwargs = self.inputs.get(idx)
-        per = _per_sample_loss(_as_tensor(self.unit(*args, **kwargs)), self.target[idx])
+        per = _per_sample_loss(as_tensor(self.unit(*args, **kwargs)), self.target[idx])
         return (per * self.weight_t[self.group[idx]]).mean()
 
     def evaluate(self) -> float:
@@ -416,9 +335,9 @@ def _eps_error(
     errors = []
     for batch in data.batches(batch_size):
         set_quant_state(model, weight=False, act=False)
-        ref = _as_tensor(run_model(model, batch))
+        ref = as_tensor(run_model(model, batch))
         set_quant_state(model, weight=True, act=True)
-        errors.append((_as_tensor(run_model(model, batch)) - ref).pow(2).flatten(1).mean(1))
+        errors.append((as_tensor(run_model(model, batch)) - ref).pow(2).flatten(1).mean(1))
     means, _ = _group_means(torch.cat(errors).cpu(), group, groups)
     return means.tolist()
 
@@ -452,11 +371,11 @@ def _reconstruct_unit(model, name, unit, data, split, config, phase, batch_size,
         if not quantizers:
             return None
         set_quant_state(model, weight=True, act=True)
-    inputs = _capture(model, unit, data, batch_size, "inputs")
+    inputs = capture(model, unit, data, batch_size, "inputs")
     target = targets.get(name)
     if target is None:
         set_quant_state(model, weight=False, act=False)
-        target = _capture(model, unit, data, batch_size, "outputs")
+        target = capture(model, unit, data, batch_size, "outputs")
         held = sum(t.numel() * t.element_size() for t in targets.values())
         if held + target.numel() * target.element_size() <= TARGET_CACHE_BYTES:
             targets[name] = target

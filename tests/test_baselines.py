@@ -311,6 +311,7 @@ def test_a_missing_torchao_skips_its_rows(tmp_path, monkeypatch):
     assert "pip install torchao" in skipped[0]["error"]
 
 
+@pytest.mark.slow
 def test_ptqd_refines_qdiffs_checkpoint_instead_of_reconstructing_again(tmp_path):
     matrix = load_matrix(tiny_matrix(tmp_path, methods="[qdiff, ptqd]", bits="[W4A8, W4A32]"))
     rows = run_matrix(matrix, tmp_path / "results", progress=False, log=lambda _: None)

@@ -21,6 +21,7 @@ def cli(*args, cwd=None):
     )
 
 
+@pytest.mark.slow
 def test_validate_run_resume_report_and_compare_via_subprocess(tmp_path, caplog):
     matrix = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8, W4A32]")
     results = tmp_path / "results"
@@ -171,13 +172,13 @@ def test_unwritable_results_and_corrupt_store_keep_existing_results(tmp_path, ca
 
 def test_missing_embedded_checkpoint_is_an_error_row_that_says_how_to_fix(tmp_path, capsys, monkeypatch):
     import bench.embedded.model
-    import bench.runner
+    import bench.runner.execute
 
     monkeypatch.setattr(bench.embedded.model, "ASSETS", tmp_path / "assets")
-    bench.runner._load.cache_clear()
+    bench.runner.execute._load.cache_clear()
     matrix = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]")
     assert main(["run", matrix, "--results", str(tmp_path / "r"), "--no-progress", "--workers", "1"]) == 1
-    bench.runner._load.cache_clear()
+    bench.runner.execute._load.cache_clear()
     out = capsys.readouterr().out
     assert "\nerror: embedded-digits fp FP: " in out and "python -m bench.embedded.train" in out
 

@@ -66,7 +66,10 @@ def test_transforms_round_trip_and_bad_ones_are_named():
     text = cfg.to_yaml()
     assert "kind: smooth" in text and "kind: low_rank" in text
     assert QConfig.from_yaml(text) == cfg
-    with pytest.raises(ConfigError, match=r"transforms\[0\]: unknown transform 'smoth'; valid: low_rank"):
+    unknown = (
+        r"transforms\[0\]: unknown transform 'smoth' \(did you mean 'smooth'\?\); valid: low_rank, smooth"
+    )
+    with pytest.raises(ConfigError, match=unknown):
         QConfig.from_dict({"transforms": [{"kind": "smoth", "alpha": 0.5}]})
     with pytest.raises(ConfigError, match=r"Smooth\.alpha=1\.5 must be a number in"):
         Smooth(1.5)

@@ -13,13 +13,14 @@ import math
 
 import pytest
 import torch
-from helpers import calib_for
+from helpers import calib_for, tiny_matrix
 from torch import nn
 
 import qdiff
 from bench.errors import AvailabilityError
+from bench.matrix import load_matrix
 from bench.methods import Method
-from bench.metrics.quality import Metric
+from bench.metrics.quality import Metric, Work
 from bench.models.base import DiffusionAdapter
 from bench.registry import METHODS, METRICS, MODELS
 from bench.spec import FP_METHOD, Bits, Budget, Evaluation, ModelTraits
@@ -142,13 +143,46 @@ def test_model_declares_what_its_metrics_need(name):
 
 
 @pytest.mark.parametrize("name", METRICS.names())
-def test_metric_declares_its_row_and_needs(name):
+def test_metric_declares_its_row_and_needs(name, tmp_path):
     metric = METRICS.get(name)
     assert isinstance(metric, Metric) and metric.name == name
     assert metric.unit and isinstance(metric.higher_is_better, bool) and metric.kind in ("quality", "cost")
     assert set(metric.settings) <= {f.name for f in dataclasses.fields(Evaluation)}
     assert metric.requires <= CAPABILITIES, f"no model offers {metric.requires - CAPABILITIES}"
     assert metric.check(Evaluation()) is None or isinstance(metric.check(Evaluation()), str)
+    # What the report and the estimate read from it instead of its name.
+    assert isinstance(metric.real_kernels_only, bool) and isinstance(metric.includes_bases, bool)
+    assert not metric.real_kernels_only or metric.kind == "cost"
+    for run in load_matrix(tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]")).runs:  # FP, quantized
+        work = metric.work(dataclasses.replace(run, metrics=(name,)))
+        assert isinstance(work, Work) and work.passes >= 0 and work.feature_images >= 0
+
+
+def test_a_new_metric_is_read_by_the_report_and_the_estimate_through_what_it_declares(monkeypatch):
+    """The report and the estimate look nothing up by a metric's name: a metric registered by a
+    test, declared a real-kernel cost with work of its own, is treated as one."""
+    from types import SimpleNamespace
+
+    from bench import estimate
+    from bench.registry import Registry
+    from bench.report.cells import simulated
+
+    class Joules(Metric):
+        name, unit, higher_is_better, kind, real_kernels_only = "joules", "J", False, "cost", True
+
+        def work(self, spec):
+            return Work(passes=10.0, feature_images=0)
+
+    metrics = Registry("metric", {})
+    metrics._loaded["joules"] = Joules()
+    metrics._entries["joules"] = "tests:Joules"
+    monkeypatch.setattr("bench.report.cells.METRICS", metrics)
+    monkeypatch.setattr("bench.estimate.METRICS", metrics)
+    assert simulated(SimpleNamespace(metric="joules", backend="fake"))
+    assert not simulated(SimpleNamespace(metric="joules", backend="x86"))
+    assert not simulated(SimpleNamespace(metric="written-by-another-version", backend="fake"))
+    spec = SimpleNamespace(metrics=("joules",), sampling=SimpleNamespace(device="cpu"))
+    assert estimate._metrics_seconds(spec, r=0.5) == pytest.approx(5.0)
 
 
 # --- backends -------------------------------------------------------------------------------

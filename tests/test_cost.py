@@ -13,7 +13,8 @@ from torch import nn
 
 import qdiff
 from bench.matrix import load_matrix
-from bench.metrics.cost import PeakWindow, deployed_memory, summarize, time_calls
+from bench.metrics.cost import summarize, time_calls
+from bench.metrics.memory import PeakWindow, deployed_memory
 from bench.runner import run_matrix
 from qdiff.storage import _libc
 

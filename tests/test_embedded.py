@@ -108,6 +108,9 @@ def test_conditional_dit_draws_the_digit_it_is_asked_for():
     x, _, cond = plain.step_inputs(4, 0)
     assert len(x) == 4 and cond["class_labels"].tolist() == [0, 1, 2, 3]
     assert guided.identity() != plain.identity()  # the scale is part of what caches key on
+    # FP and quantized images made on other devices never pair through a shared cache.
+    plain.device = torch.device("cuda")
+    assert plain.identity()["device"] == "cuda" and guided.identity()["device"] == "cpu"
 
 
 def test_class_accuracy_metric_pairs_with_fp_and_reports_the_ceiling():

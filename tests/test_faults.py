@@ -175,6 +175,7 @@ def test_a_report_that_cannot_be_written_leaves_the_old_one(tmp_path, monkeypatc
     assert target.read_text() == "old report" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_runner_at_random_points_then_resume(tmp_path, cli_reference):
     path = tiny_matrix(tmp_path, methods=METHODS, bits=BITS)
     results, cache = tmp_path / "results", tmp_path / "cache"
@@ -190,6 +191,7 @@ def test_kill_9_of_the_runner_at_random_points_then_resume(tmp_path, cli_referen
     assert values(ResultStore(results / "tiny")) == cli_reference
 
 
+@pytest.mark.slow
 def test_a_killed_worker_costs_only_a_retry(tmp_path, cli_reference):
     path = tiny_matrix(tmp_path, methods=METHODS, bits=BITS)
     results = tmp_path / "results"
@@ -242,6 +244,7 @@ def test_a_signal_while_a_worker_starts_waits_until_it_has_started():
         STOP.reset()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_sigint_and_sigterm_stop_cleanly_and_resume(tmp_path, cli_reference, sig, code):
     path = tiny_matrix(tmp_path, methods=METHODS, bits=BITS)
@@ -297,7 +300,7 @@ def test_a_preview_that_cannot_be_written_costs_only_the_preview(tmp_path, monke
     def no_space(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("bench.runner.save_grid", no_space)
+    monkeypatch.setattr("bench.runner.execute.save_grid", no_space)
     path = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]")
     rows = run_matrix(load_matrix(path), tmp_path / "r", progress=False, log=quiet)
     assert rows and {r["status"] for r in rows} == {"ok"}
@@ -379,7 +382,7 @@ def test_an_entry_copied_over_another_with_its_checksum_rewritten_is_rebuilt(tmp
     import shutil
 
     from bench.cache import cached_module, cached_tensors
-    from bench.runner import _checkpoint_problem
+    from bench.runner.checkpoints import checkpoint_problem
 
     monkeypatch.setenv("QDIFF_BENCH_CACHE", str(tmp_path / "cache"))
     a = {"images": torch.zeros(2, dtype=torch.uint8)}
@@ -406,7 +409,7 @@ def test_an_entry_copied_over_another_with_its_checksum_rewritten_is_rebuilt(tmp
     # checkpoint: evicted and rebuilt rather than failing every later run of the cell.
     caplog.clear()
     with caplog.at_level("WARNING", logger="qdiff-bench"):
-        _, cached = cached_module("checkpoints", "b", lambda: linear, check=_checkpoint_problem)
+        _, cached = cached_module("checkpoints", "b", lambda: linear, check=checkpoint_problem)
     assert not cached and "not a checkpoint: expected the fields" in caplog.text
 
     (ckpts / "b.pt.sha256").write_text("0" * 64 + "\n")  # stale, in a cache made read-only

@@ -15,6 +15,7 @@ from bench.report import compile_modes
 from bench.store import load
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, .ci/gpu does the real GPU work")
 def test_the_gpu_command_runs_everything_but_the_cuda_work_here(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "QDIFF_GPU_RESULTS": str(tmp_path / "results"),

@@ -476,3 +476,35 @@ def test_compiled_fp_is_timed_even_where_the_quantized_runs_of_that_mode_are_exc
     )  # fmt: skip
     with pytest.raises(MatrixError, match=r"exclude\[0\] \{method: fp, compile: openvino\} matches no run"):
         load_matrix(path)
+
+
+def test_device_auto_and_the_memory_bound_are_decided_where_the_runs_execute(tmp_path, monkeypatch):
+    """``device: auto`` resolves on the machine that runs it, and a cluster's nodes have their own
+    memory: the driver (a CPU-only Ray head) must not refuse what the nodes can run, and the
+    node that cannot gets a ``skipped`` row that says why."""
+    import torch
+
+    from bench.runner.execute import execute
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = tmp_path / "m.yaml"
+    path.write_text(OK + "settings: {backend: triton-int8, device: auto}")
+    run = next(r for r in load_matrix(path).runs if not r.is_fp)  # loads: a GPU node can run it
+    [row] = [r for r in execute(run, "m") if r["metric"] == run.metrics[0]]
+    assert row["status"] == "skipped"
+    assert "backend triton-int8 runs on a CUDA GPU, not on device 'cpu' (device 'auto' is cpu" in row["error"]
+    # A backend that fails on every device is still refused at load.
+    path.write_text(OK.replace("W4A8", "W4A32") + "settings: {backend: x86, device: auto}")
+    with pytest.raises(MatrixError, match="x86 needs quantized activations"):
+        load_matrix(path)
+
+    huge = OK + "settings: {samples: 1000000000000, device: cpu}"
+    path.write_text(huge)
+    with pytest.raises(MatrixError, match="need at least"):  # runs here: this machine bounds it
+        load_matrix(path)
+    on_cluster = load_matrix(path, "ray")  # --executor ray
+    path.write_text(huge.replace("{", "{executor: ray, "))
+    for matrix in (on_cluster, load_matrix(path)):
+        fp = next(r for r in matrix.runs if r.is_fp)
+        [row, *_] = execute(fp, "m")
+        assert row["status"] == "skipped" and "need at least" in row["error"]

@@ -92,6 +92,7 @@ def test_nncf_quantizes_on_the_same_runtime(quantized):
     assert "openvino-u8" in METHOD.kernels(model) or "openvino-i8" in METHOD.kernels(model)
 
 
+@pytest.mark.slow
 def test_a_matrix_compares_nncf_and_the_suites_grids_on_openvino(tmp_path):
     from bench.matrix import load_matrix
     from bench.runner import run_matrix

@@ -64,6 +64,7 @@ def comparable(rows: list[dict]) -> dict[tuple[str, str], dict]:
     return out
 
 
+@pytest.mark.slow
 def test_ray_writes_the_rows_the_local_executor_writes(tmp_path, local_ray, monkeypatch):
     matrix = load_matrix(tiny_matrix(tmp_path, methods="[qdiff]", bits="[W4A8]"))  # reconstruction too
     monkeypatch.setenv("QDIFF_BENCH_CACHE", str(tmp_path / "cache-local"))
@@ -150,10 +151,10 @@ def test_resources_follow_the_device(tmp_path):
 
 
 def test_a_node_without_the_drivers_code_or_cache_refuses_with_the_fix(tmp_path, monkeypatch):
-    from bench.provenance import code_hash
+    from bench.provenance import all_code_hash
 
     monkeypatch.setenv("QDIFF_BENCH_CACHE", str(tmp_path / "elsewhere"))
-    context = _Context(code_hash(), "sha", "/shared/cache", "marker", {}, 1, None)
+    context = _Context(all_code_hash(), "sha", "/shared/cache", "marker", {}, 1, None)
     problem = _problem_here(context, "10.0.0.2 abc")
     assert "does not see the driver's cache folder /shared/cache" in problem and "mount one shared" in problem
     other = _Context("0" * 16, "sha", "/shared/cache", "marker", {}, 1, None)
@@ -185,6 +186,7 @@ def cli(args: list[str], cache: Path) -> subprocess.Popen:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_killed_driver_leaves_no_partial_rows_and_resume_finishes(tmp_path, local_ray, monkeypatch):
     path = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]")
     results, cache = tmp_path / "results", tmp_path / "cache"

@@ -47,6 +47,7 @@ def driver(args: list[str], cache: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_runs_spread_over_both_nodes_through_the_shared_cache(tmp_path, cluster):
     address, _ = cluster
     matrix = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8, W4A8]")
@@ -86,6 +87,7 @@ def _raylet_of(port: int) -> int:
     return pids[0]
 
 
+@pytest.mark.slow
 def test_a_node_lost_mid_run_costs_a_retry_not_the_matrix(tmp_path, cluster):
     address, worker_port = cluster
     matrix = tiny_matrix(tmp_path, seeds="[0, 1]")

@@ -131,7 +131,8 @@ def test_no_guard_keeps_what_optimisation_did(tiny_unet):
 
 
 def test_balanced_objective_gives_every_timestep_the_same_weight(tiny_unet):
-    from qdiff.reconstruct import _capture, _Objective, _split
+    from qdiff.capture import capture
+    from qdiff.reconstruct import _Objective, _split
 
     data = calib_for(tiny_unet, 40, timesteps=4)
     # Inputs 1×–8× larger from step to step, so the steps' errors differ as a sampler's do.
@@ -145,9 +146,9 @@ def test_balanced_objective_gives_every_timestep_the_same_weight(tiny_unet):
     split = _split(data, 0.2, torch.Generator().manual_seed(0))
     assert len(split.held) == 4 * 2 and len(split.train) == 4 * 8  # stratified: 2 of 10 per step
     assert set(data.t[split.held].tolist()) == set(data.t.tolist())
-    inputs = _capture(qmodel, unit, data, 16, "inputs")
+    inputs = capture(qmodel, unit, data, 16, "inputs")
     qdiff.set_quant_state(qmodel, weight=False, act=False)
-    target = _capture(qmodel, unit, data, 16, "outputs")
+    target = capture(qmodel, unit, data, 16, "outputs")
     qdiff.set_quant_state(qmodel, weight=True, act=False)
     for balance in (True, False):
         objective = _Objective(unit, inputs, target, split, ReconConfig(balance=balance))

@@ -19,15 +19,17 @@ def test_leaderboard_cells_deltas_best_and_errors(tmp_path):
     assert list(board.columns.get_level_values(0).unique()) == ["W8A8", "W4A8"]
     # Rows without bootstrap replicates (written before intervals existed): mean (sd over seeds)
     # and the mean paired delta to FP of the same seed, no interval and so no rank.
-    assert board.loc[("embedded-digits", "qdiff"), ("W8A8", "digits_fd")] == "15.50 (sd 0.71) (+0.50)"
-    assert board.loc[("embedded-digits", "linear"), ("W8A8", "digits_fd")] == "40.50 (sd 0.71) (+25.50)"
+    assert str(board.loc[("embedded-digits", "qdiff"), ("W8A8", "digits_fd")]) == "15.50 (sd 0.71) (+0.50)"
+    assert str(board.loc[("embedded-digits", "linear"), ("W8A8", "digits_fd")]) == "40.50 (sd 0.71) (+25.50)"
     assert (
-        board.loc[("embedded-digits", "fp"), ("W4A8", "digits_fd")] == "15.00 (sd 1.41)"
+        str(board.loc[("embedded-digits", "fp"), ("W4A8", "digits_fd")]) == "15.00 (sd 1.41)"
     )  # FP in every column
     # Cost cells: (method, bits) × metric; none is highlighted without an FP value to beat.
     cost = report.cost_board(built.cells[built.cells["kind"] == "cost"])
-    assert cost.loc[("embedded-digits", "linear", "W8A8"), "quantize_time (fd)"] == "0.500"  # fixture unit
-    assert board.loc[("embedded-digits", "linear"), ("W4A8", "digits_fd")] == "error: RuntimeError: boom"
+    assert (
+        str(cost.loc[("embedded-digits", "linear", "W8A8"), "quantize_time (fd)"]) == "0.500"
+    )  # fixture unit
+    assert str(board.loc[("embedded-digits", "linear"), ("W4A8", "digits_fd")]) == "error: RuntimeError: boom"
     md = built.markdown
     assert (
         "| embedded-digits | linear |" in md
@@ -203,7 +205,7 @@ def test_cells_show_intervals_within_noise_and_tied_ranks(tmp_path):
     store.append([row("qdiff", "W8A8", "digits_fd", 15.0, **_with_interval(15.0, 2.0, 1.0, 1.5))])
     store.append([row("smoothquant", "W8A8", "digits_fd", 16.0, **_with_interval(16.0, 2.0, 2.0, 1.5))])
     board = report.leaderboard(report.build(store.root).cells)
-    cell = lambda method: board.loc[("embedded-digits", method), ("W8A8", "digits_fd")]  # noqa: E731
+    cell = lambda method: str(board.loc[("embedded-digits", method), ("W8A8", "digits_fd")])  # noqa: E731
     assert cell("fp") == "14.00 ± 2.00"
     # qdiff and smoothquant overlap: tied first (bold), both within noise of FP or not by their Δ.
     assert cell("qdiff") == "**15.00 ± 2.00 (+1.00 ± 1.50, ≈FP) #1**"
@@ -223,7 +225,7 @@ def test_report_never_averages_rows_measured_with_other_settings(tmp_path):
     cells = report.build(store.root).cells
     (fp,) = cells.itertuples()
     assert fp.value == 14.0 and fp.seeds == 1 and fp.set_aside == 1
-    text = report.leaderboard(cells).iloc[0, 0]
+    text = str(report.leaderboard(cells).iloc[0, 0])
     assert "14.00" in text and "1 older row(s) with other settings not averaged in" in text
 
 
@@ -380,7 +382,7 @@ def test_cost_cells_are_bold_only_when_they_beat_fp_and_simulated_latency_is_lab
         store.append([{**r, "higher_is_better": False, "run_id": method, "config_hash": method}])
     cells = report.build(store.root).cells
     board = report.cost_board(cells)
-    cell = lambda m: board.loc[("embedded-digits", m, "W8A8"), "latency_step (ms)"]  # noqa: E731
+    cell = lambda m: str(board.loc[("embedded-digits", m, "W8A8"), "latency_step (ms)"])  # noqa: E731
     assert cell("linear") == "**70.00 (1.43× faster than FP32 eager)**"  # beats FP by more than 5 %
     assert cell("qdiff") == "98.00 (1.02× faster than FP32 eager)"  # within 5 % of FP: not an improvement
     # A fake-quant latency: never best.
@@ -405,7 +407,7 @@ def test_cost_cells_name_their_fp_baseline_and_the_fastest_one(tmp_path):
                        "reference_hash": f"fp-{mode}"}])  # fmt: skip
     board = report.cost_board(report.build(store.root).cells)
     assert board.index.names == ["model", "method", "bits", "compile"]
-    cell = lambda mode: board.loc[("embedded-digits", "linear [x86]", "W8A8", mode), "latency_step (ms)"]  # noqa: E731
+    cell = lambda mode: str(board.loc[("embedded-digits", "linear [x86]", "W8A8", mode), "latency_step (ms)"])  # noqa: E731
     assert cell("off") == "240.0 (1.17× faster than FP32 eager) (1.04× slower than FP32 inductor)"
     assert cell("inductor") == "**145.0 (1.59× faster than FP32 inductor)**"
 

@@ -13,11 +13,11 @@ from bench.runner import (
     LocalExecutor,
     ProcessExecutor,
     dependencies,
-    execute,
     plan,
     run_matrix,
     waves,
 )
+from bench.runner.execute import execute
 from bench.store import COLUMNS, ResultStore, load
 
 
@@ -29,6 +29,7 @@ def run(matrix, root, **kw):
     return run_matrix(matrix, root, progress=False, log=quiet, **kw)
 
 
+@pytest.mark.slow
 def test_rows_are_complete_paired_and_reproducible(tmp_path):
     matrix = load_matrix(tiny_matrix(tmp_path, methods="[linear, qdiff]", bits="[W8A8, W4A8, W4A32]"))
     rows = run(matrix, tmp_path / "results")
@@ -55,6 +56,18 @@ def test_rows_are_complete_paired_and_reproducible(tmp_path):
     recon = q[("qdiff", "W4A8")]["recon"]
     assert len(recon["eps_before"]) == len(recon["timesteps"]) and recon["units"] > 0
     assert q[("linear", "W4A8")]["recon"] is None
+
+    # The estimate reads the plan the runner executes: the artefacts it charges once each are
+    # the cache entries the runner built (samples, calibration inputs, checkpoints).
+    from bench.cache import cache_dir
+    from bench.runner.plan import artefacts
+
+    kinds = list({a.key: a.kind for spec in matrix.runs for a in artefacts(spec)}.values())
+    entries = {k: len([*(cache_dir() / k).glob("*.pt"), *(cache_dir() / k).glob("*.safetensors")])
+               for k in ("samples", "calibration", "checkpoints")}  # fmt: skip
+    assert entries["samples"] == kinds.count("fp-samples") + kinds.count("samples") == 7
+    assert entries["calibration"] == kinds.count("calibration") > 0
+    assert entries["checkpoints"] == kinds.count("checkpoint") == 6
 
     # A rerun adds nothing; --force recomputes from the caches and reproduces every value.
     assert run(matrix, tmp_path / "results") == []
@@ -166,6 +179,7 @@ def test_waves_put_fp_first_and_refining_runs_after_their_bases(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_process_executor_runs_side_by_side_and_survives_a_dead_worker(tmp_path):
     from concurrent.futures.process import BrokenProcessPool
     from functools import partial

@@ -70,8 +70,10 @@ def parse_rules(items: list[str] | tuple[str, ...]) -> dict[str, tuple[str, ...]
     return rules
 
 
-def load_matrix(path: str | Path) -> MatrixSpec:
-    """Read, merge (``extends``), validate and expand a matrix file.
+def load_matrix(path: str | Path, runs_on: str | None = None) -> MatrixSpec:
+    """Read, merge (``extends``), validate and expand a matrix file. ``runs_on``: the executor
+    (``local``, ``ray``) its runs go to when not the file's ``executor`` setting (``--executor``):
+    on Ray, this machine's memory bounds nothing (each node checks its own).
 
     Raises:
         MatrixError: with the file, the key and the fix for every problem found (one line
@@ -81,7 +83,7 @@ def load_matrix(path: str | Path) -> MatrixSpec:
     inherited: dict[str, str] = {}
     problems = Problems(path)
     data = read_merged(path, (), inherited, problems)
-    spec = build(data, path, problems)
+    spec = build(data, path, problems, runs_on)
     problems.raise_any()
     notes = [f"inherited from {parent}: {', '.join(keys)}" for parent, keys in by_parent(inherited).items()]
     return dataclasses.replace(spec, notes=(*notes, *spec.notes))

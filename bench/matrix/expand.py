@@ -42,7 +42,8 @@ from bench.spec import (
 )
 
 
-def build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
+def build(data: dict[str, Any], path: Path, problems: Problems, runs_on: str | None = None) -> MatrixSpec:
+    """The matrix of ``data``; ``runs_on``: the executor its runs go to, if not its setting's."""
     name = data.get("name") or path.stem
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         problems.add(f"{path}: name={name!r} must be letters, digits, '-' or '_' (it names a folder)")
@@ -181,7 +182,7 @@ def build(data: dict[str, Any], path: Path, problems: Problems) -> MatrixSpec:
     seen: dict[str, list[str]] = {}  # a problem shared by many runs is reported once
     for run in runs:
         try:
-            check_combination(path, run)
+            check_combination(path, run, here=(runs_on or executor.name) != "ray")
         except MatrixError as exc:
             problem = str(exc).removeprefix(f"{path}: ").removeprefix(f"{run.label}: ")
             seen.setdefault(problem, []).append(run.label)

@@ -18,7 +18,10 @@ from bench.spec import (
 from qdiff.backends import BACKENDS, get_backend
 
 
-def check_combination(path: Path, run: RunSpec) -> None:
+def check_combination(path: Path, run: RunSpec, here: bool = True) -> None:
+    """Refuse ``run`` if it cannot work. ``here``: its runs execute on this machine (the local
+    executor), whose memory then bounds them; on a cluster each node checks its own
+    (:func:`machine_problem`)."""
     method = METHODS.get(run.method)
     reason = None if run.is_fp else method.unsupported(Bits(run.w_bits, run.a_bits))
     if reason:
@@ -30,20 +33,14 @@ def check_combination(path: Path, run: RunSpec) -> None:
         raise MatrixError(
             f"{path}: {run.label}: {reason}; exclude {{method: {run.method}, model: {run.model}}}"
         )
-    if not run.is_fp and method.backend is None:  # a method with its own backend deploys itself
-        # The device the run asks for ("auto": this machine's); a CUDA run planned on a CPU
-        # machine is checked against CUDA and skipped when it runs.
-        device = run.sampling.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        problem = get_backend(run.budget.backend).problem(run.w_bits, run.a_bits, device)
-        if problem:
-            raise MatrixError(
-                f"{path}: {run.label}: {problem}; choose another backend ({', '.join(BACKENDS)}), "
-                f"or exclude {{method: {run.method}, bits: {run.bits_label}, backend: {run.budget.backend}}}"
-            )
+    problem = backend_problem(run, run.sampling.device)
+    if problem:
+        raise MatrixError(
+            f"{path}: {run.label}: {problem}; choose another backend ({', '.join(BACKENDS)}), "
+            f"or exclude {{method: {run.method}, bits: {run.bits_label}, backend: {run.budget.backend}}}"
+        )
     adapter_cls = MODELS.get(run.model)
-    problem = scale_problem(run, adapter_cls)
+    problem = scale_problem(run, adapter_cls) or (memory_problem(run, adapter_cls) if here else None)
     if problem:
         raise MatrixError(f"{path}: {run.label}: {problem}")
     for metric_name in run.metrics:
@@ -61,14 +58,43 @@ def check_combination(path: Path, run: RunSpec) -> None:
 
 
 def scale_problem(run: RunSpec, adapter_cls) -> str | None:
-    """Settings that are valid numbers but cannot work for this model or machine: found now,
-    not after an hour."""
+    """Settings that are valid numbers but cannot work for this model: found now, not after an
+    hour."""
     s = run.sampling
     if s.steps > adapter_cls.TRAIN_TIMESTEPS:
         trained = adapter_cls.TRAIN_TIMESTEPS
         return f"steps={s.steps} exceeds the {trained} timesteps {run.model} was trained with"
     if adapter_cls.FLOW_MATCHING and s.eta > 0:
         return f"eta={s.eta}: {run.model} samples by flow matching (Euler, deterministic); set eta: 0"
+    return None
+
+
+def backend_problem(run: RunSpec, device: str) -> str | None:
+    """Why ``run``'s backend cannot deploy it on ``device``, or None (also for FP runs and
+    methods with a backend of their own). ``auto`` resolves where the run executes, so there
+    the backend must work on a CPU or on a GPU: :func:`machine_problem` checks the device the
+    run then gets."""
+    if run.is_fp or METHODS.get(run.method).backend is not None:
+        return None
+    backend = get_backend(run.budget.backend)
+    if device != "auto":
+        return backend.problem(run.w_bits, run.a_bits, device)
+    on = {d: backend.problem(run.w_bits, run.a_bits, d) for d in ("cpu", "cuda")}
+    return None if None in on.values() else on["cuda" if backend.device == "cuda" else "cpu"]
+
+
+def machine_problem(run: RunSpec, device: torch.device) -> str | None:
+    """Why ``run`` cannot work on the machine executing it, on ``device`` (its resolved
+    ``device`` setting): its backend on that device, or the memory its samples need."""
+    problem = backend_problem(run, device.type)
+    if problem:
+        return f"{problem} (device {run.sampling.device!r} is {device.type} on this machine)"
+    return memory_problem(run, MODELS.get(run.model))
+
+
+def memory_problem(run: RunSpec, adapter_cls) -> str | None:
+    """Samples and a batch's activations that cannot fit in this machine's memory, or None."""
+    s = run.sampling
     pixels = math.prod(adapter_cls.IMAGE_SHAPE)
     need = s.samples * pixels * 2 + min(s.batch_size, s.samples) * pixels * 4 * ACTIVATION_FACTOR
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from bench.cache import cache_dir, cached_tensors
 from bench.errors import AvailabilityError, ImageError
 from bench.fsio import missing_path
-from bench.metrics.quality import EvalContext, Measurement, Metric
+from bench.metrics.quality import EvalContext, Measurement, Metric, Work
 from bench.provenance import config_hash
 from bench.spec import resolve_device
 
@@ -414,6 +414,9 @@ class _FIDFamily(Metric):
     field: str  # which of Scores' values this metric reports
     against: str = "reference"  # or "fp" (the paired FP samples) or "none" (Inception Score)
     settings = ("fid_backend", "fid_mode", "fid_extractor", "fid_reference", "inception_weights")
+
+    def work(self, spec) -> Work:
+        return Work(feature_images=spec.sampling.samples)
 
     def check(self, evaluation) -> str | None:
         if self.field == "isc" and evaluation.fid_backend != "torch-fidelity":

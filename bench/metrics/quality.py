@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -93,6 +93,14 @@ def with_intervals(
     return Measurement(value.estimate, out)
 
 
+class Work(NamedTuple):
+    """Work a metric adds to a run, in the estimate's units: ``passes`` of the denoiser (at the
+    FP model's measured seconds per image and step) and ``feature_images`` through Inception."""
+
+    passes: float = 0.0
+    feature_images: int = 0
+
+
 class Metric:
     """Base class; subclasses set the class attributes and implement ``__call__``."""
 
@@ -112,10 +120,22 @@ class Metric:
     # bytes, quantize time) generates none, which is what lets cost matrices on large
     # random-weight models skip sampling.
     needs_images: ClassVar[bool] = True
+    # A cost of a real deployment, which the ``fake`` backend's simulation does not have (its
+    # latency and memory are the simulation's): the report marks those cells and ranks none.
+    real_kernels_only: ClassVar[bool] = False
+    # A cost that includes the costs of the checkpoints a refining method starts from (its
+    # ``bases``, the row's ``weights_from``): the report says so beside the value.
+    includes_bases: ClassVar[bool] = False
 
     def check(self, evaluation) -> str | None:
         """Why ``evaluation`` cannot work for this metric (checked when a matrix loads)."""
         return None
+
+    def work(self, spec) -> Work:
+        """What measuring it adds to the run ``spec`` beyond sampling, for ``qdiff-bench
+        validate``'s estimate (:mod:`bench.estimate`). The default, nothing: a value computed
+        from the run's samples or models in well under a second."""
+        return Work()
 
     def __call__(self, ctx: EvalContext) -> Measurement | None:
         raise NotImplementedError
@@ -245,6 +265,7 @@ class QuantizeTime(CostMetric):
     unit = "s"
     quantized_only = True
     needs_images = False
+    includes_bases = True
 
     def __call__(self, ctx: EvalContext) -> Measurement | None:
         if ctx.quantize_s is None:
@@ -257,7 +278,7 @@ class QuantizePeakMemory(CostMetric):
     held at its peak — its copies of the model, the calibration inputs, activation statistics,
     reconstruction's cached block inputs and optimiser state. The FP trajectories that make the
     calibration inputs are generated outside the measurement (methods share them). On a GPU the
-    allocator's peak, on Linux CPUs the process's peak RSS (see ``bench.metrics.cost.PeakWindow``).
+    allocator's peak, on Linux CPUs the process's peak RSS (see ``bench.metrics.memory.PeakWindow``).
     A cached checkpoint reports its original figure; a refining method the largest of its
     bases' and its own."""
 
@@ -290,6 +311,10 @@ class EpsError(Metric):
     quantized_only = True
     HELD_OUT_SEED = 999_983
     TRAJECTORIES = 32
+    PASSES = 1.8  # per trajectory and step, FP and quantized (fitted: eps_mse took 4-6 s)
+
+    def work(self, spec) -> Work:
+        return Work(0.0 if spec.is_fp else self.TRAJECTORIES * spec.sampling.steps * self.PASSES)
 
     def __call__(self, ctx: EvalContext) -> Measurement | None:
         if ctx.spec.is_fp:

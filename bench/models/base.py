@@ -165,6 +165,8 @@ class DiffusionAdapter:
             "steps": s.steps,
             "eta": s.eta,
             "batch_size": s.batch_size,
+            # Where it samples: FP and quantized images made on different devices never pair.
+            "device": self.device.type,
             **({} if s.dtype == "float32" else {"dtype": s.dtype}),
             **({"guidance_scale": self.guidance_scale} if self.guided() else {}),
         }

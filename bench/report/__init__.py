@@ -33,13 +33,14 @@ from bench.report.cells import (
 )
 from bench.report.html import CSS, to_html
 from bench.report.plots import line_styles, pareto, plots, png
-from bench.report.text import boards, cost_board, leaderboard, summary_text, to_markdown
+from bench.report.text import Shown, boards, cost_board, leaderboard, summary_text, to_markdown
 from bench.store import ResultStore, load
 
 __all__ = [
     "CSS",
     "MACHINE",
     "Report",
+    "Shown",
     "boards",
     "build",
     "cell_table",

@@ -14,6 +14,8 @@ import math
 import pandas as pd
 
 from bench import stats
+from bench.errors import UnknownNameError
+from bench.registry import METRICS
 
 FP = "fp"
 
@@ -248,8 +250,21 @@ def _first(rows: pd.DataFrame, column: str):
     return values.iloc[0] if len(values) else None
 
 
-# Costs that include those of the models a method refines (its ``bases``, ``weights_from``).
-INCLUDES_BASES = ("quantize_time",)
+def declared(metric: str, trait: str) -> bool:
+    """A metric's declared ``trait`` (a :class:`bench.metrics.quality.Metric` class attribute,
+    e.g. ``includes_bases``); False for a metric this code does not know (rows written by another
+    version). The step memory that ``latency_step`` rows carry is a real-kernel cost as well."""
+    if metric == STEP_MEMORY:
+        return trait == "real_kernels_only"
+    try:
+        return bool(getattr(METRICS.get(metric), trait))
+    except UnknownNameError:
+        return False
+
+
+def includes_bases(c) -> bool:
+    """A cost that includes those of the models a method refines (its ``bases``, ``weights_from``)."""
+    return declared(c.metric, "includes_bases") and isinstance(c.weights_from, str)
 
 
 def best_quality(quant: pd.DataFrame) -> set[tuple[str, str, str, str]]:
@@ -268,16 +283,9 @@ def best_quality(quant: pd.DataFrame) -> set[tuple[str, str, str, str]]:
 REAL_IMPROVEMENT = 0.05
 
 
-SIMULATED_COSTS = (
-    "latency_step",
-    "latency_e2e",
-    "peak_memory",
-    STEP_MEMORY,
-)  # meaningless on the fake backend
-
-
 def simulated(c) -> bool:
-    return c.metric in SIMULATED_COSTS and c.backend == "fake"
+    """A real-deployment cost measured on the ``fake`` backend: the simulation's, not a kernel's."""
+    return c.backend == "fake" and declared(c.metric, "real_kernels_only")
 
 
 def best_cost(cells: pd.DataFrame) -> set[tuple[str, str, str, str, str]]:

@@ -46,17 +46,15 @@ def to_html(
         for key, values in board.iterrows():
             method = key[1]
             tds = ["".join(f'<td class="name">{esc(k)}</td>' for k in key)]
-            for text in values:
-                cls = "ref" if method == FP else ""
-                if text.startswith(("error:", "skipped:")):
-                    notes.append(f"{' '.join(key)}: {text}")
-                    status = text.split(":")[0]
-                    tds.append(f'<td class="{status}" title="{esc(text)}">{status} [{len(notes)}]</td>')
+            for cell in values:
+                cls = "best" if cell.best else "ref" if method == FP else ""
+                if cell.failed:
+                    notes.append(f"{' '.join(key)}: {cell}")
+                    label = f"{cell.status} [{len(notes)}]"
+                    tds.append(f'<td class="{cell.status}" title="{esc(str(cell))}">{label}</td>')
                     continue
-                if text.startswith("**"):
-                    cls, text = "best", text.strip("*")
                 # The value on one line, its Δ or ratio (and rank) under it: a narrow column.
-                value, sep, rest = text.partition(" (")
+                value, sep, rest = cell.text.partition(" (")
                 shown = esc(value) + (f"<br><span class='sub'>({esc(rest)}</span>" if sep else "")
                 tds.append(f'<td class="{cls}">{shown}</td>')
             body.append("<tr>" + "".join(tds) + "</tr>")

@@ -4,20 +4,44 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import pandas as pd
 
 from bench import claims
-from bench.report.cells import FP, INCLUDES_BASES, STEP_MEMORY, best_cost, best_quality, simulated, time_split
+from bench.report.cells import FP, STEP_MEMORY, best_cost, best_quality, includes_bases, simulated, time_split
+
+
+class Shown(NamedTuple):
+    """One board cell: what it says, its ``status`` (``ok``, ``error`` or ``skipped`` with the
+    message as ``text``; ``missing`` where no run made it) and whether it is its column's best.
+    Markdown and HTML each render it; nothing parses a rendering back."""
+
+    text: str
+    status: str = "ok"
+    best: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("error", "skipped")
+
+    def __str__(self) -> str:
+        """The Markdown form."""
+        if self.failed:
+            return f"{self.status}: {self.text}"
+        return f"**{self.text}**" if self.best else self.text
+
+
+MISSING = Shown("—", "missing")
 
 
 def leaderboard(cells: pd.DataFrame) -> pd.DataFrame:
-    """The pivot: index (model, method), columns (bits, metric), values = cell text."""
+    """The pivot: index (model, method), columns (bits, metric), values :class:`Shown` cells."""
     quant = cells[cells["method"] != FP]
     bits_labels = list(quant.sort_values("bits_rank")["bits"].drop_duplicates()) or ["FP"]
     metrics = list(dict.fromkeys(cells["metric"]))
     best = best_quality(quant)
-    table: dict[tuple[str, str], dict[tuple[str, str], str]] = {}
+    table: dict[tuple[str, str], dict[tuple[str, str], Shown]] = {}
     for c in cells.itertuples():
         row = table.setdefault((c.model, c.method), {})
         targets = bits_labels if c.method == FP else [c.bits]  # FP is every column's reference
@@ -30,7 +54,7 @@ def leaderboard(cells: pd.DataFrame) -> pd.DataFrame:
         sorted(table, key=lambda k: (k[0], k[1] != FP, k[1])), names=["model", "method"]
     )
     return pd.DataFrame(
-        [[table[i].get(col, "—") for col in columns] for i in index], index=index, columns=columns
+        [[table[i].get(col, MISSING) for col in columns] for i in index], index=index, columns=columns
     )
 
 
@@ -57,7 +81,7 @@ def cost_board(cells: pd.DataFrame) -> pd.DataFrame:
     units = dict(zip(cells["metric"], cells["unit"], strict=True))
     columns = [f"{m} ({units[m]})" for m in metrics]
     several = cells["compile"].nunique() > 1
-    table: dict[tuple[str, ...], dict[str, str]] = {}
+    table: dict[tuple[str, ...], dict[str, Shown]] = {}
     for c in cells.sort_values("bits_rank").itertuples():
         text = cell_text(c, is_best=(c.model, c.method, c.bits, c.compile, c.metric) in best)
         key = (c.model, c.method, c.bits, c.compile) if several else (c.model, c.method, c.bits)
@@ -66,7 +90,7 @@ def cost_board(cells: pd.DataFrame) -> pd.DataFrame:
     names = ["model", "method", "bits", "compile"] if several else ["model", "method", "bits"]
     index = pd.MultiIndex.from_tuples(sorted(table, key=lambda k: (k[0], k[1] != FP)), names=names)
     return pd.DataFrame(
-        [[table[i].get(col, "—") for col in columns] for i in index], index=index, columns=columns
+        [[table[i].get(col, MISSING) for col in columns] for i in index], index=index, columns=columns
     )
 
 
@@ -95,11 +119,11 @@ def _ratio_text(ratio: float, unit: str, baseline: str) -> str:
     return f"{ratio:.2f}× {baseline}"
 
 
-def cell_text(c, is_best: bool) -> str:
+def cell_text(c, is_best: bool) -> Shown:
     """Quality: ``mean ± half-width (Δ ± half-width vs FP) #rank``, ``≈FP`` when the paired
     Δ's interval holds 0; cost: the value and its ratio to FP."""
     if c.status != "ok":
-        return f"{c.status}: {c.error}"
+        return Shown(str(c.error), c.status)
     text = fmt(c.value) + _half_width_text(c)
     if math.isnan(c.low) and c.seeds > 1 and c.sd > 0:
         text += f" (sd {fmt(c.sd, c.value)})"
@@ -116,11 +140,11 @@ def cell_text(c, is_best: bool) -> str:
             text += " (simulated)"
     else:
         text += _paired_text(c)
-    if c.metric in INCLUDES_BASES and isinstance(c.weights_from, str):
+    if includes_bases(c):
         text += f" (includes {c.weights_from})"
     if c.set_aside:
         text += f" [{c.set_aside} older row(s) with other settings not averaged in]"
-    return f"**{text}**" if is_best else text
+    return Shown(text, best=is_best)
 
 
 def summary_text(cells: pd.DataFrame, width: int = 100) -> str:
@@ -295,10 +319,11 @@ def to_markdown(
         lines.extend(["", f"## {heading}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)])
         for key, values in board.iterrows():
             shown = []
-            for text in values:
-                if text.startswith(("error:", "skipped:")):
+            for cell in values:
+                text = str(cell)
+                if cell.failed:
                     notes.append(f"{' '.join(key)}: {text}")
-                    text = f"{text.split(':')[0]} [{len(notes)}]"
+                    text = f"{cell.status} [{len(notes)}]"
                 shown.append(text.replace("|", "\\|"))
             lines.append("| " + " | ".join([*key, *shown]) + " |")
     if notes:

@@ -12,12 +12,12 @@ cost row carries that count (``backend_layers``), so a fallback is never silent.
 from __future__ import annotations
 
 from qdiff.backends.base import Backend, BackendError, KernelLayer, for_compile, layer_report
+from qdiff.registry import Registry
 
 __all__ = ["BACKENDS", "Backend", "BackendError", "KernelLayer", "for_compile", "get_backend", "layer_report"]
 
-BACKENDS: dict[str, Backend] = {
-    b.name: b
-    for b in (
+BACKENDS = Registry("backend", error=BackendError)
+for _backend in (
         Backend("fake", "simulated quantization in floating point (quality)", "any",
                 "qdiff.backends.fake:convert_fake"),
         Backend("x86", "int8 oneDNN kernels on CPU: static W8A8, scales from calibration", "cpu",
@@ -32,11 +32,10 @@ BACKENDS: dict[str, Backend] = {
                 needs_act=True),
         Backend("w4a16", "packed 4-bit weights, dequantized inside a Triton GEMM / conv", "cuda",
                 "qdiff.backends.w4a16:convert_w4a16", max_w_bits=4, weight_only=True),
-    )
-}  # fmt: skip
+):  # fmt: skip
+    BACKENDS.add(_backend.name, _backend)
 
 
 def get_backend(name: str) -> Backend:
-    if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    return BACKENDS[name]
+    """The backend ``name`` (:class:`BackendError` naming the valid ones if there is none)."""
+    return BACKENDS.get(name)

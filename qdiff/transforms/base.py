@@ -12,7 +12,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-KINDS: dict[str, type[Transform]] = {}  # kind → config class, filled as each module is imported
+from qdiff.registry import Registry
+
+KINDS = Registry("transform")  # kind → config class, filled as each module is imported
 
 
 class LayerTransform(nn.Module):
@@ -59,7 +61,7 @@ class Transform:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        KINDS[cls.kind] = cls
+        KINDS.add(cls.kind, cls)
 
     def apply(self, qmodel: nn.Module, data: Any, batch_size: int) -> list[str]:
         """Attach this transform to the layers of a prepared model it applies to (``data``: the
@@ -77,9 +79,7 @@ def transform_class(kind: str) -> type[Transform]:
 
     for info in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{info.name}")
-    if kind not in KINDS:
-        raise KeyError(f"unknown transform {kind!r}; valid: {', '.join(sorted(KINDS))}")
-    return KINDS[kind]
+    return KINDS.get(kind)  # an unknown kind: UnknownNameError (a KeyError) naming the valid ones
 
 
 def smoothable(layer: Any) -> bool:
