@@ -99,7 +99,7 @@ PACKAGES = ("qdiff", "baselines", "bench")
 NOT_IN_ARTEFACTS = (
     "bench/api.py", "bench/claims.py", "bench/cli.py", "bench/compare.py", "bench/estimate.py",
     "bench/history.py", "bench/progress.py", "bench/ray_executor.py", "bench/scaleout.py",
-    "bench/store.py", "bench/matrix/", "bench/report/", "bench/runner/__init__.py",
+    "bench/store.py", "bench/report/", "bench/runner/__init__.py",
     "bench/runner/executors.py", "bench/runner/plan.py",
 )  # fmt: skip
 
