@@ -127,12 +127,13 @@ def checkpoint_artefacts(spec: RunSpec) -> list[Artefact]:
     config = method.configure(bits, spec.budget)
     model = (spec.model, spec.model_args, spec.sampling)
     out: list[Artefact] = []
-    for name, base_bits in method.bases(bits):
+    bases = method.bases(bits)
+    for name, base_bits in bases:
         out += checkpoint_artefacts(
             dataclasses.replace(spec, method=name, w_bits=base_bits.w, a_bits=base_bits.a)
         )
     calib = getattr(config, "calib", None)
-    if not method.bases(bits) and calib is not None:
+    if not bases and calib is not None:  # a refining method calibrates nothing of its own
         out.append(Artefact("calibration", ("calibration", *model, calib), spec))
     key = ("checkpoint", *model, spec.method, json.dumps(config.to_dict(), sort_keys=True, default=str))
     return [*out, Artefact("checkpoint", key, spec)]
