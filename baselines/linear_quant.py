@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import qdiff
 from bench.methods import RecipeMethod, quant_specs
+from bench.registry import METHODS
 from bench.spec import Bits
 
 
@@ -22,4 +23,4 @@ def recipe(bits: Bits) -> qdiff.QConfig:
     )
 
 
-METHOD = RecipeMethod("linear", "naive linear PTQ: min-max, final-step calibration", recipe)
+METHOD = METHODS.add(RecipeMethod("linear", "naive linear PTQ: min-max, final-step calibration", recipe))

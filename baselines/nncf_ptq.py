@@ -22,6 +22,7 @@ from torch import nn
 import qdiff
 from bench.errors import AvailabilityError
 from bench.methods import Calibration, Progress
+from bench.registry import METHODS
 from bench.spec import Bits, Budget
 
 
@@ -111,4 +112,4 @@ class NNCFMethod:
         return deployed.runtime_kernels()
 
 
-METHOD = NNCFMethod()
+METHOD = METHODS.add(NNCFMethod())

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import qdiff
 from bench.methods import RecipeMethod, quant_specs
+from bench.registry import METHODS
 from bench.spec import Bits
 
 NORMAL_MEAN = 0.75  # denoising progress: the last quarter of the trajectory, t ≈ T/4
@@ -43,4 +44,6 @@ def recipe(bits: Bits) -> qdiff.QConfig:
     )
 
 
-METHOD = RecipeMethod("ptq4dm", "PTQ4DM: normally distributed timestep calibration + BRECQ, no split", recipe)
+METHOD = METHODS.add(
+    RecipeMethod("ptq4dm", "PTQ4DM: normally distributed timestep calibration + BRECQ, no split", recipe)
+)

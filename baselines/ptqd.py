@@ -49,6 +49,7 @@ from torch import nn
 
 import qdiff
 from bench.methods import Calibration, RecipeMethod, qdiffusion_recipe
+from bench.registry import METHODS
 from bench.spec import Bits
 
 FIT_BATCH = 64
@@ -296,3 +297,5 @@ MIXED = PTQDMixed(
     qdiffusion_recipe,
     ddpm_only=DDPM_ONLY,
 )
+METHODS.add(METHOD)
+METHODS.add(MIXED)

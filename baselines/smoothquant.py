@@ -17,6 +17,7 @@ import dataclasses
 
 import qdiff
 from bench.methods import RecipeMethod, quant_specs
+from bench.registry import METHODS
 from bench.spec import Bits
 
 ALPHA = 0.5
@@ -35,9 +36,11 @@ def recipe(bits: Bits) -> qdiff.QConfig:
     )
 
 
-METHOD = RecipeMethod(
-    "smoothquant",
-    f"SmoothQuant: activation outliers migrated into weights (alpha={ALPHA}), round-to-nearest",
-    recipe,
-    needs_act_quant=True,
+METHOD = METHODS.add(
+    RecipeMethod(
+        "smoothquant",
+        f"SmoothQuant: activation outliers migrated into weights (alpha={ALPHA}), round-to-nearest",
+        recipe,
+        needs_act_quant=True,
+    )
 )

@@ -25,6 +25,7 @@ import dataclasses
 import qdiff
 from baselines import smoothquant
 from bench.methods import RecipeMethod
+from bench.registry import METHODS
 from bench.spec import Bits
 
 RANK = 32
@@ -36,9 +37,11 @@ def recipe(bits: Bits) -> qdiff.QConfig:
     return dataclasses.replace(recipe, transforms=(*recipe.transforms, qdiff.LowRank(RANK)))
 
 
-METHOD = RecipeMethod(
-    "svdquant",
-    f"SVDQuant: smoothing + rank-{RANK} 16-bit branch absorbing outliers, residual quantized",
-    recipe,
-    needs_act_quant=True,
+METHOD = METHODS.add(
+    RecipeMethod(
+        "svdquant",
+        f"SVDQuant: smoothing + rank-{RANK} 16-bit branch absorbing outliers, residual quantized",
+        recipe,
+        needs_act_quant=True,
+    )
 )

@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from bench.errors import AvailabilityError
 from bench.methods import Calibration, Progress
+from bench.registry import METHODS
 from bench.spec import Bits
 from qdiff.prepare import shared_copy
 
@@ -173,3 +174,6 @@ INTX4_WEIGHT_ONLY = TorchaoPreset(
     Bits(4, None),
     _intx4wo,
 )
+
+for _preset in (INT8_DYNAMIC, INT8_WEIGHT_ONLY, INT4_WEIGHT_ONLY, INTX4_WEIGHT_ONLY):
+    METHODS.add(_preset)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import qdiff
+from bench.registry import METHODS
 from bench.spec import Bits, Budget, ModelTraits
 from qdiff.backends import layer_report
 
@@ -253,3 +254,6 @@ class FullPrecision:
 
 
 FP = FullPrecision()
+
+for _method in (FP, QDIFFUSION, QDIFF_NO_CALIB, QDIFF_NO_SPLIT, QDIFF_NO_RECON, QDIFF_ASYM):
+    METHODS.add(_method)

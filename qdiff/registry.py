@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,57 +20,67 @@ class UnknownNameError(QdiffError, KeyError):
 
 
 class Registry:
-    """Maps short names to objects.
+    """Maps short names to objects; each object is registered once, by the module that defines
+    it, under its own ``name`` (so a name is written in one place).
 
     Args:
         kind: what the entries are ("method", "backend", ...), used in error messages.
-        entries: ``{name: "package.module:attribute"}``, each imported only when first used
-            (so listing the names imports nothing).
+        modules: the modules whose import registers the entries, imported on the first lookup
+            (so importing the registry imports none of them); a package stands for every module
+            in it, so a new file in the package registers itself.
         error: the exception an unknown name raises (a subclass of :class:`UnknownNameError`
             or another :class:`QdiffError`), given the message.
     """
 
     def __init__(
-        self, kind: str, entries: dict[str, str] | None = None, error: type[Exception] = UnknownNameError
+        self, kind: str, modules: tuple[str, ...] = (), error: type[Exception] = UnknownNameError
     ) -> None:
-        self.kind, self.error = kind, error
-        self._entries: dict[str, str | None] = dict(entries or {})
-        self._loaded: dict[str, Any] = {}
+        self.kind, self.modules, self.error = kind, modules, error
+        self._entries: dict[str, Any] = {}
+        self._imported = not modules
+
+    def _all(self) -> dict[str, Any]:
+        """The entries, after importing the registering modules once."""
+        if not self._imported:
+            self._imported = True  # first: a registering module may look a name up while it loads
+            try:
+                for name in self.modules:
+                    module = importlib.import_module(name)
+                    for info in pkgutil.iter_modules(getattr(module, "__path__", []), f"{name}."):
+                        importlib.import_module(info.name)
+            except BaseException:
+                self._imported = False
+                raise
+        return self._entries
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(self._all())
 
-    def register(self, name: str, target: str) -> None:
-        """Add ``name`` → the lazily imported ``"module:attribute"`` ``target``."""
-        if name in self._entries:
+    def add(self, obj: Any, name: str | None = None) -> Any:
+        """Register ``obj`` under ``name`` (default: its own ``name``) and return it, so that a
+        module writes ``METHOD = METHODS.add(RecipeMethod("mine", ...))`` or decorates a class."""
+        name = obj.name if name is None else name
+        if self._entries.get(name, obj) is not obj:
             raise ValueError(f"{self.kind} {name!r} is already registered")
-        self._entries[name] = target
-
-    def add(self, name: str, obj: Any) -> Any:
-        """Add ``name`` → ``obj`` itself (already imported: a class registering itself)."""
-        if name in self._entries and self._loaded.get(name) is not obj:
-            raise ValueError(f"{self.kind} {name!r} is already registered")
-        self._entries[name], self._loaded[name] = None, obj
+        self._entries[name] = obj
         return obj
 
     def get(self, name: str) -> Any:
-        if name not in self._entries:
-            close = difflib.get_close_matches(str(name), self._entries, n=1)
+        entries = self._all()
+        if name not in entries:
+            close = difflib.get_close_matches(str(name), entries, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise self.error(f"unknown {self.kind} {name!r}{hint}; valid: {', '.join(self.names())}")
-        if name not in self._loaded:
-            module, _, attr = self._entries[name].partition(":")
-            self._loaded[name] = getattr(importlib.import_module(module), attr)
-        return self._loaded[name]
+        return entries[name]
 
     __getitem__ = get
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._all()
 
     def __iter__(self) -> Iterator[str]:
         """The names in the order they were registered."""
-        return iter(self._entries)
+        return iter(self._all())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._all())

@@ -35,6 +35,22 @@ TINY_SETTINGS = (
 )
 
 
+def baseline_names() -> list[str]:
+    """The methods the ``baselines`` package registers: all but FP, Q-Diffusion and its ablations
+    (the objects ``bench.methods`` defines)."""
+    import bench.methods
+    from bench.registry import METHODS
+
+    own = [id(v) for v in vars(bench.methods).values()]
+    return [n for n in METHODS.names() if id(METHODS.get(n)) not in own]
+
+
+def registered(monkeypatch, registry, obj, name: str | None = None) -> None:
+    """``obj`` in ``registry`` for one test (under ``name``, default its own), replacing any entry."""
+    registry.names()  # the registering modules first, so they cannot add the name back later
+    monkeypatch.setitem(registry._entries, obj.name if name is None else name, obj)
+
+
 def tiny_matrix(
     tmp_path, methods: str = "[linear, qdiff]", bits: str = "[W8A8, W4A8, W4A32]", **extra
 ) -> str:

@@ -26,11 +26,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "bench.cache",
         "bench.embedded.data",
         "bench.embedded.model",
-        "baselines",
     ),
-    ("bench.registry",),  # lazy "module:attr" names only
+    ("bench.registry",),  # names the registering packages; imports none of them
     ("bench.spec",),  # the run schema
-    ("bench.models", "bench.methods", "baselines.", "bench.embedded.train"),
+    ("bench.models", "bench.methods", "baselines", "bench.embedded.train"),
     ("bench.metrics",),
     ("bench.matrix",),  # loads, validates and expands matrix files
     ("bench.store", "bench.runner", "bench.estimate", "bench.ray_executor", "bench.scaleout"),
@@ -46,8 +45,8 @@ def module_name(path: Path) -> str:
 
 
 def layer(module: str) -> int:
-    """The layer of ``module``: its longest matching prefix (``baselines.`` matches the
-    baseline modules, ``baselines`` alone the package's registry table)."""
+    """The layer of ``module``: its longest matching prefix (a prefix ending in ``.`` matches
+    the modules below it only, not the package itself)."""
     best, depth = None, -1
     for i, prefixes in enumerate(LAYERS):
         for p in prefixes:

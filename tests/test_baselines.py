@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_SETTINGS, sqnr_db, tiny_matrix
+from helpers import TINY_SETTINGS, baseline_names, sqnr_db, tiny_matrix
 from torch import nn
 
 import qdiff
-from baselines import BASELINES
 from bench.errors import MatrixError
 from bench.matrix import load_matrix
 from bench.methods import QDIFFUSION
@@ -41,7 +40,7 @@ def test_ptq4dm_calibrates_on_its_normal_timestep_distribution():
     assert qdiff.select_steps(QDIFFUSION.qconfig(Bits(4, 8)).calib, 25)[0] == 0
 
 
-@pytest.mark.parametrize("name", sorted(BASELINES))
+@pytest.mark.parametrize("name", baseline_names())
 def test_every_baseline_runs_through_the_harness(name, tmp_path):
     method = METHODS.get(name)
     # One width with quantized activations and one weight-only, where the method has them: the

@@ -1,8 +1,8 @@
 """Contracts every registered method, model, metric, backend and transform passes (as diffusers'
 tester mixins): a new one is added in its own file, registered, and must pass these unchanged.
 
-Each test is parametrised over the registry, so adding ``baselines/my_method.py`` and its
-registry line makes ``pytest tests/test_contracts.py -k my_method`` the check to run.
+Each test is parametrised over the registry, so adding ``baselines/my_method.py`` (which
+registers itself) makes ``pytest tests/test_contracts.py -k my_method`` the check to run.
 """
 
 from __future__ import annotations
@@ -164,8 +164,8 @@ def test_a_new_metric_is_read_by_the_report_and_the_estimate_through_what_it_dec
     from types import SimpleNamespace
 
     from bench import estimate
-    from bench.registry import Registry
     from bench.report.cells import simulated
+    from qdiff.registry import Registry
 
     class Joules(Metric):
         name, unit, higher_is_better, kind, real_kernels_only = "joules", "J", False, "cost", True
@@ -173,9 +173,8 @@ def test_a_new_metric_is_read_by_the_report_and_the_estimate_through_what_it_dec
         def work(self, spec):
             return Work(passes=10.0, feature_images=0)
 
-    metrics = Registry("metric", {})
-    metrics._loaded["joules"] = Joules()
-    metrics._entries["joules"] = "tests:Joules"
+    metrics = Registry("metric")
+    metrics.add(Joules())
     monkeypatch.setattr("bench.report.cells.METRICS", metrics)
     monkeypatch.setattr("bench.estimate.METRICS", metrics)
     assert simulated(SimpleNamespace(metric="joules", backend="fake"))

@@ -7,9 +7,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import tiny_matrix
+from helpers import baseline_names, registered, tiny_matrix
 
-from baselines import BASELINES
 from bench.errors import MatrixError
 from bench.matrix import load_matrix, parse_rules
 from bench.provenance import REPO_ROOT
@@ -124,7 +123,7 @@ def test_shipped_matrices_are_valid():
     } <= {r.hash for r in baselines.expand()}
     full = load_matrix(REPO_ROOT / "configs" / "full.yaml")
     # Every registered baseline except the CUDA-only torchao preset.
-    assert {r.method for r in full.expand()} >= {"fp", "qdiff", *BASELINES} - {"torchao-int4wo"}
+    assert {r.method for r in full.expand()} >= {"fp", "qdiff", *baseline_names()} - {"torchao-int4wo"}
     assert {r.bits_label for r in full.expand()} == {"FP", "W8A8", "W8A32", "W4A8", "W4A4", "W4A32"}
     paper = load_matrix(REPO_ROOT / "configs" / "paper-cifar10.yaml")
     # nncf-ptq runs on OpenVINO's CPU runtime; the paper matrices run on CUDA.
@@ -271,7 +270,7 @@ def test_weight_only_method_rejects_activation_bits(tmp_path, monkeypatch):
 
     from bench.registry import METHODS
 
-    monkeypatch.setitem(METHODS._loaded, "linear", replace(METHODS.get("linear"), weight_only=True))
+    registered(monkeypatch, METHODS, replace(METHODS.get("linear"), weight_only=True))
     path = write(tmp_path, "models: [embedded-digits]\nmethods: [linear]\nbits: [W4A8]\n")
     with pytest.raises(MatrixError, match=r"linear quantizes weights only; use W4A32, or exclude"):
         load_matrix(path)

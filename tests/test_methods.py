@@ -1,9 +1,12 @@
 """Method recipes: Q-Diffusion and the linear baseline differ exactly in the paper's choices."""
 
+import sys
+from types import SimpleNamespace
+
 import pytest
 
 from bench.errors import UnknownNameError
-from bench.registry import METHODS, Registry
+from bench.registry import METHODS
 from bench.spec import Bits, Budget
 
 
@@ -41,12 +44,27 @@ def test_ablations_undo_exactly_one_choice():
         assert differing == [group or field], name
 
 
-def test_registry_is_lazy_and_helpful():
-    reg = Registry("widget", {"good": "bench.methods:Bits", "broken": "no.such.module:thing"})
-    assert reg.get("good") is Bits  # only this entry's module is imported
+def test_registry_imports_its_package_on_first_lookup_so_a_new_file_registers_itself(tmp_path, monkeypatch):
+    (tmp_path / "widget_registry.py").write_text(
+        "from qdiff.registry import Registry\nWIDGETS = Registry('widget', ('widget_pkg',))\n"
+    )
+    (tmp_path / "widget_pkg").mkdir()
+    (tmp_path / "widget_pkg" / "__init__.py").write_text("")
+    for name in ("good", "bad"):  # each file declares its name once, where it defines the object
+        (tmp_path / "widget_pkg" / f"{name}.py").write_text(
+            f"from types import SimpleNamespace\nfrom widget_registry import WIDGETS\n"
+            f"WIDGET = WIDGETS.add(SimpleNamespace(name={name!r}))\n"
+        )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module in ("widget_registry", "widget_pkg", "widget_pkg.good", "widget_pkg.bad"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    from widget_registry import WIDGETS
+
+    assert "widget_pkg.good" not in sys.modules  # importing the registry imports no entry
+    assert WIDGETS.get("good") is sys.modules["widget_pkg.good"].WIDGET and WIDGETS.names() == ["bad", "good"]
     with pytest.raises(
-        UnknownNameError, match=r"unknown widget 'god' \(did you mean 'good'\?\); valid: broken, good"
+        UnknownNameError, match=r"unknown widget 'god' \(did you mean 'good'\?\); valid: bad, good"
     ):
-        reg.get("god")
-    with pytest.raises(ValueError, match="already registered"):
-        reg.register("good", "x:y")
+        WIDGETS.get("god")
+    with pytest.raises(ValueError, match="widget 'good' is already registered"):
+        WIDGETS.add(SimpleNamespace(name="good"))

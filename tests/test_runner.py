@@ -4,7 +4,7 @@ duplicates, shared FP/calibration work, and dependency waves."""
 from pathlib import Path
 
 import pytest
-from helpers import tiny_matrix
+from helpers import BOOM, INTERRUPT, registered, tiny_matrix
 
 from bench.matrix import load_matrix
 from bench.registry import METHODS
@@ -91,7 +91,7 @@ def values(rows):
 
 
 def test_failures_become_rows_and_the_matrix_goes_on(tmp_path, monkeypatch):
-    monkeypatch.setitem(METHODS._entries, "boom", "helpers:BOOM")
+    registered(monkeypatch, METHODS, BOOM)
     matrix = load_matrix(tiny_matrix(tmp_path, methods="[boom, linear]", bits="[W8A8]"))
     rows = run(matrix, tmp_path)
     errors = [r for r in rows if r["status"] == "error"]
@@ -113,7 +113,7 @@ def test_missing_model_weights_are_a_skipped_row(tmp_path):
 
 
 def test_interrupted_matrix_resumes_without_lost_or_duplicated_rows(tmp_path, monkeypatch):
-    monkeypatch.setitem(METHODS._entries, "interrupt", "helpers:INTERRUPT")
+    registered(monkeypatch, METHODS, INTERRUPT)
     path = tiny_matrix(tmp_path, methods="[linear, interrupt, qdiff-no-recon]", bits="[W8A8]")
     with pytest.raises(Interrupted, match=r"2 run\(s\) finished and kept; 2 left"):
         run(load_matrix(path), tmp_path)
@@ -122,8 +122,7 @@ def test_interrupted_matrix_resumes_without_lost_or_duplicated_rows(tmp_path, mo
     first = store.rows()
     assert {r["method"] for r in first} == {"fp", "linear"}  # finished runs kept, nothing partial
     # The user fixes the method (here: drops it) and resumes: only the rest runs.
-    monkeypatch.setitem(METHODS._entries, "interrupt", "bench.methods:QDIFF_NO_SPLIT")
-    METHODS._loaded.pop("interrupt", None)
+    registered(monkeypatch, METHODS, METHODS.get("qdiff-no-split"), "interrupt")
     new = run(load_matrix(path), tmp_path)
     assert {r["method"] for r in new} == {"interrupt", "qdiff-no-recon"}
     rows = store.rows()

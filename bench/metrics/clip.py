@@ -17,6 +17,7 @@ import torchvision.transforms.functional as TF
 
 from bench.errors import AvailabilityError
 from bench.metrics.quality import EvalContext, Measurement, Metric, with_intervals
+from bench.registry import METRICS
 from bench.spec import resolve_device
 
 SCALE = "100 * cosine(image, text), clipped at 0 (torchmetrics CLIPScore)"
@@ -112,4 +113,4 @@ class CLIPScore(Metric):
         return with_intervals(mean, len(scores), paired=fp_scores is not None, extra=extra)
 
 
-CLIP_SCORE = CLIPScore()
+CLIP_SCORE = METRICS.add(CLIPScore())

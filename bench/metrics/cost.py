@@ -25,7 +25,7 @@ from bench.errors import AvailabilityError
 from bench.metrics.memory import PeakWindow, deployed_memory
 from bench.metrics.quality import CostMetric, EvalContext, Measurement, Metric, Work
 from bench.models.base import in_dtype, model_dtype
-from bench.registry import METHODS
+from bench.registry import METHODS, METRICS
 from bench.spec import resolve_device
 from qdiff.backends import for_compile, layer_report
 from qdiff.backends.x86 import compile_setup
@@ -379,8 +379,8 @@ class DeploySQNR(Metric):
                                                "backend_layers": _backend_layers(ctx)})  # fmt: skip
 
 
-LATENCY_STEP = LatencyStep()
-LATENCY_E2E = LatencyE2E()
-DEPLOY_SQNR = DeploySQNR()
-PEAK_MEMORY = PeakMemory()
-WEIGHT_BYTES = WeightBytes()
+LATENCY_STEP = METRICS.add(LatencyStep())
+LATENCY_E2E = METRICS.add(LatencyE2E())
+DEPLOY_SQNR = METRICS.add(DeploySQNR())
+PEAK_MEMORY = METRICS.add(PeakMemory())
+WEIGHT_BYTES = METRICS.add(WeightBytes())

@@ -32,6 +32,7 @@ from bench.errors import AvailabilityError, ImageError
 from bench.fsio import missing_path
 from bench.metrics.quality import EvalContext, Measurement, Metric, Work
 from bench.provenance import config_hash
+from bench.registry import METRICS
 from bench.spec import resolve_device
 
 Images = torch.Tensor | str  # uint8 (N, C, H, W), or a folder of image files
@@ -494,7 +495,6 @@ class FIDvsFP(_FIDFamily):
     settings = ("fid_backend", "fid_mode", "fid_extractor", "inception_weights")
 
 
-FID_METRIC = FID()
-KID_METRIC = KID()
-INCEPTION_SCORE = InceptionScore()
-FID_VS_FP = FIDvsFP()
+FID_METRIC, KID_METRIC, INCEPTION_SCORE, FID_VS_FP = (
+    METRICS.add(m) for m in (FID(), KID(), InceptionScore(), FIDvsFP())
+)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from bench.errors import AvailabilityError
 from bench.fsio import missing_path
 from bench.metrics.quality import EvalContext, Measurement, Metric, with_intervals
+from bench.registry import METRICS
 from bench.spec import resolve_device
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet ImageNet weights
@@ -115,4 +116,4 @@ class LPIPSvsFP(Metric):
                               extra={"lpips_net": "alex", "lpips_version": "0.1"})  # fmt: skip
 
 
-LPIPS_VS_FP = LPIPSvsFP()
+LPIPS_VS_FP = METRICS.add(LPIPSvsFP())

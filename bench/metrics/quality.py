@@ -24,6 +24,7 @@ from torch import nn
 from bench import stats
 from bench.errors import AvailabilityError
 from bench.frechet import feature_stats, frechet_distance
+from bench.registry import METRICS
 
 
 @dataclass
@@ -346,10 +347,10 @@ class EpsError(Metric):
                                             "trajectories": n})  # fmt: skip
 
 
-CLASS_ACCURACY = ClassAccuracy()
-DIGITS_FD = DigitsFD()
-FD_TO_FP = FDtoFP()
-EPS_MSE = EpsError()
-PSNR_VS_FP = PSNRvsFP()
-QUANTIZE_TIME = QuantizeTime()
-QUANTIZE_PEAK_MEMORY = QuantizePeakMemory()
+CLASS_ACCURACY = METRICS.add(ClassAccuracy())
+DIGITS_FD = METRICS.add(DigitsFD())
+FD_TO_FP = METRICS.add(FDtoFP())
+EPS_MSE = METRICS.add(EpsError())
+PSNR_VS_FP = METRICS.add(PSNRvsFP())
+QUANTIZE_TIME = METRICS.add(QuantizeTime())
+QUANTIZE_PEAK_MEMORY = METRICS.add(QuantizePeakMemory())

@@ -29,6 +29,7 @@ from bench.embedded.model import (
 )
 from bench.frechet import feature_stats, frechet_distance, sqrt_psd
 from bench.models.base import DiffusionAdapter
+from bench.registry import MODELS
 
 
 def _as_float(images: torch.Tensor) -> torch.Tensor:
@@ -36,6 +37,7 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images
 
 
+@MODELS.add
 class EmbeddedDigits(DiffusionAdapter):
     """The embedded 16×16 digits UNet (trained in-repo), DDIM; CPU-sized, offline."""
 
@@ -112,6 +114,7 @@ class EmbeddedDigits(DiffusionAdapter):
         return float(np.mean(values)), float(np.std(values))
 
 
+@MODELS.add
 class EmbeddedDiT(EmbeddedDigits):
     """The embedded class-conditional DiT (trained in-repo), DDIM with guidance; CPU-sized, offline.
 

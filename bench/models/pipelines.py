@@ -27,6 +27,7 @@ from torch import nn
 from bench.errors import AvailabilityError
 from bench.fsio import missing_path
 from bench.models.base import COST_METRICS, DiffusionAdapter
+from bench.registry import MODELS
 
 BUILTIN_PROMPTS = "bench.prompts", "smoke.txt"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -321,6 +322,7 @@ class TextToImageAdapter(PipelineAdapter):
         return vae.decode(x / vae.config.scaling_factor).sample
 
 
+@MODELS.add
 class DDIMCifar10(PipelineAdapter):
     """DDPM CIFAR-10 32×32 (Ho et al.) sampled with DDIM, Q-Diffusion's CIFAR-10 setting."""
 
@@ -335,6 +337,7 @@ class DDIMCifar10(PipelineAdapter):
     FID_REFERENCE = "cifar10-train"  # the paper's: 50k CIFAR-10 training images
 
 
+@MODELS.add
 class LDMCelebAHQ(LatentPipelineAdapter):
     """LDM CelebA-HQ 256×256 (latent diffusion, VQ-VAE), DDIM.
 
@@ -348,6 +351,7 @@ class LDMCelebAHQ(LatentPipelineAdapter):
     DEFAULT_SOURCE = "CompVis/ldm-celebahq-256"
 
 
+@MODELS.add
 class StableDiffusion15(TextToImageAdapter):
     """Stable Diffusion v1.5 text-to-image, DDIM with classifier-free guidance.
 

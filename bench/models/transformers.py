@@ -24,6 +24,7 @@ from torch import nn
 
 from bench.models.base import COST_METRICS
 from bench.models.pipelines import SINGLE_FILE_SUFFIXES, PipelineAdapter, TextToImageAdapter, no_images
+from bench.registry import MODELS
 
 
 class DenoiserCall(nn.Module):
@@ -132,6 +133,7 @@ class _WrappedTextToImage(TextToImageAdapter):
         return vae.decode(x.to(vae.dtype) / vae.config.scaling_factor + shift).sample
 
 
+@MODELS.add
 class PixArtAlpha(_WrappedTextToImage):
     """PixArt-α 512² (Chen et al., 2024): DiT with T5 cross-attention, DDIM with guidance.
 
@@ -168,6 +170,7 @@ class PixArtAlpha(_WrappedTextToImage):
         return {k: v.to(self.device) for k, v in out.items()}
 
 
+@MODELS.add
 class PixArtSigma(PixArtAlpha):
     """PixArt-Σ 1024² (Chen et al., 2024): PixArt-α's architecture, 300 T5 tokens, DDIM."""
 
@@ -178,6 +181,7 @@ class PixArtSigma(PixArtAlpha):
     MAX_TOKENS = 300
 
 
+@MODELS.add
 class StableDiffusion3(_WrappedTextToImage):
     """Stable Diffusion 3 / 3.5 (Esser et al., 2024): rectified-flow MM-DiT, Euler with guidance.
 
@@ -215,6 +219,7 @@ class StableDiffusion3(_WrappedTextToImage):
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
 
+@MODELS.add
 class Flux(_WrappedTextToImage):
     """FLUX.1 (Black Forest Labs): rectified-flow MM-DiT with single-stream blocks, Euler.
 
@@ -269,6 +274,7 @@ class Flux(_WrappedTextToImage):
         return out
 
 
+@MODELS.add
 class StableDiffusionXL(_WrappedTextToImage):
     """SDXL base (Podell et al., 2023): UNet with two CLIP encoders, DDIM with guidance.
 
@@ -311,6 +317,7 @@ class StableDiffusionXL(_WrappedTextToImage):
         return {k: v[:1] if k == "time_ids" else torch.zeros_like(v[:1]) for k, v in text.items()}
 
 
+@MODELS.add
 class DiTXL2(PipelineAdapter):
     """DiT-XL/2 256² (Peebles & Xie, 2023): a class-conditional adaLN-Zero transformer on
     ImageNet latents, DDIM with classifier-free guidance.

@@ -33,7 +33,7 @@ for _backend in (
         Backend("w4a16", "packed 4-bit weights, dequantized inside a Triton GEMM / conv", "cuda",
                 "qdiff.backends.w4a16:convert_w4a16", max_w_bits=4, weight_only=True),
 ):  # fmt: skip
-    BACKENDS.add(_backend.name, _backend)
+    BACKENDS.add(_backend)
 
 
 def get_backend(name: str) -> Backend:

@@ -61,7 +61,7 @@ class Transform:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        KINDS.add(cls.kind, cls)
+        KINDS.add(cls, cls.kind)
 
     def apply(self, qmodel: nn.Module, data: Any, batch_size: int) -> list[str]:
         """Attach this transform to the layers of a prepared model it applies to (``data``: the
