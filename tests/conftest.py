@@ -27,6 +27,46 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("QDIFF_BENCH_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture(scope="session")
+def warm_caches(tmp_path_factory):
+    """``build(methods, bits)`` -> ``(cache, results)`` of a tiny matrix run once per pytest
+    process (each xdist worker builds its own), in a cache of its own."""
+    from helpers import tiny_matrix
+
+    from bench.matrix import load_matrix
+    from bench.runner import run_matrix
+
+    built = {}
+
+    def build(methods: str, bits: str):
+        if (methods, bits) not in built:
+            root = tmp_path_factory.mktemp("warm")
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("QDIFF_BENCH_CACHE", str(root / "cache"))
+                path = tiny_matrix(root, methods=methods, bits=bits)
+                run_matrix(load_matrix(path), root / "results", progress=False, log=lambda _msg: None)
+            built[methods, bits] = root / "cache", root / "results" / "tiny"
+        return built[methods, bits]
+
+    return build
+
+
+@pytest.fixture
+def warm_cache(warm_caches):
+    """``fill(methods, bits)``: this test's cache starts as a copy of that tiny matrix's warm one,
+    for tests that need a filled cache but do not test how it is filled."""
+    import shutil
+
+    from bench.cache import cache_dir
+
+    def fill(methods: str, bits: str):
+        cache, results = warm_caches(methods, bits)
+        shutil.copytree(cache, cache_dir(), dirs_exist_ok=True)
+        return results
+
+    return fill
+
+
 @pytest.fixture
 def tiny_unet():
     """A small random UNet2DModel with skip concatenations and attention at the lowest level."""

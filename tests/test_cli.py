@@ -14,6 +14,13 @@ from bench.spec import Bits
 from bench.store import ResultStore
 
 
+def here(capsys, *args):
+    """``qdiff-bench`` in this process (what only reads, validates or reports: a new process for
+    each costs seconds of imports): ``(exit code, stdout)``."""
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().out
+
+
 def cli(*args, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
@@ -22,14 +29,16 @@ def cli(*args, cwd=None):
 
 
 @pytest.mark.slow
-def test_validate_run_resume_report_and_compare_via_subprocess(tmp_path, caplog):
+def test_validate_run_resume_report_and_compare_via_subprocess(tmp_path, caplog, capsys):
+    """The runs go through the installed entry point in new processes; the commands that only
+    read and write results run in this one."""
     matrix = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8, W4A32]")
     results = tmp_path / "results"
-    out = cli("validate", matrix, "--results", results)
-    assert out.returncode == 0, out.stderr
-    assert "3 runs (3 to run)" in out.stdout and "embedded-digits linear W4A32 seed=0 calib=0" in out.stdout
-    assert "budget: the paper's defaults with " in out.stdout  # what the tiny settings leave implicit
-    assert "estimated time here: about" in out.stdout and "ms per image-step" in out.stdout
+    code, out = here(capsys, "validate", matrix, "--results", results)
+    assert code == 0
+    assert "3 runs (3 to run)" in out and "embedded-digits linear W4A32 seed=0 calib=0" in out
+    assert "budget: the paper's defaults with " in out  # what the tiny settings leave implicit
+    assert "estimated time here: about" in out and "ms per image-step" in out
 
     out = cli("run", matrix, "--results", results, "--workers", "2", "--threads", "1", "--no-progress")
     assert out.returncode == 0, out.stderr
@@ -63,19 +72,20 @@ def test_validate_run_resume_report_and_compare_via_subprocess(tmp_path, caplog)
     assert outcome.report_paths == (folder / "report.md", folder / "report.html")
     assert "embedded-digits" in outcome.report.markdown and len(outcome.store.invocations()) == 1
 
-    again = cli("run", matrix, "--results", results, "--no-progress", "--no-report")
-    assert again.returncode == 0 and "0 runs, 0 rows appended" in again.stdout
+    code, again = here(capsys, "run", matrix, "--results", results, "--no-progress", "--no-report")
+    assert code == 0 and "0 runs, 0 rows appended" in again
     assert len(ResultStore(results / "tiny").invocations()) == 1  # a no-op resume records nothing
     assert sorted((results / "tiny" / "runs").iterdir()) == files
-    dry = cli("run", matrix, "--results", results, "--dry-run", "--force", "--only", "bits=W8*")
-    assert dry.returncode == 0 and dry.stdout.count("forced") == 1 and "W8A8" in dry.stdout
+    dry_run = ("run", matrix, "--results", results, "--dry-run", "--force", "--only", "bits=W8*")
+    code, dry = here(capsys, *dry_run)
+    assert code == 0 and dry.count("forced") == 1 and "W8A8" in dry
 
-    out = cli("report", results / "tiny", "--out", tmp_path / "report")
-    assert out.returncode == 0 and (tmp_path / "report" / "report.html").is_file()
-    out = cli("compare", results / "tiny", results / "tiny")
-    assert out.returncode == 0 and "0 regression(s)" in out.stdout
-    out = cli("compare", results, results / "tiny")  # a results root is matched by matrix name
-    assert out.returncode == 0 and "0 regression(s)" in out.stdout
+    assert here(capsys, "report", results / "tiny", "--out", tmp_path / "report")[0] == 0
+    assert (tmp_path / "report" / "report.html").is_file()
+    code, out = here(capsys, "compare", results / "tiny", results / "tiny")
+    assert code == 0 and "0 regression(s)" in out
+    code, out = here(capsys, "compare", results, results / "tiny")  # a results root is matched by name
+    assert code == 0 and "0 regression(s)" in out
 
     # The main job's self-check: the same matrix rerun elsewhere, against the first as reference.
     mine = tmp_path / "mine"

@@ -45,17 +45,9 @@ def values(store: ResultStore) -> dict[tuple[str, str], float]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(warm_caches):
     """The undisturbed rows of the matrix every in-process case uses (its own cache, results)."""
-    tmp = tmp_path_factory.mktemp("reference")
-    path = tiny_matrix(tmp, methods=METHODS, bits=BITS)
-    before = os.environ.get("QDIFF_BENCH_CACHE")
-    os.environ["QDIFF_BENCH_CACHE"] = str(tmp / "cache")
-    try:
-        run_matrix(load_matrix(path), tmp / "results", progress=False, log=quiet)
-    finally:
-        os.environ["QDIFF_BENCH_CACHE"] = before or ""
-    return values(ResultStore(tmp / "results" / "tiny"))
+    return values(ResultStore(warm_caches(METHODS, BITS)[1]))
 
 
 def checksum(path: Path) -> None:
@@ -83,9 +75,9 @@ def cli(args: list[str], cache: Path) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def test_a_hostile_checkpoint_never_runs_and_is_rebuilt(tmp_path, reference, caplog):
+def test_a_hostile_checkpoint_never_runs_and_is_rebuilt(tmp_path, reference, warm_cache, caplog):
     path = tiny_matrix(tmp_path, methods=METHODS, bits=BITS)
-    run_matrix(load_matrix(path), tmp_path / "a", progress=False, log=quiet)
+    warm_cache(METHODS, BITS)
     marker = tmp_path / "pwned"
 
     class Hostile:
@@ -103,11 +95,11 @@ def test_a_hostile_checkpoint_never_runs_and_is_rebuilt(tmp_path, reference, cap
     assert values(ResultStore(tmp_path / "b" / "tiny")) == reference
 
 
-def test_tampered_samples_are_detected_and_rebuilt(tmp_path, reference, caplog):
+def test_tampered_samples_are_detected_and_rebuilt(tmp_path, reference, warm_cache, caplog):
     from safetensors.torch import load_file, save_file
 
     path = tiny_matrix(tmp_path, methods=METHODS, bits=BITS)
-    run_matrix(load_matrix(path), tmp_path / "a", progress=False, log=quiet)
+    warm_cache(METHODS, BITS)
     files = sorted((cache_dir() / "samples").glob("*.safetensors"))
     flipped, truncated = files[0], files[1]
     data = bytearray(flipped.read_bytes())
