@@ -507,3 +507,21 @@ def test_device_auto_and_the_memory_bound_are_decided_where_the_runs_execute(tmp
         fp = next(r for r in matrix.runs if r.is_fp)
         [row, *_] = execute(fp, "m")
         assert row["status"] == "skipped" and "need at least" in row["error"]
+
+
+def test_every_shipped_matrix_expands_to_the_runs_its_committed_rows_came_from():
+    """A run's identity (its hash) is what pairs, caches and resumes it: a change to how a spec
+    hashes would orphan every committed row. Each matrix with committed results expands to
+    exactly the runs those rows record (regenerate them at the commit that changes a matrix)."""
+    import json
+
+    checked = 0
+    for config in sorted((REPO_ROOT / "configs").glob("*.yaml")):
+        matrix = load_matrix(config)
+        runs = REPO_ROOT / "results" / matrix.name / "runs"
+        if not runs.is_dir():
+            continue
+        committed = {json.loads(line)["config_hash"] for f in runs.glob("*.jsonl") for line in f.open()}
+        assert {r.hash for r in matrix.expand()} == committed, config.name
+        checked += 1
+    assert checked >= 10  # the default, baselines, ablations, cost and Ray matrices at least
