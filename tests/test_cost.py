@@ -79,7 +79,9 @@ def test_deployed_memory_is_the_models_weights_plus_its_working_memory_and_nothi
         del x, y, blocks
     value, parts = deployed_memory(model, window)
     assert parts["weights_resident_mib"] == pytest.approx((2048 * 1024 + 1024) * 4 / MIB)
-    assert 32 + 64 + 16 - 2 <= parts["working_mib"] <= 32 + 64 + 16 + 24  # page and allocator slack
+    # Page and allocator slack: the heap may reuse a few MiB that earlier tests in this process
+    # freed (under xdist, 109.1 of 112 MiB); losing any one allocation (16 MiB or more) fails.
+    assert 32 + 64 + 16 - 8 <= parts["working_mib"] <= 32 + 64 + 16 + 24
     assert value == parts["weights_resident_mib"] + parts["working_mib"]
     assert parts["process_peak_mib"] > value + 32  # the process holds more: not counted
     assert resident_elsewhere.sum() > 0
