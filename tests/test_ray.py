@@ -92,11 +92,12 @@ def test_ray_writes_the_rows_the_local_executor_writes(tmp_path, local_ray, monk
 
 def test_a_run_starts_when_its_own_prerequisites_finish(tmp_path, local_ray):
     """No barrier between waves: seed 1's quantized run starts while seed 0's slow FP run is
-    still going (it needs only seed 1's FP run)."""
+    still going (it needs only seed 1's FP run). Seed 0's FP run ends once seed 1's two runs
+    have; behind a barrier it would wait its 120 s out and end first."""
     matrix = load_matrix(tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]", seeds="[0, 1]"))
     specs = matrix.expand()
     needs = dependencies(specs)
-    fn = Scripted(str(tmp_path), slow=8.0)
+    fn = Scripted(str(tmp_path), slow=120.0, others=2)
     out = list(RayExecutor(ExecutorSpec("ray"), threads=1, log=quiet).map(fn, specs, needs))
     assert len(out) == 4 and all(isinstance(rows, list) for _, rows in out)
     ran = {s.hash: json.loads((tmp_path / f"ran-{s.hash}.json").read_text()) for s in specs}
