@@ -285,17 +285,19 @@ def share_equal_tensors(keep: nn.Module, other: nn.Module) -> int:
 # Its correction and its mixed precision are defined by a DDPM step's noise schedule (ᾱ_t, the
 # variance a stochastic step adds), which a rectified flow (SD3, FLUX) does not have.
 DDPM_ONLY = "its noise correction and step choice are defined by a DDPM noise schedule (ᾱ_t)"
-METHOD = PTQD(
-    "ptqd",
-    "PTQD: Q-Diffusion + correlated quantization-noise correction per timestep",
-    qdiffusion_recipe,
-    ddpm_only=DDPM_ONLY,
+METHOD = METHODS.add(
+    PTQD(
+        "ptqd",
+        "PTQD: Q-Diffusion + correlated quantization-noise correction per timestep",
+        qdiffusion_recipe,
+        ddpm_only=DDPM_ONLY,
+    )
 )
-MIXED = PTQDMixed(
-    "ptqd-mp",
-    f"PTQD + step-aware mixed precision (A{LOW_BITS} where the quantization SNR allows)",
-    qdiffusion_recipe,
-    ddpm_only=DDPM_ONLY,
+MIXED = METHODS.add(
+    PTQDMixed(
+        "ptqd-mp",
+        f"PTQD + step-aware mixed precision (A{LOW_BITS} where the quantization SNR allows)",
+        qdiffusion_recipe,
+        ddpm_only=DDPM_ONLY,
+    )
 )
-METHODS.add(METHOD)
-METHODS.add(MIXED)

@@ -154,26 +154,32 @@ class TorchaoPreset:
         return dict(sorted(counts.items()))
 
 
-INT8_DYNAMIC = TorchaoPreset(
-    "torchao-int8dq", "torchao int8 dynamic activations + int8 weights (Linear layers)", Bits(8, 8), _int8dq
+INT8_DYNAMIC = METHODS.add(
+    TorchaoPreset(
+        "torchao-int8dq",
+        "torchao int8 dynamic activations + int8 weights (Linear layers)",
+        Bits(8, 8),
+        _int8dq,
+    )
 )
-INT8_WEIGHT_ONLY = TorchaoPreset(
-    "torchao-int8wo", "torchao int8 weight-only (Linear layers)", Bits(8, None), _int8wo
+INT8_WEIGHT_ONLY = METHODS.add(
+    TorchaoPreset("torchao-int8wo", "torchao int8 weight-only (Linear layers)", Bits(8, None), _int8wo)
 )
-INT4_WEIGHT_ONLY = TorchaoPreset(
-    "torchao-int4wo",
-    "torchao int4 weight-only, tinygemm (Linear layers, CUDA)",
-    Bits(4, None),
-    _int4wo,
-    cuda_only="tinygemm int4 kernel; on CPU use torchao-intx4wo",
-    bf16_weights=True,
+INT4_WEIGHT_ONLY = METHODS.add(
+    TorchaoPreset(
+        "torchao-int4wo",
+        "torchao int4 weight-only, tinygemm (Linear layers, CUDA)",
+        Bits(4, None),
+        _int4wo,
+        cuda_only="tinygemm int4 kernel; on CPU use torchao-intx4wo",
+        bf16_weights=True,
+    )
 )
-INTX4_WEIGHT_ONLY = TorchaoPreset(
-    "torchao-intx4wo",
-    "torchao int4 weight-only, groups of 32 (Linear layers, any device)",
-    Bits(4, None),
-    _intx4wo,
+INTX4_WEIGHT_ONLY = METHODS.add(
+    TorchaoPreset(
+        "torchao-intx4wo",
+        "torchao int4 weight-only, groups of 32 (Linear layers, any device)",
+        Bits(4, None),
+        _intx4wo,
+    )
 )
-
-for _preset in (INT8_DYNAMIC, INT8_WEIGHT_ONLY, INT4_WEIGHT_ONLY, INTX4_WEIGHT_ONLY):
-    METHODS.add(_preset)

@@ -59,10 +59,8 @@ def warm_cache(warm_caches):
 
     from bench.cache import cache_dir
 
-    def fill(methods: str, bits: str):
-        cache, results = warm_caches(methods, bits)
-        shutil.copytree(cache, cache_dir(), dirs_exist_ok=True)
-        return results
+    def fill(methods: str, bits: str) -> None:
+        shutil.copytree(warm_caches(methods, bits)[0], cache_dir(), dirs_exist_ok=True)
 
     return fill
 

@@ -198,12 +198,12 @@ def write_asv_results(root, machine="m1", cpu="Xeon", points=(("a" * 40, 0.5), (
 class Scripted:
     """A run function for executor tests (picklable, so it reaches worker processes and Ray
     tasks): it records when each run starts and ends in ``folder``, holds FP runs of seed 0
-    until ``others`` other runs have ended (``slow`` seconds at most: the test fails then, not
+    until ``others`` other runs have ended (``hold_s`` seconds at most: the test fails then, not
     on a busy machine's timing), and its worker dies as ``die`` says: ``once`` (the first
     attempt of every run), ``always``, ``fp`` (every attempt of FP runs)."""
 
     folder: str
-    slow: float = 0.0
+    hold_s: float = 0.0
     others: int = 0
     die: str = ""
 
@@ -219,7 +219,7 @@ class Scripted:
         (folder / f"attempt-{spec.hash}").touch()
         if self.die == "always" or (self.die == "once" and first) or (self.die == "fp" and spec.is_fp):
             os._exit(3)
-        while spec.is_fp and spec.seed == 0 and time.time() < start + self.slow:
+        while spec.is_fp and spec.seed == 0 and time.time() < start + self.hold_s:
             if len(list(folder.glob("ran-*.json"))) >= self.others:
                 break
             time.sleep(0.05)

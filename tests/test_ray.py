@@ -97,7 +97,7 @@ def test_a_run_starts_when_its_own_prerequisites_finish(tmp_path, local_ray):
     matrix = load_matrix(tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]", seeds="[0, 1]"))
     specs = matrix.expand()
     needs = dependencies(specs)
-    fn = Scripted(str(tmp_path), slow=120.0, others=2)
+    fn = Scripted(str(tmp_path), hold_s=120.0, others=2)
     out = list(RayExecutor(ExecutorSpec("ray"), threads=1, log=quiet).map(fn, specs, needs))
     assert len(out) == 4 and all(isinstance(rows, list) for _, rows in out)
     ran = {s.hash: json.loads((tmp_path / f"ran-{s.hash}.json").read_text()) for s in specs}
