@@ -43,7 +43,11 @@ def test_the_fake_quantize_form_is_the_simulated_model(quantized):
         fake = qdiff.convert(qmodel, "fake")(x, t).sample
         fq = fake_quantize_form(qmodel)
         assert torch.allclose(fq(x, t).sample, fake, rtol=1e-5, atol=1e-5)
-    assert any(isinstance(m, FakeQuantizeLayer) for m in fq.modules())
+    layers = [m for m in fq.modules() if isinstance(m, FakeQuantizeLayer)]
+    assert layers
+    # It holds each quantized weight as its integers (a float copy of a real-size model's
+    # weights beside the FP model's would not fit), one byte per weight.
+    assert {getattr(m, f"weight{i}").dtype for m in layers for i in range(m.parts)} == {torch.int8}
 
 
 def test_openvino_runs_the_calibrated_grids_on_int8_kernels(quantized):

@@ -5,11 +5,11 @@ the CPU peer of the ``x86`` backend. The model goes there in the form OpenVINO's
 frontend reads as quantization: every quantized layer becomes ``FakeQuantize`` on its input
 (``torch.fake_quantize_per_tensor_affine`` with the calibrated scale and zero point, on the
 uint8 range) and on its weight (``torch.fake_quantize_per_channel_affine`` of the already
-quantized weight, so AdaRound's learned rounding is kept exactly), then the float conv or
-linear; attention's two matmuls get ``FakeQuantize`` on both operands. OpenVINO's low-precision
-transformations turn each such pattern into an int8 kernel with int8 weights; whatever it
-cannot run in int8 runs in f32 with the same rounding (``kernels`` counts both, read from the
-compiled model's runtime precisions, so a fallback is never silent).
+quantized weight, held as its integers, so AdaRound's learned rounding is kept exactly), then
+the float conv or linear; attention's two matmuls get ``FakeQuantize`` on both operands.
+OpenVINO's low-precision transformations turn each such pattern into an int8 kernel with int8
+weights; whatever it cannot run in int8 runs in f32 with the same rounding (``kernels`` counts
+both, read from the compiled model's runtime precisions, so a fallback is never silent).
 
 :class:`OpenVINOModule` is the deployable: an ``nn.Module`` whose ``forward(x, t, **cond)``
 runs the compiled model. It compiles for the inputs it is first given (``ov.convert_model``
@@ -22,6 +22,7 @@ thread count when it compiles. OpenVINO is optional (``pip install 'qdiff-bench[
 from __future__ import annotations
 
 import gc
+import math
 import os
 import warnings
 from types import SimpleNamespace
@@ -66,10 +67,9 @@ class FakeQuantizeLayer(KernelLayer):
         for i, ((ints, scale), aq) in enumerate(
             zip(integer_weights(layer, "openvino", bits), layer.act_quantizers(), strict=True)
         ):
-            shape = (-1,) + (1,) * (ints.ndim - 1)
-            # The quantized weight itself (integers × step): FakeQuantize leaves it unchanged
-            # and OpenVINO stores it back as integers.
-            self.register_buffer(f"weight{i}", ints * scale.reshape(shape))
+            # The integers, not the float weight they stand for: the form is built beside the
+            # FP model, and a float copy of SDXL's weights (9.6 GiB) would not fit beside it.
+            self.register_buffer(f"weight{i}", ints.to(torch.int8 if bits <= 8 else torch.int32))
             self.register_buffer(f"w_scale{i}", scale)
             self.grids.append(uint8_grid(aq))
         self.register_buffer("w_zero_point", torch.zeros(layer.weight.shape[0], dtype=torch.int32))
@@ -77,9 +77,11 @@ class FakeQuantizeLayer(KernelLayer):
     def part(self, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         scale, zero_point, qmin, qmax = self.grids[i]
         x = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
-        w = torch.fake_quantize_per_channel_affine(
-            getattr(self, f"weight{i}"), getattr(self, f"w_scale{i}"), self.w_zero_point, 0, *self.w_range
-        )
+        ints, w_scale = getattr(self, f"weight{i}"), getattr(self, f"w_scale{i}")
+        # integers × step is on the grid, so FakeQuantize leaves it unchanged; OpenVINO folds
+        # the three constants' ops into one integer weight, the same as from a float weight.
+        w = ints.float() * w_scale.reshape((-1,) + (1,) * (ints.ndim - 1))
+        w = torch.fake_quantize_per_channel_affine(w, w_scale, self.w_zero_point, 0, *self.w_range)
         if self.conv:
             stride, padding, dilation, groups = self.conv_args
             return F.conv2d(x, w, bias, stride, padding, dilation, groups)
@@ -88,7 +90,7 @@ class FakeQuantizeLayer(KernelLayer):
     def weight_bytes(self) -> int:
         # Stored as integers of the grid's width once OpenVINO has compressed them.
         bits = self.w_range[1].bit_length() + 1
-        return sum(getattr(self, f"weight{i}").numel() * bits // 8 for i in range(self.parts))
+        return sum(math.ceil(getattr(self, f"weight{i}").numel() * bits / 8) for i in range(self.parts))
 
 
 class FakeQuantizeMatMul(nn.Module):
