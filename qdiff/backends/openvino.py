@@ -42,7 +42,7 @@ from qdiff.backends.base import (
     weight_bits,
 )
 from qdiff.modules import QuantLayer, QuantMatMul
-from qdiff.storage import release_free_heap, storage_bytes
+from qdiff.storage import exact_heap, release_free_heap, storage_bytes
 
 
 def import_openvino():
@@ -138,11 +138,16 @@ def convert(model: nn.Module, names: tuple[str, ...], example: tuple[torch.Tenso
     every intermediate of the traced rerun alive (2.4 GiB against eager's 0.4 GiB for a chain
     of 128 MiB activations), which ran SDXL's UNet at 1024² out of 24 GiB. The converted model
     is checked where it is used instead: against the eager model (``compile: openvino``) or
-    the simulated one (``deploy_sqnr``)."""
+    the simulated one (``deploy_sqnr``).
+
+    Tracing runs under :func:`~qdiff.storage.exact_heap`: the trace's many mid-sized temporaries
+    (each layer's weight as floats, attention slices) otherwise fragment glibc's heap, which
+    kept what they freed resident (SD-1.5: 1.9 GiB left after tracing, 0 inside; SDXL's grew
+    past 24 GiB)."""
     ov = import_openvino()
     from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
 
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), exact_heap():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", "`torch.jit.trace", FutureWarning)
         decoder = TorchScriptPythonDecoder(
