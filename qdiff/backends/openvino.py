@@ -67,9 +67,10 @@ class FakeQuantizeLayer(KernelLayer):
         for i, ((ints, scale), aq) in enumerate(
             zip(integer_weights(layer, "openvino", bits), layer.act_quantizers(), strict=True)
         ):
-            # The integers, not the float weight they stand for: the form is built beside the
-            # FP model, and a float copy of SDXL's weights (9.6 GiB) would not fit beside it.
-            self.register_buffer(f"weight{i}", ints.to(torch.int8 if bits <= 8 else torch.int32))
+            # The integers (the backend holds at most 8 bits), not the float weight they stand
+            # for: the form is built beside the FP model, and a float copy of SDXL's weights
+            # (9.6 GiB) would not fit beside it.
+            self.register_buffer(f"weight{i}", ints.to(torch.int8))
             self.register_buffer(f"w_scale{i}", scale)
             self.grids.append(uint8_grid(aq))
         self.register_buffer("w_zero_point", torch.zeros(layer.weight.shape[0], dtype=torch.int32))
