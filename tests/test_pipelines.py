@@ -7,6 +7,7 @@ import torch
 from helpers import TINY_SETTINGS
 
 import qdiff
+from bench.cache import cache_dir
 from bench.errors import AvailabilityError
 from bench.matrix import load_matrix
 from bench.registry import MODELS
@@ -137,10 +138,35 @@ def test_random_init_builds_the_published_architecture_with_seeded_weights():
     params = zip(a.parameters(), b.parameters(), c.parameters(), strict=True)
     assert all(torch.equal(p, q) and torch.equal(p, r) for p, q, r in params)
     assert a.conv_in.weight.data_ptr() != b.conv_in.weight.data_ptr()  # each caller's own
+    # Built once, then mapped from the cache; a caller's writes stay its own, never the file's.
+    assert len(list((cache_dir() / "random-weights").glob("*.safetensors"))) == 1
+    a.conv_in.weight.add_(1.0)
+    assert torch.equal(adapter.denoiser().conv_in.weight, b.conv_in.weight)
     # The pipeline keeps no weights of its own (a real-size model is not resident twice).
     assert all(p.is_meta for p in adapter.pipeline.unet.parameters())
     x, _, kwargs = DDIMCifar10(sampling, init="random").step_inputs(2, 0)
     assert x.shape == (2, 3, 32, 32) and kwargs == {}
+
+
+def test_a_mapped_model_keeps_its_ties_and_non_persistent_buffers():
+    from bench.models.pipelines import _assigned, _named_tensors
+
+    def build():
+        model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+        model[1].weight = model[0].weight
+        model.register_buffer("table", torch.arange(3.0), persistent=False)
+        return model
+
+    torch.manual_seed(0)
+    real = build()
+    with torch.device("meta"):
+        twin = build()
+    mapped = _assigned(twin, _named_tensors(real))
+    assert mapped[1].weight is mapped[0].weight and not mapped[0].weight.requires_grad
+    assert torch.equal(mapped.table, real.table)
+    assert not any(t.is_meta for t in (*mapped.parameters(), *mapped.buffers()))
+    x = torch.randn(2, 3)
+    assert torch.equal(mapped(x), real(x))
 
 
 # The shipped architecture configs: published parameter counts (diffusers' layouts), and what

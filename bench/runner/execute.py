@@ -124,6 +124,8 @@ def _load(model: str, model_args: tuple, sampling) -> tuple[Any, torch.nn.Module
     """Adapter, FP denoiser and the denoiser's content hash (memoised per process)."""
     adapter = MODELS.get(model)(sampling, **dict(model_args))
     fp = adapter.denoiser().eval().requires_grad_(False)
+    # The hash reads every weight: a model mapped from the cache (random init) is resident
+    # before any memory window opens, which then counts none of its pages as working memory.
     return adapter, fp, model_hash(fp)
 
 
