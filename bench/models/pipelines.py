@@ -250,9 +250,12 @@ class PipelineAdapter(DiffusionAdapter):
         # initialisers and generator drew them.
         key = config_hash("random-weights", config[self.COMPONENT], torch.__version__, diffusers.__version__)
         tensors, cached = cached_tensors("random-weights", key, build, check=problem)
-        if not cached:  # built here: held in memory; map the entry just written instead
-            tensors = cached_tensors("random-weights", key, lambda: tensors, check=problem)[0]
-        return _assigned(model, tensors)
+        if cached:
+            return _assigned(model, tensors)
+        # Built here, so held in memory: map the entry just written instead (where the cache
+        # could not write it, the built tensors come back and stay in memory).
+        mapped, _ = cached_tensors("random-weights", key, lambda: tensors, check=problem)
+        return _assigned(model, mapped)
 
     def denoiser(self) -> nn.Module:
         return self.fp_component()
