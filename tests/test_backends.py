@@ -14,7 +14,7 @@ from helpers import calib_for, sqnr_db
 import qdiff
 from qdiff.backends import BACKENDS, BackendError, KernelLayer, layer_report
 from qdiff.backends.fake import FrozenFakeQuantLayer
-from qdiff.backends.triton_kernels import implicit_gemm, pack_int4, unpack_int4
+from qdiff.backends.triton_kernels import CONFIGS, implicit_gemm, pack_int4, unpack_int4
 from qdiff.backends.x86 import quantize_uint8
 from qdiff.quantizer import fake_quant, grid
 
@@ -210,18 +210,35 @@ def test_pack_int4_rejects_values_outside_4_bits():
         pack_int4(torch.tensor([[8, 0]]))
 
 
-@pytest.mark.parametrize("c,group", [(3, 27), (64, 64), (64, 576)])
-def test_w4a16_implicit_gemm_dequantizes_in_the_kernel(c, group):
+@pytest.mark.parametrize("c", [3, 64, 70])
+def test_w4a16_implicit_gemm_dequantizes_in_the_kernel(c):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, c, 5, 5, generator=g)
     k = 9 * c
     q = torch.randint(-8, 8, (12, k), generator=g)
-    scales = torch.rand(12, -(-k // group), generator=g)
+    scales = torch.rand(12, generator=g)
     bias = torch.randn(12, generator=g)
-    y = implicit_gemm(_nhwc(x), pack_int4(q), scales, bias, (3, 3), (1, 1), (1, 1), group=group)
-    w = (q.float() * scales.repeat_interleave(group, dim=1)[:, :k]).reshape(12, 3, 3, c).permute(0, 3, 1, 2)
+    y = implicit_gemm(_nhwc(x), pack_int4(q), scales, bias, (3, 3), (1, 1), (1, 1))
+    w = (q.float() * scales[:, None]).reshape(12, 3, 3, c).permute(0, 3, 1, 2)
     ref = F.conv2d(x, w, bias, 1, 1)
     assert sqnr_db(ref, y.permute(0, 3, 1, 2)) > 100
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_every_launch_configuration_computes_the_same_conv(config):
+    # Channel blocks that do not divide C (70 = 64 + 6) and tiles larger than the problem.
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 70, 9, 7, generator=g)
+    w = torch.randint(-128, 128, (40, 70, 3, 3), generator=g).to(torch.int8)
+    wk = w.permute(0, 2, 3, 1).reshape(40, -1).contiguous()
+    w_scale = torch.rand(40, generator=g) * 0.01
+    y = implicit_gemm(
+        _nhwc(x), wk, w_scale, None, (3, 3), (1, 1), (1, 1), act_grid=(0.02, 117, 0, 255),
+        w_sum=wk.int().sum(1).int(), config=config,
+    )  # fmt: skip
+    q = (torch.round(x / 0.02) + 117).clamp(0, 255) - 117
+    ref = F.conv2d(q.double(), w.double(), None, 1, 1) * (0.02 * w_scale.double())[:, None, None]
+    torch.testing.assert_close(y.permute(0, 3, 1, 2).double(), ref, rtol=1e-6, atol=1e-5)
 
 
 # --- GPU backends' conversions, run here through the interpreter / torch's CPU fp8 --------------
@@ -320,10 +337,12 @@ def test_kernels_take_float16_activations_as_the_gpu_matrices_run():
     ref = ref + bias.double()[:, None, None]
     assert y.dtype == torch.float16 and sqnr_db(ref, y.permute(0, 3, 1, 2).double()) > 60
     q4 = torch.randint(-8, 8, (24, 144), generator=g)
-    scales = torch.rand(24, 1, generator=g)
-    y4 = implicit_gemm(_nhwc(x), pack_int4(q4), scales, bias.half(), (3, 3), (1, 1), (1, 1), group=144,
+    scales = torch.rand(24, generator=g)
+    y4 = implicit_gemm(_nhwc(x), pack_int4(q4), scales, bias.half(), (3, 3), (1, 1), (1, 1),
                        out_dtype=torch.float16)  # fmt: skip
-    ref4 = F.conv2d(x.float(), (q4.float() * scales).reshape(24, 3, 3, 16).permute(0, 3, 1, 2), bias, 1, 1)
+    ref4 = F.conv2d(
+        x.float(), (q4.float() * scales[:, None]).reshape(24, 3, 3, 16).permute(0, 3, 1, 2), bias, 1, 1
+    )
     assert y4.dtype == torch.float16 and sqnr_db(ref4, y4.permute(0, 3, 1, 2).float()) > 50
 
 

@@ -1,4 +1,4 @@
-"""Every tile and mode the Triton backends can choose compiles for real GPUs (sm_80, sm_89,
+"""Every launch configuration and mode the Triton backends can choose compiles for real GPUs (sm_80, sm_89,
 sm_90), checked ahead of time on this CPU machine with Triton's own compiler and ``ptxas``.
 
 The interpreter tests (``TRITON_INTERPRET=1``) run the kernels' arithmetic but not the GPU
@@ -6,7 +6,6 @@ compiler's rules: int8 ``tl.dot`` with 16-wide K tiles ran interpreted and faile
 every GPU, which only a first GPU run would have shown.
 """
 
-import itertools
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
@@ -16,40 +15,46 @@ import torch
 triton = pytest.importorskip("triton", reason="the Triton backends need triton (it comes with CUDA torch)")
 kernels = pytest.importorskip("qdiff.backends.triton_kernels")
 
-SHAPES = [2**i for i in range(14)]  # 1 … 8192: every size class of M, N and K
-
-
-def tiles() -> set[tuple[int, int, int]]:
-    """Every tile ``block_sizes`` returns, found by asking it."""
-    return {kernels.block_sizes(m, o, k) for m, o, k in itertools.product(SHAPES, repeat=3)}
-
 
 def _compile(job) -> str | None:
-    target, mode, dtype, tile = job
+    target, mode, dtype, config, taps = job
     try:
-        kernels.compile_for(target, mode, dtype, tile)
+        kernels.compile_for(target, mode, dtype, config, taps)
     except Exception as exc:  # the compiler's message, reported with the job that failed
-        return f"{target} {mode} {dtype} tile {tile}: {type(exc).__name__}: {str(exc).splitlines()[-1]}"
+        return (
+            f"{target} {mode} {dtype} {config} taps {taps}: {type(exc).__name__}: {str(exc).splitlines()[-1]}"
+        )
     return None
 
 
-def test_block_sizes_covers_the_documented_tiles():
-    assert tiles() == set(itertools.product(kernels.TILE_MN, kernels.TILE_MN, kernels.TILE_K))
-    assert min(kernels.TILE_K) >= 32  # int8 tl.dot's minimum K on NVIDIA GPUs
+def test_the_configurations_are_wgmma_eligible():
+    # Hopper's wgmma takes int8/fp16 dots only with BLOCK_M a multiple of 64, warps a multiple
+    # of 4 and K tiles of at least 32 (int8's minimum on every NVIDIA GPU).
+    for config in kernels.CONFIGS:
+        assert config.block_m % 64 == 0 and config.num_warps % 4 == 0 and config.block_k >= 32, config
+    assert (
+        kernels.default_config(8, 8) in kernels.CONFIGS
+        and kernels.default_config(4096, 320) in kernels.CONFIGS
+    )
 
 
-def test_every_tile_and_mode_compiles_for_every_target(monkeypatch):
-    # Every tile in float16 (the GPU matrices' dtype); the activation dtype changes only loads,
-    # stores and w4a16's dot operand, so bfloat16 and float32 are compiled at the largest tile.
+def test_every_configuration_and_mode_compiles_for_every_target(monkeypatch):
+    # Every configuration in float16 (the GPU matrices' dtype) as a 1×1 kernel; the tap loop is
+    # unrolled, so a 3×3 kernel (9 copies of the body, 5× the compile time) is compiled at the
+    # largest configuration, and bfloat16 and float32 (which change only loads, stores and
+    # w4a16's dot operand) too.
+    largest = kernels.CONFIGS[-1]
     jobs = [
-        (target, mode, torch.float16, tile)
+        (target, mode, torch.float16, config, (1, 1))
         for target in kernels.TARGETS
         for mode in kernels.MODES
-        for tile in sorted(tiles())
+        for config in kernels.CONFIGS
     ]
-    largest = max(tiles())
     jobs += [
-        (target, mode, dtype, largest)
+        (target, mode, torch.float16, largest, (3, 3)) for target in kernels.TARGETS for mode in kernels.MODES
+    ]
+    jobs += [
+        (target, mode, dtype, largest, (1, 1))
         for target in kernels.TARGETS
         for mode in kernels.MODES
         for dtype in (torch.bfloat16, torch.float32)
@@ -57,7 +62,7 @@ def test_every_tile_and_mode_compiles_for_every_target(monkeypatch):
     # Fresh processes without the interpreter the other tests run under (read at import).
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     # The check can fail: a 16-wide int8 K tile (which the interpreter runs) is refused.
-    refused = ("sm_90", "int8", torch.float16, (32, 32, 16))
+    refused = ("sm_90", "int8", torch.float16, kernels.KernelConfig(64, 64, 16, 4, 3), (1, 1))
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         failures = list(pool.map(_compile, [refused, *jobs]))
     assert failures[0] is not None and "K >= 32" in failures[0]

@@ -2,9 +2,9 @@
 
 Weights of a WxA32 model with at most 4 bits are stored two per byte
 (:func:`~qdiff.backends.triton_kernels.pack_int4`) with one float32 scale per output channel
-(qdiff's grids are per channel: one group spanning all of ``KH·KW·C``); the implicit-GEMM kernel
-unpacks and scales each weight tile in registers and multiplies it with the 16-bit (or 32-bit)
-activations, so the weights cross memory at 4 bits. Activations stay in the model's dtype.
+(qdiff's grids are per channel); the implicit-GEMM kernel unpacks each weight tile to its
+integers in registers, multiplies them with the 16-bit (or 32-bit) activations and scales the
+sums in its epilogue, so the weights cross memory at 4 bits. Activations stay in the model's dtype.
 """
 
 from __future__ import annotations
@@ -33,15 +33,13 @@ class W4A16Layer(KernelLayer):
         self.kernel_size = tuple(layer.weight.shape[2:]) if self.conv else (1, 1)
         for i, (w, scale) in enumerate(integer_weights(layer, "w4a16", 4, gemm_layout=True)):
             self.register_buffer(f"weight{i}", pack_int4(w))
-            self.register_buffer(f"w_scale{i}", scale.float()[:, None].contiguous())  # one group per row
+            self.register_buffer(f"w_scale{i}", scale.float())
 
     def part(self, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         stride, padding, dilation, _ = self.conv_args if self.conv else ((1, 1), (0, 0), (1, 1), 1)
-        nhwc = to_nhwc(x, self.conv)
-        k = self.kernel_size[0] * self.kernel_size[1] * nhwc.shape[-1]
         y = implicit_gemm(
-            nhwc, getattr(self, f"weight{i}"), getattr(self, f"w_scale{i}"), bias, self.kernel_size,
-            tuple(stride), tuple(padding), tuple(dilation), group=k, out_dtype=x.dtype,
+            to_nhwc(x, self.conv), getattr(self, f"weight{i}"), getattr(self, f"w_scale{i}"), bias,
+            self.kernel_size, tuple(stride), tuple(padding), tuple(dilation), out_dtype=x.dtype,
         )  # fmt: skip
         return from_nhwc(y, x, self.conv)
 
