@@ -15,7 +15,7 @@ torch.set_num_threads(THREADS)
 NO_RECON = qdiff.ReconConfig(method="none")
 W8A8 = qdiff.QConfig(weight=qdiff.QuantSpec(8, True, "channel"), act=qdiff.QuantSpec(8), recon=NO_RECON)
 W4A32 = qdiff.QConfig(weight=qdiff.QuantSpec(4, True, "channel"), act=None, recon=NO_RECON)
-GPU_BACKENDS = ("triton-int8", "fp8", "w4a16")
+GPU_BACKENDS = ("int8", "fp8", "w4a16")
 
 
 def sampling(batch_size: int, steps: int = 10, samples: int | None = None, device: str = "cpu"):

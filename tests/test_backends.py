@@ -14,6 +14,7 @@ from helpers import calib_for, sqnr_db
 import qdiff
 from qdiff.backends import BACKENDS, BackendError, KernelLayer, layer_report
 from qdiff.backends.fake import FrozenFakeQuantLayer
+from qdiff.backends.choice import ChoosingLayer, choose_kernels
 from qdiff.backends.triton_kernels import CONFIGS, implicit_gemm, pack_int4, unpack_int4
 from qdiff.backends.x86 import quantize_uint8
 from qdiff.quantizer import fake_quant, grid
@@ -130,7 +131,7 @@ def test_x86_leaves_weight_only_layers_simulated_and_counts_them(tiny_unet):
 
 
 def test_unknown_backend_names_the_valid_ones(tiny_unet):
-    valid = "valid: fake, fp8, openvino, triton-int8, w4a16, x86"
+    valid = "valid: fake, fp8, int8, openvino, w4a16, x86"
     with pytest.raises(ValueError, match=f"unknown backend 'int3'; {valid}"):
         qdiff.convert(tiny_unet, "int3")
 
@@ -141,7 +142,7 @@ def test_unknown_backend_names_the_valid_ones(tiny_unet):
         ("x86", 4, None, "cpu", "needs quantized activations"),
         ("x86", 8, 8, "cuda", "runs on the CPU"),
         ("x86", 16, 8, "cpu", "at most 8 bits"),
-        ("triton-int8", 8, 8, "cpu", "runs on a CUDA GPU"),
+        ("int8", 8, 8, "cpu", "runs on a CUDA GPU"),
         ("w4a16", 4, 8, "cuda", "weight-only"),
         ("w4a16", 8, None, "cuda", "at most 4 bits"),
         ("fp8", 8, 8, "cuda", None),
@@ -157,7 +158,7 @@ def test_triton_backends_refuse_cpu_models_outside_the_interpreter(tiny_unet, mo
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     qmodel, _ = qdiff.quantize(tiny_unet, W8A8, calib_for(tiny_unet, 8))
     with pytest.raises(BackendError, match=r"runs Triton kernels on a CUDA GPU.*use backend x86"):
-        qdiff.convert(qmodel, "triton-int8")
+        qdiff.convert(qmodel, "int8")
 
 
 # --- Triton kernels (interpreted on CPU) against integer references -------------------------
@@ -244,12 +245,83 @@ def test_every_launch_configuration_computes_the_same_conv(config):
 # --- GPU backends' conversions, run here through the interpreter / torch's CPU fp8 --------------
 
 
-def test_triton_int8_backend_matches_fake_quant(tiny_unet):
+def _set_choices(model, pick) -> None:
+    for m in model.modules():
+        if isinstance(m, ChoosingLayer):
+            m.choice = pick(m)
+
+
+def test_int8_backend_matches_fake_quant_through_every_kernel(tiny_unet):
+    """Each kernel a layer can be given (cuBLASLt's int8 GEMM, every Triton configuration, the
+    float kernel on the grids) computes the simulated model's numbers."""
     data = calib_for(tiny_unet, 8)
     qmodel, _ = qdiff.quantize(tiny_unet, W8A8, data)
-    fake, triton_int8 = qdiff.convert(qmodel, "fake"), qdiff.convert(qmodel, "triton-int8")
-    _assert_matches_fake(fake, triton_int8, data.x[:2], data.t[:2])
-    assert set(layer_report(triton_int8)) == {"triton-int8", "simulated-matmul"}
+    fake, int8 = qdiff.convert(qmodel, "fake"), qdiff.convert(qmodel, "int8")
+    x, t = data.x[:2], data.t[:2]
+    # Before any choice: int-mm for GEMM-shaped layers, Triton for k×k convs.
+    assert set(layer_report(int8)) == {"int-mm", "triton-int8", "simulated-matmul"}
+    _assert_matches_fake(fake, int8, x, t)
+    for config in CONFIGS[:2]:  # the interpreter's time: the other two ran in the kernel test
+        _set_choices(int8, lambda m, c=config: m.choice if m.gemm else f"triton-int8/{c.name}")
+        _assert_matches_fake(fake, int8, x, t)
+    _set_choices(int8, lambda m: "float-grid")
+    assert set(layer_report(int8)) == {"float-grid", "simulated-matmul"}
+    _assert_matches_fake(fake, int8, x, t)
+
+
+def test_choose_kernels_keeps_the_fastest_per_shape_and_caches_it(tiny_unet):
+    data = calib_for(tiny_unet, 8)
+    qmodel, _ = qdiff.quantize(tiny_unet, W8A8, data)
+    int8 = qdiff.convert(qmodel, "int8")
+    x, t = data.x[:2], data.t[:2]
+
+    def timer(layer, call):  # a device where the float kernel wins k×k convs with K < 100
+        call()
+        float_wins = not layer.gemm and layer.weight0.shape[1] < 100
+        return 1.0 if (layer.choice == "float-grid") == float_wins else 2.0
+
+    cache = {}
+    report = choose_kernels(int8, x, t, cache=cache, timer=timer)
+    layers = [m for m in int8.modules() if isinstance(m, ChoosingLayer)]
+    assert report.measured == len(report.shapes) == len(cache) > 0 and len(set(cache)) == len(cache)
+    observed = {}
+    hooks = [m.register_forward_pre_hook(lambda m, i: observed.setdefault(m, i[0])) for m in layers]
+    with torch.no_grad():
+        int8(x, t)
+    for h in hooks:
+        h.remove()
+    for m in layers:
+        if m.gemm:  # cuBLASLt where it takes the shape, the float kernel where not
+            expected = "int-mm" if "int-mm" in m.candidates(observed[m]) else "float-grid"
+        else:
+            expected = "float-grid" if m.weight0.shape[1] < 100 else "triton-int8"
+        assert m.kernel == expected, (m.choice, m.weight0.shape)
+    # Shapes cuBLASLt cannot take (the time embedding: 2 rows) have the float kernel only.
+    emb = int8.time_embedding.linear_1
+    assert emb.candidates(torch.zeros(2, emb.weight0.shape[1])) == ("float-grid",)
+    assert emb.choice == "float-grid"
+    # The MACs of one call, by kernel: what the report's quantized share is computed from.
+    assert report.macs.keys() == {"int-mm", "triton-int8", "float-grid", "simulated-matmul"}
+    assert 0 < report.quantized_share() < 1
+    # A second model on the same device measures nothing: every choice comes from the cache.
+    again = qdiff.convert(qmodel, "int8")
+    second = choose_kernels(again, x, t, cache=dict(cache), timer=lambda *_: pytest.fail("timed"))
+    assert second.measured == 0 and second.macs == report.macs
+    assert [m.choice for m in again.modules() if isinstance(m, ChoosingLayer)] == [m.choice for m in layers]
+    # An entry naming no candidate of its shape (a file edited by hand, an older kernel) is remeasured.
+    stale = {k: "triton-int8/nonsense" for k in cache}
+    assert choose_kernels(qdiff.convert(qmodel, "int8"), x, t, cache=stale, timer=lambda *_: 1.0).measured > 0
+    with torch.no_grad():
+        assert sqnr_db(qdiff.convert(qmodel, "fake")(x, t).sample, int8(x, t).sample) >= 25
+
+
+def test_choose_kernels_counts_macs_exactly():
+    lin = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 25, 4)
+    )
+    report = choose_kernels(lin, torch.randn(2, 3, 5, 5))
+    assert report.macs == {"float": 2 * 25 * 8 * 27 + 2 * 200 * 4} and report.quantized_share() == 0
+    assert report.measured == 0 and report.shapes == []
 
 
 def test_w4a16_backend_matches_fake_quant_and_packs_weights(tiny_unet):
@@ -313,7 +385,7 @@ def test_a_deployed_model_cast_to_float16_keeps_its_weight_format_and_scales(tin
             if k.startswith(("weight", "w_scale", "a_scale"))
         }
 
-    for backend, weight_dtype in (("fp8", torch.float8_e4m3fn), ("triton-int8", torch.int8)):
+    for backend, weight_dtype in (("fp8", torch.float8_e4m3fn), ("int8", torch.int8)):
         deployed = qdiff.convert(qmodel, backend)
         before = stored(deployed)
         assert weight_dtype in set(before.values()) and torch.float32 in set(before.values())

@@ -32,7 +32,7 @@ def test_a_step_benchmark_runs_and_gpu_ones_skip_without_cuda():
     assert qdiff.resident_bytes(bench.model) / 2**20 < deployed < 200  # weights + one step's activations
     if not torch.cuda.is_available():
         with pytest.raises(NotImplementedError, match="needs CUDA"):
-            GPUDenoiserStep().setup("triton-int8", "cifar10-random")
+            GPUDenoiserStep().setup("int8", "cifar10-random")
 
 
 def test_reconstruction_benchmark_reconstructs_one_block():

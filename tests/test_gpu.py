@@ -38,7 +38,7 @@ W4 = qdiff.QConfig(
 
 @pytest.mark.parametrize(
     "backend,cfg,floor_db",
-    [("triton-int8", W8A8, 25), ("w4a16", W4, 25), ("fp8", W8A8, 15)],  # fp8: another format
+    [("int8", W8A8, 25), ("w4a16", W4, 25), ("fp8", W8A8, 15)],  # fp8: another format
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gpu_backends_on_cuda_match_the_fake_quant_model(tiny_unet, backend, cfg, floor_db, dtype):

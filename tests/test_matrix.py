@@ -213,8 +213,8 @@ OK = "models: [embedded-digits]\nmethods: [qdiff]\nbits: [W4A8]\n"
             "not WxA32; choose another backend",
         ),
         (
-            OK + "settings: {backend: triton-int8, device: cpu}",
-            "backend triton-int8 runs on a CUDA GPU, not on device 'cpu'",
+            OK + "settings: {backend: int8, device: cpu}",
+            "backend int8 runs on a CUDA GPU, not on device 'cpu'",
         ),
         (
             OK + "include: [{method: qdiff, bits: W8A8, backend: fp9}]",
@@ -487,11 +487,11 @@ def test_device_auto_and_the_memory_bound_are_decided_where_the_runs_execute(tmp
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     path = tmp_path / "m.yaml"
-    path.write_text(OK + "settings: {backend: triton-int8, device: auto}")
+    path.write_text(OK + "settings: {backend: int8, device: auto}")
     run = next(r for r in load_matrix(path).runs if not r.is_fp)  # loads: a GPU node can run it
     [row] = [r for r in execute(run, "m") if r["metric"] == run.metrics[0]]
     assert row["status"] == "skipped"
-    assert "backend triton-int8 runs on a CUDA GPU, not on device 'cpu' (device 'auto' is cpu" in row["error"]
+    assert "backend int8 runs on a CUDA GPU, not on device 'cpu' (device 'auto' is cpu" in row["error"]
     # A backend that fails on every device is still refused at load.
     path.write_text(OK.replace("W4A8", "W4A32") + "settings: {backend: x86, device: auto}")
     with pytest.raises(MatrixError, match="x86 needs quantized activations"):

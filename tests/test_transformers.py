@@ -159,7 +159,7 @@ def test_split_shortcut_ablation_is_refused_on_a_transformer_at_validate(tmp_pat
 # w4a16 leaves the first and last layers (8-bit weights) simulated.
 @pytest.mark.parametrize(
     "backend,bits,kernels",
-    [("triton-int8", "W8A8", {"triton-int8": 39}), ("w4a16", "W4A32", {"triton-w4a16": 37})],
+    [("int8", "W8A8", {"int-mm": 38, "triton-int8": 1}), ("w4a16", "W4A32", {"triton-w4a16": 37})],
 )
 def test_triton_kernels_match_simulation_on_the_dit(dit, calib, backend, bits, kernels):
     """The GPU kernels (Triton's interpreter here) on the DiT's layers, against the fake-quant

@@ -4,6 +4,10 @@ Each backend names the device it runs on and the bit widths it can deploy, so th
 asking for an impossible combination fails when it is loaded, not an hour into a run.
 Converters are imported on first use (the GPU backends import Triton).
 
+The GPU backends choose a kernel per layer shape by timing the candidates on the device
+(:func:`choose_kernels`); a layer whose quantized kernel is slower runs its grids through the
+float kernel and is counted so.
+
 Layers a backend cannot run with its kernels (attention matmuls on ``x86``, a layer left at
 16 bits) stay simulated, as in ``fake``; :func:`layer_report` counts both kinds, and every
 cost row carries that count (``backend_layers``), so a fallback is never silent.
@@ -12,9 +16,22 @@ cost row carries that count (``backend_layers``), so a fallback is never silent.
 from __future__ import annotations
 
 from qdiff.backends.base import Backend, BackendError, KernelLayer, for_compile, layer_report
+from qdiff.backends.choice import ChoosingLayer, KernelChoices, choose_kernels, has_choices
 from qdiff.registry import Registry
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "KernelLayer", "for_compile", "get_backend", "layer_report"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendError",
+    "ChoosingLayer",
+    "KernelChoices",
+    "KernelLayer",
+    "choose_kernels",
+    "for_compile",
+    "get_backend",
+    "has_choices",
+    "layer_report",
+]
 
 BACKENDS = Registry("backend", error=BackendError)
 for _backend in (
@@ -22,9 +39,9 @@ for _backend in (
                 "qdiff.backends.fake:convert_fake"),
         Backend("x86", "int8 oneDNN kernels on CPU: static W8A8, scales from calibration", "cpu",
                 "qdiff.backends.x86:convert_x86", max_w_bits=8, max_a_bits=8, needs_act=True),
-        Backend("triton-int8", "Triton int8 GEMM / implicit-GEMM conv on GPU: static W8A8", "cuda",
-                "qdiff.backends.triton_int8:convert_triton_int8", max_w_bits=8, max_a_bits=8,
-                needs_act=True),
+        Backend("int8", "static W8A8 on GPU: cuBLASLt int8 GEMMs, Triton implicit-GEMM convs, the "
+                "float kernel where measured faster", "cuda", "qdiff.backends.int8:convert_int8",
+                max_w_bits=8, max_a_bits=8, needs_act=True),
         Backend("fp8", "e4m3 weights and activations, static scales (torch._scaled_mm), SM >= 8.9",
                 "cuda", "qdiff.backends.fp8:convert_fp8", max_w_bits=8, max_a_bits=8, needs_act=True),
         Backend("openvino", "OpenVINO's CPU runtime: FakeQuantize from the calibrated grids, int8 kernels",

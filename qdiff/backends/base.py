@@ -2,8 +2,8 @@
 transforms around its kernel, the shared weight and grid conversions, the layer replacement
 that deploys a model, and the count of which kernel each layer runs.
 
-A backend module (``fake``, ``x86``, ``triton_int8``, ``fp8``, ``w4a16``) subclasses
-:class:`KernelLayer` and converts with :func:`deploy_layers`; the table of backends is in
+A backend module (``fake``, ``x86``, ``int8``, ``fp8``, ``w4a16``) subclasses
+:class:`KernelLayer` (the GPU ones :class:`~qdiff.backends.choice.ChoosingLayer`) and converts with :func:`deploy_layers`; the table of backends is in
 :mod:`qdiff.backends`.
 """
 
@@ -87,7 +87,8 @@ def layer_report(model: nn.Module) -> dict[str, int]:
         return runtime()
     counts: dict[str, int] = {}
     for module in model.modules():
-        kernel = getattr(type(module), "kernel", None)
+        # A kernel layer that chooses among kernels names the one it runs (an instance property).
+        kernel = module.kernel if isinstance(module, KernelLayer) else getattr(type(module), "kernel", None)
         active = isinstance(module, QuantLayer) and (module.use_weight_quant or module.use_act_quant)
         if kernel is None and active:
             kernel = "simulated"
@@ -117,6 +118,7 @@ class KernelLayer(nn.Module):
             ([*layer.stride], [*layer.padding], [*layer.dilation], layer.groups) if self.conv else None
         )
         self.split = layer.split
+        self.reduction = layer.weight[0].numel()  # multiply-accumulates per output element
         self.parts = len(layer.weight_quantizer)  # 2 for a split-shortcut layer
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         self.transforms = layer.transforms

@@ -9,7 +9,10 @@ in one ``addcmul``. A 1×1 conv is the same GEMM over channels-last pixels; a k�
 its float input first (``F.unfold``, k² times the input's memory: the closest real fp8 conv
 PyTorch offers without a custom kernel). FP8 GEMMs on CUDA need SM ≥ 8.9 (Ada, Hopper) and
 operand dimensions that are multiples of 16, so K and O are zero-padded at conversion.
-PyTorch also implements ``_scaled_mm`` on CPU, which the tests use.
+PyTorch also implements ``_scaled_mm`` on CPU, which the tests use. Where the float kernel is
+faster for a layer shape (a k×k conv's unfold costs more than cuDNN's FP16 conv saves),
+:func:`qdiff.backends.choose_kernels` runs the layer's e4m3 operands, decoded, through it
+(``float-grid``): the same numbers, the float kernel's speed.
 
 FP8 rounds differently from the int8 grid the model was calibrated for (3 mantissa bits,
 relative rather than absolute steps); the tests compare it with an e4m3 simulation of the same
@@ -22,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdiff.backends.base import BackendError, KernelLayer, deploy_layers, static_gemm
+from qdiff.backends.base import BackendError, deploy_layers, static_gemm
+from qdiff.backends.choice import FLOAT_GRID, ChoosingLayer
 from qdiff.modules import QuantLayer
 
 E4M3 = torch.float8_e4m3fn
@@ -39,17 +43,21 @@ def _pad_to(n: int) -> int:
     return -n % ALIGN
 
 
-class Fp8Layer(KernelLayer):
-    kernel = "fp8-scaled-mm"
+SCALED_MM = "fp8-scaled-mm"
 
+
+class Fp8Layer(ChoosingLayer):
     def __init__(self, layer: QuantLayer) -> None:
         super().__init__(layer)
+        self.choice = SCALED_MM
         self.kernel_size = tuple(layer.weight.shape[2:]) if self.conv else (1, 1)
         self.out_features = layer.weight.shape[0]
+        self.k_parts: list[int] = []  # each part's K before padding (channels × taps)
         with torch.no_grad():
             for i, (w, aq) in enumerate(zip(layer.weight_parts(), layer.act_quantizers(), strict=True)):
                 # [O, C, KH, KW] → [O, C·KH·KW]: F.unfold's order (c, kh, kw).
                 w = w.detach().float().reshape(w.shape[0], -1)
+                self.k_parts.append(w.shape[1])
                 w_scale = (w.abs().amax(dim=1) / E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny)
                 w8 = to_e4m3(w, w_scale[:, None])
                 w8 = F.pad(w8.view(torch.uint8), (0, _pad_to(w8.shape[1]), 0, _pad_to(w8.shape[0])))
@@ -71,7 +79,25 @@ class Fp8Layer(KernelLayer):
         cols = F.unfold(x, self.kernel_size, dilation=dilation, padding=padding, stride=stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
-    def part(self, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
+        return (SCALED_MM, FLOAT_GRID)
+
+    def run(self, choice: str, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._scaled_mm(i, x, bias) if choice == SCALED_MM else self._float_grid(i, x, bias)
+
+    def _float_grid(self, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The e4m3 operands, decoded, through the float kernel (cuDNN for a k×k conv)."""
+        a_scale = getattr(self, f"a_scale{i}")
+        xq = (to_e4m3(x, a_scale).float() * a_scale).to(x.dtype)
+        w = getattr(self, f"weight{i}")[: self.out_features, : self.k_parts[i]]
+        w = (w.float() * getattr(self, f"w_scale{i}")[:, None]).to(x.dtype)
+        if not self.conv:
+            return F.linear(xq, w, bias)
+        stride, padding, dilation, groups = self.conv_args
+        w = w.reshape(self.out_features, -1, *self.kernel_size)
+        return F.conv2d(xq, w, bias, stride, padding, dilation, groups)
+
+    def _scaled_mm(self, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = self._rows(x)
         weight = getattr(self, f"weight{i}")
         a_scale = getattr(self, f"a_scale{i}")
@@ -101,6 +127,6 @@ def convert_fp8(qmodel: nn.Module) -> nn.Module:
         major, minor = torch.cuda.get_device_capability(device)
         raise BackendError(
             f"backend fp8 needs a GPU with FP8 tensor cores (SM >= 8.9); this one is SM {major}.{minor}: "
-            "use triton-int8"
+            "use int8"
         )
     return deploy_layers(qmodel, Fp8Layer, static_gemm)

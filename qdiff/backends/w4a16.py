@@ -20,7 +20,7 @@ from qdiff.backends.base import (
     ungrouped,
     weight_bits,
 )
-from qdiff.backends.triton_int8 import from_nhwc, to_nhwc
+from qdiff.backends.int8 import from_nhwc, to_nhwc
 from qdiff.backends.triton_kernels import implicit_gemm, pack_int4
 from qdiff.modules import QuantLayer
 
