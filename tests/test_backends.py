@@ -13,8 +13,8 @@ from helpers import calib_for, sqnr_db
 
 import qdiff
 from qdiff.backends import BACKENDS, BackendError, KernelLayer, layer_report
-from qdiff.backends.fake import FrozenFakeQuantLayer
 from qdiff.backends.choice import ChoosingLayer, choose_kernels
+from qdiff.backends.fake import FrozenFakeQuantLayer
 from qdiff.backends.triton_kernels import CONFIGS, implicit_gemm, pack_int4, unpack_int4
 from qdiff.backends.x86 import quantize_uint8
 from qdiff.quantizer import fake_quant, grid

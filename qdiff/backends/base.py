@@ -3,8 +3,8 @@ transforms around its kernel, the shared weight and grid conversions, the layer 
 that deploys a model, and the count of which kernel each layer runs.
 
 A backend module (``fake``, ``x86``, ``int8``, ``fp8``, ``w4a16``) subclasses
-:class:`KernelLayer` (the GPU ones :class:`~qdiff.backends.choice.ChoosingLayer`) and converts with :func:`deploy_layers`; the table of backends is in
-:mod:`qdiff.backends`.
+:class:`KernelLayer` (the GPU ones :class:`~qdiff.backends.choice.ChoosingLayer`) and converts
+with :func:`deploy_layers`; the table of backends is in :mod:`qdiff.backends`.
 """
 
 from __future__ import annotations

@@ -57,8 +57,9 @@ class ChoosingLayer(KernelLayer):
     def signature(self, x: torch.Tensor) -> dict:
         """What the timing of this layer depends on (the cache key's layer part)."""
         weights = [list(getattr(self, f"weight{i}").shape) for i in range(self.parts)]
+        dtype = str(x.dtype).removeprefix("torch.")
         return {"layer": type(self).__name__, "weights": weights, "conv": self.conv_args,
-                "split": self.split, "input": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}  # fmt: skip
+                "split": self.split, "input": list(x.shape), "dtype": dtype}  # fmt: skip
 
 
 @dataclass
