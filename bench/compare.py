@@ -39,7 +39,7 @@ from scipy import stats
 
 from bench.errors import IncomparableError, ThresholdError, UnknownNameError
 from bench.registry import METRICS
-from bench.report.cells import MACHINE, cell_table, compile_modes, method_labels, protocol, with_step_memory
+from bench.report.cells import MACHINE, cell_table, compile_modes, method_labels, protocol, with_derived
 from bench.stats import LEVEL, holm
 from bench.store import load
 
@@ -149,7 +149,7 @@ def _cells(path: str | Path) -> pd.DataFrame:
     df = load(path)
     cells = cell_table(df)
     # The cells' own rows, step memory (taken from latency_step's rows) included.
-    df = with_step_memory(df)
+    df = with_derived(df)
     df["method"] = method_labels(df)
     df["compile"] = compile_modes(df)
     # The protocol without the machine: a cost cell measured on another machine is listed,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 
@@ -16,6 +17,7 @@ from bench.matrix import load_matrix
 from bench.metrics.cost import summarize, time_calls
 from bench.metrics.memory import PeakWindow, deployed_memory
 from bench.runner import run_matrix
+from qdiff.backends import layer_report
 from qdiff.storage import _libc
 
 COST = "[latency_step, latency_e2e, peak_memory, weight_bytes]"
@@ -241,3 +243,54 @@ def test_storage_of_a_quantized_unet_with_attention_matmuls():
     qdiff.set_quant_state(q, weight=True, act=True)
     parts = qdiff.storage_bytes(q)
     assert parts == qdiff.storage_bytes(qdiff.convert(q)) and parts["quantized_weights"] > 0
+
+
+def test_a_gpu_deployment_chooses_its_kernels_once_and_caches_them_on_disk(
+    tiny_unet, tmp_path, monkeypatch, caplog
+):
+    """The harness times each layer shape's candidates once per machine: the choices land in
+    ``<cache>/kernel-choices.json`` and a later run reads them; an unreadable file is remeasured."""
+    from types import SimpleNamespace
+
+    from bench.metrics.cost import CHOICES_FILE, choose
+
+    monkeypatch.setenv("QDIFF_BENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr("bench.metrics.cost.CHOICE_WARMUP", 0)  # the interpreter's time
+    monkeypatch.setattr("bench.metrics.cost.CHOICE_REPEATS", 1)
+    data = calib_for(tiny_unet, 8)
+    w8a8 = qdiff.QConfig(
+        weight=qdiff.QuantSpec(8, True, "channel"),
+        act=qdiff.QuantSpec(8),
+        recon=qdiff.ReconConfig(method="none"),
+    )
+    qmodel, _ = qdiff.quantize(tiny_unet, w8a8, data)
+    adapter = SimpleNamespace(step_inputs=lambda n, seed: (data.x[:n], data.t[:n], {}))
+    spec = SimpleNamespace(sampling=SimpleNamespace(batch_size=2), seed=0)
+    assert choose(tiny_unet, adapter, spec) is None  # nothing to choose in a float model
+    first = choose(qdiff.convert(qmodel, "int8"), adapter, spec)
+    saved = (tmp_path / CHOICES_FILE).read_text()
+    assert first.measured == len(first.shapes) > 0 and len(json.loads(saved)) == first.measured
+    deployed = qdiff.convert(qmodel, "int8")
+    again = choose(deployed, adapter, spec)
+    assert again.measured == 0 and again.macs == first.macs
+    assert choose(deployed, adapter, spec) is again  # once per model
+    assert set(layer_report(deployed)) <= {"int-mm", "triton-int8", "float-grid", "simulated-matmul"}
+    (tmp_path / CHOICES_FILE).write_text("[not a mapping")
+    with caplog.at_level("WARNING", logger="qdiff-bench"):
+        assert choose(qdiff.convert(qmodel, "int8"), adapter, spec).measured == first.measured
+    assert "unreadable" in caplog.text and json.loads((tmp_path / CHOICES_FILE).read_text())
+
+
+def test_the_report_shows_the_quantized_share_of_a_steps_macs():
+    import pandas as pd
+
+    from bench.report.cells import QUANTIZED_MACS, with_derived
+
+    rows = pd.DataFrame([
+        {"metric": "latency_step", "value": 3.0, "unit": "ms", "higher_is_better": False, "quantized_mac_share": 0.875},
+        {"metric": "latency_step", "value": 2.0, "unit": "ms", "higher_is_better": False, "quantized_mac_share": None},
+    ])  # fmt: skip
+    shares = with_derived(rows).query("metric == @QUANTIZED_MACS")
+    assert (
+        list(shares["value"]) == [87.5] and list(shares["unit"]) == ["%"] and shares["higher_is_better"].all()
+    )

@@ -12,26 +12,35 @@ quantized layer ran (``backend_layers``).
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import qdiff
+from bench.cache import cache_dir
 from bench.errors import AvailabilityError
+from bench.fsio import write_atomic
 from bench.metrics.memory import PeakWindow, deployed_memory
 from bench.metrics.quality import CostMetric, EvalContext, Measurement, Metric, Work
 from bench.models.base import in_dtype, model_dtype
 from bench.registry import METHODS, METRICS
 from bench.spec import resolve_device
-from qdiff.backends import for_compile, layer_report
+from qdiff.backends import KernelChoices, choose_kernels, for_compile, has_choices, layer_report
 from qdiff.backends.x86 import compile_setup
 from qdiff.storage import steady_heap
 
 MIB = 2**20
+CHOICES_FILE = "kernel-choices.json"
+# Per candidate kernel of a layer shape: untimed and timed calls (the median decides).
+CHOICE_WARMUP, CHOICE_REPEATS = 3, 10
+log = logging.getLogger("qdiff-bench")
 LATENCY_SETTINGS = ("latency_warmup", "latency_repeats", "compile")
 
 
@@ -82,6 +91,7 @@ def _backend_layers(ctx: EvalContext) -> dict[str, int]:
     """Which kernel each quantized layer of the run's denoiser runs (once per run)."""
     if "backend_layers" not in ctx.memo:
         denoiser = ctx.denoiser
+        choose(denoiser, ctx.adapter, ctx.spec)  # a layer's kernel is the one it was given
         ctx.memo["backend_layers"] = (
             layer_report(denoiser) if ctx.spec.is_fp else METHODS.get(ctx.spec.method).kernels(denoiser)
         )
@@ -101,7 +111,17 @@ def _protocol(ctx: EvalContext, device: torch.device, warmup: int, repeats: int)
         "threads": torch.get_num_threads(),
         # Which kernel each quantized layer runs: a backend's fallbacks are counted, never silent.
         "backend_layers": _backend_layers(ctx),
+        **_mac_shares(ctx),
     }
+
+
+def _mac_shares(ctx: EvalContext) -> dict:
+    """For a deployment that chose its kernels: one call's MACs by kernel and the quantized share."""
+    choices = None if ctx.spec.is_fp else getattr(ctx.denoiser, "kernel_choices", None)
+    if choices is None:
+        return {}
+    return {"kernel_macs": choices.macs, "quantized_mac_share": round(choices.quantized_share(), 4),
+            "kernel_shapes_measured": choices.measured}  # fmt: skip
 
 
 # A compiled denoiser must compute what the eager one does: a latency of a different model is
@@ -162,10 +182,49 @@ def compile_static(model: nn.Module, backend: str) -> nn.Module:
     return torch.compile(for_compile(model), backend=backend, dynamic=False)
 
 
+def _load_choices(path: Path) -> dict[str, str]:
+    """The kernel choices measured before on this machine (``{key: kernel}``); a file that is
+    not such a mapping counts as empty (it is rewritten with what this run measures)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("kernel choices %s unreadable (%s): measuring again", path, exc)
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def choose(model: nn.Module, adapter, spec) -> KernelChoices | None:
+    """Each layer of a GPU deployment set to its fastest kernel for the run's inputs
+    (:func:`qdiff.backends.choose_kernels`), once per model; the choices are cached in
+    ``<cache>/kernel-choices.json`` (keyed by device, torch and Triton versions and layer shape:
+    a later run on the same GPU times nothing). None for a model without such layers."""
+    if not has_choices(model):
+        return None
+    if getattr(model, "kernel_choices", None) is None:
+        x, t, kwargs = adapter.step_inputs(spec.sampling.batch_size, spec.seed)
+        x, kwargs = in_dtype(model_dtype(model), x, kwargs)
+        path = cache_dir() / CHOICES_FILE
+        cache = _load_choices(path)
+        model.kernel_choices = choose_kernels(
+            model, x, t, cache=cache, warmup=CHOICE_WARMUP, repeats=CHOICE_REPEATS, **kwargs
+        )
+        if model.kernel_choices.measured:
+            try:  # merged with what another process wrote meanwhile; losing a race re-measures
+                write_atomic(path, json.dumps({**_load_choices(path), **cache}, indent=0, sort_keys=True))
+            except OSError as exc:
+                log.warning("kernel choices not saved to %s (%s)", path, exc)
+    return model.kernel_choices
+
+
 def ready(model: nn.Module, adapter, spec) -> nn.Module:
     """``model``, compiled for the run's inputs if it compiles for them (an OpenVINO model
-    converts from an example): done before anything is timed or measured, so no figure
-    includes a conversion."""
+    converts from an example) and with its kernels chosen where it chooses (:func:`choose`):
+    done before anything is timed or measured, so no figure includes a conversion."""
+    choose(model, adapter, spec)
     compile_for = getattr(model, "compile_for", None)
     if compile_for is not None:
         x, t, kwargs = adapter.step_inputs(spec.sampling.batch_size, spec.seed)

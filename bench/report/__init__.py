@@ -29,7 +29,7 @@ from bench.report.cells import (
     method_labels,
     protocol,
     time_split,
-    with_step_memory,
+    with_derived,
 )
 from bench.report.html import CSS, to_html
 from bench.report.plots import line_styles, pareto, plots, png
@@ -57,7 +57,7 @@ __all__ = [
     "time_split",
     "to_html",
     "to_markdown",
-    "with_step_memory",
+    "with_derived",
     "write",
 ]
 

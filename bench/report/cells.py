@@ -94,23 +94,39 @@ def _interval(values: pd.Series, boots: pd.Series) -> tuple[float, float, float]
     return ci.estimate, ci.low, ci.high
 
 
-# A ``latency_step`` row also carries that step's deployed memory (``step_peak_mib``): the
-# boards show it as a cost metric of its own.
+# A ``latency_step`` row also carries that step's deployed memory (``step_peak_mib``) and, for a
+# deployment whose layers chose their kernels on the device, the share of the step's
+# multiply-accumulates that quantized kernels compute (``quantized_mac_share``): the boards show
+# each as a cost metric of its own. Name → (row field, unit, higher is better, legend).
 STEP_MEMORY = "step_memory"
+QUANTIZED_MACS = "quantized_macs"
+DERIVED = {
+    STEP_MEMORY: ("step_peak_mib", "MiB", False,
+                  "the deployed model's resident weights plus one latency_step call's working memory"),
+    QUANTIZED_MACS: ("quantized_mac_share", "%", True,
+                     "the share of one denoiser call's Linear, Conv and attention-matmul "
+                     "multiply-accumulates that quantized kernels compute (the rest: layers "
+                     "that fell back to the float kernel, stayed simulated or unquantized)"),
+}  # fmt: skip
 
 
-def with_step_memory(df: pd.DataFrame) -> pd.DataFrame:
-    if "step_peak_mib" not in df:
-        return df
-    steps = df[(df["metric"] == "latency_step") & df["step_peak_mib"].notna()].copy()
-    if not len(steps):
-        return df
-    steps["metric"], steps["unit"], steps["higher_is_better"] = STEP_MEMORY, "MiB", False
-    steps["value"] = steps["step_peak_mib"]
-    for col in ("boot", "delta_boot", "delta"):
-        if col in steps:
-            steps[col] = None
-    return pd.concat([df, steps], ignore_index=True)
+def with_derived(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with a row per :data:`DERIVED` metric taken from each ``latency_step`` row that
+    carries its field."""
+    extra = []
+    for metric, (field, unit, higher, _) in DERIVED.items():
+        if field not in df:
+            continue
+        steps = df[(df["metric"] == "latency_step") & df[field].notna()].copy()
+        if not len(steps):
+            continue
+        steps["metric"], steps["unit"], steps["higher_is_better"] = metric, unit, higher
+        steps["value"] = steps[field].astype(float) * (100 if unit == "%" else 1)
+        for col in ("boot", "delta_boot", "delta"):
+            if col in steps:
+                steps[col] = None
+        extra.append(steps)
+    return pd.concat([df, *extra], ignore_index=True) if extra else df
 
 
 def cell_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -124,7 +140,7 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     delta_low/delta_high, within_noise (the delta's interval holds 0), rank (ties where
     intervals overlap), status, error, unit, higher_is_better, kind, extras of the FP row.
     """
-    df = with_step_memory(df)
+    df = with_derived(df)
     df["method"] = method_labels(df)
     df["compile"] = compile_modes(df)
     df["protocol"] = protocol(df)
@@ -253,8 +269,8 @@ def _first(rows: pd.DataFrame, column: str):
 def declared(metric: str, trait: str) -> bool:
     """A metric's declared ``trait`` (a :class:`bench.metrics.quality.Metric` class attribute,
     e.g. ``includes_bases``); False for a metric this code does not know (rows written by another
-    version). The step memory that ``latency_step`` rows carry is a real-kernel cost as well."""
-    if metric == STEP_MEMORY:
+    version). What ``latency_step`` rows carry (:data:`DERIVED`) is a real-kernel cost as well."""
+    if metric in DERIVED:
         return trait == "real_kernels_only"
     try:
         return bool(getattr(METRICS.get(metric), trait))

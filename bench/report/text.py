@@ -9,7 +9,7 @@ from typing import NamedTuple
 import pandas as pd
 
 from bench import claims
-from bench.report.cells import FP, STEP_MEMORY, best_cost, best_quality, includes_bases, simulated, time_split
+from bench.report.cells import DERIVED, FP, best_cost, best_quality, includes_bases, simulated, time_split
 
 
 class Shown(NamedTuple):
@@ -292,8 +292,8 @@ def metric_legend(cells: pd.DataFrame) -> list[str]:
     out = []
     for metric, g in cells.groupby("metric", sort=False):
         arrow = "higher is better" if g["higher_is_better"].iloc[0] else "lower is better"
-        what = ": the deployed model's resident weights plus one latency_step call's working memory"
-        out.append(f"`{metric}` ({g['unit'].iloc[0]}, {arrow}{what if metric == STEP_MEMORY else ''})")
+        what = f": {DERIVED[metric][3]}" if metric in DERIVED else ""
+        out.append(f"`{metric}` ({g['unit'].iloc[0]}, {arrow}{what})")
     return out
 
 

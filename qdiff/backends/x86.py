@@ -200,15 +200,19 @@ class X86Int8Layer(KernelLayer):
 
 
 def compile_setup() -> None:
-    """What ``torch.compile(..., backend="inductor")`` of an x86 model needs for int8 kernels:
-    freezing (weights become constants that inductor prepacks) and the x86 int8 lowering passes,
-    which torchao registers on import (they left PyTorch with ``torch.ao``'s PT2E). Both are
-    process-wide and leave float models' compilation as it was, bar freezing's prepacking."""
+    """What ``torch.compile(..., backend="inductor")`` of an int8 model needs: freezing (weights
+    become constants that inductor prepacks), the x86 int8 lowering passes, which torchao
+    registers on import (they left PyTorch with ``torch.ao``'s PT2E), and the fusion of
+    ``torch._int_mm`` with its scale. All are process-wide and leave float models' compilation
+    as it was, bar freezing's prepacking."""
     import torch._inductor.config
     import torch.ao.quantization.fx._decomposed
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
 
     torch._inductor.config.freezing = True
+    # The int8 GPU backend's cuBLASLt GEMM (``torch._int_mm``) with its dequantizing multiply in
+    # one kernel; graphs without ``_int_mm`` (FP16 included) compile as before.
+    torch._inductor.config.force_fuse_int_mm_with_mul = True
     # Inductor's own int8 weight lowering builds a tensor from a tensor and says so once per
     # layer; nothing for a user to act on.
     warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning, "torch._inductor")
