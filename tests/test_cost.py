@@ -284,12 +284,10 @@ def test_a_gpu_deployment_chooses_its_kernels_once_and_caches_them_on_disk(
 def test_the_report_shows_the_quantized_share_of_a_steps_macs():
     import pandas as pd
 
-    from bench.report.cells import QUANTIZED_MACS, with_derived
+    from bench.report.cells import with_derived
 
-    rows = pd.DataFrame([
-        {"metric": "latency_step", "value": 3.0, "unit": "ms", "higher_is_better": False, "quantized_mac_share": 0.875},
-        {"metric": "latency_step", "value": 2.0, "unit": "ms", "higher_is_better": False, "quantized_mac_share": None},
-    ])  # fmt: skip
+    step = {"metric": "latency_step", "value": 3.0, "unit": "ms", "higher_is_better": False}
+    rows = pd.DataFrame([{**step, "quantized_mac_share": 0.875}, {**step, "quantized_mac_share": None}])
     shares = with_derived(rows).query("metric == @QUANTIZED_MACS")
     assert (
         list(shares["value"]) == [87.5] and list(shares["unit"]) == ["%"] and shares["higher_is_better"].all()
