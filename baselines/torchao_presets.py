@@ -6,6 +6,10 @@ Registered presets (one bit width each):
 - ``torchao-int8dq`` W8A8 — ``Int8DynamicActivationInt8WeightConfig()``: symmetric per-row
   int8 weights, activations quantized per token at run time (dynamic, no calibration),
   ``y = (s_x s_w) · (X_q W_qᵀ)`` with an int8 matmul where torchao has one.
+- ``torchao-fp8dq-row`` W8A8 — ``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``:
+  e4m3 weights with one scale per output row, activations cast to e4m3 per token at run time,
+  ``torch._scaled_mm`` with row-wise scales; the fastest of torchao's fp8 presets on diffusion
+  transformers (diffusers-torchao). CUDA with SM ≥ 8.9 only.
 - ``torchao-int8wo`` W8A32 — ``Int8WeightOnlyConfig()``: per-row int8 weights dequantized in
   the matmul.
 - ``torchao-int4wo`` W4A32 — ``Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")``:
@@ -63,6 +67,11 @@ def _torchao():
 
 def _int8dq():
     return _torchao().quantization.Int8DynamicActivationInt8WeightConfig()
+
+
+def _fp8dq_row():
+    quantization = _torchao().quantization
+    return quantization.Float8DynamicActivationFloat8WeightConfig(granularity=quantization.PerRow())
 
 
 def _int8wo():
@@ -160,6 +169,15 @@ INT8_DYNAMIC = METHODS.add(
         "torchao int8 dynamic activations + int8 weights (Linear layers)",
         Bits(8, 8),
         _int8dq,
+    )
+)
+FP8_DYNAMIC_ROW = METHODS.add(
+    TorchaoPreset(
+        "torchao-fp8dq-row",
+        "torchao fp8 (e4m3) dynamic activations + fp8 weights, row-wise scales (Linear layers, CUDA)",
+        Bits(8, 8),
+        _fp8dq_row,
+        cuda_only="fp8 GEMMs (torch._scaled_mm) on SM >= 8.9",
     )
 )
 INT8_WEIGHT_ONLY = METHODS.add(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ W8A8 = qdiff.QConfig(
     act=qdiff.QuantSpec(8, scale_search="mse"),
     recon=NO_RECON,
 )
+W4A32_CFG = qdiff.QConfig(weight=qdiff.QuantSpec(4, True, "channel"), act=None, recon=NO_RECON)
 
 
 def _embedded():
@@ -476,3 +478,42 @@ def test_the_compile_guard_accepts_a_quantized_model_as_faithful_as_its_eager_de
     wrong = simulated + 0.2 * torch.randn(simulated.shape, generator=g)  # 14 dB: another computation
     problem = compiled_problem(eager, wrong, simulated)
     assert problem is not None and "from the simulated model, the eager deployment" in problem
+
+
+class _GemmAndConvs(torch.nn.Module):
+    """One layer of each GPU kernel path: a 3×3 conv (Triton), a 1×1 conv and a Linear (cuBLASLt)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 32, 3, padding=1)
+        self.pointwise = torch.nn.Conv2d(32, 32, 1)
+        self.linear = torch.nn.Linear(32, 16)
+
+    def forward(self, x, t):
+        y = self.pointwise(torch.nn.functional.silu(self.conv(x)))
+        return self.linear(y.permute(0, 2, 3, 1))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile (inductor) on CPU needs a C++")
+@pytest.mark.parametrize("backend,cfg", [("int8", W8A8), ("fp8", W8A8), ("w4a16", W4A32_CFG)])
+def test_every_gpu_backend_compiles_with_inductor_to_its_eager_numbers(backend, cfg):
+    """``compile: inductor`` for the GPU backends, traced here as on the GPU (the Triton launch
+    is a custom op the compiler calls; cuBLASLt's and _scaled_mm's CPU twins run): the compiled
+    model computes what the eager one does."""
+    from bench.metrics.cost import compile_static
+    from qdiff.backends.x86 import compile_setup
+
+    torch.manual_seed(0)
+    model = _GemmAndConvs().eval()
+    data = qdiff.CalibData(torch.randn(8, 8, 6, 6), torch.zeros(8))
+    qmodel, _ = qdiff.quantize(model, replace(cfg, first_last_bits=None), data)
+    deployed = qdiff.convert(qmodel, backend)
+    if backend == "int8":
+        assert set(layer_report(deployed)) == {"int-mm", "triton-int8"}
+    compile_setup()
+    x, t = data.x[:4], data.t[:4]
+    with torch.no_grad():
+        eager = deployed(x, t)
+        compiled = compile_static(deployed, "inductor")(x, t)
+    assert sqnr_db(eager, compiled) >= 60
