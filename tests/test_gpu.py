@@ -53,3 +53,46 @@ def test_gpu_backends_on_cuda_match_the_fake_quant_model(tiny_unet, backend, cfg
         reference = (fake if backend != "fp8" else tiny_unet.to(dtype))(x, t).sample.float()
         assert sqnr_db(reference, deployed(x, t).sample.float()) >= floor_db
     assert layer_report(deployed)  # every layer's kernel is counted
+
+
+class _Block(torch.nn.Module):
+    """A 3×3 conv (Triton or cuDNN), a 1×1 conv and a Linear (cuBLASLt) at shapes cuBLASLt takes."""
+
+    def __init__(self, c: int = 64) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.pointwise = torch.nn.Conv2d(c, c, 1)
+        self.linear = torch.nn.Linear(c, c)
+
+    def forward(self, x, t):
+        y = self.pointwise(torch.nn.functional.silu(self.conv(x)))
+        return self.linear(y.permute(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("backend", ["int8", "fp8"])
+def test_kernel_choice_and_inductor_on_cuda_keep_the_simulated_numbers(backend):
+    """On the device: every candidate kernel runs, the fastest is kept per shape, and the
+    compiled model (Triton launch, _int_mm / _scaled_mm fused by inductor) computes the eager
+    model's numbers."""
+    from bench.metrics.cost import compile_static
+    from qdiff.backends import choose_kernels
+    from qdiff.backends.x86 import compile_setup
+
+    if backend == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs SM >= 8.9")
+    torch.manual_seed(0)
+    model = _Block().cuda().eval()
+    data = qdiff.CalibData(torch.randn(16, 64, 16, 16, device="cuda"), torch.zeros(16, device="cuda"))
+    qmodel, _ = qdiff.quantize(model, W8A8, data)
+    fake = qdiff.convert(qmodel, "fake").half()
+    deployed = qdiff.convert(qmodel, backend).half()
+    x, t = data.x[:8].half(), data.t[:8]
+    report = choose_kernels(deployed, x, t)
+    assert report.measured == 3 and all(len(s["times_ms"]) >= 2 for s in report.shapes)
+    assert report.quantized_share() >= 0  # counted, whichever kernels won
+    compile_setup()
+    with torch.no_grad():
+        eager = deployed(x, t).float()
+        compiled = compile_static(deployed, "inductor")(x, t).float()
+        assert sqnr_db(fake(x, t).float(), eager) >= (25 if backend == "int8" else 15)
+    assert sqnr_db(eager, compiled) >= 30

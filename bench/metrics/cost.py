@@ -120,8 +120,10 @@ def _mac_shares(ctx: EvalContext) -> dict:
     choices = None if ctx.spec.is_fp else getattr(ctx.denoiser, "kernel_choices", None)
     if choices is None:
         return {}
+    # Each layer shape's candidates and their times (null where the choice came from the cache):
+    # the per-layer figures that say why a deployment is as fast as it is.
     return {"kernel_macs": choices.macs, "quantized_mac_share": round(choices.quantized_share(), 4),
-            "kernel_shapes_measured": choices.measured}  # fmt: skip
+            "kernel_shapes": choices.shapes}  # fmt: skip
 
 
 # A compiled denoiser must compute what the eager one does: a latency of a different model is
