@@ -263,3 +263,18 @@ def build_in_process(cache: str, folder: str) -> tuple[float, bool]:
 
     tensors, cached = cached_tensors("test", "key", build)
     return tensors["x"].sum().item(), cached
+
+
+class GemmAndConvs(torch.nn.Module):
+    """One layer of each GPU kernel path: a 3×3 conv (Triton or the float kernel), a 1×1 conv and
+    a Linear (cuBLASLt's int8 GEMM), called ``model(x, t)`` as a denoiser is."""
+
+    def __init__(self, c_in: int = 8, c: int = 32) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c_in, c, 3, padding=1)
+        self.pointwise = torch.nn.Conv2d(c, c, 1)
+        self.linear = torch.nn.Linear(c, c // 2)
+
+    def forward(self, x, t):
+        y = self.pointwise(torch.nn.functional.silu(self.conv(x)))
+        return self.linear(y.permute(0, 2, 3, 1))

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import calib_for, sqnr_db
+from helpers import GemmAndConvs, calib_for, sqnr_db
 
 import qdiff
 from qdiff.backends import BACKENDS, BackendError, KernelLayer, layer_report
@@ -134,7 +134,7 @@ def test_x86_leaves_weight_only_layers_simulated_and_counts_them(tiny_unet):
 
 def test_unknown_backend_names_the_valid_ones(tiny_unet):
     valid = "valid: fake, fp8, int8, openvino, w4a16, x86"
-    with pytest.raises(ValueError, match=f"unknown backend 'int3'; {valid}"):
+    with pytest.raises(ValueError, match=rf"unknown backend 'int3' \(did you mean 'int8'\?\); {valid}"):
         qdiff.convert(tiny_unet, "int3")
 
 
@@ -278,7 +278,6 @@ def test_choose_kernels_keeps_the_fastest_per_shape_and_caches_it(tiny_unet):
     x, t = data.x[:2], data.t[:2]
 
     def timer(layer, call):  # a device where the float kernel wins k×k convs with K < 100
-        call()
         float_wins = not layer.gemm and layer.weight0.shape[1] < 100
         return 1.0 if (layer.choice == "float-grid") == float_wins else 2.0
 
@@ -480,20 +479,6 @@ def test_the_compile_guard_accepts_a_quantized_model_as_faithful_as_its_eager_de
     assert problem is not None and "from the simulated model, the eager deployment" in problem
 
 
-class _GemmAndConvs(torch.nn.Module):
-    """One layer of each GPU kernel path: a 3×3 conv (Triton), a 1×1 conv and a Linear (cuBLASLt)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(8, 32, 3, padding=1)
-        self.pointwise = torch.nn.Conv2d(32, 32, 1)
-        self.linear = torch.nn.Linear(32, 16)
-
-    def forward(self, x, t):
-        y = self.pointwise(torch.nn.functional.silu(self.conv(x)))
-        return self.linear(y.permute(0, 2, 3, 1))
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile (inductor) on CPU needs a C++")
 @pytest.mark.parametrize("backend,cfg", [("int8", W8A8), ("fp8", W8A8), ("w4a16", W4A32_CFG)])
@@ -505,7 +490,7 @@ def test_every_gpu_backend_compiles_with_inductor_to_its_eager_numbers(backend, 
     from qdiff.backends.x86 import compile_setup
 
     torch.manual_seed(0)
-    model = _GemmAndConvs().eval()
+    model = GemmAndConvs().eval()
     data = qdiff.CalibData(torch.randn(8, 8, 6, 6), torch.zeros(8))
     qmodel, _ = qdiff.quantize(model, replace(cfg, first_last_bits=None), data)
     deployed = qdiff.convert(qmodel, backend)

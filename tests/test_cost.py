@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import calib_for, tiny_matrix
+from helpers import GemmAndConvs, calib_for, tiny_matrix
 from torch import nn
 
 import qdiff
@@ -245,9 +245,7 @@ def test_storage_of_a_quantized_unet_with_attention_matmuls():
     assert parts == qdiff.storage_bytes(qdiff.convert(q)) and parts["quantized_weights"] > 0
 
 
-def test_a_gpu_deployment_chooses_its_kernels_once_and_caches_them_on_disk(
-    tiny_unet, tmp_path, monkeypatch, caplog
-):
+def test_a_gpu_deployment_chooses_its_kernels_once_and_caches_them_on_disk(tmp_path, monkeypatch, caplog):
     """The harness times each layer shape's candidates once per machine: the choices land in
     ``<cache>/kernel-choices.json`` and a later run reads them; an unreadable file is remeasured."""
     from types import SimpleNamespace
@@ -257,16 +255,18 @@ def test_a_gpu_deployment_chooses_its_kernels_once_and_caches_them_on_disk(
     monkeypatch.setenv("QDIFF_BENCH_CACHE", str(tmp_path))
     monkeypatch.setattr("bench.metrics.cost.CHOICE_WARMUP", 0)  # the interpreter's time
     monkeypatch.setattr("bench.metrics.cost.CHOICE_REPEATS", 1)
-    data = calib_for(tiny_unet, 8)
+    torch.manual_seed(0)
+    model = GemmAndConvs().eval()
+    data = qdiff.CalibData(torch.randn(8, 8, 6, 6), torch.zeros(8))
     w8a8 = qdiff.QConfig(
         weight=qdiff.QuantSpec(8, True, "channel"),
         act=qdiff.QuantSpec(8),
         recon=qdiff.ReconConfig(method="none"),
     )
-    qmodel, _ = qdiff.quantize(tiny_unet, w8a8, data)
+    qmodel, _ = qdiff.quantize(model, w8a8, data)
     adapter = SimpleNamespace(step_inputs=lambda n, seed: (data.x[:n], data.t[:n], {}))
     spec = SimpleNamespace(sampling=SimpleNamespace(batch_size=2), seed=0)
-    assert choose(tiny_unet, adapter, spec) is None  # nothing to choose in a float model
+    assert choose(model, adapter, spec) is None  # nothing to choose in a float model
     first = choose(qdiff.convert(qmodel, "int8"), adapter, spec)
     saved = (tmp_path / CHOICES_FILE).read_text()
     assert first.measured == len(first.shapes) > 0 and len(json.loads(saved)) == first.measured
@@ -284,11 +284,12 @@ def test_a_gpu_deployment_chooses_its_kernels_once_and_caches_them_on_disk(
 def test_the_report_shows_the_quantized_share_of_a_steps_macs():
     import pandas as pd
 
-    from bench.report.cells import with_derived
+    from bench.report.cells import QUANTIZED_MACS, with_derived
 
     step = {"metric": "latency_step", "value": 3.0, "unit": "ms", "higher_is_better": False}
     rows = pd.DataFrame([{**step, "quantized_mac_share": 0.875}, {**step, "quantized_mac_share": None}])
-    shares = with_derived(rows).query("metric == @QUANTIZED_MACS")
+    shares = with_derived(rows)
+    shares = shares[shares["metric"] == QUANTIZED_MACS]
     assert (
         list(shares["value"]) == [87.5] and list(shares["unit"]) == ["%"] and shares["higher_is_better"].all()
     )

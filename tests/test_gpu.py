@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import calib_for, sqnr_db
+from helpers import GemmAndConvs, calib_for, sqnr_db
 
 import qdiff
 from qdiff.backends import layer_report
@@ -55,20 +55,6 @@ def test_gpu_backends_on_cuda_match_the_fake_quant_model(tiny_unet, backend, cfg
     assert layer_report(deployed)  # every layer's kernel is counted
 
 
-class _Block(torch.nn.Module):
-    """A 3×3 conv (Triton or cuDNN), a 1×1 conv and a Linear (cuBLASLt) at shapes cuBLASLt takes."""
-
-    def __init__(self, c: int = 64) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(c, c, 3, padding=1)
-        self.pointwise = torch.nn.Conv2d(c, c, 1)
-        self.linear = torch.nn.Linear(c, c)
-
-    def forward(self, x, t):
-        y = self.pointwise(torch.nn.functional.silu(self.conv(x)))
-        return self.linear(y.permute(0, 2, 3, 1))
-
-
 @pytest.mark.parametrize("backend", ["int8", "fp8"])
 def test_kernel_choice_and_inductor_on_cuda_keep_the_simulated_numbers(backend):
     """On the device: every candidate kernel runs, the fastest is kept per shape, and the
@@ -81,7 +67,7 @@ def test_kernel_choice_and_inductor_on_cuda_keep_the_simulated_numbers(backend):
     if backend == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs SM >= 8.9")
     torch.manual_seed(0)
-    model = _Block().cuda().eval()
+    model = GemmAndConvs(64, 64).cuda().eval()
     data = qdiff.CalibData(torch.randn(16, 64, 16, 16, device="cuda"), torch.zeros(16, device="cuda"))
     qmodel, _ = qdiff.quantize(model, W8A8, data)
     fake = qdiff.convert(qmodel, "fake").half()

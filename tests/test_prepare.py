@@ -90,7 +90,7 @@ def test_convert_fake_equals_quantized_model_and_rejects_unknown_backend(tiny_un
     qmodel, _ = qdiff.quantize(tiny_unet, w4a8, data)
     fake = qdiff.convert(qmodel, "fake")
     torch.testing.assert_close(fake(data.x, data.t).sample, qmodel(data.x, data.t).sample)
-    with pytest.raises(ValueError, match="unknown backend 'int3'; valid: fake"):
+    with pytest.raises(ValueError, match=r"unknown backend 'int3' .*; valid: fake"):
         qdiff.convert(qmodel, "int3")
 
 
