@@ -39,10 +39,11 @@ def test_the_configurations_are_wgmma_eligible():
 
 
 def test_every_configuration_and_mode_compiles_for_every_target(monkeypatch):
-    # Every configuration in float16 (the GPU matrices' dtype) as a 1×1 kernel; the tap loop is
-    # unrolled, so a 3×3 kernel (9 copies of the body, 5× the compile time) is compiled at the
-    # largest configuration, and bfloat16 and float32 (which change only loads, stores and
-    # w4a16's dot operand) too.
+    # Every configuration in float16 (the GPU matrices' dtype) as a 1×1 kernel, on every target:
+    # the rules a target imposes are on tiles, warps and dtypes. bfloat16 and float32 (which
+    # change only loads, stores and w4a16's dot operand) at the largest configuration. The tap
+    # loop is unrolled, so a 3×3 kernel is the same body 9 times at 5× the compile time: once
+    # per mode, for Hopper, where wgmma makes the loop body differ most.
     largest = kernels.CONFIGS[-1]
     jobs = [
         (target, mode, torch.float16, config, (1, 1))
