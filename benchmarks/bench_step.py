@@ -34,6 +34,8 @@ class DenoiserStep:
             qmodel, _ = qdiff.quantize(fp, recipe, data)
             self.model = qdiff.convert(qmodel, backend)
         self.x, self.kwargs = in_dtype(model_dtype(self.model), x, kwargs)
+        if qdiff.backends.has_choices(self.model):  # the GPU backends: each layer's fastest kernel
+            qdiff.backends.choose_kernels(self.model, self.x, self.t, **self.kwargs)
         self.step()  # oneDNN primitive creation, Triton compilation: not part of the timing
 
     @torch.no_grad()

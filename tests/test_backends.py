@@ -263,7 +263,7 @@ def test_int8_backend_matches_fake_quant_through_every_kernel(tiny_unet):
     # Before any choice: int-mm for GEMM-shaped layers, Triton for k×k convs.
     assert set(layer_report(int8)) == {"int-mm", "triton-int8", "simulated-matmul"}
     _assert_matches_fake(fake, int8, x, t)
-    for config in CONFIGS[:2]:  # the interpreter's time: the other two ran in the kernel test
+    for config in CONFIGS[:1]:  # the interpreter's time: every configuration ran in the kernel test
         _set_choices(int8, lambda m, c=config: m.choice if m.gemm else f"triton-int8/{c.name}")
         _assert_matches_fake(fake, int8, x, t)
     _set_choices(int8, lambda m: "float-grid")
@@ -285,18 +285,16 @@ def test_choose_kernels_keeps_the_fastest_per_shape_and_caches_it(tiny_unet):
     report = choose_kernels(int8, x, t, cache=cache, timer=timer)
     layers = [m for m in int8.modules() if isinstance(m, ChoosingLayer)]
     assert report.measured == len(report.shapes) == len(cache) > 0 and len(set(cache)) == len(cache)
-    observed = {}
-    hooks = [m.register_forward_pre_hook(lambda m, i: observed.setdefault(m, i[0])) for m in layers]
-    with torch.no_grad():
-        int8(x, t)
-    for h in hooks:
-        h.remove()
-    for m in layers:
-        if m.gemm:  # cuBLASLt where it takes the shape, the float kernel where not
-            expected = "int-mm" if "int-mm" in m.candidates(observed[m]) else "float-grid"
+    for shape in report.shapes:  # cuBLASLt where it takes the shape; k×k convs by their K
+        candidates, k = set(shape["times_ms"]), shape["weights"][0][1]
+        if "int-mm" in candidates:
+            expected = "int-mm"
+        elif candidates == {"float-grid"}:
+            expected = "float-grid"
         else:
-            expected = "float-grid" if m.weight0.shape[1] < 100 else "triton-int8"
-        assert m.kernel == expected, (m.choice, m.weight0.shape)
+            expected = "float-grid" if k < 100 else "triton-int8"
+        assert shape["choice"].partition("/")[0] == expected, shape
+    assert {m.kernel for m in layers} == {"int-mm", "triton-int8", "float-grid"}
     # Shapes cuBLASLt cannot take (the time embedding: 2 rows) have the float kernel only.
     emb = int8.time_embedding.linear_1
     assert emb.candidates(torch.zeros(2, emb.weight0.shape[1])) == ("float-grid",)
@@ -312,8 +310,6 @@ def test_choose_kernels_keeps_the_fastest_per_shape_and_caches_it(tiny_unet):
     # An entry naming no candidate of its shape (a file edited by hand, an older kernel) is remeasured.
     stale = {k: "triton-int8/nonsense" for k in cache}
     assert choose_kernels(qdiff.convert(qmodel, "int8"), x, t, cache=stale, timer=lambda *_: 1.0).measured > 0
-    with torch.no_grad():
-        assert sqnr_db(qdiff.convert(qmodel, "fake")(x, t).sample, int8(x, t).sample) >= 25
 
 
 def test_choose_kernels_counts_macs_exactly():
