@@ -16,8 +16,6 @@ import json
 import logging
 import math
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,8 +31,8 @@ from bench.models.base import in_dtype, model_dtype
 from bench.registry import METHODS, METRICS
 from bench.spec import resolve_device
 from qdiff.backends import KernelChoices, choose_kernels, for_compile, has_choices, layer_report
+from qdiff.backends.choice import time_calls
 from qdiff.backends.x86 import compile_setup
-from qdiff.storage import steady_heap
 
 MIB = 2**20
 CHOICES_FILE = "kernel-choices.json"
@@ -42,30 +40,6 @@ CHOICES_FILE = "kernel-choices.json"
 CHOICE_WARMUP, CHOICE_REPEATS = 3, 10
 log = logging.getLogger("qdiff-bench")
 LATENCY_SETTINGS = ("latency_warmup", "latency_repeats", "compile")
-
-
-def time_calls(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones, under the
-    C heap's fixed thresholds (:func:`qdiff.storage.steady_heap`)."""
-    steady_heap()
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return times
 
 
 def summarize(times: list[float], scale: float) -> tuple[float, dict[str, float]]:

@@ -29,6 +29,7 @@ from torch import nn
 
 from qdiff.backends.base import FrozenFakeQuantLayer, KernelLayer
 from qdiff.modules import QuantMatMul
+from qdiff.storage import steady_heap
 
 FLOAT_GRID = "float-grid"  # the fallback: the layer's grids through the float kernel
 
@@ -88,10 +89,15 @@ class KernelChoices:
         return 0.0 if total == 0 else (total - plain) / total
 
 
-def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` (CUDA events on a GPU)."""
+def time_calls(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (CUDA events
+    on a GPU, ``perf_counter`` elsewhere), under the C heap's fixed thresholds
+    (:func:`qdiff.storage.steady_heap`)."""
+    steady_heap()
     for _ in range(warmup):
         fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -105,7 +111,7 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repea
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
 
 
 def device_name(device: torch.device) -> str:
@@ -164,7 +170,7 @@ def choose_kernels(
             measured here. None: measure everything, remember nothing.
         warmup, repeats: per candidate, untimed and timed calls (the median is kept).
         timer: seconds of a layer's call (given the layer, its candidate set as its ``choice``,
-            and the call; default: :func:`time_call` on the layer's device with ``warmup`` and
+            and the call; default: :func:`time_calls` on the layer's device with ``warmup`` and
             ``repeats``).
     """
     observed: dict[nn.Module, torch.Tensor] = {}  # each layer's first input
@@ -198,7 +204,9 @@ def choose_kernels(
                 report.shapes.append({**signature, "times_ms": None, "choice": cached})
             else:
                 times = {}
-                measure = timer or (lambda _, fn, d=x.device: time_call(fn, d, warmup, repeats))
+                measure = timer or (
+                    lambda _, fn, d=x.device: statistics.median(time_calls(fn, warmup, repeats, d))
+                )
                 with torch.no_grad():
                     for candidate in candidates:
                         module.choice = candidate
