@@ -278,3 +278,22 @@ class GemmAndConvs(torch.nn.Module):
     def forward(self, x, t):
         y = self.pointwise(torch.nn.functional.silu(self.conv(x)))
         return self.linear(y.permute(0, 2, 3, 1))
+
+
+def random_inception_weights(path) -> str:
+    """torch-fidelity's Inception-v3 with seeded random weights, saved where ``inception_weights``
+    can name it (built with its download and loading disabled)."""
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as tfi
+
+    torch.manual_seed(0)
+    with (
+        mock.patch.object(tfi, "load_state_dict_from_url", lambda *a, **k: {}),
+        mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None),
+    ):
+        model = tfi.FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=None
+        )
+    torch.save(model.state_dict(), path)
+    return str(path)

@@ -10,6 +10,7 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+from helpers import random_inception_weights
 from PIL import Image
 
 from bench import cli
@@ -162,16 +163,10 @@ def test_local_inception_weights_are_used_without_network(tmp_path, monkeypatch)
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(tfi, "load_state_dict_from_url", offline)
     # A random state dict with Inception's keys (built with loading disabled).
-    with monkeypatch.context() as m:
-        m.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: {})
-        m.setattr(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None)
-        model = tfi.FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048"], feature_extractor_weights_path=None
-        )
     weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
-    torch.save(model.state_dict(), weights)
+    random_inception_weights(weights)
+    monkeypatch.setattr(tfi, "load_state_dict_from_url", offline)
 
     a, b = images(6, 0, size=32), images(6, 1, shift=40, size=32)
     with pytest.warns(UserWarning, match="< 2048 feature dimensions"):

@@ -59,6 +59,22 @@ def test_adapter_samples_paired_images_and_records_calibration_inputs(name, tiny
     assert out.shape == data.x[:2].shape
 
 
+def test_a_float16_folder_loads_in_float32(tiny_pipelines, tmp_path):
+    """Checkpoints are often stored in float16; calibration runs in float32 (a run casts to its
+    own dtype), so every component loads as float32. Found by the GPU quality smoke, whose
+    float16 folder made quantization fail ("Half != float")."""
+    from diffusers import StableDiffusionPipeline
+
+    half = tmp_path / "sd-fp16"
+    StableDiffusionPipeline.from_pretrained(tiny_pipelines["sd-1.5"]).to(torch.float16).save_pretrained(half)
+    adapter = MODELS.get("sd-1.5")(SAMPLING, source=str(half))
+    fp = adapter.denoiser()
+    assert fp.dtype == adapter.pipeline.vae.dtype == adapter.pipeline.text_encoder.dtype == torch.float32
+    x, t, kwargs = adapter.step_inputs(2, 0)
+    with torch.no_grad():
+        assert fp(x, t, **kwargs).sample.dtype == torch.float32  # what calibration runs
+
+
 def test_prompts_file_and_guidance(tiny_pipelines, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n\na dog\n")

@@ -81,7 +81,7 @@ def save_ldm(path: Path) -> Path:
     return path
 
 
-def _tokenizer(folder: Path):
+def _tokenizer(folder: Path, max_length: int = 16):
     """A byte-level CLIP tokenizer with no merges: every character is a token."""
     import json
 
@@ -94,11 +94,13 @@ def _tokenizer(folder: Path):
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
     if int(transformers.__version__.split(".")[0]) >= 5:
-        return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16), len(vocab)
+        return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length), len(vocab)
     folder.mkdir(parents=True, exist_ok=True)  # transformers 4 reads its vocabulary from files
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length
+    )
     return tokenizer, len(vocab)
 
 
@@ -125,17 +127,55 @@ def save_sd(path: Path) -> Path:
     return path
 
 
-def _clip_text(vocab_size: int, with_projection: bool = False, width: int = 16):
+def save_sd_real_size(path: Path) -> Path:
+    """Stable Diffusion 1.5 at its published shapes with seeded random weights, saved in float16
+    (2 GB): the UNet and scheduler from the suite's shipped config, the KL VAE's published
+    layout, a CLIP ViT-L/14-sized text encoder (12 layers, 768 wide, 77 tokens) over the
+    byte-level tokenizer. Numbers from it mean nothing; it runs every real-size code path."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from bench.models.pipelines import random_pipeline_config
+
+    config = random_pipeline_config("sd-1.5.json")
+    torch.manual_seed(0)
+    tokenizer, vocab_size = _tokenizer(path.parent / f"{path.name}-vocab", max_length=77)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+    )  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=_clip_text(vocab_size, width=768, layers=12, heads=12, tokens=77),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel.from_config(config["unet"]),
+        scheduler=PNDMScheduler.from_config(config["scheduler"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to(torch.float16).save_pretrained(path)
+    return path
+
+
+def _clip_text(
+    vocab_size: int,
+    with_projection: bool = False,
+    width: int = 16,
+    layers: int = 1,
+    heads: int = 2,
+    tokens: int = 16,
+):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=width,
-        intermediate_size=2 * width,
+        intermediate_size=(4 if layers > 1 else 2) * width,
         projection_dim=width,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=16,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=tokens,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,

@@ -171,8 +171,14 @@ class PipelineAdapter(DiffusionAdapter):
             ) from None
 
     def load_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``from_pretrained``/``from_single_file``."""
-        return dict(self.LOAD_KWARGS)
+        """Keyword arguments of ``from_pretrained``/``from_single_file``: every component in
+        float32, whatever the files store (a float16 folder kept float16 weights, which
+        calibration, in float32, could not multiply; a run casts to its ``dtype`` itself)."""
+        from diffusers.utils import deprecation_utils
+
+        # diffusers 0.42 renamed ``torch_dtype`` to ``dtype`` (the old name warns there).
+        renamed = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+        return {**self.LOAD_KWARGS, "dtype" if renamed else "torch_dtype": torch.float32}
 
     @property
     def random_init(self) -> bool:

@@ -207,9 +207,10 @@ class StableDiffusion3(_WrappedTextToImage):
         if folder.suffix in SINGLE_FILE_SUFFIXES and self.args.get("config") is not None:
             folder = Path(str(self.args["config"]))  # a single file's pipeline configs
         index = folder / "model_index.json"
+        kwargs = super().load_kwargs()
         if index.is_file() and json.loads(index.read_text()).get("text_encoder_3", [None])[0] is None:
-            return {"text_encoder_3": None, "tokenizer_3": None}
-        return {}
+            return {**kwargs, "text_encoder_3": None, "tokenizer_3": None}
+        return kwargs
 
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
