@@ -41,8 +41,8 @@ def run_smoke(root: Path, device: str, dtype: str, samples: int, steps: int) -> 
         f"name: gpu-smoke\nmodels: [{{name: sd-1.5, source: {source}}}]\nmethods: [linear]\nbits: [W8A8]\n"
         f"metrics: [{', '.join(METRICS)}]\n"
         f"settings: {{device: {device}, dtype: {dtype}, samples: {samples}, batch_size: {min(samples, 8)}, "
-        f"steps: {steps}, calib_timesteps: 2, calib_samples: 2, clip_model: ViT-B-32, clip_pretrained: {clip}, "
-        f"inception_weights: {inception}, lpips_weights: {alexnet}}}\n"
+        f"steps: {steps}, calib_timesteps: 2, calib_samples: 2, clip_model: ViT-B-32, "
+        f"clip_pretrained: {clip}, inception_weights: {inception}, lpips_weights: {alexnet}}}\n"
     )
     return run_matrix(load_matrix(matrix), root / "results", progress=False, log=lambda _: None)
 
