@@ -190,12 +190,12 @@ def choose_kernels(
 
     report = KernelChoices()
     by_key: dict[str, str] = {}
-    base = {**_versions()}
+    versions = _versions()
     for module, x in observed.items():
         if not isinstance(module, ChoosingLayer):
             continue
         signature = module.signature(x)
-        key = json.dumps({"device": device_name(x.device), **base, **signature}, sort_keys=True)
+        key = json.dumps({"device": device_name(x.device), **versions, **signature}, sort_keys=True)
         candidates = module.candidates(x)
         if key not in by_key:
             cached = None if cache is None else cache.get(key)

@@ -98,6 +98,9 @@ class Int8Layer(ChoosingLayer):
     def run(self, choice: str, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         weight = getattr(self, f"weight{i}")
         kernel, _, config = choice.partition("/")
+        # A layer never chosen for its shape may meet one cuBLASLt refuses: it runs the float
+        # kernel then (choose_kernels gives such shapes float-grid, so what a harness row
+        # counts is what ran).
         if kernel == INT_MM and int_mm_fits(x.numel() // weight.shape[1], weight.shape[1], weight.shape[0]):
             return self._int_mm(i, x, bias)
         if kernel == TRITON:
