@@ -39,27 +39,29 @@ def test_the_configurations_are_wgmma_eligible():
 
 
 def test_every_configuration_and_mode_compiles_for_every_target(monkeypatch):
-    # Every configuration in float16 (the GPU matrices' dtype) as a 1×1 kernel, on every target:
-    # the rules a target imposes are on tiles, warps and dtypes. bfloat16 and float32 (which
-    # change only loads, stores and w4a16's dot operand) at the largest configuration. The tap
-    # loop is unrolled, so a 3×3 kernel is the same body 9 times at 5× the compile time: once
-    # per mode, for Hopper, where wgmma makes the loop body differ most.
-    largest = kernels.CONFIGS[-1]
+    # Every configuration in both modes for Hopper (sm_90, where wgmma's rules on tiles and
+    # warps apply), in float16, the GPU matrices' dtype, as a 1×1 kernel; for sm_80 and sm_89
+    # the smallest and the largest configuration, which bound the others' tiles. The tap loop
+    # is unrolled, so a 3×3 kernel is the same body 9 times at 5× the compile time: once per
+    # mode. bfloat16 and float32 (which change only loads, stores and w4a16's dot operand) at
+    # the largest configuration.
+    smallest, largest = kernels.CONFIGS[0], kernels.CONFIGS[-1]
     jobs = [
+        ("sm_90", mode, torch.float16, config, (1, 1)) for mode in kernels.MODES for config in kernels.CONFIGS
+    ]
+    jobs += [
         (target, mode, torch.float16, config, (1, 1))
-        for target in kernels.TARGETS
+        for target in ("sm_80", "sm_89")
         for mode in kernels.MODES
-        for config in kernels.CONFIGS
+        for config in (smallest, largest)
     ]
+    jobs += [("sm_90", mode, torch.float16, largest, (3, 3)) for mode in kernels.MODES]
     jobs += [
-        (target, mode, torch.float16, largest, (3, 3)) for target in kernels.TARGETS for mode in kernels.MODES
-    ]
-    jobs += [
-        (target, mode, dtype, largest, (1, 1))
-        for target in kernels.TARGETS
+        ("sm_90", mode, dtype, largest, (1, 1))
         for mode in kernels.MODES
         for dtype in (torch.bfloat16, torch.float32)
     ]
+    assert set(kernels.TARGETS) == {"sm_80", "sm_89", "sm_90"}
     # Fresh processes without the interpreter the other tests run under (read at import).
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     # The check can fail: a 16-wide int8 K tile (which the interpreter runs) is refused.
