@@ -105,8 +105,8 @@ DERIVED = {
                   "the deployed model's resident weights plus one latency_step call's working memory"),
     QUANTIZED_MACS: ("quantized_mac_share", "%", True,
                      "the share of one denoiser call's Linear, Conv and attention-matmul "
-                     "multiply-accumulates that quantized kernels compute (the rest: layers "
-                     "that fell back to the float kernel, stayed simulated or unquantized)"),
+                     "multiply-accumulates that quantized kernels compute; the rest fell back to "
+                     "the float kernel, stayed simulated or was left unquantized"),
 }  # fmt: skip
 
 
