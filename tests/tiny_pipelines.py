@@ -146,7 +146,7 @@ def save_sd_real_size(path: Path) -> Path:
     )  # fmt: skip
     pipe = StableDiffusionPipeline(
         vae=vae,
-        text_encoder=_clip_text(vocab_size, width=768, layers=12, heads=12, tokens=77),
+        text_encoder=_clip_text(vocab_size, width=768, layers=12, heads=12, tokens=77, mlp=3072),
         tokenizer=tokenizer,
         unet=UNet2DConditionModel.from_config(config["unet"]),
         scheduler=PNDMScheduler.from_config(config["scheduler"]),
@@ -165,13 +165,14 @@ def _clip_text(
     layers: int = 1,
     heads: int = 2,
     tokens: int = 16,
+    mlp: int | None = None,
 ):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=width,
-        intermediate_size=(4 if layers > 1 else 2) * width,
+        intermediate_size=mlp or 2 * width,
         projection_dim=width,
         num_hidden_layers=layers,
         num_attention_heads=heads,

@@ -173,11 +173,12 @@ def choose_kernels(
             and the call; default: :func:`time_calls` on the layer's device with ``warmup`` and
             ``repeats``).
     """
-    observed: dict[nn.Module, torch.Tensor] = {}  # each layer's first input
-    counts: dict[nn.Module, int] = {}  # its MACs over every call (attention slices call it often)
+    observed: dict[ChoosingLayer, torch.Tensor] = {}  # each choosing layer's first input
+    counts: dict[nn.Module, int] = {}  # each layer's MACs over every call (attention slices: many)
 
     def record(module, inputs, output):
-        observed.setdefault(module, inputs[0].detach())
+        if isinstance(module, ChoosingLayer):  # only these are timed: keep no other activations
+            observed.setdefault(module, inputs[0].detach())
         counts[module] = counts.get(module, 0) + output.numel() * _per_output(module, inputs)
 
     hooks = [m.register_forward_hook(record) for m in model.modules() if _kernel_of(m) is not None]
@@ -192,8 +193,6 @@ def choose_kernels(
     by_key: dict[str, str] = {}
     versions = _versions()
     for module, x in observed.items():
-        if not isinstance(module, ChoosingLayer):
-            continue
         signature = module.signature(x)
         key = json.dumps({"device": device_name(x.device), **versions, **signature}, sort_keys=True)
         candidates = module.candidates(x)

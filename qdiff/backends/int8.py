@@ -103,16 +103,16 @@ class Int8Layer(ChoosingLayer):
         # counts is what ran).
         if kernel == INT_MM and int_mm_fits(x.numel() // weight.shape[1], weight.shape[1], weight.shape[0]):
             return self._int_mm(i, x, bias)
-        if kernel == TRITON:
-            stride, padding, dilation, _ = self.conv_args if self.conv else ((1, 1), (0, 0), (1, 1), 1)
+        if kernel == TRITON:  # a convolution (Linear layers are GEMMs: int-mm or float-grid)
+            stride, padding, dilation, _ = self.conv_args
             cfg = next((c for c in CONFIGS if c.name == config), None)
             y = implicit_gemm(
-                to_nhwc(x, self.conv), weight, getattr(self, f"w_scale{i}"),
+                to_nhwc(x, conv=True), weight, getattr(self, f"w_scale{i}"),
                 None if bias is None else bias.float(), self.kernel_size, tuple(stride), tuple(padding),
                 tuple(dilation), act_grid=self.grids[i], w_sum=getattr(self, f"w_sum{i}"), out_dtype=x.dtype,
                 config=cfg or default_config(x.numel() // x.shape[1], weight.shape[0]),
             )  # fmt: skip
-            return from_nhwc(y, x, self.conv)
+            return from_nhwc(y, x, conv=True)
         return self._float_grid(i, x, bias)
 
     def _int_mm(self, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
