@@ -9,7 +9,7 @@ method's choices.
 from __future__ import annotations
 
 import qdiff
-from bench.methods import RecipeMethod, quant_specs
+from bench.methods import RecipeMethod, quant_specs, symmetric_attention
 from bench.registry import METHODS
 from bench.spec import Bits
 
@@ -24,3 +24,4 @@ def recipe(bits: Bits) -> qdiff.QConfig:
 
 
 METHOD = METHODS.add(RecipeMethod("linear", "naive linear PTQ: min-max, final-step calibration", recipe))
+SYMATTN = METHODS.add(symmetric_attention(METHOD))

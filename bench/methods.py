@@ -245,6 +245,29 @@ QDIFF_ASYM = RecipeMethod(
 )
 
 
+def symmetric_attention(method: RecipeMethod) -> RecipeMethod:
+    """``method`` with symmetric per-tensor grids on attention's Q, K and V (its activation
+    bits and range search), the probabilities as before (zero point 0): the grids OpenVINO's CPU
+    plugin runs as one int8 attention kernel (``QConfig.attn_act``), where the paper's
+    asymmetric ones leave attention in f32. A variant of its own, so that its quality and its
+    cost are measured on the same configuration (configs/attention-grids.yaml)."""
+
+    def recipe(bits: Bits) -> qdiff.QConfig:
+        config = method.recipe(bits)
+        return replace(config, attn_act=replace(config.act, symmetric=True))
+
+    return replace(
+        method,
+        name=f"{method.name}-symattn",
+        description=f"{method.name} with symmetric Q/K/V grids (OpenVINO fuses its int8 attention)",
+        recipe=recipe,
+        needs_act_quant=True,
+    )
+
+
+QDIFF_SYMATTN = symmetric_attention(QDIFFUSION)
+
+
 class FullPrecision:
     """The FP reference, registered so that matrices can name it; the runner samples the
     denoiser as it is and pairs every quantized run with it."""
@@ -255,5 +278,5 @@ class FullPrecision:
 
 FP = FullPrecision()
 
-for _method in (FP, QDIFFUSION, QDIFF_NO_CALIB, QDIFF_NO_SPLIT, QDIFF_NO_RECON, QDIFF_ASYM):
+for _method in (FP, QDIFFUSION, QDIFF_NO_CALIB, QDIFF_NO_SPLIT, QDIFF_NO_RECON, QDIFF_ASYM, QDIFF_SYMATTN):
     METHODS.add(_method)

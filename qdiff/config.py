@@ -188,7 +188,13 @@ class QConfig:
         act: activation quantization (inputs of every quantized layer and of the attention
             matmuls), or None to keep FP activations.
         attn_probs: quantization of the softmax output before ``probs @ V``; None uses ``act``
-            (Q-Diffusion keeps these at 16 bits for Stable Diffusion).
+            (Q-Diffusion keeps these at 16 bits for Stable Diffusion). Its grid always has zero
+            point 0: probabilities are ≥ 0 and every range is widened to contain 0.
+        attn_act: quantization of attention's Q, K and V (the matmul operands other than the
+            probabilities); None uses ``act``. ``QuantSpec(8, symmetric=True)`` gives the grids
+            OpenVINO fuses into one int8 attention kernel (its low-precision matmuls refuse an
+            activation operand with a zero point); the paper's recipe keeps ``act``'s
+            asymmetric grids.
         split_shortcut: separate quantizers for the decoder and skip halves of a UNet skip
             concatenation (Q-Diffusion Sec. 4.2).
         quantize_attention: quantize the Q·Kᵀ and softmax·V matmul inputs.
@@ -208,6 +214,7 @@ class QConfig:
     )
     act: QuantSpec | None = field(default_factory=lambda: QuantSpec(8))
     attn_probs: QuantSpec | None = None
+    attn_act: QuantSpec | None = None
     split_shortcut: bool = True
     quantize_attention: bool = True
     first_last_bits: int | None = 8
@@ -220,17 +227,20 @@ class QConfig:
             ("weight", QuantSpec),
             ("act", QuantSpec),
             ("attn_probs", QuantSpec),
+            ("attn_act", QuantSpec),
             ("calib", CalibConfig),
             ("recon", ReconConfig),
         ):
             value = getattr(self, name)
             if not (value is None and kind is QuantSpec) and not isinstance(value, kind):
                 raise ConfigError(f"QConfig.{name} must be a {kind.__name__}, got {value!r}")
-        if self.act is not None and self.act.granularity != "tensor":
-            raise ConfigError(
-                "QConfig.act.granularity must be 'tensor': a per-channel activation scale cannot "
-                "be folded into an integer matmul"
-            )
+        for name in ("act", "attn_probs", "attn_act"):
+            spec = getattr(self, name)
+            if spec is not None and spec.granularity != "tensor":
+                raise ConfigError(
+                    f"QConfig.{name}.granularity must be 'tensor': a per-channel activation scale "
+                    "cannot be folded into an integer matmul"
+                )
         if self.first_last_bits is not None and (
             isinstance(self.first_last_bits, bool)
             or not isinstance(self.first_last_bits, int)
@@ -254,9 +264,13 @@ class QConfig:
     def probs_spec(self) -> QuantSpec | None:
         return self.attn_probs if self.attn_probs is not None else self.act
 
+    @property
+    def qkv_spec(self) -> QuantSpec | None:
+        return self.attn_act if self.attn_act is not None else self.act
+
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("weight", "act", "attn_probs", "calib", "recon"):
+        for name in ("weight", "act", "attn_probs", "attn_act", "calib", "recon"):
             out[name] = None if out[name] is None else dataclasses.asdict(out[name])
         out["transforms"] = [t.to_dict() for t in self.transforms]
         return out
@@ -269,6 +283,7 @@ class QConfig:
             "weight": QuantSpec,
             "act": QuantSpec,
             "attn_probs": QuantSpec,
+            "attn_act": QuantSpec,
             "calib": CalibConfig,
             "recon": ReconConfig,
         }

@@ -207,20 +207,13 @@ class QuantMatMul(QuantModule):
 SLICE_SCORES = 1 << 24
 
 
-class QuantAttnProcessor(nn.Module):
-    """A diffusers attention processor whose two matmuls are :class:`QuantMatMul`.
-
-    It follows diffusers' reference ``AttnProcessor`` step for step (group/spatial norm, 4-D
-    inputs, cross-attention norm, masks, residual, rescale); the projections are the
-    Attention's own (already quantized) ``to_q/to_k/to_v/to_out`` layers. Being an
-    ``nn.Module``, it is registered as the Attention's ``processor`` submodule, so its quantizers
-    are part of the model's parameters and state dict.
-    """
-
-    def __init__(self, act: QuantSpec, probs: QuantSpec) -> None:
-        super().__init__()
-        self.qk = QuantMatMul(act, act)
-        self.pv = QuantMatMul(probs, act)
+class AttnProcessorSteps(nn.Module):
+    """diffusers' reference ``AttnProcessor`` step for step (group/spatial norm, 4-D inputs,
+    cross-attention norm, masks, residual, rescale), with the attention itself
+    (:meth:`attention`) left to the subclass: simulated quantization here, a deployment's form
+    in a backend. The projections are the Attention's own (possibly quantized) ``to_q/to_k/
+    to_v/to_out`` layers. Being an ``nn.Module``, a processor is registered as the Attention's
+    ``processor`` submodule, so its quantizers are part of the model's state dict."""
 
     # diffusers passes only the keyword arguments named in ``__call__``'s signature (``temb``
     # among them), so the signature is spelled out instead of nn.Module's ``*args, **kwargs``.
@@ -237,10 +230,6 @@ class QuantAttnProcessor(nn.Module):
         if input_ndim == 4:
             b, c, h, w = hidden_states.shape
             hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        batch, seq_len, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
@@ -250,6 +239,32 @@ class QuantAttnProcessor(nn.Module):
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
+        hidden_states = self.attention(attn, query, key, value, attention_mask)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def attention(self, attn, query, key, value, attention_mask):
+        """``softmax(Q·Kᵀ · scale + mask) · V`` over ``attn.heads`` heads, from and to
+        ``[batch, tokens, heads × dim]``; ``attention_mask`` as the Attention was given it."""
+        raise NotImplementedError
+
+
+class QuantAttnProcessor(AttnProcessorSteps):
+    """A diffusers attention processor whose two matmuls are :class:`QuantMatMul`: Q, K and V
+    on ``qkv``'s grids, the softmax probabilities on ``probs``'s."""
+
+    def __init__(self, qkv: QuantSpec, probs: QuantSpec) -> None:
+        super().__init__()
+        self.qk = QuantMatMul(qkv, qkv)
+        self.pv = QuantMatMul(probs, qkv)
+
+    def attention(self, attn, query, key, value, attention_mask):
+        batch, seq_len = key.shape[:2]
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
         query, key, value = (attn.head_to_batch_dim(t) for t in (query, key, value))
         key = key.transpose(-1, -2)
         # Attention slicing over batch x heads: the (fake-)quantized scores and probabilities
@@ -264,14 +279,7 @@ class QuantAttnProcessor(nn.Module):
             if mask is not None and mask.shape[0] > 1:
                 mask = mask[i : i + rows]
             out.append(self._attend(attn, query[i : i + rows], key[i : i + rows], value[i : i + rows], mask))
-        hidden_states = attn.batch_to_head_dim(out[0] if len(out) == 1 else torch.cat(out))
-
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return attn.batch_to_head_dim(out[0] if len(out) == 1 else torch.cat(out))
 
     def _attend(self, attn, query, key_t, value, attention_mask):
         scores = self.qk(query, key_t) * attn.scale

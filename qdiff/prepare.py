@@ -136,7 +136,7 @@ def prepare(model: nn.Module, qconfig: QConfig, filter_fn: FilterFn | None = Non
                 and _standard_attention(module)
                 and (filter_fn is None or filter_fn(name, module))
             ):
-                processor = QuantAttnProcessor(qconfig.act, qconfig.probs_spec)
+                processor = QuantAttnProcessor(qconfig.qkv_spec, qconfig.probs_spec)
                 module.set_processor(processor.to(module.to_q.weight.device))
     set_quant_state(model, weight=False, act=False)
     return model

@@ -6,7 +6,8 @@ frontend reads as quantization: every quantized layer becomes ``FakeQuantize`` o
 (``torch.fake_quantize_per_tensor_affine`` with the calibrated scale and zero point, on the
 uint8 range) and on its weight (``torch.fake_quantize_per_channel_affine`` of the already
 quantized weight, held as its integers, so AdaRound's learned rounding is kept exactly), then
-the float conv or linear; attention's two matmuls get ``FakeQuantize`` on both operands.
+the float conv or linear; attention stays whole and 4-D, with ``FakeQuantize`` on Q, K, V and
+the probabilities (:class:`FakeQuantizeAttention`), the pattern OpenVINO fuses into one kernel.
 OpenVINO's low-precision transformations turn each such pattern into an int8 kernel with int8
 weights; whatever it cannot run in int8 runs in f32 with the same rounding (``kernels`` counts
 both, read from the compiled model's runtime precisions, so a fallback is never silent).
@@ -41,7 +42,7 @@ from qdiff.backends.base import (
     uint8_grid,
     weight_bits,
 )
-from qdiff.modules import QuantLayer, QuantMatMul
+from qdiff.modules import AttnProcessorSteps, QuantAttnProcessor, QuantLayer
 from qdiff.storage import exact_heap, release_free_heap, storage_bytes
 
 
@@ -94,27 +95,49 @@ class FakeQuantizeLayer(KernelLayer):
         return sum(math.ceil(getattr(self, f"weight{i}").numel() * bits / 8) for i in range(self.parts))
 
 
-class FakeQuantizeMatMul(nn.Module):
-    """Attention's ``a @ b`` with FakeQuantize on both operands (their calibrated grids)."""
+class FakeQuantizeAttention(AttnProcessorSteps):
+    """Attention as OpenVINO fuses it: whole (no slicing: the runtime never materialises more
+    than its tiles), in the 4-D ``[batch, heads, tokens, dim]`` layout of its MHA pattern, with
+    FakeQuantize on Q, K and V and on the softmax probabilities (their calibrated grids) and
+    nowhere else. The CPU plugin tokenizes MatMul→Softmax→MatMul into one snippets subgraph;
+    it runs in int8 when no activation operand carries a zero point (symmetric Q/K/V grids,
+    ``QConfig.attn_act``; probabilities have zero point 0), else in f32 with the same
+    rounding. Same values as the simulated processor, which slices for its memory's sake."""
 
-    kernel = "openvino-fq-matmul"
+    kernel = "openvino-fq-attention"
 
-    def __init__(self, matmul: QuantMatMul) -> None:
+    def __init__(self, processor: QuantAttnProcessor) -> None:
         super().__init__()
-        self.grids = [uint8_grid(matmul.quant_a), uint8_grid(matmul.quant_b)]
+        qk, pv = processor.qk, processor.pv
+        self.q, self.k, self.v, self.probs = (
+            uint8_grid(quantizer) for quantizer in (qk.quant_a, qk.quant_b, pv.quant_b, pv.quant_a)
+        )
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        a, b = (torch.fake_quantize_per_tensor_affine(t, *g) for t, g in zip((a, b), self.grids, strict=True))
-        return torch.matmul(a, b)
+    def attention(self, attn, query, key, value, attention_mask):
+        batch, seq_len = key.shape[:2]
+        heads, dim = attn.heads, query.shape[-1] // attn.heads
+
+        def split(t: torch.Tensor, grid) -> torch.Tensor:
+            t = t.view(batch, -1, heads, dim).transpose(1, 2)
+            return torch.fake_quantize_per_tensor_affine(t, *grid)
+
+        scores = torch.matmul(split(query, self.q), split(key, self.k).transpose(-1, -2)) * attn.scale
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+            scores = scores + mask.view(batch, heads, -1, mask.shape[-1])
+        probs = torch.fake_quantize_per_tensor_affine(scores.softmax(dim=-1), *self.probs)
+        out = torch.matmul(probs, split(value, self.v))
+        return out.transpose(1, 2).reshape(batch, -1, heads * dim)
 
 
 def fake_quantize_form(qmodel: nn.Module) -> nn.Module:
-    """A copy of a calibrated model with every active quantizer as a FakeQuantize op."""
+    """A copy of a calibrated model with every active quantizer as a FakeQuantize op, and its
+    quantized attention in the form OpenVINO fuses (:class:`FakeQuantizeAttention`)."""
     model = deploy_layers(qmodel, FakeQuantizeLayer, static_int)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuantMatMul) and module.use_act_quant:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, FakeQuantizeMatMul(module))
+    for module in list(model.modules()):
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, QuantAttnProcessor) and processor.qk.use_act_quant:
+            module.set_processor(FakeQuantizeAttention(processor))
     return model
 
 
@@ -248,17 +271,26 @@ class OpenVINOModule(nn.Module):
 
     def runtime_kernels(self) -> dict[str, int]:
         """Convolutions and matmuls of the compiled model by the precision they run in
-        (``openvino-u8``/``-i8``: int8 kernels; ``openvino-f32``: float), from its runtime graph."""
-        if self.compiled is None:
-            return {}
+        (``openvino-u8``/``-i8``: int8 kernels; ``openvino-f32``: float), and its fused
+        attention subgraphs by the precision of their inputs (``openvino-mha-i8``: Q, K, V all
+        int8; ``openvino-mha-f32``: a float matmul inside), from its runtime graph."""
         counts: dict[str, int] = {}
-        for op in self.compiled.get_runtime_model().get_ops():
+        for op in self.runtime_ops():
             info = op.get_rt_info()
-            if "layerType" not in info or info["layerType"].astype(str) not in GEMM_LAYERS:
+            kind = info["layerType"].astype(str)
+            if kind in GEMM_LAYERS:
+                name = f"openvino-{info['runtimePrecision'].astype(str)}"
+            elif fused_attention(op):
+                name = "openvino-mha-" + ("i8" if integer_inputs(op) else "f32")
+            else:
                 continue
-            name = f"openvino-{info['runtimePrecision'].astype(str)}"
             counts[name] = counts.get(name, 0) + 1
         return dict(sorted(counts.items()))
+
+    def runtime_ops(self) -> list:
+        """The compiled model's runtime graph (what the CPU plugin executes), or [] before it
+        compiles."""
+        return [] if self.compiled is None else list(self.compiled.get_runtime_model().get_ops())
 
     def deployed_storage(self) -> dict[str, int]:
         """:func:`qdiff.storage_bytes`'s parts for the deployed weights."""
@@ -266,6 +298,21 @@ class OpenVINOModule(nn.Module):
 
 
 GEMM_LAYERS = ("Convolution", "Deconvolution", "FullyConnected", "MatMul")
+
+
+def fused_attention(op) -> bool:
+    """A runtime op is one fused attention: a snippets ``Subgraph`` that computes the source
+    model's softmax and its matmuls (the runtime graph names the ops each one absorbed)."""
+    info = op.get_rt_info()
+    if info["layerType"].astype(str) != "Subgraph":
+        return False
+    names = [n.rpartition("/")[2] for n in [op.get_friendly_name(), *info["originalLayersNames"].astype(str).split(",")]]
+    return any(n.startswith("Softmax") for n in names) and any(n.startswith("MatMul") for n in names)
+
+
+def integer_inputs(op) -> bool:
+    """Every activation input of a runtime op arrives as 8-bit integers (u8/i8)."""
+    return all(op.input(i).get_element_type().get_type_name() in ("u8", "i8") for i in range(op.get_input_size()))
 
 
 def _core():
