@@ -29,7 +29,6 @@ differ between A and B is an error, as is a pair of folders that share no cell.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from scipy import stats
 
 from bench.errors import IncomparableError, ThresholdError, UnknownNameError
 from bench.registry import METRICS
-from bench.report.cells import MACHINE, cell_table, compile_modes, method_labels, protocol, with_derived
+from bench.report.cells import cell_table, compile_modes, machine_label, method_labels, protocol, with_derived
 from bench.stats import LEVEL, holm
 from bench.store import load
 
@@ -147,7 +146,8 @@ def _cells(path: str | Path) -> pd.DataFrame:
     sampling and calibration seeds, with the two-level interval), plus each cell's protocol
     without the machine and its machine."""
     df = load(path)
-    cells = cell_table(df)
+    # Each cell on the machine it was last measured on (a folder may hold several).
+    cells = cell_table(df).sort_values("measured_at").groupby(KEY, sort=False).tail(1)
     # The cells' own rows, step memory (taken from latency_step's rows) included.
     df = with_derived(df)
     df["method"] = method_labels(df)
@@ -155,9 +155,9 @@ def _cells(path: str | Path) -> pd.DataFrame:
     # The protocol without the machine: a cost cell measured on another machine is listed,
     # never compared; a quality cell must reproduce across machines.
     df["protocol"] = protocol(df, with_machine=False)
-    df["machine"] = [json.dumps([r.get(c) for c in MACHINE], default=str) for r in df.to_dict("records")]
+    df["machine"] = [machine_label(r) for r in df.to_dict("records")]
     newest = df.sort_values("started_at").groupby(KEY, sort=False)[["protocol", "machine"]].last()
-    cells = cells.merge(newest, left_on=KEY, right_index=True, how="left")
+    cells = cells.drop(columns="machine").merge(newest, left_on=KEY, right_index=True, how="left")
     cells["half_width"] = [_half_width(c) for c in cells.itertuples()]
     return cells[[*KEY, "value", "half_width", "seeds", "status", "error", "higher_is_better", "kind",
                   "protocol", "machine"]]  # fmt: skip
@@ -265,12 +265,8 @@ def p_worse(excess: float, noise: float) -> float:
 
 
 def _machines(merged: pd.DataFrame, side: str) -> list[str]:
-    """The machines one side's cells were measured on, as ``CPU model (ISA), device``."""
-    out = set()
-    for text in merged[f"machine_{side}"].dropna():
-        device, cpu, isa = json.loads(text)
-        out.add(f"{cpu} ({isa}), {device}")
-    return sorted(out)
+    """The machines one side's cells were measured on (:func:`~bench.report.cells.machine_label`)."""
+    return sorted(set(merged[f"machine_{side}"].dropna()))
 
 
 def machine_note(table: pd.DataFrame) -> str | None:

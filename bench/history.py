@@ -25,7 +25,7 @@ import pandas as pd
 from bench.errors import StoreError
 from bench.fsio import write_atomic
 from bench.provenance import REPO_ROOT
-from bench.report.cells import method_labels, protocol
+from bench.report.cells import machine_label, method_labels, protocol
 from bench.report.html import CSS
 from bench.report.plots import line_styles, png
 from bench.store import ResultStore, load
@@ -33,17 +33,6 @@ from bench.store import ResultStore, load
 # A history line: one cell measured one way (``settings``: sample count and a hash of the rest)
 # on one machine.
 CELL = ["matrix", "model", "method", "bits", "metric", "settings", "machine"]
-
-
-def machine_label(row: dict) -> str:
-    """A row's machine: its GPU for CUDA runs, else its CPU model and torch's vector ISA."""
-
-    def text(key: str) -> str:  # NaN where old rows lack the column
-        value = row.get(key)
-        return value if isinstance(value, str) and value else "?"
-
-    device = text("device")
-    return device if device.startswith("cuda") else f"{text('cpu_model')} ({text('cpu_capability')})"
 
 
 def history(root: str | Path) -> pd.DataFrame:

@@ -30,6 +30,8 @@ def test_other_config_validation():
         ReconConfig(warmup=1.5)
     with pytest.raises(ConfigError, match=r"act\.granularity must be 'tensor'"):
         QConfig(act=QuantSpec(8, granularity="channel"))
+    with pytest.raises(ConfigError, match=r"attn_act\.granularity must be 'tensor'"):
+        QConfig(attn_act=QuantSpec(8, True, granularity="channel"))
     with pytest.raises(ConfigError, match="quantizes nothing"):
         QConfig(weight=None, act=None)
     with pytest.raises(ConfigError, match="must be a QuantSpec"):
@@ -41,6 +43,7 @@ def test_yaml_round_trip():
         weight=QuantSpec(4, True, "channel", "mse"),
         act=None,
         attn_probs=QuantSpec(16),
+        attn_act=QuantSpec(8, symmetric=True),
         calib=CalibConfig(strategy="normal", num_timesteps=7),
         recon=ReconConfig(weight_iters=123, granularity="layer"),
     )

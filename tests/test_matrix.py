@@ -125,7 +125,9 @@ def test_shipped_matrices_are_valid():
     # Every registered baseline except the CUDA-only torchao presets; the symmetric-attention
     # variants have their own matrix, which measures them against their bases.
     cuda_only = {"torchao-int4wo", "torchao-fp8dq-row"}
-    assert {r.method for r in full.expand()} >= {"fp", "qdiff", *baseline_names()} - cuda_only - {"linear-symattn"}
+    assert {r.method for r in full.expand()} >= {"fp", "qdiff", *baseline_names()} - cuda_only - {
+        "linear-symattn"
+    }
     grids = load_matrix(REPO_ROOT / "configs" / "attention-grids.yaml")
     assert {r.method for r in grids.expand()} == {"fp", "linear", "linear-symattn", "qdiff", "qdiff-symattn"}
     assert {r.bits_label for r in full.expand()} == {"FP", "W8A8", "W8A32", "W4A8", "W4A4", "W4A32"}

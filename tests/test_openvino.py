@@ -1,6 +1,7 @@
 """OpenVINO as a backend (the suite's grids as FakeQuantize, run by OpenVINO's int8 kernels), as
 a compile mode (FP32 on OpenVINO) and NNCF's PTQ as a baseline on the same runtime."""
 
+import dataclasses
 import json
 
 import pytest
@@ -17,7 +18,14 @@ pytest.importorskip(
     "nncf", reason="the openvino extra is not installed (pip install 'qdiff-bench[openvino]')"
 )
 
-from qdiff.backends.openvino import FakeQuantizeLayer, OpenVINOModule, fake_quantize_form
+from qdiff.backends.openvino import (
+    FakeQuantizeLayer,
+    OpenVINOModule,
+    fake_quantize_form,
+    fused_attention,
+    attention_precision,
+)
+from qdiff.modules import QuantAttnProcessor
 
 W8A8 = qdiff.QConfig(
     weight=qdiff.QuantSpec(8, True, "channel"), act=qdiff.QuantSpec(8), recon=qdiff.ReconConfig(method="none")
@@ -70,6 +78,40 @@ def test_openvino_runs_the_calibrated_grids_on_int8_kernels(quantized):
     assert qdiff.resident_bytes(deployed) == deployed.opaque_bytes() > 0
     # Other batch sizes reuse the compiled model (dynamic shapes).
     assert deployed(data.x[:7], data.t[:7]).sample.shape == (7, 1, 8, 8)
+
+
+@pytest.mark.parametrize("attn_act, precision", [(qdiff.QuantSpec(8, symmetric=True), "i8"), (None, "f32")])
+def test_openvino_fuses_each_attention_into_one_kernel_int8_with_symmetric_grids(
+    quantized, attn_act, precision
+):
+    """The runtime graph OpenVINO's CPU plugin executes: every attention layer one fused
+    subgraph (both matmuls and the softmax), none sliced or left as separate matmuls. With
+    symmetric Q/K/V grids its inputs arrive as int8 straight from their FakeQuantize (no
+    Subtract or Convert beside it); the paper's asymmetric grids (a zero point) leave it f32."""
+    unet, _, data = quantized
+    qmodel, _ = qdiff.quantize(unet, dataclasses.replace(W8A8, attn_act=attn_act), data)
+    n_attention = sum(isinstance(m, QuantAttnProcessor) for m in qmodel.modules())
+    assert n_attention == 4
+    deployed = qdiff.convert(qmodel, "openvino")
+    x, t = data.x[:4], data.t[:4]
+    with torch.no_grad():
+        fake = qdiff.convert(qmodel, "fake")(x, t).sample
+        assert sqnr_db(fake, deployed(x, t).sample) >= 35
+    ops = deployed.runtime_ops()
+    attention = [op for op in ops if fused_attention(op)]
+    assert len(attention) == n_attention
+    assert not [op for op in ops if op.get_rt_info()["layerType"].astype(str) == "MatMul"]
+    assert {attention_precision(op) for op in attention} == {precision}
+    if precision == "i8":
+        for op in attention:
+            for i in range(op.get_input_size()):
+                source = op.input(i).get_source_output().get_node()
+                assert source.get_rt_info()["layerType"].astype(str) in (
+                    "FakeQuantize",
+                    "Transpose",
+                    "Reshape",
+                )
+    assert deployed.runtime_kernels()[f"openvino-mha-{precision}"] == n_attention
 
 
 def test_fp32_on_openvino_computes_the_torch_model(quantized):

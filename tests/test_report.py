@@ -453,6 +453,39 @@ def test_a_cost_is_paired_with_an_fp_run_only_on_the_same_machine_type(tmp_path)
     assert math.isnan(cells.loc[("qdiff", "W8A8"), "delta"])
 
 
+def test_cost_cells_of_two_machines_get_a_table_each_and_no_ratio_across_them(tmp_path):
+    """A folder whose cells were timed on two CPUs (the committed perf-cpu-real once mixed an
+    AMD EPYC and an Intel Xeon in one table): each machine's cells stand in their own table and
+    are read only against that machine's FP, never against a faster machine's compiled FP."""
+    from helpers import row
+
+    from bench.report import build
+    from bench.store import ResultStore
+
+    store = ResultStore(tmp_path)
+    epyc = {"cpu_model": "AMD EPYC", "cpu_flags": "avx2 avx512_vnni"}
+    xeon = {"cpu_model": "Intel Xeon", "cpu_flags": "avx2 avx512_vnni amx_int8"}
+    timed = [  # (machine, method, bits, compile, ms): eager on the EPYC, compiled on the Xeon
+        (epyc, "fp", "FP", "off", 100.0), (epyc, "linear", "W8A8", "off", 60.0),
+        (xeon, "fp", "FP", "inductor", 40.0), (xeon, "linear", "W8A8", "inductor", 20.0),
+    ]  # fmt: skip
+    for where, method, bits, compiled, ms in timed:
+        r = row(method, bits, "latency_step", ms, unit="ms", kind="cost", device="cpu (x86_64, 2 threads)",
+                evaluation={"compile": compiled}, **where)  # fmt: skip
+        name = f"{method}-{compiled}"
+        store.append([{**r, "run_id": name, "config_hash": name, "reference_hash": f"fp-{compiled}"}])
+    report = build(tmp_path)
+    cells = report.cells[report.cells["method"] == "linear"].set_index("compile")
+    assert cells.loc["off", "ratio"] == pytest.approx(0.6)
+    assert cells.loc["inductor", "ratio"] == pytest.approx(0.5)
+    # Each machine has one FP baseline: no "fastest FP" is taken from the other machine (the
+    # EPYC's eager 60 ms against the Xeon's compiled 40 ms would read 1.5x).
+    assert cells["fastest_ratio"].isna().all()
+    for cpu in ("AMD EPYC (avx2 avx512_vnni), 2 threads", "Intel Xeon (avx2 avx512_vnni amx_int8), 2 threads"):
+        assert f"## Cost on {cpu}" in report.markdown
+    assert report.markdown.count("## Cost on ") == 2
+
+
 def test_the_gate_holds_its_false_alarm_rate_over_a_matrix_and_catches_a_planted_regression():
     """10,000 synthetic clean reruns of the committed default matrix's gated quality cells, each
     cell moving run to run by the spread its interval measured (normal, sd = half-width / 1.96),

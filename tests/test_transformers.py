@@ -82,6 +82,36 @@ def test_attention_matmuls_match_torch_fake_quant_and_fp_when_switched_off(dit, 
     assert 25 < sqnr_db(fp, _out(model, calib)) < 80
 
 
+def test_symmetric_attention_grids_quantize_q_k_v_with_zero_point_zero(dit, calib):
+    """``qdiff-symattn``: Q, K and V on signed grids with zero point 0, the probabilities on
+    unsigned ones with zero point 0 (what OpenVINO's int8 attention takes); the paper's grids
+    keep a zero point on Q, K and V. Everything else is the same recipe."""
+    from bench.registry import METHODS
+
+    bits = Bits.parse("W8A8")
+    paper = METHODS.get("qdiff").qconfig(bits)
+    fused = METHODS.get("qdiff-symattn").qconfig(bits)
+    assert replace(fused, attn_act=None) == paper
+    models = {}
+    for name, config in (("paper", paper), ("symattn", fused)):
+        models[name] = qdiff.calibrate(qdiff.prepare(dit.denoiser(), replace(config, recon=NO_RECON)), calib)
+    for name, model in models.items():
+        processors = [m for m in model.modules() if isinstance(m, QuantAttnProcessor)]
+        assert processors
+        for p in processors:
+            q, k, v, probs = p.qk.quant_a, p.qk.quant_b, p.pv.quant_b, p.pv.quant_a
+            assert probs.qmin == 0 and float(probs.zero_point) == 0
+            zero_points = [float(x.zero_point) for x in (q, k, v)]
+            if name == "symattn":
+                assert {x.qmin for x in (q, k, v)} == {-128} and zero_points == [0, 0, 0]
+            else:
+                assert {x.qmin for x in (q, k, v)} == {0} and any(z != 0 for z in zero_points)
+    # The grids differ, so the outputs do, by about one grid step's worth.
+    fp = _out(dit.denoiser(), calib)
+    for model in models.values():
+        assert sqnr_db(fp, _out(model, calib)) > 25
+
+
 def test_attention_slicing_changes_no_value_and_no_minmax_grid(dit, calib, monkeypatch):
     """Slices of one batch x head row each (as SD-1.5 at 512² gets) compute what one slice does:
     the same calibrated grids (their extremes) and the same output."""

@@ -34,6 +34,22 @@ def method_labels(df: pd.DataFrame) -> list[str]:
 MACHINE = ("device", "cpu_model", "cpu_capability")
 
 
+def machine_label(row: dict) -> str:
+    """A row's machine: its GPU for CUDA runs, else its CPU model, the CPU flags that decide
+    its kernels (VNNI, AMX, ...; torch's vector ISA where a row lacks them) and its threads."""
+
+    def text(key: str) -> str:  # NaN where old rows lack the column
+        value = row.get(key)
+        return value if isinstance(value, str) and value else ""
+
+    device = text("device")  # a GPU's name, or "cpu (<arch>, <n> threads)"
+    if device and not device.startswith("cpu"):
+        return device
+    threads = device.partition(", ")[2].rstrip(")")
+    isa = text("cpu_flags") or text("cpu_capability") or "?"
+    return f"{text('cpu_model') or '?'} ({isa})" + (f", {threads}" if threads else "")
+
+
 def protocol(df: pd.DataFrame, with_machine: bool = True) -> list[str]:
     """Each row's measurement protocol as canonical text (see the comment above); without the
     machine for comparing folders, where a cost cell's machine is checked on its own."""
@@ -64,7 +80,10 @@ def protocol(df: pd.DataFrame, with_machine: bool = True) -> list[str]:
     return [one(r) for r in df.to_dict("records")]
 
 
-CELL = ["model", "method", "bits", "compile", "metric"]
+# A cost cell is also keyed by its machine (:func:`machine_label`; "" for quality cells, which
+# must reproduce on any machine): cells of two machines stand side by side, never averaged, and
+# no ratio is taken across them.
+CELL = ["model", "method", "bits", "compile", "metric", "machine"]
 
 
 DTYPE_LABELS = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}
@@ -144,6 +163,7 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     df["method"] = method_labels(df)
     df["compile"] = compile_modes(df)
     df["protocol"] = protocol(df)
+    df["machine"] = [machine_label(r) if r.get("kind") == "cost" else "" for r in df.to_dict("records")]
     newest = df.sort_values("started_at").groupby(CELL, sort=False)["protocol"].last()
     current = [
         newest[tuple(k)] == p for k, p in zip(df[CELL].itertuples(index=False), df["protocol"], strict=True)
@@ -156,15 +176,16 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     # A cost is paired with its FP run's only when both were measured on one machine type (a
     # cluster may place the two runs on different nodes): a ratio across machines means nothing.
     records = df.to_dict("records")
-    machine = [tuple(r.get(c) for c in MACHINE) if r.get("kind") == "cost" else () for r in records]
     fp_value = {
-        (r["config_hash"], r["metric"], m): r["value"]
-        for r, m in zip(records, machine, strict=True)
+        (r["config_hash"], r["metric"], r["machine"]): r["value"]
+        for r in records
         if r["method"] == FP and r["status"] == "ok"
     }
     paired = [
-        fp_value.get((r["reference_hash"], r["metric"], m), math.nan) if r["status"] == "ok" else math.nan
-        for r, m in zip(records, machine, strict=True)
+        fp_value.get((r["reference_hash"], r["metric"], r["machine"]), math.nan)
+        if r["status"] == "ok"
+        else math.nan
+        for r in records
     ]
     # Rows that measured their own paired delta (same resampled images) keep it.
     own = [isinstance(d, int | float) and not pd.isna(d) for d in df["delta"]]
@@ -175,7 +196,7 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     precision = {r.bits: (-(r.w_bits or 32), -(r.a_bits or 32)) for r in df.itertuples() if r.bits != "FP"}
     bits_order = ["FP", *sorted(precision, key=precision.get)]
     records = []
-    for (model, method, bits, compile_mode, metric), g in df.groupby(CELL, sort=False):
+    for (model, method, bits, compile_mode, metric, machine), g in df.groupby(CELL, sort=False):
         good = g[g["status"] == "ok"]
         bad = g[g["status"] != "ok"]
         first = g.iloc[0]
@@ -193,6 +214,8 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
                 "compile": compile_mode,
                 "baseline": baseline_label(first.get("sampling"), compile_mode),
                 "metric": metric,
+                "machine": machine,
+                "measured_at": g["started_at"].max(),
                 "value": value,
                 "low": low,
                 "high": high,
@@ -215,7 +238,7 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
                 if good["floor_sd"].notna().any()
                 else math.nan,
                 "bits_rank": bits_order.index(bits),
-                "set_aside": int(set_aside.get((model, method, bits, compile_mode, metric), 0)),
+                "set_aside": int(set_aside.get((model, method, bits, compile_mode, metric, machine), 0)),
             }
         )
     cells = pd.DataFrame.from_records(records)
@@ -227,16 +250,17 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
 def _fastest_fp(cells: pd.DataFrame) -> tuple[list, list]:
     """For cost cells of a model measured against several FP baselines (eager and compiled):
     the best FP baseline's label and each cell's ratio to it, so that a quantized model timed
-    eager is also read against compiled FP. None where the model has one FP baseline."""
-    best: dict[tuple[str, str], tuple[str, float]] = {}
+    eager is also read against compiled FP. None where the model has one FP baseline on the
+    cell's machine (the baseline is always the same machine's)."""
+    best: dict[tuple[str, str, str], tuple[str, float]] = {}
     fp = cells[(cells["method"] == FP) & (cells["kind"] == "cost") & (cells["status"] == "ok")]
-    for (model, metric), g in fp.groupby(["model", "metric"]):
+    for (model, metric, machine), g in fp.groupby(["model", "metric", "machine"]):
         if g["compile"].nunique() > 1:
             top = g.loc[g["value"].idxmax() if g["higher_is_better"].iloc[0] else g["value"].idxmin()]
-            best[(model, metric)] = (top["baseline"], float(top["value"]))
+            best[(model, metric, machine)] = (top["baseline"], float(top["value"]))
     labels, ratios = [], []
     for c in cells.itertuples():
-        label, value = best.get((c.model, c.metric), (None, math.nan))
+        label, value = best.get((c.model, c.metric, c.machine), (None, math.nan))
         labels.append(label)
         ratios.append(c.value / value if label is not None and c.method != FP else math.nan)
     return labels, ratios
@@ -304,13 +328,13 @@ def simulated(c) -> bool:
     return c.backend == "fake" and declared(c.metric, "real_kernels_only")
 
 
-def best_cost(cells: pd.DataFrame) -> set[tuple[str, str, str, str, str]]:
-    """Per (model, metric): the quantized cells that improve on FP by more than
+def best_cost(cells: pd.DataFrame) -> set[tuple[str, str, str, str, str, str]]:
+    """Per (model, metric, machine): the quantized cells that improve on FP by more than
     :data:`REAL_IMPROVEMENT` and are within it of the best of them (none if none improves, if FP
     has no value to beat, or if every cell of the column ties)."""
     best = set()
     quant = cells[(cells["method"] != FP) & (cells["status"] == "ok")]
-    for (model, metric), column in quant.groupby(["model", "metric"]):
+    for (model, metric, machine), column in quant.groupby(["model", "metric", "machine"]):
         g = column[[not simulated(c) for c in column.itertuples()]].dropna(subset=["ratio"])
         g = g[g["ratio"] > 1 + REAL_IMPROVEMENT] if g["higher_is_better"].any() else g[
             g["ratio"] < 1 - REAL_IMPROVEMENT]  # fmt: skip
@@ -322,7 +346,7 @@ def best_cost(cells: pd.DataFrame) -> set[tuple[str, str, str, str, str]]:
         top = (sign * g["value"]).max()
         tied = g[sign * g["value"] >= top - REAL_IMPROVEMENT * abs(top)]
         if len(tied) < len(column) or len(column) == 1:
-            best.update((model, r.method, r.bits, r.compile, metric) for r in tied.itertuples())
+            best.update((model, r.method, r.bits, r.compile, metric, machine) for r in tied.itertuples())
     return best
 
 

@@ -64,12 +64,14 @@ TIME_UNITS = ("ms", "s")
 def boards(cells: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """One board per metric kind present: (heading, board), quality first. Quality is method ×
     (bit width, metric); cost is (method, bit width) × metric, a handful of columns however
-    many bit widths a matrix has."""
+    many bit widths a matrix has, one board per machine (costs of two machines never share a
+    table: a ratio between them would mean nothing)."""
     out = []
     if (cells["kind"] == "quality").any():
         out.append(("Quality", leaderboard(cells[cells["kind"] == "quality"])))
-    if (cells["kind"] == "cost").any():
-        out.append(("Cost", cost_board(cells[cells["kind"] == "cost"])))
+    cost = cells[cells["kind"] == "cost"]
+    for machine, g in cost.groupby("machine", sort=False):
+        out.append((f"Cost on {machine}", cost_board(g)))
     return out
 
 
@@ -83,7 +85,7 @@ def cost_board(cells: pd.DataFrame) -> pd.DataFrame:
     several = cells["compile"].nunique() > 1
     table: dict[tuple[str, ...], dict[str, Shown]] = {}
     for c in cells.sort_values("bits_rank").itertuples():
-        text = cell_text(c, is_best=(c.model, c.method, c.bits, c.compile, c.metric) in best)
+        text = cell_text(c, is_best=(c.model, c.method, c.bits, c.compile, c.metric, c.machine) in best)
         key = (c.model, c.method, c.bits, c.compile) if several else (c.model, c.method, c.bits)
         table.setdefault(key, {})[f"{c.metric} ({units[c.metric]})"] = text
     # A stable sort keeps the bit-width order the rows were added in.

@@ -272,8 +272,8 @@ class OpenVINOModule(nn.Module):
     def runtime_kernels(self) -> dict[str, int]:
         """Convolutions and matmuls of the compiled model by the precision they run in
         (``openvino-u8``/``-i8``: int8 kernels; ``openvino-f32``: float), and its fused
-        attention subgraphs by the precision of their inputs (``openvino-mha-i8``: Q, K, V all
-        int8; ``openvino-mha-f32``: a float matmul inside), from its runtime graph."""
+        attention subgraphs by the precision of their inputs (:func:`attention_precision`:
+        ``openvino-mha-i8``, ``-mixed`` or ``-f32``), from its runtime graph."""
         counts: dict[str, int] = {}
         for op in self.runtime_ops():
             info = op.get_rt_info()
@@ -281,7 +281,7 @@ class OpenVINOModule(nn.Module):
             if kind in GEMM_LAYERS:
                 name = f"openvino-{info['runtimePrecision'].astype(str)}"
             elif fused_attention(op):
-                name = "openvino-mha-" + ("i8" if integer_inputs(op) else "f32")
+                name = f"openvino-mha-{attention_precision(op)}"
             else:
                 continue
             counts[name] = counts.get(name, 0) + 1
@@ -306,13 +306,24 @@ def fused_attention(op) -> bool:
     info = op.get_rt_info()
     if info["layerType"].astype(str) != "Subgraph":
         return False
-    names = [n.rpartition("/")[2] for n in [op.get_friendly_name(), *info["originalLayersNames"].astype(str).split(",")]]
+    names = [
+        n.rpartition("/")[2]
+        for n in [op.get_friendly_name(), *info["originalLayersNames"].astype(str).split(",")]
+    ]
     return any(n.startswith("Softmax") for n in names) and any(n.startswith("MatMul") for n in names)
 
 
-def integer_inputs(op) -> bool:
-    """Every activation input of a runtime op arrives as 8-bit integers (u8/i8)."""
-    return all(op.input(i).get_element_type().get_type_name() in ("u8", "i8") for i in range(op.get_input_size()))
+def integer_inputs(op) -> int:
+    """How many inputs of a runtime op arrive as 8-bit integers (u8/i8)."""
+    return sum(op.input(i).get_element_type().get_type_name() in ("u8", "i8") for i in range(op.get_input_size()))
+
+
+def attention_precision(op) -> str:
+    """A fused attention's precision from its inputs: ``i8`` when Q, K and V all arrive as 8-bit
+    integers (an additive mask stays float), ``mixed`` when some do (NNCF's Q and K), ``f32``
+    when none does."""
+    n = integer_inputs(op)
+    return "i8" if n >= 3 else "mixed" if n else "f32"
 
 
 def _core():
