@@ -21,9 +21,9 @@ pytest.importorskip(
 from qdiff.backends.openvino import (
     FakeQuantizeLayer,
     OpenVINOModule,
+    attention_precision,
     fake_quantize_form,
     fused_attention,
-    attention_precision,
 )
 from qdiff.modules import QuantAttnProcessor
 

@@ -481,7 +481,10 @@ def test_cost_cells_of_two_machines_get_a_table_each_and_no_ratio_across_them(tm
     # Each machine has one FP baseline: no "fastest FP" is taken from the other machine (the
     # EPYC's eager 60 ms against the Xeon's compiled 40 ms would read 1.5x).
     assert cells["fastest_ratio"].isna().all()
-    for cpu in ("AMD EPYC (avx2 avx512_vnni), 2 threads", "Intel Xeon (avx2 avx512_vnni amx_int8), 2 threads"):
+    for cpu in (
+        "AMD EPYC (avx2 avx512_vnni), 2 threads",
+        "Intel Xeon (avx2 avx512_vnni amx_int8), 2 threads",
+    ):
         assert f"## Cost on {cpu}" in report.markdown
     assert report.markdown.count("## Cost on ") == 2
 

@@ -315,7 +315,9 @@ def fused_attention(op) -> bool:
 
 def integer_inputs(op) -> int:
     """How many inputs of a runtime op arrive as 8-bit integers (u8/i8)."""
-    return sum(op.input(i).get_element_type().get_type_name() in ("u8", "i8") for i in range(op.get_input_size()))
+    return sum(
+        op.input(i).get_element_type().get_type_name() in ("u8", "i8") for i in range(op.get_input_size())
+    )
 
 
 def attention_precision(op) -> str:
