@@ -111,6 +111,7 @@ class TorchaoPreset:
 
     checkpointable: ClassVar[bool] = False  # torchao's tensors do not pickle as whole modules
     backend: ClassVar[str] = "torchao"  # its own kernels deploy it, whatever Budget.backend says
+    runtime_reference: ClassVar[bool] = False
 
     def unsupported(self, bits: Bits) -> str | None:
         if bits != self.bits:

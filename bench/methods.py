@@ -45,12 +45,16 @@ class Method(Protocol):
         backend: ``None`` when :meth:`deploy` builds the run's ``Budget.backend``; else the name
             of the kernels the method always deploys on (torchao presets: ``"torchao"``), so
             the matrix's backend axis and checks do not apply to it.
+        runtime_reference: the method is a runtime's own PTQ path (NNCF on OpenVINO), the
+            deployment a user would otherwise pick: the report reads every other cost cell of
+            the same model, bits and machine also as a ratio to it.
     """
 
     name: str
     description: str
     checkpointable: bool
     backend: str | None
+    runtime_reference: bool
 
     def unsupported(self, bits: Bits) -> str | None:
         """Why the method cannot run at ``bits`` (checked when a matrix loads), or None."""
@@ -122,6 +126,7 @@ class RecipeMethod:
 
     checkpointable: ClassVar[bool] = True
     backend: ClassVar[str | None] = None
+    runtime_reference: ClassVar[bool] = False
 
     def unsupported(self, bits: Bits) -> str | None:
         if self.weight_only and bits.a is not None:

@@ -489,6 +489,29 @@ def test_cost_cells_of_two_machines_get_a_table_each_and_no_ratio_across_them(tm
     assert report.markdown.count("## Cost on ") == 2
 
 
+def test_cost_cells_read_against_the_runtimes_own_ptq_on_the_same_machine(tmp_path):
+    """NNCF on OpenVINO is what a CPU deployer runs without this suite (``runtime_reference``):
+    every other quantized cost cell of its model, bits and machine also reads as a ratio to it,
+    and nothing reads against another machine's NNCF."""
+    from helpers import row
+
+    from bench.report import build
+    from bench.store import ResultStore
+
+    store = ResultStore(tmp_path)
+    timed = [("AMD EPYC", "fp", "FP", 100.0), ("AMD EPYC", "nncf-ptq", "W8A8", 40.0),
+             ("AMD EPYC", "linear", "W8A8", 50.0), ("Intel Xeon", "qdiff", "W8A8", 30.0)]  # fmt: skip
+    for cpu, method, bits, ms in timed:
+        r = row(method, bits, "latency_step", ms, unit="ms", kind="cost", cpu_model=cpu, cpu_flags="avx2")
+        store.append([{**r, "run_id": method, "config_hash": method, "reference_hash": "fp"}])
+    report = build(tmp_path)
+    cells = report.cells.set_index("method")
+    assert cells.loc["linear", "reference"] == "nncf-ptq"
+    assert cells.loc["linear", "reference_ratio"] == pytest.approx(1.25)
+    assert cells.loc[["fp", "nncf-ptq", "qdiff"], "reference"].isna().all()
+    assert "1.25× slower than nncf-ptq" in report.markdown
+
+
 def test_the_gate_holds_its_false_alarm_rate_over_a_matrix_and_catches_a_planted_regression():
     """10,000 synthetic clean reruns of the committed default matrix's gated quality cells, each
     cell moving run to run by the spread its interval measured (normal, sd = half-width / 1.96),

@@ -160,6 +160,7 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     intervals overlap), status, error, unit, higher_is_better, kind, extras of the FP row.
     """
     df = with_derived(df)
+    df["method_name"] = df["method"]
     df["method"] = method_labels(df)
     df["compile"] = compile_modes(df)
     df["protocol"] = protocol(df)
@@ -210,6 +211,7 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
             {
                 "model": model,
                 "method": method,
+                "method_name": first["method_name"],
                 "bits": bits,
                 "compile": compile_mode,
                 "baseline": baseline_label(first.get("sampling"), compile_mode),
@@ -244,7 +246,36 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     cells = pd.DataFrame.from_records(records)
     cells["rank"] = _ranks(cells)
     cells["fastest_fp"], cells["fastest_ratio"] = _fastest_fp(cells)
+    cells["reference"], cells["reference_ratio"] = _runtime_reference(cells)
     return cells
+
+
+def _is_runtime_reference(method: str) -> bool:
+    from bench.registry import METHODS
+
+    try:
+        return bool(getattr(METHODS.get(method), "runtime_reference", False))
+    except UnknownNameError:  # a method since renamed or removed
+        return False
+
+
+def _runtime_reference(cells: pd.DataFrame) -> tuple[list, list]:
+    """For quantized cost cells: the runtime's own PTQ deployment of the same model, bits,
+    metric and machine (a method with ``runtime_reference``, e.g. NNCF on OpenVINO; its
+    fastest if several) and each cell's ratio to it. None where the folder has none."""
+    refs = {m: _is_runtime_reference(m) for m in cells["method_name"].unique()}
+    ok = cells[(cells["kind"] == "cost") & (cells["status"] == "ok") & cells["method_name"].map(refs)]
+    best: dict[tuple, tuple[str, float]] = {}
+    for key, g in ok.groupby(["model", "bits", "metric", "machine"]):
+        top = g.loc[g["value"].idxmax() if g["higher_is_better"].iloc[0] else g["value"].idxmin()]
+        best[key] = (top["method"], float(top["value"]))
+    labels, ratios = [], []
+    for c in cells.itertuples():
+        label, value = best.get((c.model, c.bits, c.metric, c.machine), (None, math.nan))
+        mine = label is not None and c.kind == "cost" and c.method not in (FP, label) and value > 0
+        labels.append(label if mine else None)
+        ratios.append(c.value / value if mine else math.nan)
+    return labels, ratios
 
 
 def _fastest_fp(cells: pd.DataFrame) -> tuple[list, list]:

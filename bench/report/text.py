@@ -138,6 +138,9 @@ def cell_text(c, is_best: bool) -> Shown:
             fastest = getattr(c, "fastest_fp", None)
             if isinstance(fastest, str) and fastest != c.baseline and c.fastest_ratio > 0:
                 text += f" ({_ratio_text(c.fastest_ratio, c.unit, fastest)})"
+            reference = getattr(c, "reference", None)
+            if isinstance(reference, str) and c.reference_ratio > 0:
+                text += f" ({_ratio_text(c.reference_ratio, c.unit, reference)})"
         if simulated(c):
             text += " (simulated)"
     else:
@@ -224,7 +227,8 @@ CELLS_LEGEND = (
     "the same noise ± its half-width, '≈FP' where that interval holds 0, and the rank among the "
     "column's methods, tied where intervals overlap (#1 in bold where the ranks separate). "
     "Cost cells: the value and its ratio to the paired FP run (named: its dtype and compile mode) and, "
-    "where FP was also timed another way, to the fastest FP; in bold only where it beats its paired "
+    "where FP was also timed another way, to the fastest FP, and, where the folder holds a runtime's "
+    "own PTQ deployment (NNCF on OpenVINO), to that on the same machine; in bold only where it beats its paired "
     "FP by more than 5 %; memory is the deployed model's (its resident weights plus the sampling's "
     "working memory, nothing else the benchmark holds); latency and memory of simulated "
     "(fake-quant) models are marked 'simulated': they say nothing about deployment."
