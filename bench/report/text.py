@@ -228,9 +228,9 @@ CELLS_LEGEND = (
     "column's methods, tied where intervals overlap (#1 in bold where the ranks separate). "
     "Cost cells: the value and its ratio to the paired FP run (named: its dtype and compile mode) and, "
     "where FP was also timed another way, to the fastest FP, and, where the folder holds a runtime's "
-    "own PTQ deployment (NNCF on OpenVINO), to that on the same machine; in bold only where it beats its paired "
-    "FP by more than 5 %; memory is the deployed model's (its resident weights plus the sampling's "
-    "working memory, nothing else the benchmark holds); latency and memory of simulated "
+    "own PTQ deployment (NNCF on OpenVINO), to that on the same machine; in bold only where it "
+    "beats its paired FP by more than 5 %; memory is the deployed model's (its resident weights "
+    "plus the sampling's working memory, nothing else the benchmark holds); latency and memory of simulated "
     "(fake-quant) models are marked 'simulated': they say nothing about deployment."
 )
 
