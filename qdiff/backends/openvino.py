@@ -302,14 +302,15 @@ GEMM_LAYERS = ("Convolution", "Deconvolution", "FullyConnected", "MatMul")
 
 def fused_attention(op) -> bool:
     """A runtime op is one fused attention: a snippets ``Subgraph`` that computes the source
-    model's softmax and its matmuls (the runtime graph names the ops each one absorbed)."""
+    model's softmax and its matmuls, or its ``ScaledDotProductAttention`` (a model converted
+    with torch's SDPA, as NNCF's is); the runtime graph names the ops each one absorbed."""
     info = op.get_rt_info()
     if info["layerType"].astype(str) != "Subgraph":
         return False
-    names = [
-        n.rpartition("/")[2]
-        for n in [op.get_friendly_name(), *info["originalLayersNames"].astype(str).split(",")]
-    ]
+    absorbed = [op.get_friendly_name(), *info["originalLayersNames"].astype(str).split(",")]
+    names = [part for name in absorbed for part in name.split("/")]
+    if any(n.startswith("ScaledDotProductAttention") for n in names):
+        return True
     return any(n.startswith("Softmax") for n in names) and any(n.startswith("MatMul") for n in names)
 
 
