@@ -250,6 +250,11 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     return cells
 
 
+def _best(g: pd.DataFrame) -> pd.Series:
+    """The row of ``g`` with the best value (its metric's direction)."""
+    return g.loc[g["value"].idxmax() if g["higher_is_better"].iloc[0] else g["value"].idxmin()]
+
+
 def _is_runtime_reference(method: str) -> bool:
     from bench.registry import METHODS
 
@@ -267,7 +272,7 @@ def _runtime_reference(cells: pd.DataFrame) -> tuple[list, list]:
     ok = cells[(cells["kind"] == "cost") & (cells["status"] == "ok") & cells["method_name"].map(refs)]
     best: dict[tuple, tuple[str, float]] = {}
     for key, g in ok.groupby(["model", "bits", "metric", "machine"]):
-        top = g.loc[g["value"].idxmax() if g["higher_is_better"].iloc[0] else g["value"].idxmin()]
+        top = _best(g)
         best[key] = (top["method"], float(top["value"]))
     labels, ratios = [], []
     for c in cells.itertuples():
@@ -287,7 +292,7 @@ def _fastest_fp(cells: pd.DataFrame) -> tuple[list, list]:
     fp = cells[(cells["method"] == FP) & (cells["kind"] == "cost") & (cells["status"] == "ok")]
     for (model, metric, machine), g in fp.groupby(["model", "metric", "machine"]):
         if g["compile"].nunique() > 1:
-            top = g.loc[g["value"].idxmax() if g["higher_is_better"].iloc[0] else g["value"].idxmin()]
+            top = _best(g)
             best[(model, metric, machine)] = (top["baseline"], float(top["value"]))
     labels, ratios = [], []
     for c in cells.itertuples():
