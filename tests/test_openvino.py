@@ -120,7 +120,10 @@ def test_fp32_on_openvino_computes_the_torch_model(quantized):
     model = OpenVINOModule(unet)
     with torch.no_grad():
         assert sqnr_db(unet(x, t).sample, model(x, t).sample) >= 60
-    assert set(layer_report(model)) == {"openvino-f32"}
+    # Every layer runs in float; whether the CPU plugin fuses FP32 attention into one subgraph
+    # (openvino-mha-f32) or leaves its matmuls apart depends on the CPU (it does on AMX Xeons).
+    kernels = layer_report(model)
+    assert "openvino-f32" in kernels and set(kernels) <= {"openvino-f32", "openvino-mha-f32"}
 
 
 def test_nncf_quantizes_on_the_same_runtime(quantized):
