@@ -44,6 +44,8 @@ class Outcome:
         rows: the rows this call appended. wall_s: seconds the call took.
         report: the leaderboard written into the folder (``None`` with ``report=False`` or when
             nothing ran). report_paths: its ``report.md`` and ``report.html``.
+        elsewhere: who runs this matrix's other runs now ("3 run(s) by pid 7 on host"), when
+            another process holds them and this call ran nothing; else None.
     """
 
     matrix: MatrixSpec
@@ -52,6 +54,7 @@ class Outcome:
     wall_s: float
     report: Any = None
     report_paths: tuple[Path, Path] | None = None
+    elsewhere: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -136,6 +139,7 @@ def run(
         MatrixError: the matrix has problems, or ``only`` matches none of its runs.
         bench.runner.Interrupted: SIGINT or SIGTERM arrived; finished runs stay written.
     """
+    _check_arguments(matrix, results, workers, threads, only)
     import torch
     from tqdm.auto import tqdm
 
@@ -148,7 +152,7 @@ def run(
     store = ResultStore(results / spec.name)
     planned(spec, store, only, force)
     store.check_writable()
-    store.rows()  # a corrupt store fails now, before any work
+    store.index()  # a corrupt store fails now, before any work
     if log is None:
         log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731  (keeps the bars intact)
     chosen = executor or spec.executor
@@ -182,13 +186,41 @@ def run(
     if rows:
         record = invocation(spec, rows, started, wall_s, workers, threads, cached_before, chosen)
         store.record_invocation(record)
-    built = paths = None
-    if report:
+    built = paths = elsewhere = None
+    if not rows:
+        elsewhere = store.in_progress()
+    if report and not (elsewhere and store.index().empty):  # no report before another's first row
         from bench import report as leaderboard
 
         md, page, built = leaderboard.write(store.root)
         paths = (md, page)
-    return Outcome(spec, store, rows, wall_s, built, paths)
+    return Outcome(spec, store, rows, wall_s, built, paths, elsewhere)
+
+
+# No machine this suite runs on has more cores than this; a larger count is a typo, and torch
+# would try to start that many threads.
+MAX_PARALLEL = 1024
+
+
+def _check_arguments(matrix: Any, results: Any, workers: Any, threads: Any, only: Any) -> None:
+    """One ValueError naming the argument of :func:`run` that is of the wrong kind or range."""
+    if not isinstance(matrix, str | os.PathLike | MatrixSpec):
+        raise MatrixError(
+            f"matrix must be a path to a YAML file or a MatrixSpec, got {type(matrix).__name__}"
+        )
+    if not isinstance(results, str | os.PathLike):
+        raise MatrixError(f"results must be a folder path (str or Path), got {results!r}")
+    for name, value in (("workers", workers), ("threads", threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 1 <= value <= MAX_PARALLEL):  # fmt: skip
+            raise MatrixError(f"{name} must be a whole number from 1 to {MAX_PARALLEL} (or None: "
+                              f"split this machine's cores), got {value!r}")  # fmt: skip
+    if only is not None and not (
+        isinstance(only, dict) and all(isinstance(v, tuple | list) for v in only.values())
+    ):
+        raise MatrixError(
+            f"only must map axes to tuples of patterns ({{'method': ('qdiff',)}}), got {only!r}"
+        )
 
 
 def invocation(

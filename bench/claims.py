@@ -23,7 +23,7 @@ import html
 import numpy as np
 import pandas as pd
 
-from bench import stats
+from bench import markdown, stats
 from bench.registry import METRICS
 
 METHOD, BASELINE = "qdiff", "linear"
@@ -86,10 +86,7 @@ def to_markdown(rows: list[tuple[str, ...]]) -> list[str]:
     """The report's section (empty without rows)."""
     if not rows:
         return []
-    lines = ["", "## Q-Diffusion against naive PTQ", "", EXPLAINED, "",
-             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]  # fmt: skip
-    lines.extend("| " + " | ".join(r) + " |" for r in rows)
-    return lines
+    return ["", "## Q-Diffusion against naive PTQ", "", EXPLAINED, "", *markdown.table(HEADER, rows)]
 
 
 def to_html(rows: list[tuple[str, ...]]) -> str:

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.api import RESULTS
+from bench.api import MAX_PARALLEL, RESULTS
 from bench.errors import ImageError, IncomparableError, MatrixError, StoreError
 from bench.provenance import REPO_ROOT
 from bench.registry import METHODS, METRICS, MODELS
@@ -30,11 +30,6 @@ DEFAULT_MATRIX = CONFIGS / "default.yaml"
 REFERENCE = REPO_ROOT / "results"
 # Raised on purpose with the fix in the message (and a missing file): one line, exit 2.
 USER_ERRORS = (QdiffError, FileNotFoundError)
-
-
-# No machine this suite runs on has more cores than this; a larger count is a typo, and torch
-# would try to start that many threads.
-MAX_PARALLEL = 1024
 
 
 def _positive(flag: str):
@@ -316,6 +311,9 @@ def _run(args: argparse.Namespace) -> int:
     except Interrupted as exc:
         print(f"{matrix.name}: {exc}", file=sys.stderr)
         return 143 if exc.terminated else 130
+    if outcome.elsewhere:
+        print(f"{matrix.name}: {outcome.elsewhere} being done now; nothing to do here")
+        return 0
     runs = len({r["config_hash"] for r in outcome.rows})
     appended = f"{len(outcome.rows)} rows appended to {outcome.store.runs}"
     print(f"{runs} runs, {appended}; wall time {outcome.wall_s:.0f}s")

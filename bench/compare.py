@@ -36,6 +36,7 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
+from bench import markdown
 from bench.errors import IncomparableError, ThresholdError, UnknownNameError
 from bench.registry import METRICS
 from bench.report.cells import cell_table, compile_modes, machine_label, method_labels, protocol, with_derived
@@ -289,10 +290,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     moved = table[~table["note"].isin(REPRODUCED)]
     # The compile mode is a column only where some cell was timed compiled.
     key = KEY if (table["compile"] != "off").any() else [k for k in KEY if k != "compile"]
-    lines = [
-        f"| {' | '.join(key)} | A | B | Δ (B − A) | noise (±) | p | allowed | note |",
-        "|" + "---|" * (len(key) + 7),
-    ]
+    rows = []
     for r in moved.itertuples():
         flag = " **REGRESSION**" if r.regressed else ""
         cells = ["—" if getattr(r, k) is None else str(getattr(r, k)) for k in key] + [
@@ -304,7 +302,8 @@ def to_markdown(table: pd.DataFrame) -> str:
             r.limit,
             r.note + flag,
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    lines = markdown.table([*key, "A", "B", "Δ (B − A)", "noise (±)", "p", "allowed", "note"], rows)
     n = int(table["regressed"].sum())
     gated = int((table["limit"] != "—").sum())
     beyond = int(table["note"].isin(MOVED).sum())

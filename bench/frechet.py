@@ -49,4 +49,5 @@ def frechet_distance(
     cross = np.linalg.eigvalsh(root @ other @ root)
     trace_cross = np.sqrt(np.clip(cross, 0, None)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_cross)
+    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_cross)
+    return max(distance, 0.0)  # round-off makes identical sets' distance slightly negative

@@ -59,8 +59,20 @@ def try_lock(path: Path) -> bool:
     except FileExistsError:
         return False
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}, f)
+        held = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        json.dump({**held, "start": process_start(os.getpid())}, f)
     return True
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/<pid>/stat``), or None where
+    unknown: with the pid it names one process, where a pid alone is reused (a restarted
+    container's PID 1)."""
+    stat = proc_stat(pid)
+    try:
+        return int(stat[19])
+    except (IndexError, ValueError):
+        return None
 
 
 def lock_holder(path: Path) -> dict | None:
@@ -90,8 +102,13 @@ def lock_is_stale(path: Path, after_s: float) -> bool:
         return False
     if not held:
         return age > UNREADABLE_GRACE_S
-    if held["host"] == socket.gethostname() and not _alive(int(held["pid"])):
-        return True
+    if held["host"] == socket.gethostname():
+        pid = int(held["pid"])
+        if not _alive(pid):
+            return True
+        start = held.get("start")
+        if start is not None and process_start(pid) not in (None, start):
+            return True  # the pid is alive again, but as another process
     return age > after_s
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench import markdown
 from bench.errors import StoreError
 from bench.fsio import write_atomic
 from bench.provenance import REPO_ROOT
@@ -211,39 +212,34 @@ def write(
     speed = speed_history(asv_results)
     if asv_results.resolve().is_relative_to(REPO_ROOT):  # shown as the checkout's path, not this disk's
         asv_results = asv_results.resolve().relative_to(REPO_ROOT)
-    head = (
-        "| matrix | model | method | bits | metric | settings | machine | commits | first | latest | change |"
-    )
+    head = ("matrix", "model", "method", "bits", "metric", "settings", "machine", "commits", "first",
+            "latest", "change")  # fmt: skip
+    failing = hist.attrs.get("failing", {})
+    rows = []
+    for r in table.itertuples():
+        newest = failing.get((r.matrix, r.model, r.method, r.bits, r.metric))
+        latest = f"{r.latest:.4g} ({r.latest_commit})" + (f"; **newest run: {newest}**" if newest else "")
+        rows.append([r.matrix, r.model, r.method, r.bits, r.metric, r.settings, r.machine, r.commits,
+                     f"{r.first:.4g} ({r.first_commit})", latest, f"{r.change:+.3g}"])  # fmt: skip
     lines = [
         f"# Quality over commits: {root}",
         "",
         "First and latest value of every quality cell (mean over seeds) on each machine; plots in "
         "history.html.",
         "",
-        head,
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *markdown.table(head, rows),
     ]
-    failing = hist.attrs.get("failing", {})
-    for r in table.itertuples():
-        newest = failing.get((r.matrix, r.model, r.method, r.bits, r.metric))
-        latest = f"{r.latest:.4g} ({r.latest_commit})" + (f"; **newest run: {newest}**" if newest else "")
-        lines.append(
-            f"| {r.matrix} | {r.model} | {r.method} | {r.bits} | {r.metric} | {r.settings} | {r.machine} | "
-            f"{r.commits} | {r.first:.4g} ({r.first_commit}) | {latest} | {r.change:+.3g} |"
-        )
     lines += ["", "## Speed and memory over commits (asv)", ""]
     if speed.empty:
         lines.append(f"No asv results at {asv_results}: `tox -e asv` measures this checkout.")
     else:
-        lines += [
-            "| benchmark | parameters | machine | commits | first | latest |",
-            "|---|---|---|---|---|---|",
-        ]
+        rows = []
         for (name, params, machine), g in speed.groupby(["benchmark", "params", "machine"], sort=False):
             first, last = g.iloc[0], g.iloc[-1]
-            lines.append(f"| {name} | {params or '—'} | {machine} | {len(g)} | {first['value']:.4g} "
-                         f"({first['commit']}) | {last['value']:.4g} ({last['commit']}) |")  # fmt: skip
-    markdown = "\n".join(lines) + "\n"
+            rows.append([name, params or "—", machine, len(g), f"{first['value']:.4g} ({first['commit']})",
+                         f"{last['value']:.4g} ({last['commit']})"])  # fmt: skip
+        lines += markdown.table(("benchmark", "parameters", "machine", "commits", "first", "latest"), rows)
+    text = "\n".join(lines) + "\n"
     esc = html.escape
 
     def figures(pairs) -> str:
@@ -268,6 +264,6 @@ def write(
     out = Path(out or root)
     out.mkdir(parents=True, exist_ok=True)
     md, html_path = out / "history.md", out / "history.html"
-    write_atomic(md, markdown)
+    write_atomic(md, text)
     write_atomic(html_path, page)
-    return md, html_path, markdown
+    return md, html_path, text

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from bench.errors import AvailabilityError, BitsError
+from bench.errors import AvailabilityError, BitsError, MatrixError
 from bench.provenance import config_hash
 from bench.registry import METRICS
 from qdiff.config import MAX_BITS, MIN_BITS
@@ -375,6 +375,14 @@ class ExecutorSpec:
     dashboard: bool = False
 
 
+def name_problem(name: object) -> str | None:
+    """What makes ``name`` unfit to name a matrix (it names its folder under the results root:
+    ``../x`` would write elsewhere), or None."""
+    if isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum() and name.isascii():
+        return None
+    return f"name={name!r} must be ASCII letters, digits, '-' or '_' (it names a folder)"
+
+
 @dataclass(frozen=True)
 class MatrixSpec:
     """A parsed, validated matrix; :meth:`expand` gives its runs."""
@@ -385,6 +393,11 @@ class MatrixSpec:
     description: str = ""
     notes: tuple[str, ...] = ()  # what the file leaves implicit: inherited keys, then the budget
     executor: ExecutorSpec = ExecutorSpec()
+
+    def __post_init__(self) -> None:
+        problem = name_problem(self.name)
+        if problem:  # however the spec was made (a YAML file, dataclasses.replace, by hand)
+            raise MatrixError(f"matrix {problem}")
 
     def expand(self) -> list[RunSpec]:
         return list(self.runs)

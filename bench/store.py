@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import stat
 import tempfile
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -108,14 +111,20 @@ def _check_invocation(record: Any) -> None:
 STALE_CLAIM_S = 7 * 24 * 3600  # a claim from another host that old is a dead runner's
 
 
-def _check_one_matrix(root: Path, rows: list[tuple[Path, int, dict[str, Any]]]) -> None:
-    """A store holds one matrix: a row naming another was copied in from elsewhere, and read as
-    this matrix's it would replace its cells. Which matrix the store holds is decided by its
-    folder's name where a row carries it, else by most rows, never by the intruder."""
-    names = Counter(row["matrix"] for _, _, row in rows)
+def _own_matrix(root: Path, names: Counter) -> str | None:
+    """Which matrix a store holds, from its rows' ``matrix`` counts, where they name more than
+    one (else None). A store holds one matrix: a row naming another was copied in from
+    elsewhere, and read as this matrix's it would replace its cells. Its folder's name decides
+    where a row carries it, else most rows, never the intruder."""
     if len(names) <= 1:
+        return None
+    return root.name if root.name in names else names.most_common(1)[0][0]
+
+
+def _check_one_matrix(root: Path, rows: list[tuple[Path, int, dict[str, Any]]], own: str | None) -> None:
+    """Raise naming the first of ``rows`` that is not of matrix ``own`` (None: no check)."""
+    if own is None:
         return
-    own = root.name if root.name in names else names.most_common(1)[0][0]
     path, i, row = next(r for r in rows if r[2]["matrix"] != own)
     raise StoreError(
         f"{path}:{i}: results row of matrix {row['matrix']!r} in the store of matrix {own!r} "
@@ -129,6 +138,7 @@ class ResultStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.runs = self.root / "runs"
+        self._index: tuple[tuple, pd.DataFrame] | None = None
 
     def check_writable(self) -> None:
         """Fail now, before any work, if rows could not be written later."""
@@ -153,19 +163,34 @@ class ResultStore:
         write_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
         return path
 
-    def claim(self, config_hash: str) -> str | None:
+    @property
+    def claims(self) -> Path:
+        return self.runs / ".claims"
+
+    def claim(self, config_hash: str, force: bool = False) -> str | None:
         """Claim a run for this process, so that a second runner on the same results root does
         not compute it too. Returns None when claimed, else who holds it. A claim whose process
-        is gone (same host) or that is older than :data:`STALE_CLAIM_S` is recovered."""
-        path = self.runs / ".claims" / f"{config_hash}.json"
+        is gone (same host, its pid dead or reused by another process) or that is older than
+        :data:`STALE_CLAIM_S` is recovered; ``force`` takes any claim over."""
+        path = self.claims / f"{config_hash}.json"
         for _ in range(2):
             if try_lock(path):
                 return None
-            if not lock_is_stale(path, STALE_CLAIM_S):
-                held = lock_holder(path) or {}
-                return f"pid {held.get('pid', '?')} on {held.get('host', '?')}"
+            if not force and not lock_is_stale(path, STALE_CLAIM_S):
+                return _holder(path)
             path.unlink(missing_ok=True)
         return "another runner (claimed while recovering a stale claim)"
+
+    def in_progress(self) -> str | None:
+        """Who is running this matrix's runs now ("2 run(s) by pid 7 on host"), from the live
+        claims, or None."""
+        if not self.claims.is_dir():
+            return None
+        holders = Counter(
+            _holder(path) for path in self.claims.glob("*.json") if not lock_is_stale(path, STALE_CLAIM_S)
+        )
+        holders.pop("nobody", None)
+        return "; ".join(f"{n} run(s) by {who}" for who, n in holders.items()) or None
 
     def release(self, config_hash: str) -> None:
         (self.runs / ".claims" / f"{config_hash}.json").unlink(missing_ok=True)
@@ -192,44 +217,178 @@ class ResultStore:
             records.append(record)
         return records
 
-    def rows(self) -> list[dict[str, Any]]:
-        """Every row ever written, oldest run first."""
+    def files(self) -> list[Path]:
+        """The run files (``runs/*.jsonl``), by name. An entry so named that is not a readable
+        regular file (a folder, a FIFO, a dangling link or a link loop) is a corrupt entry."""
         if not self.runs.is_dir():
             return []
-        rows: list[tuple[Path, int, dict[str, Any]]] = []
-        for path in sorted(self.runs.glob("*.jsonl")):
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        paths = []
+        with os.scandir(self.runs) as entries:
+            for entry in entries:
+                if not entry.name.endswith(".jsonl"):
+                    continue
+                path = Path(entry.path)
+                try:
+                    mode = path.stat().st_mode  # follows links: a loop or a dangling one fails here
+                except OSError as exc:
+                    raise self._corrupt(path, f"unreadable: {exc.strerror or exc}") from None
+                if not stat.S_ISREG(mode):
+                    kind = (
+                        "a folder"
+                        if stat.S_ISDIR(mode)
+                        else "a FIFO"
+                        if stat.S_ISFIFO(mode)
+                        else "not a file"
+                    )
+                    raise self._corrupt(path, f"{kind}, not a file of rows")
+                paths.append(path)
+        return sorted(paths)
+
+    def _corrupt(self, where: str | Path, problem: str) -> StoreError:
+        return StoreError(f"{where}: corrupt results row ({problem}); move that file out of {self.runs} "
+                          "and rerun the matrix (only that run is redone)")  # fmt: skip
+
+    def _file_rows(self, path: Path) -> list[dict[str, Any]]:
+        """One run file's rows, each checked in full (:data:`COLUMNS`, :func:`_check_row`)."""
+        rows = []
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise self._corrupt(path, f"unreadable: {getattr(exc, 'strerror', None) or exc}") from None
+        for i, line in enumerate(text.splitlines(), 1):
+            try:
                 try:
                     row = json.loads(line)
-                    if not isinstance(row, dict) or row.get("status") not in STATUSES:
-                        raise ValueError("not a results row")
-                    missing = [c for c in COLUMNS if c not in row]
-                    if missing:
-                        raise ValueError(f"it lacks the schema column(s) {', '.join(missing)}")
-                    _check_row(row)
-                except ValueError as exc:
-                    raise StoreError(
-                        f"{path}:{i}: corrupt results row ({exc}); move that file out of {self.runs} "
-                        "and rerun the matrix (only that run is redone)"
-                    ) from None
-                rows.append((path, i, row))
-        _check_one_matrix(self.root, rows)
+                except RecursionError:
+                    raise ValueError("nested too deeply to be a results row") from None
+                if not isinstance(row, dict) or row.get("status") not in STATUSES:
+                    raise ValueError("not a results row")
+                missing = [c for c in COLUMNS if c not in row]
+                if missing:
+                    raise ValueError(f"it lacks the schema column(s) {', '.join(missing)}")
+                _check_row(row)
+            except ValueError as exc:
+                raise self._corrupt(f"{path}:{i}", str(exc)) from None
+            rows.append(row)
+        return rows
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every row ever written, each checked in full, oldest run first (every row in memory:
+        :meth:`latest` reads a large store through its :meth:`index`)."""
+        rows = [(path, i, row) for path in self.files() for i, row in enumerate(self._file_rows(path), 1)]
+        _check_one_matrix(
+            self.root, rows, _own_matrix(self.root, Counter(row["matrix"] for _, _, row in rows))
+        )
         return sorted((row for _, _, row in rows), key=lambda r: r["started_at"])
 
+    def index(self) -> pd.DataFrame:
+        """Every row's identity (:data:`INDEX_COLUMNS`, ``value`` and its ``file``), read by
+        DuckDB without building the rows' nested fields, and checked as :meth:`rows` checks
+        them; a row that fails is named by reading its file in full. Memoised while no run
+        file is added, removed or changed."""
+        files = self.files()
+        stamp = tuple((p.name, st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
+        if self._index is None or self._index[0] != stamp:
+            self._index = (stamp, self._read_index(files))
+        return self._index[1]
+
+    def _read_index(self, files: list[Path]) -> pd.DataFrame:
+        if not files:
+            return pd.DataFrame(columns=["file", *INDEX_COLUMNS, "value"])
+        try:
+            df = _duckdb_index(files)
+        except Exception as exc:  # duckdb.Error: a line it cannot read; the full read names it
+            culprit = re.search(r'in file "([^"]+)"', str(exc))
+            for path in [Path(culprit[1])] if culprit else files:
+                self._file_rows(path)
+            raise self._corrupt(culprit[1] if culprit else self.runs, str(exc).splitlines()[0]) from None
+        bad = _bad_rows(df)
+        if bad.any():
+            path = Path(df.loc[bad.idxmax(), "file"])
+            self._file_rows(path)  # raises with the line and the reason
+            raise self._corrupt(path, "a row the full read accepts but its index does not")
+        own = _own_matrix(self.root, Counter(df["matrix"]))
+        if own is not None:
+            path = Path(df.loc[(df["matrix"] != own).idxmax(), "file"])
+            _check_one_matrix(self.root, [(path, i, r) for i, r in enumerate(self._file_rows(path), 1)], own)
+        return df
+
     def latest(self) -> list[dict[str, Any]]:
-        """The newest row of each (run, metric)."""
-        newest: dict[tuple[str, str], dict[str, Any]] = {}
-        for row in self.rows():
-            newest[(row["config_hash"], row["metric"])] = row
-        return list(newest.values())
+        """The newest row of each (run, metric), oldest first: the newest is found in the
+        :meth:`index`, and only the files holding one are read in full."""
+        df = self.index()
+        newest = df.sort_values("started_at", kind="stable").drop_duplicates(
+            ["config_hash", "metric"], keep="last"
+        )
+        rows = []
+        for name, wanted in newest.groupby("file", sort=True)["metric"]:
+            keep = set(wanted)
+            rows.extend(r for r in self._file_rows(Path(name)) if r["metric"] in keep)
+        return sorted(rows, key=lambda r: r["started_at"])
 
     def completed(self) -> dict[str, set[str]]:
         """``config_hash → metrics`` whose latest row is ``ok``: what resuming skips."""
+        df = self.index()
+        newest = df.sort_values("started_at", kind="stable").drop_duplicates(
+            ["config_hash", "metric"], keep="last"
+        )
         done: dict[str, set[str]] = {}
-        for row in self.latest():
-            if row["status"] == "ok":
-                done.setdefault(row["config_hash"], set()).add(row["metric"])
+        for config, metric in newest.loc[newest["status"] == "ok", ["config_hash", "metric"]].itertuples(
+            index=False
+        ):
+            done.setdefault(config, set()).add(metric)
         return done
+
+
+# What the index reads of each row: its identity, what orders and filters it, and its value.
+INDEX_COLUMNS = (*TEXT_COLUMNS, "status")
+NUMBER_TYPES = ("BIGINT", "UBIGINT", "HUGEINT", "DOUBLE")
+
+
+def _duckdb_index(files: list[Path]) -> pd.DataFrame:
+    """The :data:`INDEX_COLUMNS` and ``value`` of every row of ``files``, each with its JSON
+    type (``<column>_type``), through DuckDB's JSON reader: only these keys are built, whatever
+    else (bootstrap replicates, configurations) a row holds."""
+    import duckdb
+
+    columns = "{" + ", ".join(f"'{c}': 'JSON'" for c in (*INDEX_COLUMNS, "value")) + "}"
+    picks = ", ".join(f"json_type({c}) AS {c}_type, {c}->>'$' AS {c}" for c in INDEX_COLUMNS)
+    query = (
+        f"SELECT filename AS file, {picks}, json_type(value) AS value_type, "
+        "TRY_CAST(value AS DOUBLE) AS value "
+        f"FROM read_json(?, format='newline_delimited', columns={columns}, filename=true)"
+    )  # a line over DuckDB's 16 MB object size is refused: a results row is some 20 kB
+    with duckdb.connect(config={"threads": max(1, min(4, os.cpu_count() or 1))}) as con:
+        return con.execute(query, [[str(p) for p in files]]).df()
+
+
+def _bad_rows(df: pd.DataFrame) -> pd.Series:
+    """Which index rows :func:`_check_row` (or the status check) would refuse."""
+    bad = ~df["status"].isin(STATUSES) | (df["status_type"] != "VARCHAR")
+    for c in TEXT_COLUMNS:
+        bad |= df[f"{c}_type"] != "VARCHAR"
+    typed = df["value_type"].isna() | df["value_type"].isin(("NULL", *NUMBER_TYPES))
+    finite = df["value"].notna() & df["value"].abs().lt(float("inf"))
+    bad |= ~typed | ((df["status"] == "ok") & ~finite)
+    started = pd.to_datetime(df["started_at"], format="ISO8601", utc=True, errors="coerce")
+    return bad | started.isna() | (started > pd.Timestamp.now(tz="UTC") + FUTURE_SLACK)
+
+
+def _holder(path: Path) -> str:
+    held = lock_holder(path)
+    if held is None:
+        return "nobody"
+    return f"pid {held.get('pid', '?')} on {held.get('host', '?')}"
+
+
+def no_rows_yet(store: ResultStore) -> StoreError:
+    """The error of a store without rows: a first run is in progress, or was stopped."""
+    busy = store.in_progress()
+    if busy:
+        return StoreError(f"no rows yet in {store.runs}: a run is in progress ({busy}); "
+                          "report again when it has finished a run")  # fmt: skip
+    return StoreError(f"no rows yet in {store.runs} (a first run was stopped before it finished); "
+                      "run the matrix: qdiff-bench run")  # fmt: skip
 
 
 def load(path: str | Path, latest: bool = True) -> pd.DataFrame:
@@ -244,8 +403,7 @@ def load(path: str | Path, latest: bool = True) -> pd.DataFrame:
         raise StoreError(f"no results at {path} (expected {store.runs}); run a matrix first: qdiff-bench run")
     rows = store.latest() if latest else store.rows()
     if not rows:
-        raise StoreError(f"no rows yet in {store.runs} (a first run was stopped before it finished); "
-                         "run the matrix: qdiff-bench run")  # fmt: skip
+        raise no_rows_yet(store)
     df = pd.DataFrame(rows)
     extras = [c for c in df.columns if c not in COLUMNS]
     return df.reindex(columns=[*COLUMNS, *extras])

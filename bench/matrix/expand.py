@@ -39,14 +39,15 @@ from bench.spec import (
     MatrixSpec,
     RunSpec,
     Sampling,
+    name_problem,
 )
 
 
 def build(data: dict[str, Any], path: Path, problems: Problems, runs_on: str | None = None) -> MatrixSpec:
     """The matrix of ``data``; ``runs_on``: the executor its runs go to, if not its setting's."""
     name = data.get("name") or path.stem
-    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
-        problems.add(f"{path}: name={name!r} must be letters, digits, '-' or '_' (it names a folder)")
+    if name_problem(name):
+        problems.add(f"{path}: {name_problem(name)}")
         name = path.stem
     settings = data.get("settings") or {}
     if not isinstance(settings, dict):

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from bench import claims
+from bench import claims, markdown
 from bench.report.cells import DERIVED, FP, best_cost, best_quality, includes_bases, simulated, time_split
 
 
@@ -321,8 +321,7 @@ def to_markdown(
     lines.append("Metrics: " + "; ".join(metric_legend(cells)) + ".")
     lines.extend(["", *[f"- {f}" for f in floors(cells)]])
     for heading, board in tables:
-        header = [*board.index.names, *map(column_text, board.columns)]
-        lines.extend(["", f"## {heading}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)])
+        rows = []
         for key, values in board.iterrows():
             shown = []
             for cell in values:
@@ -330,20 +329,18 @@ def to_markdown(
                 if cell.failed:
                     notes.append(f"{' '.join(key)}: {text}")
                     text = f"{cell.status} [{len(notes)}]"
-                shown.append(text.replace("|", "\\|"))
-            lines.append("| " + " | ".join([*key, *shown]) + " |")
+                shown.append(text)
+            rows.append([*key, *shown])
+        header = [*board.index.names, *map(column_text, board.columns)]
+        lines.extend(["", f"## {markdown.line(heading)}", "", *markdown.table(header, rows)])
     if notes:
-        lines.extend(["", *[f"[{i}] {n}" for i, n in enumerate(notes, 1)]])
+        lines.extend(["", *[f"[{i}] {markdown.line(n)}" for i, n in enumerate(notes, 1)]])
     lines.extend(claims.to_markdown(ratios))
     split = time_split(df)
     if split:
-        lines.extend(
-            ["", "## Where the time went", "", "| " + " | ".join(TIME_HEADER) + " |", "|---|---|---|---|"]
-        )
-        lines.extend("| " + " | ".join(r) + " |" for r in split)
+        lines.extend(["", "## Where the time went", "", *markdown.table(TIME_HEADER, split)])
     lines.extend(["", "## Over commits", "", TRENDS_MD])
-    lines.extend(["", "## Provenance", "", "| | |", "|---|---|"])
-    lines.extend(f"| {k} | {v} |" for k, v in provenance(df, invocations))
+    lines.extend(["", "## Provenance", "", *markdown.table(["", ""], provenance(df, invocations))])
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,13 +49,16 @@ def run_matrix(
     """
     store = ResultStore(results_root / matrix.name)
     store.check_writable()
-    todo = []
+    todo, held = [], Counter()
     for spec in (p.spec for p in plan(matrix, store, only, force) if p.state != "done"):
-        holder = store.claim(spec.hash)
+        holder = store.claim(spec.hash, force=force)
         if holder is None:
             todo.append(spec)
         else:  # another runner on this results root computes it
-            log(f"{spec.label}: being run by {holder}; skipped here")
+            held[holder] += 1
+    for holder, n in held.items():
+        log(f"{n} run(s) are being done by {holder}; skipped here (their claims are in {store.claims}: "
+            "one whose process is gone is recovered by itself, --force takes them over)")  # fmt: skip
     executor = executor or LocalExecutor()
     # Bars where runs share this process's terminal; throttled lines from worker processes.
     run_progress = None if not progress else "bar" if isinstance(executor, LocalExecutor) else "lines"
@@ -72,7 +76,14 @@ def run_matrix(
                     spec, matrix.name, "error", f"worker died: {type(outcome).__name__}: {outcome}"
                 )
             try:
-                store.append(rows)
+                try:
+                    store.append(rows)
+                except (
+                    ValueError,
+                    TypeError,
+                ) as exc:  # rows no store can hold: the run failed, the matrix goes on
+                    rows = failure_rows(spec, matrix.name, "error", f"rows not storable: {exc}")
+                    store.append(rows)
             except OSError as exc:
                 raise StoreError(
                     f"cannot write rows to {store.runs} ({exc.strerror or exc}); the {finished} run(s) "

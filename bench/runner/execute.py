@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import math
 import sys
 import time
 import traceback
@@ -168,12 +170,22 @@ def _evaluate(
             # Cast only when asked: diffusers warns on every ``.to(dtype)`` of a UNet.
             return deployed if dtype == torch.float32 else deployed.to(dtype)
 
+        def ready_model() -> torch.nn.Module:
+            model = ready(deployable(), adapter, spec)
+            if not method.kernels(model):
+                raise ValueError(
+                    f"{spec.method} returned a model with no quantized layer ({type(method).__name__}"
+                    f".kernels found none): its {spec.bits_label} rows would describe the FP model"
+                )
+            return model
+
         images = sample_s = None
-        if sampled:
+        if sampled:  # samples are cached only from a model that passed the check
             steps = progress.phase("sampling", "steps")
             sample = lambda: adapter.sample(deployable(), n, seed, progress=steps)  # noqa: E731
-            ready_model = lambda: ready(deployable(), adapter, spec)  # noqa: E731
             images, sample_s = _timed_samples(key, n, sample, before=ready_model)
+        else:
+            ready_model()
         # The simulation the deployment is compared with (deploy_sqnr): qdiff's methods only. The
         # quantized model itself, not ``convert(..., "fake")``, whose precomputed fake-quantized
         # weights would be a third float copy of a real-size model (SDXL: 9.6 GiB).
@@ -207,10 +219,45 @@ def _evaluate(
         if measured is not None:
             # Metrics sharing work (FID and KID) charge it to the first of them.
             timing = {"metric_s": round(time.perf_counter() - t, 3)}
-            rows.append(_metric_row(base, metric, measured.value, **{**extra, **timing, **measured.extra}))
+            row = _metric_row(base, metric, measured.value, **{**extra, **timing, **measured.extra})
+            problem = _not_finite(row)
+            if problem:  # NaN outputs: this metric's row is an error, the others stand
+                print(f"{spec.label}: {metric.name} {problem}", file=sys.stderr)
+                row = _metric_row({**base, "status": "error", "error": f"{metric.name} {problem}"},
+                                  metric, None, **extra)  # fmt: skip
+            rows.append(row)
     if not rows:
         raise ValueError(f"none of the metrics {', '.join(spec.metrics)} applies to {spec.label}")
     return rows
+
+
+def _not_finite(row: dict[str, Any]) -> str | None:
+    """What makes a measured row unstorable as ``ok`` (a NaN or infinite value or extra, which
+    JSON cannot hold and no ranking can use), or None. NaN samples from a broken quantized model
+    make such values; the row becomes an error naming the metric rather than killing the matrix."""
+    value = row["value"]
+    try:
+        finite = math.isfinite(value)
+    except TypeError:
+        return f"is not a number ({value!r})"
+    if not finite:
+        return f"is not a finite number ({value!r}): do the model's outputs hold NaN or Inf?"
+    try:
+        json.dumps(row, allow_nan=False, default=str)
+    except ValueError:
+        bad = [k for k, v in row.items() if _has_non_finite(v)]
+        return f"carries non-finite values in {', '.join(bad) or 'a field'} (value {value!r})"
+    return None
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite(v) for v in value)
+    return False
 
 
 def _timed_samples(

@@ -1,0 +1,257 @@
+"""Hostile inputs of the fourth reliability pass (issue 44): each case once, each with the
+behaviour a user needs (one line naming the problem and the fix; the matrix goes on)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import uuid
+
+import pytest
+
+from qdiff.registry import Registry
+
+
+def _package(tmp_path, monkeypatch, modules: dict[str, str]) -> str:
+    """A package of registering modules on ``sys.path`` (a unique name: imports are cached)."""
+    name = f"plugins_{uuid.uuid4().hex[:8]}"
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    for module, source in modules.items():
+        (folder / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+REGISTERS = "from {pkg} import REG\nclass M:\n    name = {name!r}\nREG.add(M())\n"
+
+
+@pytest.mark.parametrize(
+    "source, reason",
+    [
+        ("raise RuntimeError('no GPU driver')", "RuntimeError: no GPU driver"),
+        ("import not_installed_anywhere", "ModuleNotFoundError: No module named 'not_installed_anywhere'"),
+        ("import sys\nsys.exit(3)", "SystemExit: 3"),
+    ],
+)
+def test_a_plugin_that_fails_to_import_is_one_line_and_the_rest_works(
+    tmp_path, monkeypatch, caplog, source, reason
+):
+    pkg = _package(tmp_path, monkeypatch, {})
+    reg = Registry("method", (pkg,))
+    monkeypatch.setattr(__import__(pkg), "REG", reg, raising=False)
+    (tmp_path / pkg / "good.py").write_text(REGISTERS.format(pkg=pkg, name="good"))
+    # The broken module registers a name before failing: that half-registered name goes too.
+    (tmp_path / pkg / "bad.py").write_text(REGISTERS.format(pkg=pkg, name="half") + source + "\n")
+    with caplog.at_level(logging.WARNING, logger="qdiff.registry"):
+        assert reg.names() == ["good"]
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "\n" not in line and f"{pkg}/bad.py failed to import ({reason})" in line
+    with pytest.raises(KeyError, match=f"unknown method 'half'.*{pkg}/bad.py failed to import"):
+        reg.get("half")
+
+
+def test_a_name_two_plugins_register_names_both_files_whichever_sorts_first(tmp_path, monkeypatch, caplog):
+    pkg = _package(tmp_path, monkeypatch, {})
+    reg = Registry("method", (pkg,))
+    monkeypatch.setattr(__import__(pkg), "REG", reg, raising=False)
+    for module in ("aa_impostor", "linear_quant"):
+        (tmp_path / pkg / f"{module}.py").write_text(
+            REGISTERS.format(pkg=pkg, name="linear") + REGISTERS.format(pkg=pkg, name=f"own_{module}")
+        )
+    with caplog.at_level(logging.WARNING, logger="qdiff.registry"):
+        names = reg.names()
+    assert names == ["own_aa_impostor", "own_linear_quant"]  # everything else of both stays
+    [line] = [r.getMessage() for r in caplog.records]
+    assert re.search(
+        f"'linear' is registered by both \\S*{pkg}/aa_impostor.py and \\S*{pkg}/linear_quant.py", line
+    )
+    with pytest.raises(KeyError, match=r"registered by both .*aa_impostor\.py and .*linear_quant\.py"):
+        reg.get("linear")
+
+
+def test_the_cli_lists_what_loads_when_a_baseline_is_broken(tmp_path, monkeypatch, capsys, caplog):
+    from bench import cli
+    from bench.registry import METHODS
+
+    pkg = _package(tmp_path, monkeypatch, {"broken": "raise RuntimeError('boom at import')\n"})
+    METHODS.names()
+    monkeypatch.setattr(METHODS, "modules", (*METHODS.modules, pkg))
+    monkeypatch.setattr(METHODS, "_imported", False)
+    monkeypatch.setattr(METHODS, "problems", {})
+    with caplog.at_level(logging.WARNING, logger="qdiff.registry"):
+        assert cli.main(["ls"]) == 0
+    out, err = capsys.readouterr()
+    assert "qdiff " in out and "linear " in out and not err
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "broken.py failed to import (RuntimeError: boom at import)" in line
+
+
+def test_a_claim_whose_pid_now_names_another_process_is_recovered(tmp_path):
+    import json
+    import os
+    import socket
+
+    from bench.fsio import process_start
+    from bench.store import ResultStore
+
+    store = ResultStore(tmp_path)
+    path = store.claims / "abc.json"
+    path.parent.mkdir(parents=True)
+    old = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "time": 0,
+        "start": process_start(os.getpid()) - 1,
+    }
+    path.write_text(json.dumps(old))  # this pid, alive, but started later than the claim's holder
+    assert store.claim("abc") is None
+    # A claim of this very process is live: not recovered, and named with who holds it ...
+    assert store.claim("abc") == f"pid {os.getpid()} on {socket.gethostname()}"
+    # ... unless taken over.
+    assert store.claim("abc", force=True) is None
+
+
+def test_a_second_run_while_the_first_holds_every_run_says_so_and_succeeds(tmp_path, capsys):
+    from helpers import tiny_matrix
+
+    from bench import cli
+    from bench.matrix import load_matrix
+    from bench.runner import plan
+    from bench.store import ResultStore, load
+
+    path = tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]")
+    store = ResultStore(tmp_path / "results" / "tiny")
+    runs = plan(load_matrix(path), store)
+    for p in runs:  # the "first run" (this process, alive) holds them all
+        assert store.claim(p.spec.hash) is None
+    argv = ["run", path, "--results", str(tmp_path / "results"), "--no-progress", "--workers", "1"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert f"tiny: {len(runs)} run(s) by pid {os.getpid()}" in out and "nothing to do here" in out
+    assert "being done by" in err and str(store.claims) in err
+    with pytest.raises(Exception, match="a run is in progress"):
+        load(store.root)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"matrix": {"name": "x"}}, "matrix must be a path to a YAML file or a MatrixSpec, got dict"),
+        ({"results": 5}, "results must be a folder path"),
+        ({"workers": "1"}, "workers must be a whole number from 1 to 1024.*got '1'"),
+        ({"workers": 0}, "workers must be .*got 0"),
+        ({"workers": -1}, "workers must be .*got -1"),
+        ({"threads": -1}, "threads must be .*got -1"),
+        ({"threads": 0}, "threads must be .*got 0"),
+        ({"only": {"method": "qdiff"}}, "only must map axes to tuples"),
+    ],
+)
+def test_api_run_names_the_argument_that_is_wrong(tmp_path, kwargs, message):
+    from helpers import tiny_matrix
+
+    from bench import api
+
+    args = {"matrix": tiny_matrix(tmp_path), "results": tmp_path / "results", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        api.run(args.pop("matrix"), args.pop("results"), **args)
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_spec_renamed_out_of_the_results_root_is_refused(tmp_path):
+    import dataclasses
+
+    from helpers import tiny_matrix
+
+    from bench.matrix import load_matrix
+
+    spec = load_matrix(tiny_matrix(tmp_path))
+    with pytest.raises(ValueError, match=r"name='\.\./\.\./x' must be ASCII letters"):
+        dataclasses.replace(spec, name="../../x")
+
+
+def _wrapped(name: str, change):
+    """The registered ``linear`` method under ``name`` with ``change(model, fp)`` applied to the
+    model it quantizes (what ``quantize`` returns is ``change``'s result)."""
+    import dataclasses
+
+    from bench.registry import METHODS
+
+    linear = METHODS.get("linear")
+
+    class Changed(type(linear)):
+        def quantize(self, denoiser, config, calibration, progress=None):
+            model, report = super().quantize(denoiser, config, calibration, progress)
+            return change(model, denoiser), report
+
+    return Changed(**{f.name: getattr(linear, f.name) for f in dataclasses.fields(linear)} | {"name": name})
+
+
+def _nan_bias(model, fp):
+    import torch
+
+    last = [m for m in model.modules() if isinstance(getattr(m, "bias", None), torch.Tensor)][-1]
+    last.bias = torch.nn.Parameter(torch.full_like(last.bias, float("nan")))  # not in place: shared with FP
+    return model
+
+
+def test_a_nan_metric_is_an_error_row_and_a_model_without_quantized_layers_too(tmp_path, monkeypatch):
+    import copy
+
+    from helpers import registered, tiny_matrix
+
+    from bench import api
+    from bench.registry import METHODS
+    from bench.store import load
+
+    registered(monkeypatch, METHODS, _wrapped("nanout", _nan_bias))
+    registered(monkeypatch, METHODS, _wrapped("untouched", lambda model, fp: copy.deepcopy(fp)))
+    path = tiny_matrix(tmp_path, methods="[nanout, untouched]", bits="[W8A8]",
+                       metrics="[eps_mse, psnr_vs_fp]")  # fmt: skip
+    outcome = api.run(path, tmp_path / "results", workers=1, report=True)
+    rows = {(r["method"], r["metric"]): r for r in outcome.rows}
+    nan = rows["nanout", "eps_mse"]
+    assert nan["status"] == "error" and nan["error"].startswith("eps_mse is not a finite number (nan)")
+    assert rows["nanout", "psnr_vs_fp"]["status"] == "ok"  # the run's other metric stands
+    for metric in ("eps_mse", "psnr_vs_fp"):
+        row = rows["untouched", metric]
+        assert (
+            row["status"] == "error" and "untouched returned a model with no quantized layer" in row["error"]
+        )
+    assert len(load(outcome.store.root)) == len(outcome.rows)
+
+
+def _tables_intact(text: str) -> None:
+    """Every Markdown table row has as many cells as its header (no stray '|' or line break)."""
+    cells = None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            cells = None
+            continue
+        n = len(re.findall(r"(?<!\\)\|", line))
+        cells = cells or n
+        assert n == cells, line
+
+
+def test_markdown_tables_hold_any_label(tmp_path):
+    import json
+
+    from helpers import fixture_store
+
+    from bench import history, report
+
+    root = fixture_store(tmp_path / "fixture")
+    for path in (root / "runs").glob("*.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for r in rows:
+            r.update(model="sd|v1\nbeta <b>", host="node|1\nx")
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md, _, _ = report.write(root)
+    text = md.read_text()
+    assert "sd\\|v1 beta <b>" in text
+    _tables_intact(text)
+    md, _, _ = history.write(tmp_path, tmp_path / "history", tmp_path / "no-asv")
+    assert "sd\\|v1 beta" in md.read_text()
+    _tables_intact(md.read_text())
