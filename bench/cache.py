@@ -38,6 +38,7 @@ from bench.fsio import atomic_path, heartbeat, lock_is_stale, try_lock, write_at
 CACHE_ENV = "QDIFF_BENCH_CACHE"
 log = logging.getLogger("qdiff-bench")
 Check = Callable[[Any], str | None]  # what is wrong with a loaded entry, or None
+READ_ONLY = 0o444
 LOCK_STALE_S = 120.0  # a build lock untouched this long is a dead (or unreachable) builder's
 HEARTBEAT_S = 10.0  # how often a builder touches its lock
 WAIT_POLL_S = 0.5  # how often a process waiting for another's build looks for the entry
@@ -94,11 +95,14 @@ def _bound(key: str, stored_key: Any) -> None:
 
 
 def _store(path: Path, save: Callable[[Path], None]) -> None:
-    """Write an entry and then its checksum (an entry without one is never used)."""
+    """Write an entry and then its checksum (an entry without one is never used), both
+    read-only: a model maps its entry's pages (safetensors, ``torch.load(mmap=True)``), and a
+    file truncated in place under a mapping kills its process with SIGBUS. Entries are
+    replaced by rename, never rewritten, so nothing of the suite's needs to write them."""
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, READ_ONLY) as tmp:
             save(tmp)
-        write_atomic(_sidecar(path), _digest(path) + "\n")
+        write_atomic(_sidecar(path), _digest(path) + "\n", READ_ONLY)
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
         log.warning("could not write cache entry %s (%s); the run goes on without caching it", path, exc)
         with contextlib.suppress(OSError):  # e.g. the cache path is a file: nothing was written

@@ -13,6 +13,8 @@ qdiff-bench compare A B               per-cell deltas; exit 1 when a gated cell 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import sys
 from pathlib import Path
 
@@ -166,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--mode", default="clean", choices=CLEANFID_MODES, help="clean-fid resizing mode")
     fid.add_argument("--extractor", default="inception", help="feature extractor (default: Inception-v3)")
     fid.add_argument("--inception-weights", type=_existing_file("--inception-weights"), metavar="PATH")
+    fid.add_argument(
+        "--download", action="store_true",
+        help="without --inception-weights: let the backend download its Inception weights (~100 MB)",
+    )  # fmt: skip
     fid.add_argument("--kid", action="store_true", help="also Kernel Inception Distance")
     fid.add_argument("--isc", action="store_true", help="also Inception Score (torch-fidelity)")
     fid.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -202,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A fatal signal (SIGBUS: a mapped cache entry truncated in place) prints the Python stack
+    # on stderr instead of ending the process without a word (stderr may be no file: a test's).
+    if not faulthandler.is_enabled():
+        with contextlib.suppress(OSError, ValueError):
+            faulthandler.enable()
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -369,6 +380,12 @@ def _fid(args: argparse.Namespace) -> int:
 
     if args.isc and args.backend != "torch-fidelity":
         raise ImageError("--isc needs --backend torch-fidelity (clean-fid has no Inception Score)")
+    if args.extractor == "inception" and not args.inception_weights and not args.download:
+        wanted = fid.WEIGHT_FILES[(args.backend, args.mode if args.backend == "clean-fid" else None)]
+        raise ImageError(
+            f"fid downloads nothing unless asked: pass --inception-weights /path/to/{wanted}, or "
+            "--download to let the backend fetch its Inception weights"
+        )
     evaluation = Evaluation(
         fid_backend=args.backend, fid_mode=args.mode, fid_extractor=args.extractor,
         inception_weights=args.inception_weights or "",

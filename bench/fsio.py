@@ -24,10 +24,11 @@ _UMASK = _umask()
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, mode: int = 0o666) -> Iterator[Path]:
     """A temporary file beside ``path`` for the block to write; on success it is flushed to disk
     and renamed onto ``path`` (readers see the old file or the new one, never a partial one);
-    on failure (a full disk, an interrupt) it is removed and ``path`` is untouched."""
+    on failure (a full disk, an interrupt) it is removed and ``path`` is untouched. ``mode``
+    (less the umask) is the file's permissions: 0o444 for a file never to be changed in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
     os.close(fd)
@@ -36,7 +37,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         # After the block: a writer that recreates the file (safetensors) sets its own mode.
         # mkstemp's 0600 would hide results and cache entries from the group.
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, mode & ~_UMASK)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -44,9 +45,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str, mode: int = 0o666) -> None:
     """``path.write_text(text)`` through :func:`atomic_path`."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 

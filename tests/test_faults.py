@@ -52,7 +52,17 @@ def reference(warm_caches):
 
 def checksum(path: Path) -> None:
     """Write the checksum that matches ``path`` now (what an attacker with cache access does)."""
-    (path.parent / (path.name + ".sha256")).write_text(hashlib.sha256(path.read_bytes()).hexdigest())
+    sidecar = writable(path.parent / (path.name + ".sha256"))
+    sidecar.write_text(hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def writable(*paths: Path) -> Path:
+    """Cache entries are written read-only (bench.cache): an attacker, or a test, first makes
+    them writable (a no-op for root). Returns the first path."""
+    for path in paths:
+        if path.exists():
+            path.chmod(0o644)
+    return paths[0]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +95,7 @@ def test_a_hostile_checkpoint_never_runs_and_is_rebuilt(tmp_path, reference, war
             return (os.system, (f"touch {marker}",))
 
     for ckpt in (cache_dir() / "checkpoints").glob("*.pt"):
-        torch.save({"model": Hostile()}, ckpt)  # what torch.load(weights_only=False) would run
+        torch.save({"model": Hostile()}, writable(ckpt))  # what torch.load(weights_only=False) would run
         checksum(ckpt)
     for samples in (cache_dir() / "samples").glob("*.safetensors"):
         samples.unlink()  # the quantized samples must be made again, from the checkpoints
@@ -101,17 +111,13 @@ def test_tampered_samples_are_detected_and_rebuilt(tmp_path, reference, warm_cac
     path = tiny_matrix(tmp_path, methods=METHODS, bits=BITS)
     warm_cache(METHODS, BITS)
     files = sorted((cache_dir() / "samples").glob("*.safetensors"))
-    flipped, truncated = files[0], files[1]
+    flipped, truncated = writable(*files[:2]), writable(files[1])
     data = bytearray(flipped.read_bytes())
     data[-100] ^= 0xFF  # one flipped byte inside the image data
     flipped.write_bytes(bytes(data))
     images = load_file(str(truncated))["images"][:3]  # a valid file with 3 of the images...
     save_file({"images": images}, str(truncated), metadata={"key": truncated.stem})  # its own key
-    import hashlib  # ...and a checksum that matches it
-
-    (truncated.parent / (truncated.name + ".sha256")).write_text(
-        hashlib.sha256(truncated.read_bytes()).hexdigest()
-    )
+    checksum(truncated)  # ...and a checksum that matches it
     run_matrix(load_matrix(path), tmp_path / "b", progress=False, log=quiet, force=True)
     assert (
         "do not match the checksum" in caplog.text and "expected 24 uint8 NCHW images, found" in caplog.text
@@ -325,7 +331,8 @@ def test_cache_entries_of_every_kind_are_shared_with_the_group(tmp_path, monkeyp
     cached_module("checkpoints", "k", lambda: {"model": torch.nn.Linear(2, 2)})
     entries = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".lock")]
     assert {p.suffix for p in entries} >= {".safetensors", ".pt"}
-    assert {p.stat().st_mode & 0o777 for p in entries} == {0o666 & ~_umask()}
+    # Readable by the group, and read-only: a model maps its entry (see bench.cache._store).
+    assert {p.stat().st_mode & 0o777 for p in entries} == {0o444 & ~_umask()}
 
 
 def _umask() -> int:
@@ -383,7 +390,7 @@ def test_an_entry_copied_over_another_with_its_checksum_rewritten_is_rebuilt(tmp
     cached_tensors("samples", "b", lambda: b)
     folder = tmp_path / "cache" / "samples"
     for suffix in ("", ".sha256"):
-        shutil.copy(folder / f"a.safetensors{suffix}", folder / f"b.safetensors{suffix}")
+        shutil.copy(folder / f"a.safetensors{suffix}", writable(folder / f"b.safetensors{suffix}"))
     with caplog.at_level("WARNING", logger="qdiff-bench"):
         got, cached = cached_tensors("samples", "b", lambda: b)
     assert not cached and torch.equal(got["images"], b["images"])
@@ -394,7 +401,7 @@ def test_an_entry_copied_over_another_with_its_checksum_rewritten_is_rebuilt(tmp
     cached_module("checkpoints", "b", lambda: {**linear, "note": "b"})
     ckpts = tmp_path / "cache" / "checkpoints"
     for suffix in ("", ".sha256"):
-        shutil.copy(ckpts / f"a.pt{suffix}", ckpts / f"b.pt{suffix}")
+        shutil.copy(ckpts / f"a.pt{suffix}", writable(ckpts / f"b.pt{suffix}"))
     got, cached = cached_module("checkpoints", "b", lambda: {**linear, "note": "b"})
     assert not cached and got["note"] == "b"
     # A dict of another kind under the right key (what a forged Checkpoint would need) is no
@@ -404,7 +411,7 @@ def test_an_entry_copied_over_another_with_its_checksum_rewritten_is_rebuilt(tmp
         _, cached = cached_module("checkpoints", "b", lambda: linear, check=checkpoint_problem)
     assert not cached and "not a checkpoint: expected the fields" in caplog.text
 
-    (ckpts / "b.pt.sha256").write_text("0" * 64 + "\n")  # stale, in a cache made read-only
+    writable(ckpts / "b.pt.sha256").write_text("0" * 64 + "\n")  # stale, in a cache made read-only
     for path in (ckpts, *ckpts.iterdir()):
         path.chmod(0o555 if path.is_dir() else 0o444)
     try:

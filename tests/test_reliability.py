@@ -255,3 +255,132 @@ def test_markdown_tables_hold_any_label(tmp_path):
     md, _, _ = history.write(tmp_path, tmp_path / "history", tmp_path / "no-asv")
     assert "sd\\|v1 beta" in md.read_text()
     _tables_intact(md.read_text())
+
+
+@pytest.mark.parametrize(
+    "entry", ["symlink loop", "dangling link", "folder", "FIFO", "deep JSON", "not JSON"]
+)
+def test_an_odd_entry_among_the_run_files_is_one_line_naming_it(tmp_path, entry):
+    from helpers import fixture_store
+
+    from bench.errors import StoreError
+    from bench.store import ResultStore, load
+
+    root = fixture_store(tmp_path / "fixture")
+    odd = root / "runs" / "x.jsonl"
+    if entry == "symlink loop":
+        odd.symlink_to(odd)
+    elif entry == "dangling link":
+        odd.symlink_to(tmp_path / "gone")
+    elif entry == "folder":
+        odd.mkdir()
+    elif entry == "FIFO":
+        os.mkfifo(odd)  # opening it would wait for a writer forever
+    elif entry == "deep JSON":
+        odd.write_text("[" * 5_000_000 + "]" * 5_000_000 + "\n")
+    else:
+        odd.write_bytes(b"\xff\xfe not text\n")
+    for read in (load, lambda r: ResultStore(r).rows(), lambda r: ResultStore(r).completed()):
+        with pytest.raises(StoreError) as info:
+            read(root)
+        message = str(info.value)
+        assert "\n" not in message and str(odd) in message and "move that file out of" in message
+
+
+def test_a_mapped_cache_entry_truncated_in_place_is_never_a_silent_death(tmp_path, monkeypatch, caplog):
+    """Entries are read-only (a user's truncate fails); one truncated anyway (root, or after a
+    chmod) under a process that maps it ends that process with the stack on stderr, and the
+    next use finds the checksum wrong and rebuilds it."""
+    import subprocess
+    import sys
+
+    script = f"""
+import faulthandler, os, sys, torch
+sys.path.insert(0, {os.getcwd()!r})
+os.environ["QDIFF_BENCH_CACHE"] = {str(tmp_path / "cache")!r}
+faulthandler.enable()  # as the command line and its worker processes do
+from bench.cache import cache_dir, cached_tensors
+cached_tensors("random-weights", "k", lambda: {{"w": torch.ones(1 << 22)}})
+mapped, cached = cached_tensors("random-weights", "k", lambda: None)
+assert cached
+path = cache_dir() / "random-weights" / "k.safetensors"
+assert not path.stat().st_mode & 0o222, "entries are written read-only"
+if os.geteuid() != 0:
+    try:
+        os.truncate(path, 0)
+    except PermissionError:
+        print("refused", flush=True)
+    path.chmod(0o644)
+os.truncate(path, 64)
+print(float(mapped["w"].sum()))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -7, done  # SIGBUS
+    assert "Fatal Python error: Bus error" in done.stderr and 'File "<string>"' in done.stderr
+    import torch
+
+    from bench.cache import cached_tensors
+
+    monkeypatch.setenv("QDIFF_BENCH_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="qdiff-bench"):
+        again, cached = cached_tensors("random-weights", "k", lambda: {"w": torch.ones(1 << 22)})
+    assert not cached and float(again["w"].sum()) == 1 << 22
+    assert "do not match the checksum" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["literal values", "aliases", "deep extends", "device", "cycle"])
+def test_a_limit_names_its_real_cause(tmp_path, case):
+    from bench.matrix import load_matrix
+
+    head = "models: [embedded-digits]\nmethods: [linear]\nbits: [W8A8]\n"
+    path = tmp_path / "m.yaml"
+    if case == "literal values":
+        path.write_text(head + "calib_seeds: [" + ", ".join(map(str, range(10_000))) + "]\n")
+        expected = "'calib_seeds' holds 10,001 values, and a matrix file at most 10,000"
+    elif case == "aliases":
+        laughs = "a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n"
+        for i, name in enumerate("bcde"):
+            prev = "abcd"[i]
+            laughs += f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 10) + "]\n"
+        path.write_text(head + "settings: {x: {" + laughs.replace("\n", ", ").rstrip(", ") + "}}\n")
+        expected = "YAML aliases nested in aliases expand it to more than 10,000 values"
+    elif case == "deep extends":
+        for i in range(1200):
+            (tmp_path / f"p{i}.yaml").write_text(f"extends: p{i + 1}.yaml\n" if i < 1199 else head)
+        path = tmp_path / "p0.yaml"
+        expected = f"{path}: its 'extends' chain is more than 32 files long"
+    elif case == "device":
+        path.write_text(head + "extends: /dev/zero\n")
+        expected = "extends '/dev/zero': /dev/zero is not a regular file (a device, FIFO or socket)"
+    else:
+        path.write_text(head + "extends: m.yaml\n")
+        expected = "'extends' forms a cycle"
+    with pytest.raises(ValueError) as info:
+        load_matrix(path)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_fid_downloads_nothing_unless_asked_and_names_a_file_that_is_not_weights(
+    tmp_path, capsys, monkeypatch
+):
+    from bench import cli
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    for backend in ("torch-fidelity", "clean-fid"):
+        assert cli.main(["fid", str(tmp_path), str(tmp_path), "--backend", backend]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "downloads nothing unless asked" in err and "--download" in err
+    assert not (tmp_path / "torch-home").exists()  # no hub folder made, nothing fetched
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not weights\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (32, 32), (i * 100, 0, 0)).save(images / f"{i}.png")
+    for backend in ("torch-fidelity", "clean-fid"):
+        argv = ["fid", str(images), str(images), "--backend", backend, "--inception-weights", str(notes)]
+        assert cli.main([*argv, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"inception weights {notes} could not be loaded" in err, err

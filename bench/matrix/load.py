@@ -69,6 +69,8 @@ def by_parent(inherited: dict[str, str]) -> dict[str, list[str]]:
 # enormous graph (nested anchors: a "billion laughs"), which every later step (validation
 # messages, hashing) would walk; a file whose expansion exceeds this many values is refused.
 MAX_VALUES = 10_000
+MAX_BYTES = 1 << 20  # a matrix file is a few kB; read no more than this
+MAX_EXTENDS = 32  # files in one 'extends' chain
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -87,6 +89,37 @@ class StrictLoader(yaml.SafeLoader):
                 )
             seen.setdefault(key, line)
         return super().construct_mapping(node, deep=deep)
+
+
+def _file_problem(path: Path) -> str | None:
+    """What makes ``path`` not a readable matrix file (missing, a folder, a device), or None."""
+    if path.is_dir():
+        return "is a folder, not a matrix file"
+    if not path.exists():
+        return "does not exist"
+    if not path.is_file():
+        return "is not a regular file (a device, FIFO or socket), not a matrix file"
+    if path.stat().st_size > MAX_BYTES:
+        return f"is {path.stat().st_size:,} bytes, more than a matrix file's {MAX_BYTES:,}"
+    return None
+
+
+def literal_sizes(data: dict[str, Any]) -> dict[str, int]:
+    """Values under each top-level key as written: a node reached again through an alias counts
+    once (unlike :func:`expansion_exceeds`)."""
+    sizes = {}
+    for key, value in data.items():
+        seen, count, stack = set(), 0, [value]
+        while stack:
+            item = stack.pop()
+            count += 1
+            if isinstance(item, dict | list):
+                if id(item) in seen:
+                    continue
+                seen.add(id(item))
+                stack.extend([*item.keys(), *item.values()] if isinstance(item, dict) else item)
+        sizes[str(key)] = count
+    return sizes
 
 
 def expansion_exceeds(data: Any, limit: int) -> bool:
@@ -111,8 +144,11 @@ def read_yaml(path: Path, problems: Problems) -> dict[str, Any]:
     cannot be read at all raises)."""
     if path.is_dir():
         raise MatrixError(f"matrix file {path} is a folder; name a YAML file (e.g. {path}/default.yaml)")
-    if not path.is_file():
+    if not path.exists():
         raise MatrixError(f"matrix file {path} does not exist; see configs/ for examples")
+    problem = _file_problem(path)
+    if problem:
+        raise MatrixError(f"matrix file {path} {problem}")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -132,8 +168,15 @@ def read_yaml(path: Path, problems: Problems) -> dict[str, Any]:
     except RecursionError:
         raise MatrixError(f"{path}: nested too deeply to be a matrix file") from None
     if expansion_exceeds(data, MAX_VALUES):
+        sizes = literal_sizes(data) if isinstance(data, dict) else {}
+        largest = max(sizes, key=sizes.get, default=None)
+        if largest is not None and sum(sizes.values()) > MAX_VALUES:
+            raise MatrixError(
+                f"{path}: {largest!r} holds {sizes[largest]:,} values, and a matrix file at most "
+                f"{MAX_VALUES:,}; a matrix of that size runs for years: list fewer"
+            )
         raise MatrixError(
-            f"{path}: expands to more than {MAX_VALUES:,} values (YAML aliases nested in aliases?); "
+            f"{path}: YAML aliases nested in aliases expand it to more than {MAX_VALUES:,} values; "
             "write the values out"
         )
     if not isinstance(data, dict):
@@ -163,6 +206,11 @@ def read_merged(
     if resolved in seen:
         chain = " -> ".join(str(p) for p in (*seen, resolved))
         raise MatrixError(f"{path}: 'extends' forms a cycle: {chain}")
+    if len(seen) >= MAX_EXTENDS:
+        raise MatrixError(
+            f"{seen[0]}: its 'extends' chain is more than {MAX_EXTENDS} files long (at {path}); "
+            "extend a file that holds the shared keys instead"
+        )
     data = read_yaml(path, problems)
     parent_name = data.pop("extends", None)
     if parent_name is None:
@@ -170,11 +218,11 @@ def read_merged(
     if not isinstance(parent_name, str):
         raise MatrixError(f"{path}: 'extends' must be a file path relative to {path.parent}")
     parent_path = path.parent / parent_name
-    if not parent_path.is_file():  # nothing below can be checked without the parent's keys
-        what = "is a folder, not a matrix file" if parent_path.is_dir() else "does not exist"
+    what = _file_problem(parent_path)
+    if what:  # nothing below can be checked without the parent's keys
+        where = f" ('extends' is relative to the extending file's folder, {path.parent})"
         problems.add(
-            f"{path}: extends {parent_name!r}: {parent_path} {what} ('extends' is relative to "
-            f"the extending file's folder, {path.parent})"
+            f"{path}: extends {parent_name!r}: {parent_path} {what}{where if 'exist' in what else ''}"
         )
         problems.raise_any()
     parent = read_merged(parent_path, (*seen, resolved), inherited, problems)

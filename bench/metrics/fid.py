@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import pickle
 import tempfile
 import time
 import urllib.error
@@ -381,8 +382,17 @@ def compute(
         ref_key: cache the reference's features under this key (computed once per data set).
     """
     t = time.perf_counter()
-    bk = backend(evaluation, device, batch_size)
-    scores = bk.compare(gen, ref, ref_key, kid, isc)
+    try:
+        bk = backend(evaluation, device, batch_size)
+        scores = bk.compare(gen, ref, ref_key, kid, isc)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        if not evaluation.inception_weights:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ImageError(
+            f"inception weights {evaluation.inception_weights} could not be loaded ({first}); "
+            f"expected the backend's file ({', '.join(sorted(set(WEIGHT_FILES.values())))})"
+        ) from None
     n = scores.info["n_gen"]
     dims = scores.info.get("feature_dims") or bk.feature_dims()
     warning = reliability_warning(n, dims) if scores.fid is not None else None

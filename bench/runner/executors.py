@@ -4,6 +4,7 @@ Ray executor is :mod:`bench.ray_executor`), and what a signal asks of them (:dat
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import multiprocessing
 import signal
 import sys
@@ -179,6 +180,9 @@ def handle_signal(signum: int, _frame) -> None:
 
 
 def _init_worker(threads: int) -> None:
+    # A worker killed by a fatal signal (SIGBUS: a mapped cache entry truncated under it) says
+    # where, on stderr, before its runs become "worker died" rows.
+    faulthandler.enable()
     # Ctrl-C reaches the whole process group; the main process decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
