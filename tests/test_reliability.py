@@ -384,3 +384,29 @@ def test_fid_downloads_nothing_unless_asked_and_names_a_file_that_is_not_weights
         assert cli.main([*argv, "--device", "cpu"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"inception weights {notes} could not be loaded" in err, err
+
+
+def test_the_store_scale_benchmark_builds_reruns_that_read_as_the_source(tmp_path):
+    """bench.storescale's stores: reruns of the source's files, whose latest rows are the
+    source's cells (one per run and metric), and a candidate one rerun ahead; its measurement
+    of a command is the child's wall time and peak memory."""
+    from helpers import fixture_store
+
+    from bench import storescale
+    from bench.store import ResultStore
+
+    source = fixture_store(tmp_path / "fixture")
+    cells = {(r["config_hash"], r["metric"]) for r in ResultStore(source).latest()}
+    a, b = tmp_path / "a" / "fixture", tmp_path / "b" / "fixture"
+    rows, files, size = storescale.build(source, a, 100)
+    assert 100 <= rows < 104 and size == sum(p.stat().st_size for p in (a / "runs").iterdir())
+    latest = ResultStore(a).latest()
+    assert {(r["config_hash"], r["metric"]) for r in latest} == cells
+    assert len(ResultStore(a).index()) == rows
+    newest = max((a / "runs").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    storescale.candidate(a, b)
+    rerun = len(newest.read_text().splitlines())
+    assert len(ResultStore(b).index()) == rows + rerun
+    assert sum(r["run_id"] == "rerun" for r in ResultStore(b).latest()) == rerun
+    figures = storescale.measure(["--help"])
+    assert figures["wall_s"] > 0 and 50 < figures["peak_rss_mib"] < 4096

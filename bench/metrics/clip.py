@@ -13,7 +13,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import torchvision.transforms.functional as TF
 
 from bench.errors import AvailabilityError
 from bench.metrics.quality import EvalContext, Measurement, Metric, with_intervals
@@ -59,6 +58,8 @@ def clip_scores(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Per-image CLIP scores of uint8 NCHW ``images`` against their ``prompts``."""
+    from torchvision.transforms.functional import to_pil_image  # torchvision takes seconds to import
+
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must be uint8 (N, 1 or 3, H, W) with values 0-255; got {images.dtype} "
                          f"{tuple(images.shape)}")  # fmt: skip
@@ -66,7 +67,7 @@ def clip_scores(
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts; CLIP score pairs them one to one")
     out = []
     for i in range(0, len(images), batch_size):
-        pixels = torch.stack([preprocess(TF.to_pil_image(img)) for img in images[i : i + batch_size]])
+        pixels = torch.stack([preprocess(to_pil_image(img)) for img in images[i : i + batch_size]])
         image = model.encode_image(pixels.to(device), normalize=True)
         text = model.encode_text(tokenizer(prompts[i : i + batch_size]).to(device), normalize=True)
         out.append((100 * (image * text).sum(-1)).clamp(min=0).float().cpu())
