@@ -92,6 +92,12 @@ def measure(argv: list[str]) -> dict[str, float]:
     return {"wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the checkout where it lies inside it (not this disk's layout)."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO_ROOT) if resolved.is_relative_to(REPO_ROOT) else path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.storescale", description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000, help="rows in the store (default 100,000)")
@@ -119,11 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     figures = {
         "what": "qdiff-bench report and compare on a store of reruns of one matrix (bench/storescale.py)",
-        "source": str(
-            args.source.resolve().relative_to(REPO_ROOT)
-            if args.source.resolve().is_relative_to(REPO_ROOT)
-            else args.source
-        ),  # fmt: skip
+        "source": _shown(args.source),
         "rows": rows,
         "files": files,
         "jsonl_mib": round(size / 2**20, 1),

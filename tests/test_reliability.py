@@ -399,6 +399,7 @@ def test_the_store_scale_benchmark_builds_reruns_that_read_as_the_source(tmp_pat
     cells = {(r["config_hash"], r["metric"]) for r in ResultStore(source).latest()}
     a, b = tmp_path / "a" / "fixture", tmp_path / "b" / "fixture"
     rows, files, size = storescale.build(source, a, 100)
+    assert files == len(list((a / "runs").iterdir()))
     assert 100 <= rows < 104 and size == sum(p.stat().st_size for p in (a / "runs").iterdir())
     latest = ResultStore(a).latest()
     assert {(r["config_hash"], r["metric"]) for r in latest} == cells
