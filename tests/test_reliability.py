@@ -316,7 +316,8 @@ print(float(mapped["w"].sum()))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == -7, done  # SIGBUS
-    assert "Fatal Python error: Bus error" in done.stderr and 'File "<string>"' in done.stderr
+    # Not silent: the handler's report (cut short when torch's threads fault at once).
+    assert done.stderr.startswith("Fatal Python error")
     import torch
 
     from bench.cache import cached_tensors
