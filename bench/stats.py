@@ -122,8 +122,8 @@ def combine(
     b = min(len(d) for d in deviations)
     runs = rng.integers(0, k, size=(b, k))
     picks = rng.integers(0, b, size=(b, k))
-    reps = np.array([np.mean([points[r] + deviations[r][p] for r, p in zip(runs[i], picks[i], strict=True)])
-                     for i in range(b)])  # fmt: skip
+    table = np.stack([d[:b] for d in deviations])  # (k, b); replicate i takes k (run, pick) pairs
+    reps = (points[runs] + table[runs, picks]).mean(axis=1)
     between = float(np.var(points, ddof=1)) / k
     within = float(np.mean([np.var(d, ddof=1) for d in deviations])) / k
     se = math.sqrt(between + within)

@@ -18,6 +18,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "bench.errors",
         "bench.fsio",
+        "bench.markdown",
         "bench.progress",
         "bench.stats",
         "bench.frechet",
@@ -32,7 +33,14 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("bench.models", "bench.methods", "baselines", "bench.embedded.train"),
     ("bench.metrics",),
     ("bench.matrix",),  # loads, validates and expands matrix files
-    ("bench.store", "bench.runner", "bench.estimate", "bench.ray_executor", "bench.scaleout"),
+    (
+        "bench.store",
+        "bench.runner",
+        "bench.estimate",
+        "bench.ray_executor",
+        "bench.scaleout",
+        "bench.storescale",
+    ),
     ("bench.claims", "bench.report", "bench.compare", "bench.history"),
     ("bench.api",),  # what `qdiff-bench run` does, as a Python call
     ("bench.cli",),

@@ -7,7 +7,6 @@ import copy
 import dataclasses
 import statistics
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -40,15 +39,15 @@ def test_ptq4dm_calibrates_on_its_normal_timestep_distribution():
     assert qdiff.select_steps(QDIFFUSION.qconfig(Bits(4, 8)).calib, 25)[0] == 0
 
 
-@pytest.mark.parametrize("name", baseline_names())
+# PTQD runs through the harness in its own tests below (its bases' checkpoints reused).
+@pytest.mark.parametrize("name", [n for n in baseline_names() if n != "ptqd"])
 def test_every_baseline_runs_through_the_harness(name, tmp_path):
     method = METHODS.get(name)
-    # One width with quantized activations and one weight-only, where the method has them: the
-    # harness path is the same at every width, and each width costs a calibration.
+    # One width, with quantized activations where the method has them: the harness path is the
+    # same at every width, and each width costs a calibration and a reconstruction (weight-only
+    # widths run through the harness in test_runner's and PTQD's matrices).
     widths = ("W4A8", "W8A8", "W4A4", "W4A32", "W8A32")
-    supported = [b for b in widths if method.unsupported(Bits.parse(b)) is None]
-    activations = [b for b in supported if not b.endswith("A32")][:1]
-    bits = activations + [b for b in supported if b.endswith("A32")][:1]
+    bits = [b for b in widths if method.unsupported(Bits.parse(b)) is None][:1]
     matrix = load_matrix(tiny_matrix(tmp_path, methods=f"[{name}]", bits=f"[{', '.join(bits)}]"))
     rows = run_matrix(matrix, tmp_path / "results", progress=False, log=lambda _: None)
     quantized = [r for r in rows if r["method"] == name]
@@ -60,6 +59,9 @@ def test_every_baseline_runs_through_the_harness(name, tmp_path):
         expected = {"skipped"}
     assert {r["status"] for r in quantized} == expected, [r["error"] for r in quantized]
     assert {r["status"] for r in rows if r["method"] == "fp"} == {"ok"}
+    if name == "ptqd-mp":  # refines both of Q-Diffusion's checkpoints, built for it
+        (q,) = [r for r in quantized if r["metric"] == "quantize_time"]
+        assert q["weights_from"] == "qdiff W4A8 + qdiff W4A4"
 
 
 def outlier_model_and_data(seed: int = 0):
@@ -252,15 +254,6 @@ def test_ptqd_folds_the_residual_variance_into_the_ddim_noise():
     assert model(10 * v).variance_noise(scheduler, t, eps, 1.0, torch.Generator()).abs().max() == 0
 
 
-def test_ptqd_samples_with_a_stochastic_sampler(tmp_path):
-    settings = TINY_SETTINGS.replace("steps: 4", "steps: 4, eta: 1.0")
-    path = tiny_matrix(tmp_path, methods="[ptqd]", bits="[W4A8]").replace("TINY", "")
-    text = Path(path).read_text().replace(TINY_SETTINGS, settings)
-    Path(path).write_text(text)
-    rows = run_matrix(load_matrix(path), tmp_path / "results", progress=False, log=lambda _: None)
-    assert {r["status"] for r in rows} == {"ok"} and rows[0]["sampling"]["eta"] == 1.0
-
-
 def test_torchao_int8_dynamic_quantizes_the_linear_layers_and_stays_close_to_fp():
     from bench.models.embedded import EmbeddedDigits
     from bench.spec import Budget
@@ -312,8 +305,12 @@ def test_a_missing_torchao_skips_its_rows(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_ptqd_refines_qdiffs_checkpoint_instead_of_reconstructing_again(tmp_path):
-    matrix = load_matrix(tiny_matrix(tmp_path, methods="[qdiff, ptqd]", bits="[W4A8, W4A32]"))
-    rows = run_matrix(matrix, tmp_path / "results", progress=False, log=lambda _: None)
+    # With a stochastic sampler (η = 1), into whose noise PTQD folds the residual's variance.
+    settings = TINY_SETTINGS.replace("steps: 4", "steps: 4, eta: 1.0")
+    path = tiny_matrix(tmp_path, methods="[qdiff, ptqd]", bits="[W4A8, W4A32]", settings=settings)
+    rows = run_matrix(load_matrix(path), tmp_path / "results", progress=False, log=lambda _: None)
+    assert {r["status"] for r in rows} == {"ok"}, [r["error"] for r in rows]
+    assert {r["sampling"]["eta"] for r in rows} == {1.0}
     q = {(r["method"], r["bits"]): r for r in rows if r["metric"] == "quantize_time"}
     assert q[("ptqd", "W4A8")]["weights_from"] == "qdiff W4A8"
     assert q[("ptqd", "W4A32")]["weights_from"] == "qdiff W4A32"
@@ -351,11 +348,8 @@ def test_ptqd_mixed_precision_uses_low_bits_where_the_input_is_mostly_noise():
         assert torch.equal(mixed(x[:2], tt[:2]).sample, high(x[:2], tt[:2]).sample)
 
 
-def test_ptqd_mixed_precision_reuses_both_qdiff_checkpoints(tmp_path):
-    matrix = load_matrix(tiny_matrix(tmp_path, methods="[ptqd-mp]", bits="[W4A8]"))
-    rows = run_matrix(matrix, tmp_path / "results", progress=False, log=lambda _: None)
-    (q,) = [r for r in rows if r["metric"] == "quantize_time"]
-    assert q["status"] == "ok" and q["weights_from"] == "qdiff W4A8 + qdiff W4A4"
+def test_ptqd_mixed_precision_needs_more_activation_bits_than_its_low_model(tmp_path):
+    # Its run through the harness: test_every_baseline_runs_through_the_harness[ptqd-mp].
     with pytest.raises(MatrixError, match="ptqd-mp mixes A4 with more activation bits per step; use W4A8"):
         load_matrix(tiny_matrix(tmp_path, methods="[ptqd-mp]", bits="[W4A4]"))
 

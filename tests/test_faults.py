@@ -274,7 +274,7 @@ def test_two_runners_on_one_results_root_compute_each_run_once(tmp_path, cli_ref
     files = list(store.runs.glob("*.jsonl"))
     assert len(files) == len({json.loads(f.read_text().splitlines()[0])["config_hash"] for f in files})
     assert values(store) == cli_reference
-    assert "being run by pid" in a.stderr.read() + b.stderr.read()
+    assert "being done by pid" in a.stderr.read() + b.stderr.read()
 
 
 def test_history_shows_a_newer_failure_instead_of_the_last_good_value(tmp_path):

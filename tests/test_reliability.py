@@ -131,7 +131,7 @@ def test_a_second_run_while_the_first_holds_every_run_says_so_and_succeeds(tmp_p
     assert cli.main(argv) == 0
     out, err = capsys.readouterr()
     assert f"tiny: {len(runs)} run(s) by pid {os.getpid()}" in out and "nothing to do here" in out
-    assert "being done by" in err and str(store.claims) in err
+    assert "being done by" in err and str(store.claims / f"{runs[0].spec.hash}.json") in err
     with pytest.raises(Exception, match="a run is in progress"):
         load(store.root)
 

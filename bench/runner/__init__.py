@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,16 +48,17 @@ def run_matrix(
     """
     store = ResultStore(results_root / matrix.name)
     store.check_writable()
-    todo, held = [], Counter()
+    todo, held = [], {}
     for spec in (p.spec for p in plan(matrix, store, only, force) if p.state != "done"):
         holder = store.claim(spec.hash, force=force)
         if holder is None:
             todo.append(spec)
         else:  # another runner on this results root computes it
-            held[holder] += 1
-    for holder, n in held.items():
-        log(f"{n} run(s) are being done by {holder}; skipped here (their claims are in {store.claims}: "
-            "one whose process is gone is recovered by itself, --force takes them over)")  # fmt: skip
+            held.setdefault(holder, []).append(store.claims / f"{spec.hash}.json")
+    for holder, claims in held.items():
+        files = str(claims[0]) if len(claims) == 1 else f"{claims[0]} and {len(claims) - 1} more"
+        log(f"{len(claims)} run(s) are being done by {holder}; skipped here (claim {files}: one whose "
+            "process is gone is recovered by itself, --force takes them over)")  # fmt: skip
     executor = executor or LocalExecutor()
     # Bars where runs share this process's terminal; throttled lines from worker processes.
     run_progress = None if not progress else "bar" if isinstance(executor, LocalExecutor) else "lines"
