@@ -44,7 +44,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 import qdiff
@@ -111,6 +110,10 @@ class NoiseCorrected(nn.Module):
         i = self.nearest(t.reshape(1))[0]
         residual = self.residual_var[i].item() / (1 + self.k[i].item()) ** 2
         scale = math.sqrt(max(sigma2 - c**2 * residual, 0.0) / sigma2) if sigma2 > 0 else 0.0
+        # Imported here: diffusers' torch utilities load torch._dynamo (seconds and 160 MB),
+        # which listing the registered methods (a report) does not need.
+        from diffusers.utils.torch_utils import randn_tensor
+
         noise = randn_tensor(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)
         return noise * scale
 

@@ -282,10 +282,10 @@ class ResultStore:
         return sorted((row for _, _, row in rows), key=lambda r: r["started_at"])
 
     def index(self) -> pd.DataFrame:
-        """Every row's identity (:data:`INDEX_COLUMNS`, ``value`` and its ``file``), read by
-        DuckDB without building the rows' nested fields, and checked as :meth:`rows` checks
-        them; a row that fails is named by reading its file in full. Memoised while no run
-        file is added, removed or changed."""
+        """Every row's :data:`INDEX_COLUMNS` and its ``file`` (the name in ``runs/``), read by
+        DuckDB without building the rows' other fields; every row's identity is checked as
+        :meth:`rows` checks it, and a row that fails is named by reading its file in full.
+        Memoised while no run file is added, removed or changed."""
         files = self.files()
         stamp = tuple((p.name, st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
         if self._index is None or self._index[0] != stamp:
@@ -294,7 +294,7 @@ class ResultStore:
 
     def _read_index(self, files: list[Path]) -> pd.DataFrame:
         if not files:
-            return pd.DataFrame(columns=["file", *INDEX_COLUMNS, "value"])
+            return pd.DataFrame(columns=["file", *INDEX_COLUMNS, "bad"])
         try:
             df = _duckdb_index(files)
         except Exception as exc:  # duckdb.Error: a line it cannot read; the full read names it
@@ -304,12 +304,12 @@ class ResultStore:
             raise self._corrupt(culprit[1] if culprit else self.runs, str(exc).splitlines()[0]) from None
         bad = _bad_rows(df)
         if bad.any():
-            path = Path(df.loc[bad.idxmax(), "file"])
+            path = self.runs / df.loc[bad.idxmax(), "file"]
             self._file_rows(path)  # raises with the line and the reason
             raise self._corrupt(path, "a row the full read accepts but its index does not")
         own = _own_matrix(self.root, Counter(df["matrix"]))
         if own is not None:
-            path = Path(df.loc[(df["matrix"] != own).idxmax(), "file"])
+            path = self.runs / df.loc[(df["matrix"] != own).idxmax(), "file"]
             _check_one_matrix(self.root, [(path, i, r) for i, r in enumerate(self._file_rows(path), 1)], own)
         return df
 
@@ -323,7 +323,7 @@ class ResultStore:
         rows = []
         for name, wanted in newest.groupby("file", sort=True)["metric"]:
             keep = set(wanted)
-            rows.extend(r for r in self._file_rows(Path(name)) if r["metric"] in keep)
+            rows.extend(r for r in self._file_rows(self.runs / name) if r["metric"] in keep)
         return sorted(rows, key=lambda r: r["started_at"])
 
     def completed(self) -> dict[str, set[str]]:
@@ -340,22 +340,29 @@ class ResultStore:
         return done
 
 
-# What the index reads of each row: its identity, what orders and filters it, and its value.
-INDEX_COLUMNS = (*TEXT_COLUMNS, "status")
+# What the index keeps of each row: what decides which row of a (run, metric) counts.
+INDEX_COLUMNS = ("config_hash", "metric", "started_at", "status", "matrix")
 NUMBER_TYPES = ("BIGINT", "UBIGINT", "HUGEINT", "DOUBLE")
 
 
 def _duckdb_index(files: list[Path]) -> pd.DataFrame:
-    """The :data:`INDEX_COLUMNS` and ``value`` of every row of ``files``, each with its JSON
-    type (``<column>_type``), through DuckDB's JSON reader: only these keys are built, whatever
-    else (bootstrap replicates, configurations) a row holds."""
+    """Every row of ``files`` as its file's name, its :data:`INDEX_COLUMNS` and ``bad``: whether
+    :func:`_check_row` (or the status check) would refuse its identity (a label that is not
+    text, a value that is not a number, an ``ok`` value that is not finite; the dates are
+    checked by the caller). Read by DuckDB's JSON reader, which builds only these keys,
+    whatever else (bootstrap replicates, configurations) a row holds."""
     import duckdb
 
-    columns = "{" + ", ".join(f"'{c}': 'JSON'" for c in (*INDEX_COLUMNS, "value")) + "}"
-    picks = ", ".join(f"json_type({c}) AS {c}_type, {c}->>'$' AS {c}" for c in INDEX_COLUMNS)
+    columns = "{" + ", ".join(f"'{c}': 'JSON'" for c in (*TEXT_COLUMNS, "status", "value")) + "}"
+    text = " OR ".join(f"coalesce(json_type({c}), 'NULL') <> 'VARCHAR'" for c in (*TEXT_COLUMNS, "status"))
+    numbers = ", ".join(f"'{t}'" for t in ("NULL", *NUMBER_TYPES))
+    statuses = ", ".join(f"'{s}'" for s in STATUSES)
     query = (
-        f"SELECT filename AS file, {picks}, json_type(value) AS value_type, "
-        "TRY_CAST(value AS DOUBLE) AS value "
+        "SELECT parse_filename(filename) AS file, "
+        + ", ".join(f"{c}->>'$' AS {c}" for c in INDEX_COLUMNS)
+        + f", ({text} OR (status->>'$') NOT IN ({statuses}) "
+        f"OR coalesce(json_type(value), 'NULL') NOT IN ({numbers}) "
+        "OR ((status->>'$') = 'ok' AND NOT coalesce(isfinite(TRY_CAST(value AS DOUBLE)), false))) AS bad "
         f"FROM read_json(?, format='newline_delimited', columns={columns}, filename=true)"
     )  # a line over DuckDB's 16 MB object size is refused: a results row is some 20 kB
     with duckdb.connect(config={"threads": max(1, min(4, os.cpu_count() or 1))}) as con:
@@ -363,15 +370,10 @@ def _duckdb_index(files: list[Path]) -> pd.DataFrame:
 
 
 def _bad_rows(df: pd.DataFrame) -> pd.Series:
-    """Which index rows :func:`_check_row` (or the status check) would refuse."""
-    bad = ~df["status"].isin(STATUSES) | (df["status_type"] != "VARCHAR")
-    for c in TEXT_COLUMNS:
-        bad |= df[f"{c}_type"] != "VARCHAR"
-    typed = df["value_type"].isna() | df["value_type"].isin(("NULL", *NUMBER_TYPES))
-    finite = df["value"].notna() & df["value"].abs().lt(float("inf"))
-    bad |= ~typed | ((df["status"] == "ok") & ~finite)
+    """Which index rows :func:`_check_row` would refuse: :func:`_duckdb_index`'s ``bad``, and
+    a start that is no ISO timestamp or lies in the future."""
     started = pd.to_datetime(df["started_at"], format="ISO8601", utc=True, errors="coerce")
-    return bad | started.isna() | (started > pd.Timestamp.now(tz="UTC") + FUTURE_SLACK)
+    return df["bad"] | started.isna() | (started > pd.Timestamp.now(tz="UTC") + FUTURE_SLACK)
 
 
 def _holder(path: Path) -> str:
