@@ -313,13 +313,19 @@ class ResultStore:
             _check_one_matrix(self.root, [(path, i, r) for i, r in enumerate(self._file_rows(path), 1)], own)
         return df
 
+    def _newest(self) -> pd.DataFrame:
+        """The index row of the newest row of each (run, metric); a tie goes to the later file
+        and line, as a reader of every row in order would have it."""
+        return (
+            self.index()
+            .sort_values("started_at", kind="stable")
+            .drop_duplicates(["config_hash", "metric"], keep="last")
+        )
+
     def latest(self) -> list[dict[str, Any]]:
         """The newest row of each (run, metric), oldest first: the newest is found in the
         :meth:`index`, and only the files holding one are read in full."""
-        df = self.index()
-        newest = df.sort_values("started_at", kind="stable").drop_duplicates(
-            ["config_hash", "metric"], keep="last"
-        )
+        newest = self._newest()
         rows = []
         for name, wanted in newest.groupby("file", sort=True)["metric"]:
             keep = set(wanted)
@@ -328,10 +334,7 @@ class ResultStore:
 
     def completed(self) -> dict[str, set[str]]:
         """``config_hash → metrics`` whose latest row is ``ok``: what resuming skips."""
-        df = self.index()
-        newest = df.sort_values("started_at", kind="stable").drop_duplicates(
-            ["config_hash", "metric"], keep="last"
-        )
+        newest = self._newest()
         done: dict[str, set[str]] = {}
         for config, metric in newest.loc[newest["status"] == "ok", ["config_hash", "metric"]].itertuples(
             index=False
