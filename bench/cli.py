@@ -323,7 +323,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{matrix.name}: {exc}", file=sys.stderr)
         return 143 if exc.terminated else 130
     if outcome.elsewhere:
-        print(f"{matrix.name}: {outcome.elsewhere} being done now; nothing to do here")
+        print(f"{matrix.name}: nothing to do here; in progress elsewhere: {outcome.elsewhere}")
         return 0
     runs = len({r["config_hash"] for r in outcome.rows})
     appended = f"{len(outcome.rows)} rows appended to {outcome.store.runs}"

@@ -130,7 +130,7 @@ def test_a_second_run_while_the_first_holds_every_run_says_so_and_succeeds(tmp_p
     argv = ["run", path, "--results", str(tmp_path / "results"), "--no-progress", "--workers", "1"]
     assert cli.main(argv) == 0
     out, err = capsys.readouterr()
-    assert f"tiny: {len(runs)} run(s) by pid {os.getpid()}" in out and "nothing to do here" in out
+    assert f"tiny: nothing to do here; in progress elsewhere: {len(runs)} run(s) by pid {os.getpid()}" in out
     assert "being done by" in err and str(store.claims / f"{runs[0].spec.hash}.json") in err
     with pytest.raises(Exception, match="a run is in progress"):
         load(store.root)
