@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.api import MAX_PARALLEL, RESULTS
 from bench.errors import ImageError, IncomparableError, MatrixError, StoreError
 from bench.provenance import REPO_ROOT
-from bench.registry import METHODS, METRICS, MODELS
+from bench.registry import METHODS, METRICS, MODELS, include
 from bench.spec import CLEANFID_MODES, EXECUTORS, FID_BACKENDS
 from qdiff.errors import QdiffError
 
@@ -87,9 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qdiff-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("ls", help="list registered models, methods, metrics and shipped matrices")
+    # Plugins from outside the repository: a folder of modules that register methods, models or
+    # metrics (installed packages register through entry points without a flag).
+    plugins = argparse.ArgumentParser(add_help=False)
+    plugins.add_argument(
+        "--include", action="append", default=[], metavar="DIR",
+        help="load the plugin modules (*.py) of DIR before anything else (repeatable)",
+    )  # fmt: skip
+    sub.add_parser(
+        "ls", parents=[plugins], help="list registered models, methods, metrics and shipped matrices"
+    )
 
-    validate = sub.add_parser("validate", help="expand a matrix file and report problems; runs nothing")
+    validate = sub.add_parser(
+        "validate", parents=[plugins], help="expand a matrix file and report problems; runs nothing"
+    )
     validate.add_argument("matrix", type=Path)
     validate.add_argument(
         "--results", type=Path, default=RESULTS, help=f"results root (for run states; default: {RESULTS})"
@@ -97,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--no-estimate", action="store_true", help="skip timing the models for an estimate")
     _execution_flags(validate)
 
-    run = sub.add_parser("run", help="run a matrix (default: the embedded CPU matrix), resuming by default")
+    run = sub.add_parser(
+        "run", parents=[plugins], help="run a matrix (default: the embedded CPU matrix), resuming by default"
+    )
     run.add_argument("matrix", type=Path, nargs="?", default=DEFAULT_MATRIX)
     run.add_argument(
         "--results", type=Path, default=RESULTS,
@@ -215,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             faulthandler.enable()
     args = build_parser().parse_args(argv)
     try:
+        for folder in getattr(args, "include", ()):
+            include(folder)
         return COMMANDS[args.command](args)
     except USER_ERRORS as exc:
         print(f"qdiff-bench: error: {exc}", file=sys.stderr)

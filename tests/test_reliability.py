@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -412,3 +413,80 @@ def test_the_store_scale_benchmark_builds_reruns_that_read_as_the_source(tmp_pat
     assert sum(r["run_id"] == "rerun" for r in ResultStore(b).latest()) == rerun
     figures = storescale.measure(["--help"])
     assert figures["wall_s"] > 0 and 50 < figures["peak_rss_mib"] < 4096
+
+
+PLUGIN_METHOD = """
+import qdiff
+from bench.methods import RecipeMethod, quant_specs
+from bench.registry import METHODS
+from bench.spec import Bits
+
+
+def recipe(bits: Bits) -> qdiff.QConfig:
+    return qdiff.QConfig(**quant_specs(bits, "mse"), split_shortcut=True,
+                         calib=qdiff.CalibConfig(strategy="uniform"), recon=qdiff.ReconConfig(method="none"))
+
+
+METHOD = METHODS.add(RecipeMethod("{name}", "{name}: MSE ranges, no reconstruction", recipe))
+"""
+
+
+def test_plugins_from_an_installed_package_and_a_folder_run_and_a_broken_one_is_one_line(tmp_path):
+    """A throwaway package installed the way pip installs one (its dist-info with an entry point
+    of the group ``qdiff_bench.methods``) and a folder named by ``--include`` each register a
+    method; a matrix runs both, while a broken module of the folder is one line on stderr."""
+    import subprocess
+    import sys
+
+    from helpers import tiny_matrix
+
+    site = tmp_path / "site"
+    (site / "extpkg").mkdir(parents=True)
+    (site / "extpkg" / "__init__.py").write_text("")
+    (site / "extpkg" / "methods.py").write_text(PLUGIN_METHOD.replace("{name}", "ext-installed"))
+    info = site / "extpkg-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: extpkg\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[qdiff_bench.methods]\next = extpkg.methods\n")
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "mine.py").write_text(PLUGIN_METHOD.replace("{name}", "ext-folder"))
+    (folder / "broken.py").write_text("raise ImportError('needs a library this machine lacks')\n")
+    path = tiny_matrix(tmp_path, methods="[ext-installed, ext-folder]", bits="[W8A8]", metrics="[psnr_vs_fp]")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), os.getcwd()]),
+        "QDIFF_BENCH_CACHE": str(tmp_path / "c"),
+    }
+    argv = [sys.executable, "-m", "bench.cli", "run", path, "--include", str(folder), "--workers", "1",
+            "--results", str(tmp_path / "r"), "--no-progress", "--no-report", "--no-check"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    problems = [line for line in done.stderr.splitlines() if "broken.py" in line]
+    assert (
+        len(problems) == 1
+        and "failed to import (ImportError: needs a library this machine lacks)" in problems[0]
+    )
+    assert "Traceback" not in done.stderr
+    from bench.store import load
+
+    df = load(tmp_path / "r" / "tiny")
+    assert set(df["method"]) == {"ext-installed", "ext-folder"} and set(df["status"]) == {"ok"}
+    # The same folder named by the matrix file itself (relative to it), and one that is not there.
+    text = Path(path).read_text()
+    Path(path).write_text(text + "plugins: [plugins]\n")
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.cli",
+        "validate",
+        path,
+        "--no-estimate",
+        "--results",
+        str(tmp_path / "r"),
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "valid; 2 runs (0 to run)" in done.stdout, done.stdout + done.stderr
+    Path(path).write_text(text + "plugins: [elsewhere]\n")
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and "plugins: 'elsewhere': no such folder" in done.stderr

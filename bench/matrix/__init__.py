@@ -5,6 +5,7 @@ A matrix file is YAML::
     name: default                      # results/<name>/ and the ``matrix`` column
     extends: base.yaml                 # optional, relative to this file (see below)
     preset: quick                      # optional: a named budget (bench.spec.PRESETS: quick, paper)
+    plugins: [my_plugins]              # optional: folders of plugin modules (relative to this file)
     models: [embedded-digits]          # or {name: sd-1.5, source: /local/dir, samples: 100,
                                        #      metrics: [clip_score]}  (this model's metrics)
     methods: [linear, qdiff]           # or {name: qdiff, weight_iters: 2000}
@@ -50,6 +51,7 @@ from pathlib import Path
 from bench.errors import MatrixError
 from bench.matrix.expand import build
 from bench.matrix.load import Problems, by_parent, read_merged
+from bench.registry import include
 from bench.spec import RULE_KEYS, MatrixSpec
 
 __all__ = ["MatrixSpec", "load_matrix", "parse_rules"]
@@ -70,6 +72,21 @@ def parse_rules(items: list[str] | tuple[str, ...]) -> dict[str, tuple[str, ...]
     return rules
 
 
+def _plugins(path: Path, folders, problems: Problems) -> None:
+    """Load the plugin folders a matrix names (``plugins: [dir, ...]``, relative to its file's
+    folder) before its methods, models and metrics are looked up."""
+    if folders is None:
+        return
+    if not isinstance(folders, list) or not all(isinstance(f, str) for f in folders):
+        problems.add(f"{path}: 'plugins' must be a list of folders (relative to {path.parent})")
+        return
+    for folder in folders:
+        try:
+            include(path.parent / Path(folder).expanduser())
+        except FileNotFoundError:
+            problems.add(f"{path}: plugins: {folder!r}: no such folder (relative to {path.parent})")
+
+
 def load_matrix(path: str | Path, runs_on: str | None = None) -> MatrixSpec:
     """Read, merge (``extends``), validate and expand a matrix file. ``runs_on``: the executor
     (``local``, ``ray``) its runs go to when not the file's ``executor`` setting (``--executor``):
@@ -83,6 +100,7 @@ def load_matrix(path: str | Path, runs_on: str | None = None) -> MatrixSpec:
     inherited: dict[str, str] = {}
     problems = Problems(path)
     data = read_merged(path, (), inherited, problems)
+    _plugins(path, data.pop("plugins", None), problems)
     spec = build(data, path, problems, runs_on)
     problems.raise_any()
     notes = [f"inherited from {parent}: {', '.join(keys)}" for parent, keys in by_parent(inherited).items()]

@@ -28,6 +28,7 @@ MATRIX_KEYS = (
     "settings",
     "exclude",
     "include",
+    "plugins",
 )
 
 
