@@ -154,7 +154,9 @@ def run(
     store.check_writable()
     store.index()  # a corrupt store fails now, before any work
     if log is None:
-        log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731  (keeps the bars intact)
+        from bench.progress import wrap
+
+        log = lambda msg: tqdm.write(wrap(msg), file=sys.stderr)  # noqa: E731  (keeps the bars intact)
     chosen = executor or spec.executor
     if chosen.name == "ray":
         from bench.ray_executor import RayExecutor, import_ray

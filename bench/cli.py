@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench.api import MAX_PARALLEL, RESULTS
 from bench.errors import ImageError, IncomparableError, MatrixError, StoreError
+from bench.progress import log_to_stderr, wrap
 from bench.provenance import REPO_ROOT
 from bench.registry import METHODS, METRICS, MODELS, include
 from bench.spec import CLEANFID_MODES, EXECUTORS, FID_BACKENDS
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):
             faulthandler.enable()
     args = build_parser().parse_args(argv)
+    log_to_stderr()
     try:
         for folder in getattr(args, "include", ()):
             include(folder)
@@ -241,10 +243,10 @@ def _ls(args: argparse.Namespace) -> int:
     for name in MODELS.names():
         cls = MODELS.get(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"  {name:<16} {doc} [metrics: {', '.join(cls.DEFAULT_METRICS)}]")
+        print(wrap(f"  {name:<16} {doc} [metrics: {', '.join(cls.DEFAULT_METRICS)}]"))
     print("methods:")
     for name in METHODS.names():
-        print(f"  {name:<16} {METHODS.get(name).description}")
+        print(wrap(f"  {name:<16} {METHODS.get(name).description}"))
     print("metrics:")
     for name in METRICS.names():
         m = METRICS.get(name)
@@ -338,14 +340,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{matrix.name}: {exc}", file=sys.stderr)
         return 143 if exc.terminated else 130
     if outcome.elsewhere:
-        print(f"{matrix.name}: nothing to do here; in progress elsewhere: {outcome.elsewhere}")
+        print(wrap(f"{matrix.name}: nothing to do here; in progress elsewhere: {outcome.elsewhere}"))
         return 0
     runs = len({r["config_hash"] for r in outcome.rows})
     appended = f"{len(outcome.rows)} rows appended to {outcome.store.runs}"
-    print(f"{runs} runs, {appended}; wall time {outcome.wall_s:.0f}s")
+    print(wrap(f"{runs} runs, {appended}; wall time {outcome.wall_s:.0f}s"))
     if outcome.report is not None:
         md, page = outcome.report_paths
-        print(f"\n{report.summary_text(outcome.report.cells)}\nfull report: {md} and {page}")
+        print(f"\n{report.summary_text(outcome.report.cells)}\n{wrap(f'full report: {md} and {page}')}")
     if not args.no_check:
         _check(outcome.store.root, args.reference / matrix.name)
     return 1 if outcome.failed else 0
@@ -368,7 +370,7 @@ def _check(mine: Path, reference: Path) -> None:
     lines += ["('moved': outside its own 95 % interval, as about 1 cell in 20 is by chance; a",
               "regression is judged over all cells at once), details:",
               f"  qdiff-bench compare {reference} {mine}"]  # fmt: skip
-    print("\n".join(f"  {line}" for line in lines))
+    print(wrap("\n".join(f"  {line}" for line in lines)))
 
 
 def _executor_spec(spec, args: argparse.Namespace):
@@ -424,10 +426,10 @@ def _report(args: argparse.Namespace) -> int:
         from bench import history
 
         md, page, _ = history.write(args.results, args.out, args.asv)
-        print(f"history (quality per commit and machine, asv's speed and memory): {md} and {page}")
+        print(wrap(f"history (quality per commit and machine, asv's speed and memory): {md} and {page}"))
         return 0
     md, page, built = report.write(args.results, args.out)
-    print(f"{report.summary_text(built.cells)}\nfull report: {md} and {page}")
+    print(f"{report.summary_text(built.cells)}\n{wrap(f'full report: {md} and {page}')}")
     return 0
 
 

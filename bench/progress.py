@@ -12,16 +12,48 @@ adapters stay free of any display code. How it shows depends on where the run ex
 
 from __future__ import annotations
 
+import logging
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
 MODES = ("bar", "lines")
+WIDTH = 100  # columns of a line the suite prints: a default terminal shows it unwrapped
 LINE_EVERY = 20.0  # seconds between two lines of one phase
 
 Callback = Callable[[int, int], None]
+
+
+def wrap(text: str, width: int = WIDTH) -> str:
+    """``text`` in lines of at most ``width`` columns, continuation lines indented; each line
+    of ``text`` is wrapped on its own (a word longer than a line, a path, is kept whole)."""
+    return "\n".join(
+        textwrap.fill(line, width, subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
+        or line
+        for line in text.splitlines()
+    )
+
+
+class _WrappedStderr(logging.Handler):
+    """Each record's message, wrapped to :data:`WIDTH` columns, on the ``sys.stderr`` of the
+    moment (as logging's last-resort handler, which this replaces, writes it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(wrap(self.format(record)) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
+def log_to_stderr() -> None:
+    """Warnings of the suite and its libraries to stderr, wrapped (the command line's process
+    and its worker processes)."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _WrappedStderr) for h in root.handlers):
+        root.addHandler(_WrappedStderr())
 
 
 def _clock(seconds: float) -> str:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from bench.progress import log_to_stderr
 from bench.runner.plan import Needs, ordered
 from bench.spec import RunSpec
 
@@ -183,6 +184,7 @@ def _init_worker(threads: int) -> None:
     # A worker killed by a fatal signal (SIGBUS: a mapped cache entry truncated under it) says
     # where, on stderr, before its runs become "worker died" rows.
     faulthandler.enable()
+    log_to_stderr()  # its warnings wrapped as the main process's are
     # Ctrl-C reaches the whole process group; the main process decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
