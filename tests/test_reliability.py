@@ -492,6 +492,9 @@ def test_plugins_from_an_installed_package_and_a_folder_run_and_a_broken_one_is_
     ]
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and "valid; 2 runs (0 to run)" in done.stdout, done.stdout + done.stderr
-    Path(path).write_text(text + "plugins: [elsewhere]\n")
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 2 and "plugins: 'elsewhere': no such folder" in done.stderr
+    Path(path).write_text(text + "plugins: [elsewhere]\n")  # refused before anything loads: here
+    from bench.errors import MatrixError
+    from bench.matrix import load_matrix
+
+    with pytest.raises(MatrixError, match="plugins: 'elsewhere': no such folder"):
+        load_matrix(path)
