@@ -138,7 +138,6 @@ class ResultStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.runs = self.root / "runs"
-        self._index: tuple[tuple, pd.DataFrame] | None = None
 
     def check_writable(self) -> None:
         """Fail now, before any work, if rows could not be written later."""
@@ -285,12 +284,15 @@ class ResultStore:
         """Every row's :data:`INDEX_COLUMNS` and its ``file`` (the name in ``runs/``), read by
         DuckDB without building the rows' other fields; every row's identity is checked as
         :meth:`rows` checks it, and a row that fails is named by reading its file in full.
-        Memoised while no run file is added, removed or changed."""
+        Memoised per folder (every store object of it: a run plans with one, reads with
+        another) while no run file is added, removed or changed."""
         files = self.files()
         stamp = tuple((p.name, st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
-        if self._index is None or self._index[0] != stamp:
-            self._index = (stamp, self._read_index(files))
-        return self._index[1]
+        key = self.runs.resolve()
+        cached = _INDEXES.get(key)
+        if cached is None or cached[0] != stamp:
+            cached = _INDEXES[key] = (stamp, self._read_index(files))
+        return cached[1]
 
     def _read_index(self, files: list[Path]) -> pd.DataFrame:
         if not files:
@@ -342,6 +344,8 @@ class ResultStore:
             done.setdefault(config, set()).add(metric)
         return done
 
+
+_INDEXES: dict[Path, tuple[tuple, pd.DataFrame]] = {}  # runs folder -> (its files' stamp, index)
 
 # What the index keeps of each row: what decides which row of a (run, metric) counts.
 INDEX_COLUMNS = ("config_hash", "metric", "started_at", "status", "matrix")

@@ -100,9 +100,8 @@ def _file_problem(path: Path) -> str | None:
         return "does not exist"
     if not path.is_file():
         return "is not a regular file (a device, FIFO or socket), not a matrix file"
-    if path.stat().st_size > MAX_BYTES:
-        return f"is {path.stat().st_size:,} bytes, more than a matrix file's {MAX_BYTES:,}"
-    return None
+    size = path.stat().st_size
+    return f"is {size:,} bytes, more than a matrix file's {MAX_BYTES:,}" if size > MAX_BYTES else None
 
 
 def literal_sizes(data: dict[str, Any]) -> dict[str, int]:
@@ -221,10 +220,12 @@ def read_merged(
     parent_path = path.parent / parent_name
     what = _file_problem(parent_path)
     if what:  # nothing below can be checked without the parent's keys
-        where = f" ('extends' is relative to the extending file's folder, {path.parent})"
-        problems.add(
-            f"{path}: extends {parent_name!r}: {parent_path} {what}{where if 'exist' in what else ''}"
+        where = (
+            ""
+            if parent_path.exists()
+            else f" ('extends' is relative to the extending file's folder, {path.parent})"
         )
+        problems.add(f"{path}: extends {parent_name!r}: {parent_path} {what}{where}")
         problems.raise_any()
     parent = read_merged(parent_path, (*seen, resolved), inherited, problems)
     for key in parent:
