@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from helpers import fixture_store
 from scipy import stats
 
@@ -568,3 +569,55 @@ def test_the_papers_ratio_carries_a_paired_interval(tmp_path, qdiff_gap, linear_
     low, high = map(float, interval.split(" – "))
     assert low < float(ratio) < high
     assert "## Q-Diffusion against naive PTQ" in report.build(store.root).markdown
+
+
+def test_report_shows_each_runs_first_samples_from_the_same_noise(warm_caches, tmp_path):
+    """report.html embeds, per model, the first samples of FP and of each method × bits as
+    thumbnails cut from the run's grid; report.md links the grids, relative to where it lies."""
+    import base64
+    import io
+    from urllib.parse import unquote
+
+    from PIL import Image
+
+    results = warm_caches("[linear, qdiff-no-recon]", "[W8A8]")[1]
+    md, page, _ = report.write(results, tmp_path / "out")
+    section = page.read_text().split("<h2>Samples</h2>", 1)[1].split("<h2>", 1)[0]
+    shown = re.findall(
+        r"<tr><td class='name'>([^<]*)</td><td><img alt='[^']*' src='data:image/png;base64,([^']*)'>", section
+    )
+    assert [label for label, _ in shown] == ["fp FP", "linear W8A8", "qdiff-no-recon W8A8"]
+    for _, data in shown:
+        thumb = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert 0 < thumb.height <= 96 and thumb.width > 4 * thumb.height  # a row of samples
+    # The FP row is the first samples of FP's own grid, no other run's.
+    fp_grid = next((results / "samples").glob("embedded-digits-fp-FP-s0.png"))
+    assert base64.b64decode(shown[0][1]) == report.samples.strip(fp_grid, report.samples.SHOWN)
+    text = md.read_text()
+    links = re.findall(r"\]\(([^)]+\.png)\)", text.split("## Samples", 1)[1])
+    assert len(links) == 3 and all((md.parent / unquote(link)).is_file() for link in links)
+
+
+def test_a_grid_strip_is_its_first_samples_and_a_bad_grid_no_picture(tmp_path):
+    from PIL import Image
+
+    from bench.images import save_grid, strip
+
+    images = torch.randint(
+        0, 256, (10, 3, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
+    path = save_grid(images, tmp_path / "g.png", columns=4)
+    import io
+
+    cut = Image.open(io.BytesIO(strip(path, count=3, height=1000)))
+    assert cut.size == (3 * 65 + 1, 66)  # three 64² tiles with their 1-px borders, unscaled
+    pixels = torch.from_numpy(np.array(cut)).permute(2, 0, 1)
+    for i in range(3):
+        assert torch.equal(pixels[:, 1:65, 1 + 65 * i : 65 + 65 * i], images[i])
+    Image.fromarray(np.zeros((40, 400, 3), np.uint8)).save(tmp_path / "plain.png")  # no layout
+    assert Image.open(io.BytesIO(strip(tmp_path / "plain.png", count=2, height=10))).size == (
+        20,
+        2,
+    )  # 2 × 10 wide
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 50)
+    assert strip(tmp_path / "bad.png") is None and strip(tmp_path / "none.png") is None

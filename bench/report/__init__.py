@@ -22,6 +22,7 @@ import pandas as pd
 
 from bench import claims
 from bench.fsio import write_atomic
+from bench.report import samples
 from bench.report.cells import (
     MACHINE,
     cell_table,
@@ -69,24 +70,28 @@ class Report:
     cells: pd.DataFrame  # one row per (model, method, bits, metric)
 
 
-def build(results: str | Path) -> Report:
-    """The leaderboard of one matrix's results folder."""
+def build(results: str | Path, out: str | Path | None = None) -> Report:
+    """The leaderboard of one matrix's results folder; ``out``: where it will be written (the
+    Markdown's links to sample grids are relative to it; default: the results folder)."""
     df = load(results)
+    shown = samples.grids(df, Path(results))
     cells = cell_table(df)
     tables = boards(cells)
     title = f"Leaderboard: {', '.join(sorted(df['matrix'].dropna().unique()))}"
     invocations = ResultStore(results).invocations()
     ratios = claims.gap_ratios(df)  # bootstraps: once for both formats
     return Report(
-        to_markdown(tables, cells, df, invocations, title, ratios),
-        to_html(tables, cells, df, invocations, title, ratios),
+        to_markdown(
+            tables, cells, df, invocations, title, ratios, samples.to_markdown(shown, Path(out or results))
+        ),
+        to_html(tables, cells, df, invocations, title, ratios, samples.to_html(shown)),
         cells,
     )
 
 
 def write(results: str | Path, out: str | Path | None = None) -> tuple[Path, Path, Report]:
     """Write ``report.md`` and ``report.html`` into ``out`` (default: the results folder)."""
-    report = build(results)
+    report = build(results, out)
     out = Path(out or results)
     out.mkdir(parents=True, exist_ok=True)
     md, page = out / "report.md", out / "report.html"

@@ -28,13 +28,15 @@ td.skipped{background:#f3f3f3;color:#777} td.ref{color:#555}
 div.wide td{white-space:nowrap} div.wide td.error,div.wide td.skipped{white-space:normal;max-width:20em}
 div.wide{overflow-x:auto;max-width:100%} span.sub{font-size:.85em;color:#444}
 img{max-width:100%;display:block;margin:.5em 0 1.5em}
+table.samples img{margin:0} table.samples td{vertical-align:middle}
 """
 
 
 def to_html(
     tables: list[tuple[str, pd.DataFrame]], cells: pd.DataFrame, df: pd.DataFrame, invocations: list[dict],
-    title: str, ratios: list[tuple[str, ...]],
+    title: str, ratios: list[tuple[str, ...]], pictures: str = "",
 ) -> str:  # fmt: skip
+    """The report as one page; ``pictures``: its "Samples" section."""
     esc = html.escape
     notes: list[str] = []
     sections = []
@@ -87,7 +89,7 @@ def to_html(
         f"</head><body><h1>{esc(title)}</h1><p>{esc(CELLS_LEGEND)} Metrics: {esc(legend)}.</p>"
         f"<ul>{floor_items}</ul>"
         f"{''.join(sections)}<ol>{note_list}</ol>{claims.to_html(ratios)}"
-        f"<h2>Plots</h2>{figures or '<p>No ok quality cells to plot.</p>'}{times}"
+        f"<h2>Plots</h2>{figures or '<p>No ok quality cells to plot.</p>'}{pictures}{times}"
         f"<h2>Over commits</h2><p>{TRENDS_HTML}</p>"
         f"<h2>Provenance</h2><table>{prov}</table></body></html>\n"
     )

@@ -314,8 +314,9 @@ def floors(cells: pd.DataFrame) -> list[str]:
 
 def to_markdown(
     tables: list[tuple[str, pd.DataFrame]], cells: pd.DataFrame, df: pd.DataFrame, invocations: list[dict],
-    title: str, ratios: list[tuple[str, ...]],
+    title: str, ratios: list[tuple[str, ...]], pictures: list[str] = (),
 ) -> str:  # fmt: skip
+    """The report as Markdown; ``pictures``: its "Samples" section's lines."""
     notes: list[str] = []
     lines = [f"# {title}", "", CELLS_LEGEND, ""]
     lines.append("Metrics: " + "; ".join(metric_legend(cells)) + ".")
@@ -336,6 +337,7 @@ def to_markdown(
     if notes:
         lines.extend(["", *[f"[{i}] {markdown.line(n)}" for i, n in enumerate(notes, 1)]])
     lines.extend(claims.to_markdown(ratios))
+    lines.extend(pictures)
     split = time_split(df)
     if split:
         lines.extend(["", "## Where the time went", "", *markdown.table(TIME_HEADER, split)])

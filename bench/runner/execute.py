@@ -26,7 +26,7 @@ import torch
 
 from bench.cache import cached_tensors
 from bench.errors import AvailabilityError
-from bench.images import save_grid
+from bench.images import preview_name, save_grid
 from bench.matrix.feasibility import machine_problem
 from bench.metrics.cost import ready
 from bench.metrics.quality import EvalContext
@@ -196,9 +196,9 @@ def _evaluate(
                  "recon": ckpt.report}  # fmt: skip
     if previews is not None and ctx.images is not None:
         count = 64 if ctx.images.shape[-1] < 64 else 8
-        on = "" if spec.real_backend is None else f"-{spec.real_backend}"
-        calib = "" if spec.is_fp else f"c{spec.calib_seed}"
-        name = f"{spec.model}-{spec.method}{on}-{spec.bits_label}-s{seed}{calib}.png"
+        name = preview_name(
+            spec.model, spec.method, spec.real_backend, spec.bits_label, seed, spec.calib_seed
+        )
         try:
             save_grid(ctx.images[:count], previews / name)
         except OSError as exc:  # a picture for eyeballing: its loss must not cost the run's rows
