@@ -86,3 +86,20 @@ def _layout(text: str | None) -> tuple[int, int, int, int, int] | None:
     except (TypeError, KeyError, ValueError):
         return None
     return values if all(v > 0 for v in values) else None
+
+
+def fit(image, height: int, width: int):
+    """An HWC uint8 array centre-cropped to ``height:width``'s aspect and resized to it (PIL
+    bicubic): how a data set of mixed sizes (COCO) is brought to the samples' resolution before
+    an FID extractor's own resizing."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image
+    scale = min(h / height, w / width)
+    crop_h, crop_w = round(height * scale), round(width * scale)
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    crop = Image.fromarray(image[top : top + crop_h, left : left + crop_w])
+    return np.asarray(crop.resize((width, height), Image.Resampling.BICUBIC))

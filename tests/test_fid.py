@@ -121,6 +121,21 @@ def test_reference_features_are_computed_once_and_cached(pair, tmp_path):
     assert fid.compute(TF, a, dir_b, ref_key="ref-tf").fid == tf_first.fid
 
 
+def test_a_reference_folder_is_compared_at_the_samples_resolution(pair, tmp_path):
+    """clean-fid: references of another shape are centre-cropped to the samples' aspect and
+    resized to their resolution first (a wide 16×24 image whose centre is B counts as B), and
+    their cached features are kept apart per resolution."""
+    a, b, _, dir_b = pair
+    noise = images(len(b), 9)[..., :4]
+    wide = save(torch.cat([noise, b, noise], dim=-1), tmp_path / "wide")  # 16 × 24, centre = b
+    evaluation = Evaluation(fid_backend="clean-fid", fid_extractor=CF_EXTRACTOR)
+    direct = fid.compute(evaluation, a, dir_b).fid
+    assert fid.compute(evaluation, a, wide, ref_key="wide").fid == pytest.approx(direct, rel=1e-9)
+    small = fid.compute(evaluation, a[..., ::2, ::2].contiguous(), wide, ref_key="wide").fid
+    assert small != pytest.approx(direct, rel=1e-3)  # 8² samples: the references fitted to 8²
+    assert fid.compute(evaluation, a, wide, ref_key="wide").fid == pytest.approx(direct, rel=1e-9)
+
+
 def test_fewer_samples_than_feature_dims_warns_and_records_it():
     with pytest.warns(UserWarning, match="n=8 samples < 16 feature dimensions"):
         scores = fid.compute(TF, images(8, 0), images(20, 1))

@@ -53,7 +53,8 @@ def test_adapter_samples_paired_images_and_records_calibration_inputs(name, tiny
     assert len(data) == 2 * 2 * doubled and data.t.unique().numel() == 2
     assert set(data.cond) == keys
     if keys:
-        assert adapter.prompts(17)[16] == adapter.prompts(1)[0]  # prompts cycle
+        n = len(adapter.prompt_sets["evaluation"].prompts)
+        assert adapter.prompts(n + 1)[n] == adapter.prompts(1)[0]  # prompts cycle
     # the recorded inputs are exactly what the denoiser takes
     out = fp(data.x[:2], data.t[:2], **{k: v[:2] for k, v in data.cond.items()}).sample
     assert out.shape == data.x[:2].shape
@@ -90,6 +91,58 @@ def test_prompts_file_and_guidance(tiny_pipelines, tmp_path):
         MODELS.get("sd-1.5")(
             SAMPLING, source=str(tiny_pipelines["sd-1.5"]), prompts=str(tmp_path / "empty.txt")
         ).prompts(1)
+
+
+def test_calibration_never_sees_an_evaluation_prompt(tiny_pipelines, tmp_path):
+    """Calibration trajectories are conditioned on the calibration prompts only; samples, and the
+    held-out error metric's trajectories, on the evaluation prompts only; sets that share a
+    prompt are refused."""
+    (tmp_path / "eval.txt").write_text("# a header line\na cat\na dog\n")
+    (tmp_path / "calib.txt").write_text("a boat\na tree\na house\n")
+    source = str(tiny_pipelines["sd-1.5"])
+    adapter = MODELS.get("sd-1.5")(
+        SAMPLING, source=source, prompts=str(tmp_path / "eval.txt"), calib_prompts=str(tmp_path / "calib.txt")
+    )
+    seen = []
+    encode = adapter.text_conditions
+    adapter.text_conditions = lambda prompts: seen.extend(prompts) or encode(prompts)
+    fp = adapter.denoiser()
+    config = qdiff.CalibConfig("uniform", num_timesteps=2, samples_per_timestep=4)
+    adapter.calibration_data(fp, config)
+    assert set(seen) - {""} == {"a boat", "a tree", "a house"}  # "": guidance's unconditional half
+    seen.clear()
+    adapter.sample(fp, 4, seed=0)
+    adapter.calibration_data(fp, config, split="evaluation")  # eps_mse's held-out trajectories
+    assert set(seen) - {""} == {"a cat", "a dog"}
+    fields = adapter.row_fields()["prompt_sets"]
+    assert fields["evaluation"]["prompts"] == 2 and fields["calibration"]["name"] == str(
+        tmp_path / "calib.txt"
+    )
+
+    (tmp_path / "leaky.txt").write_text("a boat\nA  Cat\n")
+    leaks = {"prompts": str(tmp_path / "eval.txt"), "calib_prompts": str(tmp_path / "leaky.txt")}
+    assert any("also evaluation prompts" in p for p in MODELS.get("sd-1.5").arg_problems(leaks))  # validate
+    leaky = MODELS.get("sd-1.5")(
+        SAMPLING, source=source, prompts=str(tmp_path / "eval.txt"), calib_prompts=str(tmp_path / "leaky.txt")
+    )
+    with pytest.raises(
+        ValueError, match=r"1 calibration prompt\(s\) .* are also evaluation prompts .*'A  Cat'"
+    ):
+        leaky.calibration_data(fp, config)
+
+
+def test_shipped_prompt_sets_are_disjoint_and_match_their_headers():
+    from importlib import resources
+
+    from bench import prompts
+
+    sets = {name: prompts.load(name) for name in prompts.BUILTIN}
+    for name, s in sets.items():
+        header = resources.files("bench.prompts").joinpath(prompts.BUILTIN[name]).read_text("utf-8")
+        assert f"# sha256: {s.sha256}\n" in header and "licence: Apache-2.0" in header
+    evaluation, calibration = sets["parti-evaluation"], sets["parti-calibration"]
+    assert len(evaluation.prompts) + len(calibration.prompts) == 1632  # all of PartiPrompts, once
+    assert not prompts.overlap(calibration, evaluation)
 
 
 def test_absent_weights_are_unavailable_not_an_error(tmp_path):
@@ -133,6 +186,9 @@ def test_quantized_text_to_image_end_to_end(
         and clip["clip_pretrained"] == clip_weights
         and "torchmetrics" in clip["scale"]
     )
+    # Every row names both prompt sets: the shipped, disjoint PartiPrompts splits.
+    sets = {(r["prompt_sets"]["evaluation"]["name"], r["prompt_sets"]["calibration"]["name"]) for r in rows}
+    assert sets == {("parti-evaluation", "parti-calibration")}
     fid = by["qdiff", "fid"]
     assert fid["fid_backend"] == "torch-fidelity" and fid["n_gen"] == 24 and fid["n_ref"] == 32
     assert fid["evaluation"]["fid_reference"] == str(reference_images) and fid["metric_s"] >= 0

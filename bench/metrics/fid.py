@@ -20,7 +20,7 @@ import time
 import urllib.error
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from bench.cache import cache_dir, cached_tensors
 from bench.errors import AvailabilityError, ImageError
 from bench.fsio import missing_path
+from bench.images import fit
 from bench.metrics.quality import EvalContext, Measurement, Metric, Work
 from bench.provenance import config_hash
 from bench.registry import METRICS
@@ -238,14 +239,17 @@ class CleanFID:
     def feature_dims(self) -> int | None:
         return None  # known once features exist (see compare)
 
-    def features(self, images: Images) -> np.ndarray:
+    def features(self, images: Images, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Features of in-memory images, or of a folder's files each brought to ``size`` (the
+        samples' height and width) by :func:`bench.images.fit` first."""
         from cleanfid.fid import get_batch_features, get_folder_features
 
         if isinstance(images, str):
             folder_images(images)  # the error for an empty or missing folder
+            fitted = None if size is None else partial(fit, height=size[0], width=size[1])
             return get_folder_features(
                 images, self.model, num_workers=0, batch_size=self.batch_size, device=self.device,
-                mode=self.mode, verbose=False,
+                mode=self.mode, verbose=False, custom_image_tranform=fitted,
             )  # fmt: skip
         images = check_images(images)
         return np.concatenate(
@@ -272,11 +276,15 @@ class CleanFID:
         if isinstance(ref, str) and not Path(ref).is_dir():
             raise ImageError(f"clean-fid needs a folder of reference images, not {ref!r}: set fid_reference")
         f_gen = self.features(gen)
+        # A folder of references is compared at the samples' resolution (the text-to-image
+        # protocol: COCO's mixed sizes centre-cropped and resized to 512², then clean-fid's resize).
+        size = tuple(gen.shape[-2:]) if isinstance(gen, torch.Tensor) and isinstance(ref, str) else None
         if ref_key is None:
-            f_ref = self.features(ref)
+            f_ref = self.features(ref, size)
         else:
+            key = ref_key if size is None else f"{ref_key}-{size[0]}x{size[1]}"
             tensors, _ = cached_tensors(
-                "fid-reference", ref_key, lambda: {"features": torch.from_numpy(self.features(ref))}
+                "fid-reference", key, lambda: {"features": torch.from_numpy(self.features(ref, size))}
             )
             f_ref = tensors["features"].numpy()
         return Scores(

@@ -329,7 +329,8 @@ class EpsError(Metric):
         calib = qdiff.CalibConfig(strategy="uniform", num_timesteps=steps, samples_per_timestep=n,
                                   seed=self.HELD_OUT_SEED)  # fmt: skip
         fp = adapter.denoiser().eval().requires_grad_(False)
-        data = adapter.calibration_data(fp, calib).to(adapter.device)
+        # Held out: the evaluation prompts, never those calibration saw.
+        data = adapter.calibration_data(fp, calib, split="evaluation").to(adapter.device)
         model = ctx.denoiser
         dtype = model_dtype(model)
         errors = []

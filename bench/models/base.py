@@ -9,13 +9,17 @@ metrics. Images come back as uint8 NCHW tensors on the CPU: what a PNG or an FID
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 import qdiff
 from bench.spec import ModelTraits, Sampling, resolve_device
+
+# Which conditions a sampler run draws: those scored (``evaluation``) or those calibration may
+# see (``calibration``); a model whose conditions are not test items (class labels) uses one set.
+Split = Literal["evaluation", "calibration"]
 
 # What every model measures about cost (bench.metrics.cost, and the method's own time).
 COST_METRICS = (
@@ -129,8 +133,10 @@ class DiffusionAdapter:
         schedule shifts with the image size)."""
         scheduler.set_timesteps(self.sampling.steps, device=self.device)
 
-    def conditions(self, start: int, n: int) -> dict[str, torch.Tensor] | None:
-        """Extra denoiser inputs for samples ``start..start+n`` (e.g. text embeddings)."""
+    def conditions(self, start: int, n: int, split: Split = "evaluation") -> dict[str, torch.Tensor] | None:
+        """Extra denoiser inputs for samples ``start..start+n`` (e.g. text embeddings) of the
+        ``split``: ``evaluation`` conditions what is sampled and scored, ``calibration`` what
+        calibration records (a text-to-image model's disjoint calibration prompts)."""
         return None
 
     def guided(self) -> bool:
@@ -152,9 +158,14 @@ class DiffusionAdapter:
         """Final sampler state → images in [-1, 1]."""
         return x
 
-    def prompts(self, n: int) -> list[str] | None:
-        """The prompt of each of ``n`` samples, for text-to-image models."""
+    def prompts(self, n: int, split: Split = "evaluation") -> list[str] | None:
+        """The prompt of each of ``n`` samples of the ``split``, for text-to-image models."""
         return None
+
+    def row_fields(self) -> dict[str, Any]:
+        """What the results rows record of the model's evaluation protocol beyond its args
+        (a text-to-image model: its two prompt sets' names and hashes)."""
+        return {}
 
     def identity(self) -> dict[str, Any]:
         """What, besides the denoiser's weights, determines the samples (hashed into caches)."""
@@ -205,10 +216,11 @@ class DiffusionAdapter:
         seed: int,
         recorder: Callable | None = None,
         progress: Callable[[int, int], None] | None = None,
+        split: Split = "evaluation",
     ) -> Iterator[torch.Tensor]:
-        """The sampler loop of :meth:`sample` without decoding: each batch's final state.
-        Calibration runs only this, so models without a decoder (random-weight cost runs)
-        calibrate too."""
+        """The sampler loop of :meth:`sample` without decoding: each batch's final state, the
+        samples conditioned as the ``split`` says. Calibration runs only this, so models without
+        a decoder (random-weight cost runs) calibrate too."""
         noise = self.noise(n, seed)
         # A denoiser that knows its own output noise (PTQD) may scale the noise a stochastic
         # step adds: variance_noise(scheduler, t, eps, eta, generator).
@@ -222,7 +234,7 @@ class DiffusionAdapter:
             scheduler = self.scheduler()
             self.set_timesteps(scheduler)
             x = noise[start : start + batch_size].to(self.device) * _init_sigma(scheduler)
-            cond = self.conditions(start, len(x))
+            cond = self.conditions(start, len(x), split)
             # eta > 0 draws fresh noise each step: seed it per batch for reproducibility.
             generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
             for i, t in enumerate(scheduler.timesteps):
@@ -263,10 +275,13 @@ class DiffusionAdapter:
         denoiser: nn.Module,
         config: qdiff.CalibConfig,
         progress: Callable[[int, int], None] | None = None,
+        split: Split = "calibration",
     ) -> qdiff.CalibData:
         """Denoiser inputs from the FP trajectories of ``config.samples_per_timestep`` samples,
-        at the steps the calibration strategy selects (on the CPU, for caching)."""
+        at the steps the calibration strategy selects (on the CPU, for caching), conditioned
+        from the ``split`` (``evaluation`` only for held-out error metrics, never to calibrate)."""
         recorder = qdiff.TrajectoryRecorder(qdiff.select_steps(config, self.sampling.steps))
-        for _ in self.trajectories(denoiser, config.samples_per_timestep, config.seed, recorder, progress):
+        n = config.samples_per_timestep
+        for _ in self.trajectories(denoiser, n, config.seed, recorder, progress, split):
             pass
         return recorder.data().to("cpu")

@@ -28,7 +28,7 @@ from bench.embedded.model import (
     load_unet,
 )
 from bench.frechet import feature_stats, frechet_distance, sqrt_psd
-from bench.models.base import DiffusionAdapter
+from bench.models.base import DiffusionAdapter, Split
 from bench.registry import MODELS
 
 
@@ -168,7 +168,8 @@ class EmbeddedDiT(EmbeddedDigits):
         """The digit each of ``n`` samples asks for: ``i mod 10``."""
         return torch.arange(n) % 10
 
-    def conditions(self, start: int, n: int) -> dict[str, torch.Tensor]:
+    def conditions(self, start: int, n: int, split: Split = "evaluation") -> dict[str, torch.Tensor]:
+        # Ten classes are the conditioning's whole domain, not test items: both splits use them.
         labels = self.class_labels(start + n)[start:].to(self.device)
         if self.guided():
             labels = torch.cat([torch.full_like(labels, NULL_CLASS), labels])

@@ -24,14 +24,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from bench import prompts as prompt_files
 from bench.cache import cached_tensors
 from bench.errors import AvailabilityError
 from bench.fsio import missing_path
-from bench.models.base import COST_METRICS, DiffusionAdapter
+from bench.models.base import COST_METRICS, DiffusionAdapter, Split
 from bench.provenance import config_hash
 from bench.registry import MODELS
 
-BUILTIN_PROMPTS = "bench.prompts", "smoke.txt"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -289,12 +289,19 @@ class TextToImageAdapter(PipelineAdapter):
     """Stable Diffusion text-to-image with classifier-free guidance.
 
     Model args: ``source`` (also a single-file ``.safetensors``/``.ckpt``, with ``config``: the
-    folder or hub id of its diffusers configs, needed offline); ``prompts`` (a UTF-8 text file,
-    one prompt per line; default: a small built-in set for smoke runs); ``guidance_scale``
-    (default 7.5). Sample ``i`` uses prompt ``i mod len(prompts)``.
+    folder or hub id of its diffusers configs, needed offline); ``prompts``: the evaluation
+    prompts (a UTF-8 text file, one prompt per line, or a shipped set; default
+    ``parti-evaluation``); ``calib_prompts``: the calibration prompts, disjoint from them
+    (default ``parti-calibration``); ``guidance_scale`` (default 7.5). Sample ``i`` uses prompt
+    ``i mod len(prompts)`` of its set (:mod:`bench.prompts`).
     """
 
-    ARGS = ("source", "init", "config", "prompts", "guidance_scale")
+    ARGS = ("source", "init", "config", "prompts", "calib_prompts", "guidance_scale")
+    # Which model argument names each split's prompt set.
+    PROMPT_ARGS: ClassVar[tuple[tuple[Split, str], ...]] = (
+        ("evaluation", "prompts"),
+        ("calibration", "calib_prompts"),
+    )
     SINGLE_FILE = "StableDiffusionPipeline"
     LOAD_KWARGS: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
     CAPABILITIES = frozenset({"text-to-image"})
@@ -304,32 +311,48 @@ class TextToImageAdapter(PipelineAdapter):
     @classmethod
     def arg_problems(cls, args: dict[str, Any]) -> list[str]:
         out = super().arg_problems(args)
-        if "prompts" in args and not Path(str(args["prompts"])).expanduser().is_file():
-            out.append(
-                f"prompts {args['prompts']}: no such file here (a UTF-8 text file, one prompt per line)"
-            )
+        sources = {arg: str(args.get(arg, prompt_files.DEFAULT[split])) for split, arg in cls.PROMPT_ARGS}
+        problems = {arg: prompt_files.source_problem(source) for arg, source in sources.items()}
+        out.extend(f"{arg} {p} (a UTF-8 text file, one prompt per line)" for arg, p in problems.items() if p)
+        if not any(problems.values()):
+            try:
+                cls.check_disjoint(*(prompt_files.load(s) for s in sources.values()))
+            except ValueError as exc:
+                out.append(str(exc))
         return out
 
-    @cached_property
-    def prompt_list(self) -> list[str]:
-        path = self.args.get("prompts")
-        if path is None:
-            text = resources.files(BUILTIN_PROMPTS[0]).joinpath(BUILTIN_PROMPTS[1]).read_text("utf-8")
-        else:
-            try:
-                text = Path(path).read_text("utf-8")
-            except OSError as exc:
-                raise ValueError(f"{self.name}: cannot read prompts file {path}: {exc.strerror}") from None
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"{self.name}: prompts file {path} has no prompts (one per line)")
-        return prompts
+    @staticmethod
+    def check_disjoint(evaluation: prompt_files.PromptSet, calibration: prompt_files.PromptSet) -> None:
+        shared = prompt_files.overlap(calibration, evaluation)
+        if shared:
+            raise ValueError(
+                f"{len(shared)} calibration prompt(s) of {calibration.name} are also evaluation prompts "
+                f"of {evaluation.name} (e.g. {shared[0]!r}); calibration must not see what is scored: "
+                "give calib_prompts a disjoint set"
+            )
 
-    def prompts(self, n: int) -> list[str]:
-        return [self.prompt_list[i % len(self.prompt_list)] for i in range(n)]
+    @cached_property
+    def prompt_sets(self) -> dict[Split, prompt_files.PromptSet]:
+        """The evaluation and calibration prompt sets; an error if they share a prompt."""
+        sets = {
+            split: prompt_files.load(str(self.args.get(arg, prompt_files.DEFAULT[split])))
+            for split, arg in self.PROMPT_ARGS
+        }
+        try:
+            self.check_disjoint(sets["evaluation"], sets["calibration"])
+        except ValueError as exc:
+            raise ValueError(f"{self.name}: {exc}") from None
+        return sets
+
+    def prompts(self, n: int, split: Split = "evaluation") -> list[str]:
+        return self.prompt_sets[split].take(0, n)
+
+    def row_fields(self) -> dict[str, Any]:
+        return {"prompt_sets": {split: s.record() for split, s in self.prompt_sets.items()}}
 
     def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "prompts": self.prompt_list}
+        # Both sets: FP samples depend on the first, calibration data (keyed on this too) on the second.
+        return {**super().identity(), "prompts": {k: s.sha256 for k, s in self.prompt_sets.items()}}
 
     @torch.no_grad()
     def random_conditions(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -371,9 +394,9 @@ class TextToImageAdapter(PipelineAdapter):
         """The unconditional half of a guided batch: the empty prompt's conditioning."""
         return self.text_conditions([""])
 
-    def conditions(self, start: int, n: int) -> dict[str, torch.Tensor]:
+    def conditions(self, start: int, n: int, split: Split = "evaluation") -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            text = self.text_conditions(self.prompts(start + n)[start:])
+            text = self.text_conditions(self.prompt_sets[split].take(start, n))
             if not self.guided():
                 return text
             empty = self.negative(text)

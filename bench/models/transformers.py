@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.models.base import COST_METRICS
+from bench.models.base import COST_METRICS, Split
 from bench.models.pipelines import SINGLE_FILE_SUFFIXES, PipelineAdapter, TextToImageAdapter, no_images
 from bench.registry import MODELS
 
@@ -90,7 +90,7 @@ class _WrappedTextToImage(TextToImageAdapter):
     """Shared by the adapters here: the denoiser component, its call, latent size, decoding;
     each implements :meth:`encode` with its pipeline's ``encode_prompt``."""
 
-    ARGS = ("source", "init", "config", "prompts", "guidance_scale", "resolution")
+    ARGS = ("source", "init", "config", "prompts", "calib_prompts", "guidance_scale", "resolution")
     ARCHITECTURE = "transformer"
     COMPONENT: ClassVar[str] = "transformer"
     LOAD_KWARGS: ClassVar[dict[str, Any]] = {}
@@ -359,7 +359,8 @@ class DiTXL2(PipelineAdapter):
     def guided(self) -> bool:
         return self.guidance_scale != 1
 
-    def conditions(self, start: int, n: int) -> dict[str, torch.Tensor]:
+    def conditions(self, start: int, n: int, split: Split = "evaluation") -> dict[str, torch.Tensor]:
+        # ImageNet's 1,000 classes are the conditioning's whole domain: both splits use them.
         labels = (torch.arange(start, start + n) % 1000).to(self.device)
         if self.guided():
             labels = torch.cat([torch.full_like(labels, self.NULL_CLASS), labels])

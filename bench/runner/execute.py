@@ -135,6 +135,7 @@ def _evaluate(
     spec: RunSpec, base: dict[str, Any], previews: Path | None, progress: Tracker
 ) -> list[dict[str, Any]]:
     adapter, fp32, fp_id = _load(spec.model, spec.model_args, spec.sampling)
+    base.update(adapter.row_fields())  # e.g. the prompt sets: on the rows of every metric
     fp = fp32
     code = code_hash()  # a code change never reuses a stale checkpoint or sample set
     n, seed = spec.sampling.samples, spec.seed
