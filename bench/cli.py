@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         "ls", parents=[plugins], help="list registered models, methods, metrics and shipped matrices"
     )
 
+    check = sub.add_parser(
+        "check", parents=[plugins],
+        help="run the shared contract checks on a registered method, model or metric (a plugin's)",
+    )  # fmt: skip
+    check.add_argument("name", help="the registered name (qdiff-bench ls lists them)")
+
     validate = sub.add_parser(
         "validate", parents=[plugins], help="expand a matrix file and report problems; runs nothing"
     )
@@ -258,10 +264,35 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _contracts(args: argparse.Namespace) -> int:
+    """Each contract check that applies to the name: pass, skip (with why) or FAIL (with what
+    broke); exit 1 when one failed."""
+    import traceback
+
+    from bench import contracts
+
+    counts = {"pass": 0, "skip": 0, "FAIL": 0}
+    for what, check in contracts.checks(args.name):
+        try:
+            check()
+            outcome, why = "pass", ""
+        except contracts.Skip as exc:
+            outcome, why = "skip", str(exc)
+        except Exception as exc:  # a broken contract, however the plugin breaks it
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            where = f"{Path(frame.filename).name}:{frame.lineno}: {frame.line}"
+            message = str(exc) if isinstance(exc, AssertionError) else f"{type(exc).__name__}: {exc}"
+            outcome, why = "FAIL", f"{message or 'assertion failed'} ({where})"
+        counts[outcome] += 1
+        print(wrap(f"{outcome:<4}  {what}" + (f": {why}" if why else "")))
+    print(f"{args.name}: {counts['pass']} passed, {counts['skip']} skipped, {counts['FAIL']} failed")
+    return 1 if counts["FAIL"] else 0
+
+
 def _plan_table(planned) -> str:
     lines = [f"{'state':<8} {'hash':<16} run"]
     lines += [f"{p.state:<8} {p.spec.hash:<16} {p.spec.label} [{', '.join(p.spec.metrics)}]" for p in planned]
-    return "\n".join(lines)
+    return wrap("\n".join(lines))
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -272,14 +303,15 @@ def _validate(args: argparse.Namespace) -> int:
     matrix = load_matrix(args.matrix)
     planned = plan(matrix, ResultStore(args.results / matrix.name))
     print(_plan_table(planned))
-    print("", *matrix.notes, sep="\n")
+    print("", *map(wrap, matrix.notes), sep="\n")
     if matrix.executor.name == "ray":
         where = matrix.executor.address or "a Ray instance started here"
-        print(f"executor: ray ({where}); the estimate below is for this machine's workers")
+        print(wrap(f"executor: ray ({where}); the estimate below is for this machine's workers"))
     todo = [p.spec for p in planned if p.state != "done"]
-    print(f"\n{args.matrix}: valid; {len(planned)} runs ({len(todo)} to run) -> {args.results / matrix.name}")
+    valid = f"{args.matrix}: valid; {len(planned)} runs ({len(todo)} to run) -> {args.results / matrix.name}"
+    print("\n" + wrap(valid))
     if todo and not args.no_estimate:
-        print(_estimate_text(matrix, todo, args.workers, args.threads))
+        print(wrap(_estimate_text(matrix, todo, args.workers, args.threads)))
     return 0
 
 
@@ -291,7 +323,7 @@ def _estimate_text(matrix, todo, workers: int | None, threads: int | None) -> st
 
     workers, threads = execution(matrix, workers, threads)
     torch.set_num_threads(threads)
-    found = estimate(todo, workers, log=lambda msg: print(msg, file=sys.stderr))
+    found = estimate(todo, workers, log=lambda msg: print(wrap(msg), file=sys.stderr))
     rates = ", ".join(f"{name}: {1000 * r:.3g} ms per image-step" for name, r in found.rates.items())
     if found.seconds is None:
         return f"estimated time: unknown ({', '.join(found.unknown)} could not be timed here)"
@@ -363,7 +395,7 @@ def _check(mine: Path, reference: Path) -> None:
     try:
         table = compare(reference, mine, Threshold(0.0, relative=False))
     except (IncomparableError, StoreError) as exc:
-        print(f"  not checked: {exc}")
+        print(wrap(f"  not checked: {exc}"))
         return
     note = machine_note(table)
     lines = [*(note.splitlines() if note else []), *verdict(table).splitlines()]
@@ -448,6 +480,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "ls": _ls,
+    "check": _contracts,
     "validate": _validate,
     "run": _run,
     "fid": _fid,

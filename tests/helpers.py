@@ -6,27 +6,13 @@ import dataclasses
 
 import torch
 
+from bench.contracts import calib_for  # noqa: F401  (the contracts' denoiser inputs, for the tests)
+
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB (torchao's test criterion)."""
     noise = (reference - approx).pow(2).mean()
     return (10 * torch.log10(reference.pow(2).mean() / noise)).item()
-
-
-def calib_for(unet, n: int = 32, cond_dim: int | None = None, seed: int = 0, timesteps: int | None = None):
-    """Random but plausible denoiser inputs (x_t ~ N(0, 1), timesteps across the schedule; with
-    ``timesteps``, n // timesteps inputs at each of that many timesteps, as a sampler records)."""
-    import qdiff
-
-    g = torch.Generator().manual_seed(seed)
-    c = unet.config.in_channels
-    s = unet.config.sample_size
-    x = torch.randn(n, c, s, s, generator=g)
-    t = torch.randint(0, 1000, (n,), generator=g)
-    if timesteps is not None:
-        t = torch.linspace(999, 0, timesteps).round().long().repeat_interleave(n // timesteps)
-    cond = {} if cond_dim is None else {"encoder_hidden_states": torch.randn(n, 5, cond_dim, generator=g)}
-    return qdiff.CalibData(x, t, cond)
 
 
 TINY_SETTINGS = (

@@ -23,6 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "bench.stats",
         "bench.frechet",
         "bench.images",
+        "bench.prompts",
         "bench.provenance",
         "bench.cache",
         "bench.embedded.data",
@@ -40,6 +41,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "bench.ray_executor",
         "bench.scaleout",
         "bench.storescale",
+        "bench.contracts",  # the shared checks of methods, models and metrics (`qdiff-bench check`)
     ),
     ("bench.claims", "bench.report", "bench.compare", "bench.history"),
     ("bench.api",),  # what `qdiff-bench run` does, as a Python call

@@ -498,3 +498,32 @@ def test_plugins_from_an_installed_package_and_a_folder_run_and_a_broken_one_is_
 
     with pytest.raises(MatrixError, match="plugins: 'elsewhere': no such folder"):
         load_matrix(path)
+
+
+def test_check_runs_the_contracts_on_one_name_and_names_what_broke(monkeypatch, capsys):
+    """``qdiff-bench check NAME``: every contract check that applies, one line each; a method
+    whose deployed model reports no kernels fails with the check's own words; exit 1."""
+    import dataclasses
+
+    from bench import cli
+    from bench.registry import METHODS
+
+    assert cli.main(["check", "linear"]) == 0
+    out = capsys.readouterr().out
+    assert "pass  method linear declares the contract" in out
+    assert "linear: 3 passed, 0 skipped, 0 failed" in out
+
+    linear = METHODS.get("linear")
+
+    class NoKernels(type(linear)):
+        def kernels(self, model):
+            return {}
+
+    fields = {f.name: getattr(linear, f.name) for f in dataclasses.fields(linear)}
+    broken = NoKernels(**{**fields, "name": "no-kernels"})
+    monkeypatch.setitem(METHODS._entries, "no-kernels", broken)
+    assert cli.main(["check", "no-kernels"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  method no-kernels quantizes and deploys the embedded unet: kernels: {}" in out
+    assert cli.main(["check", "lineer"]) == 2
+    assert "did you mean 'linear'" in capsys.readouterr().err

@@ -129,27 +129,22 @@ def save_sd(path: Path) -> Path:
 
 def save_sd_real_size(path: Path) -> Path:
     """Stable Diffusion 1.5 at its published shapes with seeded random weights, saved in float16
-    (2 GB): the UNet and scheduler from the suite's shipped config, the KL VAE's published
-    layout, a CLIP ViT-L/14-sized text encoder (12 layers, 768 wide, 77 tokens) over the
-    byte-level tokenizer. Numbers from it mean nothing; it runs every real-size code path."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    (2 GB): the parts of the suite's own ``init: random`` model (UNet, scheduler, KL VAE, CLIP
+    ViT-L/14 text encoder and CLIP's tokenizer, from the shipped config), as a save_pretrained
+    folder, so that loading one runs too. Numbers from it mean nothing."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    from bench.models.pipelines import random_pipeline_config
+    from bench.registry import MODELS
+    from bench.spec import Sampling
 
-    config = random_pipeline_config("sd-1.5.json")
-    torch.manual_seed(0)
-    tokenizer, vocab_size = _tokenizer(path.parent / f"{path.name}-vocab", max_length=77)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-        norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
-    )  # fmt: skip
+    adapter = MODELS.get("sd-1.5")(Sampling(device="cpu"), init="random")
+    parts = adapter.pipeline
     pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=_clip_text(vocab_size, width=768, layers=12, heads=12, tokens=77, mlp=3072),
-        tokenizer=tokenizer,
-        unet=UNet2DConditionModel.from_config(config["unet"]),
-        scheduler=PNDMScheduler.from_config(config["scheduler"]),
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=adapter.denoiser(),
+        scheduler=PNDMScheduler.from_config(parts.config["scheduler"]),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -158,25 +153,18 @@ def save_sd_real_size(path: Path) -> Path:
     return path
 
 
-def _clip_text(
-    vocab_size: int,
-    with_projection: bool = False,
-    width: int = 16,
-    layers: int = 1,
-    heads: int = 2,
-    tokens: int = 16,
-    mlp: int | None = None,
-):
+def _clip_text(vocab_size: int, with_projection: bool = False):
+    """A one-layer CLIP text encoder, 16 wide, over 16 tokens."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=width,
-        intermediate_size=mlp or 2 * width,
-        projection_dim=width,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        max_position_embeddings=tokens,
+        hidden_size=16,
+        intermediate_size=32,
+        projection_dim=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,

@@ -185,7 +185,7 @@ class TorchFidelity:
             feature_extractor_weights_path=self.weights,
             samples_find_deep=True,
             samples_find_ext=",".join(s.lstrip(".") for s in IMAGE_SUFFIXES),
-            cache=ref_key is not None,
+            cache=ref_key is not None and _writable(cache_dir() / "torch-fidelity"),
             cache_root=str(cache_dir() / "torch-fidelity"),
             input2_cache_name=ref_key if ref_key else None,
             # Data-loader worker processes only help decode image files; in-memory inputs skip them,
@@ -300,6 +300,18 @@ class CleanFID:
                 "feature_dims": f_gen.shape[1],
             },
         )
+
+
+def _writable(folder: Path) -> bool:
+    """Whether torch-fidelity can keep its reference features in ``folder``; if not (a full or
+    read-only cache), they are computed again for each run: the cache costs reuse, never a run."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return os.access(folder, os.W_OK)
+    except OSError as exc:
+        warnings.warn(f"torch-fidelity's cache {folder} cannot be written ({exc.strerror}); "
+                      "reference features are computed for each run", stacklevel=3)  # fmt: skip
+        return False
 
 
 def _seeded_kid(kernel_distance, f_gen: np.ndarray, f_ref: np.ndarray) -> float:

@@ -16,9 +16,10 @@ import copy
 import json
 import shlex
 import zlib
-from functools import cached_property
+from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -189,11 +190,11 @@ class PipelineAdapter(DiffusionAdapter):
 
         ``RANDOM_CONFIG`` holds the denoiser's config under :attr:`COMPONENT` and the
         scheduler's under ``scheduler``; optionally ``vae`` (the fields the latent shape needs:
-        ``latent_channels``, ``block_out_channels``) and ``conditions`` (each conditioning
-        input's per-sample shape, for :meth:`TextToImageAdapter.random_conditions`).
+        ``latent_channels``, ``block_out_channels``; or the whole published config, which makes
+        images), ``text_encoder`` and ``tokenizer`` (see :class:`RandomPipeline`) and
+        ``conditions`` (each conditioning input's per-sample shape, for
+        :meth:`TextToImageAdapter.random_conditions`).
         """
-        from types import SimpleNamespace
-
         import diffusers
 
         if self.RANDOM_CONFIG is None:
@@ -206,9 +207,7 @@ class PipelineAdapter(DiffusionAdapter):
         with torch.device("meta"):
             model = self._random_component(config)
         parts = {self.COMPONENT: model, "scheduler": scheduler_cls.from_config(config["scheduler"])}
-        if "vae" in config:  # no weights: only what the latent shape reads
-            parts["vae"] = SimpleNamespace(config=SimpleNamespace(**config["vae"]))
-        return SimpleNamespace(**parts, config=config)
+        return RandomPipeline(config, self.device, **parts)
 
     def _random_component(self, config: dict[str, Any]) -> nn.Module:
         import diffusers
@@ -276,6 +275,77 @@ class PipelineAdapter(DiffusionAdapter):
         size = config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         return (config.in_channels, *size)
+
+
+class RandomPipeline(SimpleNamespace):
+    """What a random-init adapter reads of a pipeline: the denoiser's weightless twin, the
+    scheduler and the shipped ``config``; and the parts its config describes whole, each built
+    seeded on first use, so that cost runs, which need none of them, build none:
+
+    - ``vae``: the published config (with ``_class_name``) builds the decoder; only the fields
+      the latent shape needs give an object with just that ``config``;
+    - ``text_encoder``: a transformers model's published config (with ``_class_name``);
+    - ``tokenizer``: ``{"_class_name": "CLIPTokenizer", "vocabulary": "open_clip"}``, CLIP's BPE
+      vocabulary as open_clip ships it (no download).
+    """
+
+    def __init__(self, config: dict[str, Any], device: torch.device, **parts: Any) -> None:
+        super().__init__(config=config, device=device, **parts)
+
+    def has(self, part: str) -> bool:
+        """Whether the config describes ``part`` whole (it can be built)."""
+        return "_class_name" in self.config.get(part, {})
+
+    @cached_property
+    def vae(self):
+        spec = self.config.get("vae")
+        if spec is None or not self.has("vae"):
+            return None if spec is None else SimpleNamespace(config=SimpleNamespace(**spec))
+        import diffusers
+
+        return self._seeded(lambda: getattr(diffusers, spec["_class_name"]).from_config(spec))
+
+    @cached_property
+    def text_encoder(self):
+        import transformers
+
+        spec = dict(self.config["text_encoder"])
+        model_cls = getattr(transformers, spec.pop("_class_name"))
+        return self._seeded(lambda: model_cls(model_cls.config_class(**spec)))
+
+    @cached_property
+    def tokenizer(self):
+        return clip_tokenizer(int(self.config["tokenizer"]["model_max_length"]))
+
+    def _seeded(self, build) -> nn.Module:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # the same weights in every process
+            return build().to(self.device).eval().requires_grad_(False)
+
+
+@cache
+def clip_tokenizer(max_length: int):
+    """transformers' ``CLIPTokenizer`` over CLIP's BPE merges as open_clip ships them: the
+    vocabulary SD-1.x's tokenizer files hold (byte symbols, their word-final forms, 48,894
+    merges, start and end of text: 49,408 tokens), written where the tokenizer can read it."""
+    import gzip
+    import tempfile
+
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    lines = gzip.decompress(Path(default_bpe()).read_bytes()).decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    vocab = [*symbols, *(s + "</w>" for s in symbols), *(m.replace(" ", "") for m in merges)]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), "utf-8")
+        (Path(folder) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
+        # File names as text: transformers 4 reads them; 5 also takes them (as a str only).
+        return CLIPTokenizer(
+            str(Path(folder) / "vocab.json"), str(Path(folder) / "merges.txt"), model_max_length=max_length
+        )
 
 
 class LatentPipelineAdapter(PipelineAdapter):
@@ -372,7 +442,8 @@ class TextToImageAdapter(PipelineAdapter):
     def text_conditions(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """The denoiser's conditioning for ``prompts``: the pipeline's encoders
         (:meth:`encode`), or seeded tensors of their shapes for a random-init model."""
-        return self.random_conditions(prompts) if self.random_init else self.encode(prompts)
+        weightless = self.random_init and not self.needs_text_encoder
+        return self.random_conditions(prompts) if weightless else self.encode(prompts)
 
     @torch.no_grad()
     def _embed(self, prompts: list[str]) -> torch.Tensor:
@@ -405,8 +476,15 @@ class TextToImageAdapter(PipelineAdapter):
     def guided(self) -> bool:
         return True
 
+    @property
+    def needs_text_encoder(self) -> bool:
+        """A random-init model whose config ships its VAE makes images, so it encodes prompts
+        with its (random) text encoder too, as a real pipeline would; otherwise it hands the
+        denoiser seeded tensors of the encoder's output shape."""
+        return not self.random_init or self.pipeline.has("vae")
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        if self.random_init:
+        if self.random_init and not self.pipeline.has("vae"):
             raise no_images(self.name)
         vae = self.pipeline.vae
         return vae.decode(x / vae.config.scaling_factor).sample
