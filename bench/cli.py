@@ -473,7 +473,9 @@ def _compare(args: argparse.Namespace) -> int:
     for a, b in matrix_folders(args.a, args.b):
         table = compare(a, b, threshold, limits)
         note = machine_note(table)
-        print(f"## {a} → {b}\n" + (f"\n{note}\n" if note else "") + f"\n{to_markdown(table)}\n")
+        text = f"## {a} → {b}\n" + (f"\n{note}\n" if note else "") + f"\n{to_markdown(table)}\n"
+        # Prose wrapped to the terminal; a table row stays one line (Markdown has no other).
+        print("\n".join(line if line.startswith("|") else wrap(line) for line in text.split("\n")))
         regressed |= bool(table["regressed"].any())
     return 1 if regressed else 0
 

@@ -300,10 +300,18 @@ def to_markdown(table: pd.DataFrame) -> str:
             _num(r.noise),
             _p_text(r.p),
             r.limit,
-            r.note + flag,
+            ("other machine" if r.note == "other machine: not compared" else r.note) + flag,
         ]
         rows.append(cells)
-    lines = markdown.table([*key, "A", "B", "Δ (B − A)", "noise (±)", "p", "allowed", "note"], rows)
+    header = [*key, "A", "B", "Δ (B − A)", "noise (±)", "p", "allowed", "note"]
+    # A column with nothing to say in any row shown (no noise, p or limit: cost cells of other
+    # machines) is left out, so that rows fit a terminal.
+    keep = [
+        i
+        for i, h in enumerate(header)
+        if h not in ("noise (±)", "p", "allowed") or any(r[i] != "—" for r in rows)
+    ]
+    lines = markdown.table([header[i] for i in keep], [[r[i] for i in keep] for r in rows])
     n = int(table["regressed"].sum())
     gated = int((table["limit"] != "—").sum())
     beyond = int(table["note"].isin(MOVED).sum())

@@ -90,6 +90,9 @@ def test_validate_run_resume_report_and_compare_via_subprocess(tmp_path, caplog,
     assert code == 0 and "0 regression(s)" in out
     code, out = here(capsys, "compare", results, results / "tiny")  # a results root is matched by name
     assert code == 0 and "0 regression(s)" in out
+    assert max(map(len, out.splitlines())) <= 100  # the verdict's prose wrapped
+    code, out = here(capsys, "validate", matrix, "--results", results, "--no-estimate")
+    assert code == 0 and max(map(len, out.splitlines())) <= 100
 
     # The main job's self-check: the same matrix rerun elsewhere, against the first as reference.
     mine = tmp_path / "mine"
