@@ -367,3 +367,18 @@ def test_single_file_checkpoints_load_through_from_single_file(tmp_path, tiny_pi
     assert "single-file checkpoint, which ddim-cifar10 cannot load" in str(info.value)
     assert "single-file checkpoint, which pixart-sigma cannot load" in str(info.value)
     assert "config /no/configs: no such file or folder here" in str(info.value)
+
+
+def test_the_random_models_tokenizer_is_clips():
+    """``init: random`` SD-1.5 tokenizes with CLIP's own BPE (from open_clip's vocabulary file):
+    the ids open_clip gives, then end-of-text padding as SD's tokenizer pads."""
+    import open_clip
+
+    from bench.models.pipelines import clip_tokenizer
+
+    prompts = ["a red bicycle leaning against a brick wall", "Ünïcode, punctuation!? 1984"]
+    ours = clip_tokenizer(77)(prompts, padding="max_length", max_length=77, truncation=True).input_ids
+    theirs = open_clip.tokenize(prompts).tolist()
+    for a, b in zip(ours, theirs, strict=True):
+        n = b.index(49407) + 1  # through end-of-text
+        assert a[:n] == b[:n] and set(a[n:]) == {49407} and len(a) == 77

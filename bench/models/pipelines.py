@@ -315,7 +315,10 @@ class RandomPipeline(SimpleNamespace):
 
     @cached_property
     def tokenizer(self):
-        return clip_tokenizer(int(self.config["tokenizer"]["model_max_length"]))
+        spec = self.config["tokenizer"]
+        if (spec.get("_class_name"), spec.get("vocabulary")) != ("CLIPTokenizer", "open_clip"):
+            raise ValueError(f"random-init tokenizer {spec}: only CLIPTokenizer over open_clip's vocabulary")
+        return clip_tokenizer(int(spec["model_max_length"]))
 
     def _seeded(self, build) -> nn.Module:
         with torch.random.fork_rng():
@@ -482,6 +485,14 @@ class TextToImageAdapter(PipelineAdapter):
         with its (random) text encoder too, as a real pipeline would; otherwise it hands the
         denoiser seeded tensors of the encoder's output shape."""
         return not self.random_init or self.pipeline.has("vae")
+
+    def denoiser(self) -> nn.Module:
+        model = super().denoiser()
+        if self.random_init and self.needs_text_encoder:
+            # Built with the denoiser, as a loaded pipeline's are: never first inside a metric's
+            # memory window (a sampling run's peak would count their weights as working memory).
+            _ = self.pipeline.text_encoder, self.pipeline.tokenizer, self.pipeline.vae
+        return model
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         if self.random_init and not self.pipeline.has("vae"):
