@@ -308,8 +308,9 @@ def _validate(args: argparse.Namespace) -> int:
         where = matrix.executor.address or "a Ray instance started here"
         print(wrap(f"executor: ray ({where}); the estimate below is for this machine's workers"))
     todo = [p.spec for p in planned if p.state != "done"]
-    valid = f"{args.matrix}: valid; {len(planned)} runs ({len(todo)} to run) -> {args.results / matrix.name}"
-    print("\n" + wrap(valid))
+    # Counts first: the paths, which may be long, on lines of their own.
+    print(f"\nvalid; {len(planned)} runs ({len(todo)} to run)\n  matrix:  {args.matrix}")
+    print(f"  results: {args.results / matrix.name}")
     if todo and not args.no_estimate:
         print(wrap(_estimate_text(matrix, todo, args.workers, args.threads)))
     return 0

@@ -14,12 +14,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Two cores on CI: torch's default threading oversubscribes badly when both are busy.
-torch.set_num_threads(int(os.environ.get("QDIFF_TEST_THREADS", "2")))
+THREADS = int(os.environ.get("QDIFF_TEST_THREADS", "2"))
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    # Every test starts with the same thread count: a run in the test process sets its own
+    # (api.run), and results rounded on other thread counts differ (a cached reference built by
+    # one test, compared by another, would not match).
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,5 @@
 """diffusers adapters on tiny random pipelines loaded from local directories (no downloads)."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from helpers import TINY_SETTINGS
@@ -253,10 +251,13 @@ SHIPPED = [
 
 
 @pytest.mark.parametrize("name,params,conditions", SHIPPED, ids=[s[0] for s in SHIPPED])
-def test_shipped_configs_are_the_published_architectures_and_need_no_encoders(name, params, conditions):
+def test_shipped_configs_are_the_published_architectures(name, params, conditions):
+    """Each random-init model's denoiser has the published size and gets its conditioning at
+    the published shapes: seeded tensors where its config ships no text encoder, else its own
+    (random) text encoder's output; only a config that ships the VAE makes images."""
     import diffusers
 
-    from bench.models.pipelines import random_pipeline_config
+    from bench.models.pipelines import RandomPipeline, random_pipeline_config
     from bench.spec import Sampling
 
     adapter_cls = MODELS.get(name)
@@ -266,19 +267,22 @@ def test_shipped_configs_are_the_published_architectures_and_need_no_encoders(na
         model = getattr(diffusers, denoiser["_class_name"]).from_config(denoiser)
     assert sum(p.numel() for p in model.parameters()) == params
     adapter = adapter_cls(Sampling(device="cpu", batch_size=2, samples=2), init="random")
-    adapter.__dict__["pipeline"] = SimpleNamespace(**{adapter_cls.COMPONENT: model}, config=config,
-                                                   vae=SimpleNamespace(config=SimpleNamespace(**config["vae"]))
-                                                   if "vae" in config else None)  # fmt: skip
+    adapter.__dict__["pipeline"] = RandomPipeline(
+        config, torch.device("cpu"), **{adapter_cls.COMPONENT: model}
+    )
     cond = adapter.conditions(0, 2)
     assert {k: tuple(v.shape[1:]) for k, v in cond.items()} == conditions
     assert all(len(v) == 4 for v in cond.values())  # guided: (unconditional, conditional) × 2
-    if "encoder_hidden_states" in cond:  # seeded by the prompt text: the same prompt, the same tensor
+    if "encoder_hidden_states" in cond:  # seeded: the same prompt, the same tensor
         assert torch.equal(adapter.text_conditions(["a"])["encoder_hidden_states"],
                            adapter.text_conditions(["a"])["encoder_hidden_states"])  # fmt: skip
     if "encoder_attention_mask" in cond:
         assert bool((cond["encoder_attention_mask"] == 1).all())
-    with pytest.raises(ValueError, match="init: random has no VAE, so it makes no images"):
-        adapter.decode(torch.zeros(1, 4, 8, 8))
+    if adapter.pipeline.has("vae"):  # SD-1.5: the KL VAE, 8× upsampling
+        assert adapter.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 64, 64)
+    else:
+        with pytest.raises(ValueError, match="init: random has no VAE, so it makes no images"):
+            adapter.decode(torch.zeros(1, 4, 8, 8))
 
 
 def test_a_random_init_model_calibrates_without_a_decoder():
@@ -291,16 +295,18 @@ def test_a_random_init_model_calibrates_without_a_decoder():
     from tiny_pipelines import cond_unet
 
     import qdiff
-    from bench.models.pipelines import StableDiffusion15
+    from bench.models.pipelines import RandomPipeline, StableDiffusion15
     from bench.spec import Sampling
 
     config = json.loads(resources.files("bench.models.configs").joinpath("sd-1.5.json").read_text())
+    for part in ("vae", "text_encoder", "tokenizer"):  # a UNet-only config, as a cost run's
+        config.pop(part)
     config["conditions"] = {"encoder_hidden_states": [5, 16]}  # the tiny UNet's cross-attention width
     tiny = cond_unet().eval()
     config["unet"] = {**tiny.config, "_class_name": type(tiny).__name__}  # built from it, seeded
     scheduler = diffusers.PNDMScheduler.from_config(config["scheduler"])
     adapter = StableDiffusion15(Sampling(device="cpu", steps=4, batch_size=2, samples=2), init="random")
-    adapter.__dict__["pipeline"] = SimpleNamespace(unet=tiny, scheduler=scheduler, config=config)
+    adapter.__dict__["pipeline"] = RandomPipeline(config, torch.device("cpu"), unet=tiny, scheduler=scheduler)
     data = adapter.calibration_data(
         adapter.denoiser(), qdiff.CalibConfig(num_timesteps=2, samples_per_timestep=2)
     )

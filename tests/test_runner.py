@@ -142,10 +142,10 @@ def test_only_filters_and_fp_samples_are_shared_through_the_cache(tmp_path, monk
         sampled.append("quantized" if quantized else "fp")
         return original(self, denoiser, n, seed, recorder, progress)
 
-    def counting_loop(self, denoiser, n, seed, recorder=None, progress=None):
+    def counting_loop(self, denoiser, n, seed, recorder=None, progress=None, split="evaluation"):
         if recorder is not None:  # calibration runs the sampler loop alone
             sampled.append("calibration")
-        return original_loop(self, denoiser, n, seed, recorder, progress)
+        return original_loop(self, denoiser, n, seed, recorder, progress, split)
 
     monkeypatch.setattr(EmbeddedDigits, "sample", counting)
     monkeypatch.setattr(EmbeddedDigits, "trajectories", counting_loop)
