@@ -132,7 +132,8 @@ def run(
             machine's cores; see :func:`execution`). On Ray, ``threads`` per run.
         executor: where runs go (default: the matrix's ``executor`` setting).
         inception_weights: local Inception weights for FID (nothing is downloaded).
-        progress: progress bars on stderr. report: write the leaderboard afterwards.
+        progress: progress on stderr (bars on a terminal, plain lines in a log).
+        report: write the leaderboard afterwards.
         log: where progress lines go (default: stderr, above the bars).
 
     Raises:

@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--force", action="store_true", help="rerun selected runs even if they are done")
     run.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--no-progress", action="store_true", help="no progress output (bars on a terminal, lines in a log)"
+    )
     run.add_argument("--no-report", action="store_true", help="do not write report.md/html afterwards")
     _execution_flags(run)
     ray = run.add_argument_group(

@@ -5,8 +5,9 @@ adapters stay free of any display code. How it shows depends on where the run ex
 
 - ``"bar"``: a tqdm bar per phase, for runs in this process (one worker), on a terminal;
 - ``"lines"``: for runs in worker processes, whose bars would overwrite each other on the one
-  terminal: a line to stderr at most every :data:`LINE_EVERY` seconds per phase, with the count,
-  the elapsed time and an ETA, and one when a phase that took that long ends;
+  terminal, and wherever stderr is no terminal (a log file, CI), which a bar's carriage returns
+  would flood: a line to stderr at most every :data:`LINE_EVERY` seconds per phase, with the
+  count, the elapsed time and an ETA, and one when a phase that took that long ends;
 - ``None``: nothing (``--no-progress``).
 """
 
@@ -96,7 +97,15 @@ class Phase:
             self.last = now
 
     def _line(self, text: str) -> None:
-        print(f"  {self.label}: {text}", file=sys.stderr, flush=True)
+        print(wrap(f"  {self.label}: {text}"), file=sys.stderr, flush=True)
+
+
+def on_terminal() -> bool:
+    """Whether stderr is a terminal (where a bar redraws in place) rather than a log."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without it, or closed
+        return False
 
 
 class Tracker:

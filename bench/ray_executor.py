@@ -24,6 +24,7 @@ with ``ray start`` require token authentication: a driver joining one needs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -150,6 +151,22 @@ def _problem_here(context: _Context, node: str) -> str | None:
 Log = Callable[[str], None]
 
 
+# Where Ray warns, at every new local instance, that it enabled token authentication.
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """``name``'s warnings dropped for the block (errors still shown)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 # Seconds to wait for a cluster's port to accept a connection. ``ray.init`` itself retries an
 # address where nothing listens for minutes, printing its GCS client's retries.
 CONNECT_TIMEOUT_S = 10
@@ -197,9 +214,13 @@ class RayExecutor:
         try:
             if self.options.address is None:
                 cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-                info = ray.init(
-                    address="local", num_cpus=cpus, include_dashboard=self.options.dashboard, **kwargs
-                )
+                # A new local instance gets Ray's default, token authentication, without Ray's
+                # warning that it did so (setting RAY_AUTH_MODE here instead would come too late
+                # for the configuration Ray read at import).
+                with _quiet_logger(TOKEN_NOTICE_LOGGER):
+                    info = ray.init(
+                        address="local", num_cpus=cpus, include_dashboard=self.options.dashboard, **kwargs
+                    )
             else:
                 _probe(self.options.address)
                 info = ray.init(address=self.options.address, **kwargs)

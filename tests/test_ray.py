@@ -181,6 +181,7 @@ def test_executor_settings_in_the_matrix_and_their_errors(tmp_path):
 
 def cli(args: list[str], cache: Path) -> subprocess.Popen:
     env = {**os.environ, "QDIFF_BENCH_CACHE": str(cache), **ray_env()}
+    env.pop("RAY_AUTH_MODE", None)  # as a user's shell: set by Ray in this process (local_ray)
     return subprocess.Popen(
         [sys.executable, "-m", "bench.cli", "run", *args, "--no-progress", "--no-report", "--no-check"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -199,6 +200,7 @@ def test_a_killed_driver_leaves_no_partial_rows_and_resume_finishes(tmp_path, lo
     assert proc.poll() is None, proc.stderr.read()
     os.kill(proc.pid, signal.SIGKILL)  # the driver alone: Ray's processes must go with it
     proc.wait()
+    assert "Token authentication" not in proc.stderr.read()  # a local instance starts quietly
     store = ResultStore(results / "tiny")
     before = store.rows()  # every file parses whole
     assert before and len(before) < 4

@@ -247,3 +247,13 @@ def test_quantizing_reports_its_peak_memory_with_the_fp_model_once(tmp_path):
     # A second run reuses the checkpoint and reports its original peak.
     again = next(r for r in run(matrix, tmp_path / "again") if r["metric"] == "quantize_peak_memory")
     assert again["value"] == peak["value"] and again["cached"]
+
+
+def test_progress_goes_in_lines_not_bars_where_stderr_is_a_log(tmp_path, capsys):
+    """A bar's carriage returns would flood a log file or CI: off a terminal, the runs in this
+    process report progress as the worker processes do, in plain lines."""
+    matrix = load_matrix(tiny_matrix(tmp_path, methods="[linear]", bits="[W8A8]"))
+    run_matrix(matrix, tmp_path / "r", progress=True, log=print)
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "steps/s" not in captured.err
+    assert "[2/2]" in captured.out  # the count of finished runs leads each run's line instead

@@ -18,6 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from bench.errors import StoreError
+from bench.progress import on_terminal
 from bench.runner.execute import RunTask, failure_rows
 from bench.runner.executors import STOP, Executor, LocalExecutor, ProcessExecutor, Terminated, handle_signal
 from bench.runner.plan import PlannedRun, dependencies, ordered, plan, waves
@@ -60,8 +61,10 @@ def run_matrix(
         log(f"{len(claims)} run(s) are being done by {holder}; skipped here (claim {files}: one whose "
             "process is gone is recovered by itself, --force takes them over)")  # fmt: skip
     executor = executor or LocalExecutor()
-    # Bars where runs share this process's terminal; throttled lines from worker processes.
-    run_progress = None if not progress else "bar" if isinstance(executor, LocalExecutor) else "lines"
+    # Bars where runs share this process's terminal; throttled lines from worker processes and
+    # wherever stderr is a log, not a terminal.
+    bars = isinstance(executor, LocalExecutor) and on_terminal()
+    run_progress = None if not progress else "bar" if bars else "lines"
     fn = RunTask(matrix.name, store.root / "samples", run_progress)
     new: list[dict[str, Any]] = []
     # Worker processes print progress lines of their own, which a bar would garble: there the
