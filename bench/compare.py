@@ -232,7 +232,8 @@ def compare(
         elif r["status_a"] != "ok":
             note, regressed = f"{r['status_a']} in A", False
         elif kind == "cost" and r["machine_a"] != r["machine_b"]:
-            note, regressed = "other machine: not compared", False
+            # Not compared, so not gated either: no limit, not counted among the gated cells.
+            note, regressed, limit = "other machine: not compared", False, None
         else:
             worse_by = -delta if higher else delta
             noise = max(math.hypot(r["half_width_a"], r["half_width_b"]), ROUNDING * abs(r["value_a"]))
@@ -313,7 +314,8 @@ def to_markdown(table: pd.DataFrame) -> str:
     ]
     lines = markdown.table([header[i] for i in keep], [[r[i] for i in keep] for r in rows])
     n = int(table["regressed"].sum())
-    gated = int((table["limit"] != "—").sum())
+    # Gated: a cell that can regress, so not one whose A failed (nothing to compare it with).
+    gated = int(((table["limit"] != "—") & ~table["note"].str.endswith(" in A")).sum())
     beyond = int(table["note"].isin(MOVED).sum())
     within = int((table["note"] == "within noise").sum())
     same = int((table["note"] == "same").sum())

@@ -341,6 +341,9 @@ def test_compare_takes_roots_tolerates_rounding_and_names_machines(tmp_path):
     table = compare(a, b, Threshold.parse("0"))
     assert "Other CPU" in machine_note(table)
     assert "measured on another machine not compared" in verdict(table)
+    # A cost limit gates cost cells of one machine only: the summary counts the cells it compared.
+    gated = compare(a, b, Threshold.parse("0"), {"quantize_time": Threshold.parse("10%")})
+    assert "among 7 gated cells" in to_markdown(gated)
     assert all(len(line) <= 100 for line in [*machine_note(table).splitlines(), *verdict(table).splitlines()])
 
 
