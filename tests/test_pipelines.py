@@ -257,7 +257,8 @@ def test_shipped_configs_are_the_published_architectures(name, params, condition
     (random) text encoder's output; only a config that ships the VAE makes images."""
     import diffusers
 
-    from bench.models.pipelines import RandomPipeline, random_pipeline_config
+    from bench.models.pipelines import random_pipeline_config
+    from bench.models.random_parts import RandomPipeline
     from bench.spec import Sampling
 
     adapter_cls = MODELS.get(name)
@@ -295,7 +296,8 @@ def test_a_random_init_model_calibrates_without_a_decoder():
     from tiny_pipelines import cond_unet
 
     import qdiff
-    from bench.models.pipelines import RandomPipeline, StableDiffusion15
+    from bench.models.pipelines import StableDiffusion15
+    from bench.models.random_parts import RandomPipeline
     from bench.spec import Sampling
 
     config = json.loads(resources.files("bench.models.configs").joinpath("sd-1.5.json").read_text())
@@ -380,7 +382,7 @@ def test_the_random_models_tokenizer_is_clips():
     the ids open_clip gives, then end-of-text padding as SD's tokenizer pads."""
     import open_clip
 
-    from bench.models.pipelines import clip_tokenizer
+    from bench.models.random_parts import clip_tokenizer
 
     prompts = ["a red bicycle leaning against a brick wall", "Ünïcode, punctuation!? 1984"]
     ours = clip_tokenizer(77)(prompts, padding="max_length", max_length=77, truncation=True).input_ids

@@ -16,10 +16,9 @@ import copy
 import json
 import shlex
 import zlib
-from functools import cache, cached_property
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +29,7 @@ from bench.cache import cached_tensors
 from bench.errors import AvailabilityError
 from bench.fsio import missing_path
 from bench.models.base import COST_METRICS, DiffusionAdapter, Split
+from bench.models.random_parts import RandomPipeline
 from bench.provenance import config_hash
 from bench.registry import MODELS
 
@@ -277,80 +277,6 @@ class PipelineAdapter(DiffusionAdapter):
         return (config.in_channels, *size)
 
 
-class RandomPipeline(SimpleNamespace):
-    """What a random-init adapter reads of a pipeline: the denoiser's weightless twin, the
-    scheduler and the shipped ``config``; and the parts its config describes whole, each built
-    seeded on first use, so that cost runs, which need none of them, build none:
-
-    - ``vae``: the published config (with ``_class_name``) builds the decoder; only the fields
-      the latent shape needs give an object with just that ``config``;
-    - ``text_encoder``: a transformers model's published config (with ``_class_name``);
-    - ``tokenizer``: ``{"_class_name": "CLIPTokenizer", "vocabulary": "open_clip"}``, CLIP's BPE
-      vocabulary as open_clip ships it (no download).
-    """
-
-    def __init__(self, config: dict[str, Any], device: torch.device, **parts: Any) -> None:
-        super().__init__(config=config, device=device, **parts)
-
-    def has(self, part: str) -> bool:
-        """Whether the config describes ``part`` whole (it can be built)."""
-        return "_class_name" in self.config.get(part, {})
-
-    @cached_property
-    def vae(self):
-        spec = self.config.get("vae")
-        if spec is None or not self.has("vae"):
-            return None if spec is None else SimpleNamespace(config=SimpleNamespace(**spec))
-        import diffusers
-
-        return self._seeded(lambda: getattr(diffusers, spec["_class_name"]).from_config(spec))
-
-    @cached_property
-    def text_encoder(self):
-        import transformers
-
-        spec = dict(self.config["text_encoder"])
-        model_cls = getattr(transformers, spec.pop("_class_name"))
-        return self._seeded(lambda: model_cls(model_cls.config_class(**spec)))
-
-    @cached_property
-    def tokenizer(self):
-        spec = self.config["tokenizer"]
-        if (spec.get("_class_name"), spec.get("vocabulary")) != ("CLIPTokenizer", "open_clip"):
-            raise ValueError(f"random-init tokenizer {spec}: only CLIPTokenizer over open_clip's vocabulary")
-        return clip_tokenizer(int(spec["model_max_length"]))
-
-    def _seeded(self, build) -> nn.Module:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)  # the same weights in every process
-            return build().to(self.device).eval().requires_grad_(False)
-
-
-@cache
-def clip_tokenizer(max_length: int):
-    """transformers' ``CLIPTokenizer`` over CLIP's BPE merges as open_clip ships them: the
-    vocabulary SD-1.x's tokenizer files hold (byte symbols, their word-final forms, 48,894
-    merges, start and end of text: 49,408 tokens), written where the tokenizer can read it."""
-    import gzip
-    import tempfile
-
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from transformers import CLIPTokenizer
-
-    lines = gzip.decompress(Path(default_bpe()).read_bytes()).decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    symbols = list(bytes_to_unicode().values())
-    vocab = [*symbols, *(s + "</w>" for s in symbols), *(m.replace(" ", "") for m in merges)]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), "utf-8")
-        (Path(folder) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
-        # File names as text: transformers 4 reads them; 5 also takes them (as a str only).
-        return CLIPTokenizer(
-            str(Path(folder) / "vocab.json"), str(Path(folder) / "merges.txt"), model_max_length=max_length
-        )
-
-
 class LatentPipelineAdapter(PipelineAdapter):
     """Unconditional latent diffusion (``LDMPipeline``: UNet in a VQ-VAE's latent space)."""
 
@@ -384,38 +310,42 @@ class TextToImageAdapter(PipelineAdapter):
     @classmethod
     def arg_problems(cls, args: dict[str, Any]) -> list[str]:
         out = super().arg_problems(args)
-        sources = {arg: str(args.get(arg, prompt_files.DEFAULT[split])) for split, arg in cls.PROMPT_ARGS}
-        problems = {arg: prompt_files.source_problem(source) for arg, source in sources.items()}
+        problems = {
+            arg: prompt_files.source_problem(str(args[arg]))
+            for arg in ("prompts", "calib_prompts")
+            if arg in args
+        }
         out.extend(f"{arg} {p} (a UTF-8 text file, one prompt per line)" for arg, p in problems.items() if p)
         if not any(problems.values()):
             try:
-                cls.check_disjoint(*(prompt_files.load(s) for s in sources.values()))
+                cls.load_prompt_sets(args)
             except ValueError as exc:
                 out.append(str(exc))
         return out
 
-    @staticmethod
-    def check_disjoint(evaluation: prompt_files.PromptSet, calibration: prompt_files.PromptSet) -> None:
-        shared = prompt_files.overlap(calibration, evaluation)
+    @classmethod
+    def load_prompt_sets(cls, args: dict[str, Any]) -> dict[Split, prompt_files.PromptSet]:
+        """The evaluation and calibration prompt sets ``args`` name (or the shipped ones); a
+        ValueError if they share a prompt."""
+        sets = {
+            split: prompt_files.load(str(args.get(arg, prompt_files.DEFAULT[split])))
+            for split, arg in cls.PROMPT_ARGS
+        }
+        shared = prompt_files.overlap(sets["calibration"], sets["evaluation"])
         if shared:
             raise ValueError(
-                f"{len(shared)} calibration prompt(s) of {calibration.name} are also evaluation prompts "
-                f"of {evaluation.name} (e.g. {shared[0]!r}); calibration must not see what is scored: "
-                "give calib_prompts a disjoint set"
+                f"{len(shared)} calibration prompt(s) of {sets['calibration'].name} are also evaluation "
+                f"prompts of {sets['evaluation'].name} (e.g. {shared[0]!r}); calibration must not see "
+                "what is scored: give calib_prompts a disjoint set"
             )
+        return sets
 
     @cached_property
     def prompt_sets(self) -> dict[Split, prompt_files.PromptSet]:
-        """The evaluation and calibration prompt sets; an error if they share a prompt."""
-        sets = {
-            split: prompt_files.load(str(self.args.get(arg, prompt_files.DEFAULT[split])))
-            for split, arg in self.PROMPT_ARGS
-        }
         try:
-            self.check_disjoint(sets["evaluation"], sets["calibration"])
+            return self.load_prompt_sets(self.args)
         except ValueError as exc:
             raise ValueError(f"{self.name}: {exc}") from None
-        return sets
 
     def prompts(self, n: int, split: Split = "evaluation") -> list[str]:
         return self.prompt_sets[split].take(0, n)

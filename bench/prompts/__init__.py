@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -24,7 +25,7 @@ class PromptSet:
     name: str  # a shipped set's name, or the file's path
     prompts: tuple[str, ...]
 
-    @property
+    @cached_property  # read by every cache key and row of a run
     def sha256(self) -> str:
         """Of the prompts, UTF-8, joined by newlines: what a shipped file's header states."""
         return hashlib.sha256("\n".join(self.prompts).encode("utf-8")).hexdigest()
