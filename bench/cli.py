@@ -201,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="write report.md and report.html for a results folder")
     report.add_argument("results", type=Path, help="results/<matrix name> (with --history: the results root)")
-    report.add_argument("--out", type=Path, help="output folder (default: the results folder)")
+    report.add_argument(
+        "--out", type=Path,
+        help="output folder (default: the results folder; with --history: qdiff-results/history, so that "
+        "the committed history in results/ changes only when named: --out results)",
+    )  # fmt: skip
     report.add_argument(
         "--history", action="store_true",
         help="quality of every cell of every matrix under RESULTS over commits and machines, and "
@@ -460,7 +464,7 @@ def _report(args: argparse.Namespace) -> int:
     if args.history:
         from bench import history
 
-        md, page, _ = history.write(args.results, args.out, args.asv)
+        md, page, _ = history.write(args.results, args.out or Path("qdiff-results") / "history", args.asv)
         print(wrap(f"history (quality per commit and machine, asv's speed and memory): {md} and {page}"))
         return 0
     md, page, built = report.write(args.results, args.out)

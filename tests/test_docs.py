@@ -55,6 +55,9 @@ def blocks(page: str, source: str | None = None) -> list[Block]:
     """The page's code blocks with what CI does with each; a block CI cannot place is an error."""
     source = (ROOT / page).read_text() if source is None else source
     lines = source.splitlines()
+    for number, line in enumerate(lines, 1):
+        if line.strip().startswith("<!-- doctest") and not DIRECTIVE.match(line.strip()):
+            raise AssertionError(f"{page}:{number}: a doctest directive this check cannot read")
     found = []
     for token in MarkdownIt().parse(source):
         if token.type == "code_block":
@@ -76,7 +79,9 @@ def blocks(page: str, source: str | None = None) -> list[Block]:
                 "(<!-- doctest: skip: why -->, file PATH, output or paths)"
             )
         if kind in ("skip", "file") and not arg:
-            raise AssertionError(f"{where}: 'doctest: {kind}' needs {'a reason' if kind == 'skip' else 'a path'}")
+            raise AssertionError(
+                f"{where}: 'doctest: {kind}' needs {'a reason' if kind == 'skip' else 'a path'}"
+            )
         found.append(Block(page, line + 1, lang, token.content, kind, arg))
     return found
 

@@ -87,6 +87,21 @@ def test_training_script_writes_a_loadable_classifier(tmp_path):
     load_classifier(tmp_path / "classifier.safetensors")
 
 
+def test_retraining_leaves_the_committed_assets_alone_unless_asked(tmp_path, monkeypatch, capsys):
+    """A retrain is a close model, not the committed one: it goes to a scratch folder."""
+    from bench.embedded.model import ASSETS
+    from bench.embedded.train import main
+
+    before = {p: p.stat().st_mtime_ns for p in ASSETS.glob("classifier*")}
+    monkeypatch.chdir(tmp_path)
+    main(["classifier", "--epochs", "1"])
+    assert (tmp_path / "embedded-assets" / "classifier.safetensors").is_file()
+    assert {p: p.stat().st_mtime_ns for p in ASSETS.glob("classifier*")} == before
+    assert "--replace writes over the committed assets" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["classifier", "--replace", "--out", "x"])
+
+
 def _dit(guidance_scale: float = 1.5, steps: int = 10) -> EmbeddedDiT:
     return EmbeddedDiT(Sampling(steps=steps, batch_size=100, device="cpu"), guidance_scale=guidance_scale)
 

@@ -177,8 +177,39 @@ def test_history_follows_each_quality_cell_over_commits(tmp_path):
         text,
     )
     assert page.read_text().count("data:image/png;base64,") == 1
+    # Every code the page uses is explained: the machine's marker and the settings hash.
+    (settings,) = hist["settings"].unique()
+    assert re.search(rf"\| {settings} \| 100 samples; sampling: ", text)
+    assert re.search(r"\| `o` \| [^|]+ \| \? \(\?\) \|", text)
     with pytest.raises(StoreError, match="no results under"):
         history.history(tmp_path / "empty")
+
+
+def test_history_from_the_command_line_leaves_the_results_root_alone(tmp_path, monkeypatch):
+    """The committed history changes only when named (--out results)."""
+    from helpers import row
+
+    from bench.cli import main
+    from bench.store import ResultStore
+
+    ResultStore(tmp_path / "results" / "default").append([row("qdiff", "W4A8", "digits_fd", 20.0)])
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--history", "results", "--asv", "none"]) == 0
+    assert (tmp_path / "qdiff-results" / "history" / "history.html").is_file()
+    assert not list((tmp_path / "results").glob("history.*"))
+    assert main(["report", "--history", "results", "--asv", "none", "--out", "results"]) == 0
+    assert (tmp_path / "results" / "history.md").is_file()
+
+
+def test_short_machine_names():
+    from bench.history import machine_names, short_machine
+
+    xeon = "Intel(R) Xeon(R) Processor (avx2 fma avx512f avx512_vnni amx_tile amx_int8), 2 threads"
+    assert short_machine(xeon) == "Intel Xeon, AMX, 2 threads"
+    assert short_machine("AMD EPYC (avx2 fma), 1 thread") == "AMD EPYC, AVX2, 1 thread"
+    assert short_machine("NVIDIA H100 80GB HBM3") == "NVIDIA H100 80GB HBM3"
+    twins = ["AMD EPYC (avx2 fma avx512_vnni), 1 thread", "AMD EPYC (avx2 avx512_vnni avx512_bf16), 1 thread"]
+    assert machine_names(twins) == {m: m for m in twins}  # one short name for two: the full labels
 
 
 def _with_interval(value, half, delta=None, delta_half=None):

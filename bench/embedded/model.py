@@ -80,14 +80,14 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise AssetError(
             f"missing checkpoint {path}; reinstall qdiff-bench or retrain with "
-            "`python -m bench.embedded.train`"
+            "`python -m bench.embedded.train --replace`"
         )
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise AssetError(
             f"corrupt checkpoint {path} ({exc}); restore it with `git checkout -- {path}` "
-            "or retrain with `python -m bench.embedded.train`"
+            "or retrain with `python -m bench.embedded.train --replace`"
         ) from exc
 
 
@@ -95,7 +95,9 @@ def _load_diffusers(cls, directory: Path, what: str):
     """A diffusers model from a ``save_pretrained`` directory, read as JSON + safetensors only."""
     config_path = directory / "config.json"
     if not config_path.is_file():
-        raise AssetError(f"missing {config_path}; retrain with `python -m bench.embedded.train {what}`")
+        raise AssetError(
+            f"missing {config_path}; retrain with `python -m bench.embedded.train {what} --replace`"
+        )
     model = cls.from_config(json.loads(config_path.read_text()))
     weights = directory / "diffusion_pytorch_model.safetensors"
     state = _load_state(weights)

@@ -1,12 +1,15 @@
-"""Train the embedded model and its feature classifier (seeded, CPU, reproducible).
+"""Train the embedded model and its feature classifier (seeded, CPU).
 
     python -m bench.embedded.train classifier   # ≈1 min on 2 cores
     python -m bench.embedded.train unet         # ≈50 min on 1 core (6,000 steps at batch 128)
     python -m bench.embedded.train dit          # class-conditional DiT, ≈25 min on 1 core
 
-Writes into ``bench/embedded/assets`` (or ``--out``): ``unet/`` and ``dit/`` (diffusers format,
-EMA weights), ``classifier.safetensors`` and a ``*_train.json`` log with the settings and the
-final figures.
+Writes into ``embedded-assets/`` in the current folder (or ``--out``): ``unet/`` and ``dit/``
+(diffusers format, EMA weights), ``classifier.safetensors`` and a ``*_train.json`` log with the
+settings and the final figures. ``--replace`` writes over the committed assets in
+``bench/embedded/assets`` instead, which every committed result was measured with: training is
+seeded, but float rounding differs between CPUs and thread counts, so a retrain elsewhere is a
+close model, not the same one.
 """
 
 from __future__ import annotations
@@ -144,19 +147,24 @@ def train_denoiser(
     return log
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["classifier", "unet", "dit"])
-    parser.add_argument("--out", type=Path, default=ASSETS)
-    parser.add_argument("--steps", type=int, default=6000)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=Path("embedded-assets"), help="default: %(default)s")
+    where.add_argument("--replace", action="store_true", help=f"write over the committed assets in {ASSETS}")
+    parser.add_argument("--steps", type=int, default=6000, help="denoiser steps (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=40, help="classifier epochs (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = ASSETS if args.replace else args.out
+    out.mkdir(parents=True, exist_ok=True)
     if args.what == "classifier":
-        print(train_classifier(args.out))
+        print(train_classifier(out, epochs=args.epochs))
     else:
-        print(train_denoiser(args.out, args.what, steps=args.steps))
+        print(train_denoiser(out, args.what, steps=args.steps))
+    print(f"wrote {out}" + ("" if args.replace else "; --replace writes over the committed assets"))
 
 
 if __name__ == "__main__":
