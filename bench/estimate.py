@@ -39,6 +39,11 @@ FAKE_QUANT = 1.25  # simulated quantization: quantized runs sampled 45-60 s wher
 CALIBRATE = {"mse": 21.0, "minmax": 3.0}  # passes per calibration input (qdiff-no-recon: 13 s)
 RECONSTRUCT = 8.2  # passes per reconstruction input (qdiff: 75 s, 26 s of it calibration)
 INCEPTION_S = {"cpu": 0.03, "cuda": 0.001}  # seconds per image for Inception features
+# Fixed costs, measured on a 2-run matrix of 50 images (estimated 10 s without them, took 21 s on
+# the EPYC): a run's own (loading its model and its metrics' networks, writing samples and rows)
+# and an invocation's (starting the worker processes, writing the report).
+RUN_S = 3.5
+START_S = 4.0
 WARN_MINUTES = 30  # validate warns past this
 SLOW_S = 0.2  # a denoiser call slower than this at one image is timed at one image only
 
@@ -90,7 +95,7 @@ def run_seconds(spec: RunSpec, r: float, shared: set) -> float:
         if artefact.key not in shared:
             shared.add(artefact.key)
             total += _artefact_seconds(artefact, r)
-    return total + _metrics_seconds(spec, r)
+    return RUN_S + total + _metrics_seconds(spec, r)
 
 
 def _artefact_seconds(artefact: Artefact, r: float) -> float:
@@ -150,4 +155,4 @@ def estimate(runs: list[RunSpec], workers: int, log=print) -> Estimate:
         if costs:
             wall += max(max(costs), sum(costs) / workers)
     named = {f"{k[0]} on {resolve_device(k[2].device).type}": v for k, v in rates.items() if v is not None}
-    return Estimate(None if unknown and not wall else wall, named, tuple(sorted(unknown)))
+    return Estimate(None if unknown and not wall else START_S + wall, named, tuple(sorted(unknown)))

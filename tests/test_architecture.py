@@ -38,6 +38,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "bench.store",
         "bench.runner",
         "bench.estimate",
+        "bench.estimatecheck",  # validate's estimate against the recorded wall times
         "bench.ray_executor",
         "bench.scaleout",
         "bench.storescale",
