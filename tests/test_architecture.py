@@ -16,6 +16,7 @@ PACKAGES = ("qdiff", "bench", "baselines")
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("qdiff",),  # the library: knows nothing of the harness
     (
+        "bench$",  # the package itself: imports qdiff first, which quiets diffusers' import
         "bench.errors",
         "bench.fsio",
         "bench.markdown",
@@ -57,11 +58,14 @@ def module_name(path: Path) -> str:
 
 def layer(module: str) -> int:
     """The layer of ``module``: its longest matching prefix (a prefix ending in ``.`` matches
-    the modules below it only, not the package itself)."""
+    the modules below it only, not the package itself; one ending in ``$`` that module only)."""
     best, depth = None, -1
     for i, prefixes in enumerate(LAYERS):
         for p in prefixes:
-            hit = module.startswith(p) if p.endswith(".") else module == p or module.startswith(p + ".")
+            if p.endswith("$"):  # that module only
+                hit = module == p[:-1]
+            else:
+                hit = module.startswith(p) if p.endswith(".") else module == p or module.startswith(p + ".")
             if hit and len(p) > depth:
                 best, depth = i, len(p)
     if best is None:
@@ -118,3 +122,18 @@ def test_no_import_cycles() -> None:
     for node in sorted(edges):
         if not state.get(node):
             visit(node, [node])
+
+
+def test_importing_the_library_and_the_harness_prints_nothing():
+    """No library warning on `import qdiff` (then diffusers, as a user does) or on loading every
+    registered method, model and metric (torchao's and diffusers' import-time warnings)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import qdiff; from diffusers import UNet2DModel; import bench.cli\n"
+        "from bench.registry import METHODS, MODELS, METRICS\n"
+        "for r in (METHODS, MODELS, METRICS): list(r.names())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr

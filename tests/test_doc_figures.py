@@ -1,6 +1,7 @@
 """Figures the docs quote from committed results are checked against those results.
 
-A page marks what it quotes from with a directive; it covers the prose and tables after it up to
+A page marks what it quotes from (results folders, or a measurement's JSON figures file) with a
+directive; it covers the prose and tables after it up to
 the next heading or directive:
 
     <!-- figures: results/default results/reruns/xeon-amx -->
@@ -93,8 +94,19 @@ def _numbers(text: str) -> list[float]:
 @cache
 def records(folder: str) -> Records:
     path = ROOT / folder
-    assert (path / "runs").is_dir(), f"{folder} holds no committed rows"
     found = Records()
+    if path.suffix == ".json":  # a measurement's own figures file (a training log, a scale test)
+        record = json.loads(path.read_text())
+        found.numbers += _numbers(json.dumps(record))
+        found.walls += [
+            v for k, v in _items(record) if k.endswith(("_s", "seconds")) and isinstance(v, float | int)
+        ]
+        found.commits |= {v for k, v in _items(record) if k == "git_sha"}
+        found.cpus |= {
+            v for k, v in _items(record) if "cpu" in k or (k.endswith("_on") and isinstance(v, str))
+        }
+        return found
+    assert (path / "runs").is_dir(), f"{folder} holds no committed rows"
     found.numbers += _numbers((path / "report.md").read_text())
     for record in sorted((path / "invocations").glob("*.json")):
         inv = json.loads(record.read_text())
@@ -106,12 +118,24 @@ def records(folder: str) -> Records:
     for rows in (path / "runs").glob("*.jsonl"):
         for line in rows.open():
             row = json.loads(line)
-            # A run's own value and its reconstruction's per-timestep errors, which the docs
+            # A run's value, duration and reconstruction's per-timestep errors, which the docs
             # quote run by run; not every number a row holds (that would match anything).
-            found.numbers += [row["value"] or 0.0, *_numbers(json.dumps(row.get("recon")))]
+            found.numbers += [row["value"] or 0.0, row.get("duration_s") or 0.0]
+            found.numbers += _numbers(json.dumps(row.get("recon")))
             found.commits.add(row.get("git_sha") or "")
             found.cpus.add(row.get("cpu_model") or "")
     return found
+
+
+def _items(record):
+    """Every (key, value) of a JSON record, nested ones included."""
+    if isinstance(record, dict):
+        for k, v in record.items():
+            yield k, v
+            yield from _items(v)
+    elif isinstance(record, list):
+        for v in record:
+            yield from _items(v)
 
 
 def _close(value: float, decimals: int, pool: list[float]) -> bool:
