@@ -101,7 +101,8 @@ def records(folder: str) -> Records:
         found.walls += [
             v for k, v in _items(record) if k.endswith(("_s", "seconds")) and isinstance(v, float | int)
         ]
-        found.commits |= {v for k, v in _items(record) if k == "git_sha"}
+        found.commits |= {v for k, v in _items(record) if k in ("git_sha", "measured_at")}
+        found.empty_cache = any(k == "cache_files_at_start" and v == 0 for k, v in _items(record))
         found.cpus |= {
             v for k, v in _items(record) if "cpu" in k or (k.endswith("_on") and isinstance(v, str))
         }
