@@ -132,6 +132,20 @@ def scratch_checkout(where: Path) -> Path:
     return where
 
 
+# A block of `qdiff-bench` commands runs in one Python process, each command through the CLI's
+# entry point in turn, as a shell would run them one after another: one import of torch and the
+# suite instead of one per line. Any other command runs in bash.
+CLI_BLOCK = """
+import shlex, sys
+from bench.cli import main
+for command in sys.argv[1:]:
+    print(f"$ {command}", file=sys.stderr, flush=True)
+    code = main(shlex.split(command, comments=True)[1:])
+    if code:
+        sys.exit(f"`{command}` exited {code}")
+"""
+
+
 def run_sh(block: Block, cwd: Path) -> str:
     env = {
         **os.environ,
@@ -139,15 +153,21 @@ def run_sh(block: Block, cwd: Path) -> str:
         "HF_HUB_OFFLINE": "1",
         "COLUMNS": "100",
     }
+    commands = [
+        c
+        for c in block.text.replace("\\\n", " ").splitlines()
+        if c.strip() and not c.lstrip().startswith("#")
+    ]
+    if all(c.startswith("qdiff-bench ") for c in commands):
+        runs = [[sys.executable, "-c", CLI_BLOCK, *commands]]
+    else:
+        runs = [["bash", "-c", c] for c in commands]
     out = []
-    for command in block.text.replace("\\\n", " ").splitlines():
-        if not command.strip() or command.lstrip().startswith("#"):
-            continue
-        done = subprocess.run(
-            ["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-        )
+    for argv in runs:
+        done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, (
-            f"{block.page}:{block.line}: `{command}` exited {done.returncode}\n{done.stdout}\n{done.stderr}"
+            f"{block.page}:{block.line}: {argv[-1] if len(runs) > 1 else commands} failed "
+            f"({done.returncode})\n{done.stdout}\n{done.stderr}"
         )
         out.append(done.stdout)
     return "".join(out)
