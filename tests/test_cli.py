@@ -294,6 +294,8 @@ def test_every_command_in_the_readme_and_docs_parses(tmp_path, monkeypatch):
     import re
     import shlex
 
+    from test_docs import blocks as doc_blocks
+
     from bench.cli import build_parser
     from bench.provenance import REPO_ROOT
 
@@ -302,7 +304,9 @@ def test_every_command_in_the_readme_and_docs_parses(tmp_path, monkeypatch):
     for page in pages:
         text = page.read_text("utf-8")
         spans = [s for s in re.findall(r"`([^`]+)`", text) if s.startswith("qdiff-bench ")]
-        blocks = [line.strip() for line in text.splitlines() if line.startswith(("    ", "\t"))]
+        blocks = [
+            line.strip() for b in doc_blocks(str(page.relative_to(REPO_ROOT))) for line in b.text.splitlines()
+        ]
         for line in [*spans, *blocks]:
             for part in line.split("&&"):
                 part = part.split(" #")[0].strip()

@@ -83,15 +83,15 @@ def test_estimatecheck_reads_every_complete_record_against_the_estimate(tmp_path
     from bench import estimatecheck
 
     monkeypatch.setattr(estimatecheck, "estimate", lambda runs, workers, log: est.Estimate(30.0, {}, ()))
-    folder = tmp_path / "results" / "tiny" / "invocations"
+    folder = tmp_path / "results" / "small" / "invocations"
     folder.mkdir(parents=True)
-    record = {"matrix": "tiny", "started_at": "2026-01-01T00:00:00", "wall_s": 20.0, "runs": 2, "runs_ok": 2,
+    record = {"matrix": "small", "started_at": "2026-01-01T00:00:00", "wall_s": 20.0, "runs": 2, "runs_ok": 2,
               "workers": 2, "threads_per_worker": 1, "peak_rss_main_mib": 1.0, "cache_files_at_start": 0,
               "git_sha": "abcdef0123", "cpu_model": "AMD EPYC", "cpu_flags": "avx2"}  # fmt: skip
     (folder / "a.json").write_text(json.dumps(record))
     (folder / "b.json").write_text(json.dumps({**record, "runs_ok": 1}))  # cut short: not compared
     out = tmp_path / "figures.json"
-    estimatecheck.main([str(REPO_ROOT / "configs" / "tiny.yaml"), "--results", str(tmp_path / "results"),
+    estimatecheck.main([str(REPO_ROOT / "configs" / "small.yaml"), "--results", str(tmp_path / "results"),
                         "--out", str(out)])  # fmt: skip
     (row,) = json.loads(out.read_text())["records"]
     assert (row["estimate_s"], row["measured_s"], row["ratio"], row["measured_at"]) == (
