@@ -115,6 +115,10 @@ def summary(hist: pd.DataFrame) -> pd.DataFrame:
 
 
 MARKERS = "osD^vP*Xph"
+# How each marker looks, for the tables that name the machines.
+GLYPHS = ("● circle", "■ square", "◆ diamond", "▲ triangle", "▼ down triangle", "✚ plus", "★ star", "✖ cross",
+          "⬟ pentagon", "⬢ hexagon")  # fmt: skip
+MARKER_GLYPHS = dict(zip(MARKERS, GLYPHS, strict=True))
 
 
 def short_machine(label: str) -> str:
@@ -273,7 +277,7 @@ def write(
     failing = hist.attrs.get("failing", {})
     names = machine_names(sorted(hist["machine"].unique()))
     markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(names.values())}
-    machines = [[f"`{markers[name]}`", name, label] for label, name in names.items()]
+    machines = [[MARKER_GLYPHS[markers[name]], name, label] for label, name in names.items()]
     settings = [[label, what] for label, what in hist.attrs.get("settings", {}).items()]
     rows = []
     for r in table.itertuples():

@@ -180,7 +180,7 @@ def test_history_follows_each_quality_cell_over_commits(tmp_path):
     # Every code the page uses is explained: the machine's marker and the settings hash.
     (settings,) = hist["settings"].unique()
     assert re.search(rf"\| {settings} \| 100 samples; sampling: ", text)
-    assert re.search(r"\| `o` \| [^|]+ \| \? \(\?\) \|", text)
+    assert re.search(r"\| ● circle \| [^|]+ \| \? \(\?\) \|", text)
     with pytest.raises(StoreError, match="no results under"):
         history.history(tmp_path / "empty")
 
