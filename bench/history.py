@@ -157,7 +157,8 @@ def _over_commits(
 ) -> str:
     """A base64 PNG of values over commits. ``series`` holds ``(cell, machine, commit positions,
     values)``: a colour per cell, a marker per machine (``markers``, the same on every plot of a
-    page), points of one cell on one machine joined; a legend for each beside the axes."""
+    page), points of one cell on one machine joined; the colours' legend beside the axes (where
+    there is more than one unnamed cell), the machines' below them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,8 +175,8 @@ def _over_commits(
     ax.set_ylabel(ylabel, fontsize=9)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    if cells != [""]:
-        handles = [Line2D([], [], color=colour[c], linewidth=2.5, label=c) for c in cells]
+    if len(cells) > 1 or cells[0]:
+        handles = [Line2D([], [], color=colour[c], linewidth=2.5, label=c or "—") for c in cells]
         ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False,
                   title="colour", title_fontsize=8)  # fmt: skip
     used = list(dict.fromkeys(machine for _, machine, *_ in series))
