@@ -431,13 +431,13 @@ def _fid(args: argparse.Namespace) -> int:
     import json
 
     from bench.errors import AvailabilityError
-    from bench.metrics import fid
+    from bench.metrics import fid, inception
     from bench.spec import Evaluation, resolve_device
 
     if args.isc and args.backend != "torch-fidelity":
         raise ImageError("--isc needs --backend torch-fidelity (clean-fid has no Inception Score)")
     if args.extractor == "inception" and not args.inception_weights and not args.download:
-        wanted = fid.WEIGHT_FILES[(args.backend, args.mode if args.backend == "clean-fid" else None)]
+        wanted = inception.WEIGHT_FILES[(args.backend, args.mode if args.backend == "clean-fid" else None)]
         raise ImageError(
             f"fid downloads nothing unless asked: pass --inception-weights /path/to/{wanted}, or "
             "--download to let the backend fetch its Inception weights"

@@ -16,7 +16,7 @@ from PIL import Image
 from bench import cli
 from bench.errors import AvailabilityError, ImageError
 from bench.frechet import feature_stats, frechet_distance
-from bench.metrics import fid
+from bench.metrics import fid, inception
 from bench.spec import Evaluation
 
 TF_EXTRACTOR = "fid_extractors:TinyTorchFidelity"
@@ -46,7 +46,7 @@ def pair(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _fresh_backends():
-    fid.backend.cache_clear()
+    inception.backend.cache_clear()
 
 
 def test_torch_fidelity_from_memory_equals_its_folder_output(pair):
@@ -88,7 +88,7 @@ def test_clean_fid_from_memory_equals_its_folder_output(pair, mode):
         cleanfid.get_folder_features(d, extractor, num_workers=0, device=cpu, mode=mode, verbose=False)
         for d in (dir_a, dir_b)
     ]
-    np.random.seed(fid.KID_SEED)  # clean-fid draws KID subsets from numpy's global RNG
+    np.random.seed(inception.KID_SEED)  # clean-fid draws KID subsets from numpy's global RNG
     assert ours.kid == pytest.approx(cleanfid.kernel_distance(*features), rel=1e-5)
     assert ours.info["fid_mode"] == mode and ours.info["feature_dims"] == 16
 
@@ -187,8 +187,8 @@ def test_local_inception_weights_are_used_without_network(tmp_path, monkeypatch)
     with pytest.warns(UserWarning, match="< 2048 feature dimensions"):
         ours = fid.compute(Evaluation(inception_weights=str(weights)), a, b)
     theirs = torch_fidelity.calculate_metrics(
-        input1=fid._Images(a), input2=fid._Images(b), cuda=False, fid=True, verbose=False, cache=False,
-        feature_extractor_weights_path=str(weights), save_cpu_ram=True,
+        input1=inception._Images(a), input2=inception._Images(b), cuda=False, fid=True, verbose=False,
+        cache=False, feature_extractor_weights_path=str(weights), save_cpu_ram=True,
     )  # fmt: skip
     assert ours.fid == pytest.approx(theirs["frechet_inception_distance"], rel=1e-9)
     assert (
@@ -214,7 +214,7 @@ def test_missing_weights_offline_name_the_file_and_the_flag(backend, mode, monke
     evaluation = Evaluation(fid_backend=backend, fid_mode=mode)
     with pytest.raises(AvailabilityError) as info:
         fid.compute(evaluation, images(4, 0), images(4, 1))
-    wanted = fid.WEIGHT_FILES[(backend, None if backend == "torch-fidelity" else mode)]
+    wanted = inception.WEIGHT_FILES[(backend, None if backend == "torch-fidelity" else mode)]
     assert f"--inception-weights /path/to/{wanted}" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(FileNotFoundError, match=r"--inception-weights /nope\.pth: no such file"):
         fid.compute(
