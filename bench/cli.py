@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("results", type=Path, help="results/<matrix name> (with --history: the results root)")
     report.add_argument(
         "--out", type=Path,
-        help="output folder (default: the results folder; with --history: qdiff-results/history, so that "
+        help=f"output folder (default: the results folder; with --history: {RESULTS}/history, so that "
         "the committed history in results/ changes only when named: --out results)",
     )  # fmt: skip
     report.add_argument(
@@ -464,7 +464,7 @@ def _report(args: argparse.Namespace) -> int:
     if args.history:
         from bench import history
 
-        md, page, _ = history.write(args.results, args.out or Path("qdiff-results") / "history", args.asv)
+        md, page, _ = history.write(args.results, args.out or RESULTS / "history", args.asv)
         print(wrap(f"history (quality per commit and machine, asv's speed and memory): {md} and {page}"))
         return 0
     md, page, built = report.write(args.results, args.out)

@@ -33,18 +33,22 @@ def check(config: Path, roots: list[Path], here: str) -> list[dict]:
     runs = list(matrix.expand())
     records = [r for root in roots for r in ResultStore(root / matrix.name).invocations()]
     out = []
+    estimates: dict[tuple[int, int], float] = {}  # one per setting: records read one estimate
     for record in (r for r in records if r.get("runs_ok") == len(runs)):
-        torch.set_num_threads(record["threads_per_worker"])
-        found = estimate(runs, record["workers"], log=lambda _msg: None)
+        setting = record["workers"], record["threads_per_worker"]
+        if setting not in estimates:
+            torch.set_num_threads(setting[1])
+            estimates[setting] = estimate(runs, setting[0], log=lambda _msg: None).seconds
+        seconds = estimates[setting]
         machine = f"{record.get('cpu_model')} ({record.get('cpu_flags')})"
         out.append({
             "matrix": matrix.name,
             "runs": len(runs),
             "workers": record["workers"],
             "threads_per_worker": record["threads_per_worker"],
-            "estimate_s": round(found.seconds, 1),
+            "estimate_s": round(seconds, 1),
             "measured_s": record["wall_s"],
-            "ratio": round(found.seconds / record["wall_s"], 3),
+            "ratio": round(seconds / record["wall_s"], 3),
             "measured_on": machine,
             "same_machine": machine == here,
             "measured_at": record.get("git_sha", "")[:7],

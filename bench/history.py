@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -71,7 +72,7 @@ def history(root: str | Path) -> pd.DataFrame:
             f"n={n} #{hashlib.sha256(p.encode()).hexdigest()[:6]}"
             for n, p in zip(df["n_samples"], texts, strict=True)
         ]
-        settings.update(zip(df["settings"], map(_describe, texts), strict=True))
+        settings.update(zip(df["settings"], texts, strict=True))  # described once per label, below
         # The newest row of each run and metric at each commit (a rerun at one commit supersedes).
         df = df.sort_values("started_at").groupby(["config_hash", "metric", "commit"], sort=False).tail(1)
         frames.append(df)
@@ -88,14 +89,14 @@ def history(root: str | Path) -> pd.DataFrame:
     out["order"] = out["commit"].map({c: i for i, c in enumerate(order.index)})
     out = out.sort_values([*cell, "order"]).reset_index(drop=True)
     out.attrs["failing"] = failing  # (matrix, model, method, bits, metric) → "error at <commit>"
-    out.attrs["settings"] = {k: settings[k] for k in sorted(out["settings"].unique())}  # label → what
+    out.attrs["settings"] = {
+        k: _describe(settings[k]) for k in sorted(out["settings"].unique())
+    }  # label → what
     return out
 
 
 def _describe(protocol_text: str) -> str:
     """A settings label's meaning, from the protocol text its hash was taken of."""
-    import json
-
     key = json.loads(protocol_text)
     parts = [f"{part}: " + ", ".join(f"{k} {v}" for k, v in sorted(key[part].items()))
              for part in ("sampling", "budget", "evaluation") if key.get(part)]  # fmt: skip
