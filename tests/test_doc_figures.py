@@ -31,6 +31,8 @@ from functools import cache
 import pytest
 from test_docs import PAGES, ROOT
 
+from bench.store import ResultStore, load
+
 DIRECTIVE = re.compile(
     r"<!--\s*figures:\s*(?P<paths>[^;>]*?)\s*(?:;\s*not from records:\s*(?P<free>.*?))?\s*-->"
 )
@@ -104,27 +106,25 @@ def records(folder: str) -> Records:
         found.commits |= {v for k, v in _items(record) if k in ("git_sha", "measured_at")}
         found.empty_cache = any(k == "cache_files_at_start" and v == 0 for k, v in _items(record))
         found.cpus |= {
-            v for k, v in _items(record) if "cpu" in k or (k.endswith("_on") and isinstance(v, str))
+            v for k, v in _items(record) if isinstance(v, str) and ("cpu" in k or k.endswith("_on"))
         }
         return found
     assert (path / "runs").is_dir(), f"{folder} holds no committed rows"
     found.numbers += _numbers((path / "report.md").read_text())
-    for record in sorted((path / "invocations").glob("*.json")):
-        inv = json.loads(record.read_text())
+    for inv in ResultStore(path).invocations():
         found.walls.append(inv["wall_s"])
         found.empty_cache |= inv.get("cache_files_at_start") == 0
         found.numbers += _numbers(json.dumps(inv))
-        found.commits.add(inv.get("git_sha") or "")
+        found.commits.add(inv["git_sha"])
         found.cpus.add(inv.get("cpu_model") or "")
-    for rows in (path / "runs").glob("*.jsonl"):
-        for line in rows.open():
-            row = json.loads(line)
-            # A run's value, duration and reconstruction's per-timestep errors, which the docs
-            # quote run by run; not every number a row holds (that would match anything).
-            found.numbers += [row["value"] or 0.0, row.get("duration_s") or 0.0]
-            found.numbers += _numbers(json.dumps(row.get("recon")))
-            found.commits.add(row.get("git_sha") or "")
-            found.cpus.add(row.get("cpu_model") or "")
+    rows = load(path, latest=False)
+    # A run's value, duration and reconstruction's per-timestep errors, which the docs quote run
+    # by run; not every number a row holds (that would match anything).
+    found.numbers += [float(v) for v in rows.reindex(columns=["value", "duration_s"]).stack()]
+    if "recon" in rows:
+        found.numbers += _numbers(json.dumps([r for r in rows["recon"] if isinstance(r, dict)]))
+    found.commits |= set(rows["git_sha"].dropna())
+    found.cpus |= set(rows["cpu_model"].dropna())
     return found
 
 
