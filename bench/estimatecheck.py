@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
+from bench.errors import QdiffError
 from bench.estimate import estimate
 from bench.fsio import write_atomic
 from bench.matrix import load_matrix
@@ -70,7 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model, flags = cpu_info()
     here = f"{model} ({flags})"
-    rows = [row for c in args.configs for row in check(c, args.results or [Path("results")], here)]
+    try:
+        rows = [row for c in args.configs for row in check(c, args.results or [Path("results")], here)]
+    except QdiffError as exc:  # a matrix file or a record that cannot be read: one line
+        sys.exit(f"estimatecheck: error: {exc}")
     for row in rows:
         print(json.dumps(row))
     figures = {"estimated_on": here, "git_sha": git_sha(), "target": TARGET, "records": rows}

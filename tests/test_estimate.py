@@ -100,3 +100,12 @@ def test_estimatecheck_reads_every_complete_record_against_the_estimate(tmp_path
         1.5,
         "abcdef0",
     )
+
+
+def test_estimatecheck_names_a_bad_matrix_file_in_one_line_and_writes_nothing(tmp_path):
+    from bench import estimatecheck
+
+    out = tmp_path / "figures.json"
+    with pytest.raises(SystemExit, match="estimatecheck: error: matrix file .*nosuch.yaml does not exist"):
+        estimatecheck.main([str(tmp_path / "nosuch.yaml"), "--out", str(out)])
+    assert not out.exists()
