@@ -106,6 +106,6 @@ def test_estimatecheck_names_a_bad_matrix_file_in_one_line_and_writes_nothing(tm
     from bench import estimatecheck
 
     out = tmp_path / "figures.json"
-    with pytest.raises(SystemExit, match="estimatecheck: error: matrix file .*nosuch.yaml does not exist"):
+    with pytest.raises(SystemExit, match=r"estimatecheck: error: matrix file .*nosuch\.yaml does not exist"):
         estimatecheck.main([str(tmp_path / "nosuch.yaml"), "--out", str(out)])
     assert not out.exists()
